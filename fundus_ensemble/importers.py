@@ -1,0 +1,153 @@
+"""Build the patient manifest from the label tables ODIR-5K is distributed with.
+
+Two layouts are understood:
+
+* ``image-table``: one row per image, ``filename, ID, eye, patient_age, patient_sex,
+  eye_keywords, N..O`` (the layout of ``odir5k-256-dev/labels.csv``);
+* ``kaggle``: the Kaggle re-release's ``full_df.csv``, one row per image with both eyes'
+  file names and keywords on every row (``ID, Patient Age, Patient Sex, Left-Fundus,
+  Right-Fundus, Left-Diagnostic Keywords, Right-Diagnostic Keywords, N..O, ...``).
+
+In both, N..O are the patient's labels; rows of one patient that disagree are an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ManifestError
+from .labels import LABELS
+from .manifest import Patient
+
+FORMATS: tuple[str, ...] = ("image-table", "kaggle")
+
+
+@dataclass
+class ImportReport:
+    """What the importer dropped, so the caller can tell the user."""
+
+    missing_images: list[str] = field(default_factory=list)
+    dropped_patients: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Draft:
+    row: int
+    labels: tuple[int, ...]
+    images: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _read_table(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    if not path.is_file():
+        raise ManifestError(f"{path}: label table not found")
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ManifestError(f"{path}, row 1: missing column(s) {', '.join(map(repr, missing))}")
+        reader.fieldnames = header
+        return [(i, {k: (v or "").strip() for k, v in r.items() if k is not None}) for i, r in enumerate(reader, start=2)]
+
+
+def _labels(row: dict[str, str], path: Path, index: int) -> tuple[int, ...]:
+    values = []
+    for name in LABELS:
+        value = row[name]
+        if value not in ("0", "1"):
+            raise ManifestError(f"{path}, row {index}, column {name!r}, value {value!r}: labels must be 0 or 1")
+        values.append(int(value))
+    return tuple(values)
+
+
+def _merge(drafts: dict[str, _Draft], pid: str, labels: tuple[int, ...], path: Path, index: int) -> _Draft:
+    if not pid:
+        raise ManifestError(f"{path}, row {index}, column 'ID', value '': patient id is empty")
+    draft = drafts.setdefault(pid, _Draft(index, labels))
+    if draft.labels != labels:
+        raise ManifestError(
+            f"{path}, row {index}, column 'ID', value {pid!r}: labels {labels} disagree with row "
+            f"{draft.row} of the same patient {draft.labels}; ODIR labels belong to the patient"
+        )
+    return draft
+
+
+def read_image_table(path: str | os.PathLike) -> dict[str, _Draft]:
+    path = Path(path)
+    rows = _read_table(path, ("filename", "ID", "eye", *LABELS))
+    drafts: dict[str, _Draft] = {}
+    for index, row in rows:
+        draft = _merge(drafts, row["ID"], _labels(row, path, index), path, index)
+        eye = row["eye"].lower()
+        if eye not in ("left", "right"):
+            raise ManifestError(f"{path}, row {index}, column 'eye', value {row['eye']!r}: expected left or right")
+        if eye in draft.images:
+            raise ManifestError(f"{path}, row {index}, column 'eye', value {eye!r}: patient {row['ID']!r} has two {eye} images")
+        draft.images[eye] = row["filename"]
+        if row.get("eye_keywords"):
+            draft.extra[f"{eye}_keywords"] = row["eye_keywords"]
+        for src, dst in (("patient_age", "age"), ("patient_sex", "sex")):
+            if row.get(src):
+                draft.extra[dst] = row[src]
+    return drafts
+
+
+def read_kaggle_full_df(path: str | os.PathLike) -> dict[str, _Draft]:
+    path = Path(path)
+    rows = _read_table(path, ("ID", "Left-Fundus", "Right-Fundus", *LABELS))
+    drafts: dict[str, _Draft] = {}
+    for index, row in rows:
+        draft = _merge(drafts, row["ID"], _labels(row, path, index), path, index)
+        for eye, col, kw in (("left", "Left-Fundus", "Left-Diagnostic Keywords"), ("right", "Right-Fundus", "Right-Diagnostic Keywords")):
+            if row[col]:
+                draft.images[eye] = row[col]
+            if row.get(kw):
+                draft.extra[f"{eye}_keywords"] = row[kw]
+        for src, dst in (("Patient Age", "age"), ("Patient Sex", "sex")):
+            if row.get(src):
+                draft.extra[dst] = row[src]
+    return drafts
+
+
+def import_label_table(
+    path: str | os.PathLike,
+    fmt: str,
+    image_root: str | os.PathLike,
+    image_dir: str = "images",
+) -> tuple[list[Patient], ImportReport]:
+    """Patients (split ``train``, to be re-split by the caller) from a label table.
+
+    Image paths become ``image_dir/<file name>`` relative to ``image_root``; eyes whose file
+    is absent there are left empty and patients with no image left are dropped (both listed
+    in the report), since real exports routinely miss a few files.
+    """
+    readers = {"image-table": read_image_table, "kaggle": read_kaggle_full_df}
+    if fmt not in readers:
+        raise ManifestError(f"unknown label table format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    drafts = readers[fmt](path)
+    root = Path(image_root)
+    if not root.is_dir():
+        raise ManifestError(f"image root {root} is not a folder")
+    report = ImportReport()
+    patients = []
+    for pid, draft in drafts.items():
+        images: dict[str, str | None] = {}
+        for eye in ("left", "right"):
+            name = draft.images.get(eye)
+            relative = posixpath.join(image_dir, name) if name else None
+            if relative and not (root / relative).is_file():
+                report.missing_images.append(relative)
+                relative = None
+            images[eye] = relative
+        if images["left"] is None and images["right"] is None:
+            report.dropped_patients.append(pid)
+            continue
+        patients.append(Patient(pid, images["left"], images["right"], draft.labels, "train", dict(draft.extra)))
+    if not patients:
+        raise ManifestError(f"{path}: no patient has an image under {root / image_dir}")
+    return patients, report

@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""Build a patient manifest (with stratified splits) from an ODIR label table."""
+
+import argparse
+import sys
+
+from fundus_ensemble.cli import parse_fractions, run
+from fundus_ensemble.importers import FORMATS, import_label_table
+from fundus_ensemble.manifest import Manifest, write_manifest
+from fundus_ensemble.splits import assign_splits
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("table", help="label table: labels.csv (one row per image) or Kaggle full_df.csv")
+    parser.add_argument("--format", choices=FORMATS, default="image-table", help="layout of the table (default: image-table)")
+    parser.add_argument("--image-root", required=True, help="folder the manifest's image paths are relative to")
+    parser.add_argument("--image-dir", default="images", help="sub-folder of --image-root holding the images (default: images)")
+    parser.add_argument("--out", required=True, help="manifest to write")
+    parser.add_argument("--fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    patients, report = import_label_table(args.table, args.format, args.image_root, args.image_dir)
+    manifest = assign_splits(Manifest(tuple(patients), args.image_root), parse_fractions(args.fractions), args.seed)
+    write_manifest(manifest.patients, args.out)
+    counts = {s: sum(p.split == s for p in manifest.patients) for s in ("train", "val", "test")}
+    print(f"wrote {args.out}: {len(manifest)} patients {counts}; "
+          f"{len(report.missing_images)} images not found, {len(report.dropped_patients)} patients without any image dropped")
+    print(f"image paths are relative to {args.image_root}: pass --image-root {args.image_root} to scripts/preprocess.py")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
