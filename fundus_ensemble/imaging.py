@@ -1,0 +1,127 @@
+"""Decode a fundus photograph, crop it to the retina, and make the paper's two views.
+
+All arrays here are OpenCV's: uint8, BGR channel order, (height, width[, channels]).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import ImageError
+
+# Below this share of the frame a "retina" is noise, a label or a reflection.
+MIN_FOV_FRACTION = 0.05
+# Pixels at most this bright (max over channels) count as the camera's black surround.
+BORDER_LEVEL = 20
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as 8-bit BGR, or raise :class:`ImageError` with the reason.
+
+    Accepts what clinics export: 8/16-bit, grayscale, RGBA (composited on black, the
+    colour of the camera surround). Truncated JPEGs are refused: OpenCV would silently
+    fill the missing part with grey.
+    """
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageError("file not found (moved or deleted while the job ran?)") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file ({exc.strerror or exc})") from None
+    if data.size == 0:
+        raise ImageError("empty file (0 bytes)")
+    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:].tobytes():
+        raise ImageError("truncated JPEG (no end-of-image marker)")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageError("not a readable image (unknown format or corrupt data)")
+    return to_bgr8(image)
+
+
+def to_bgr8(image: np.ndarray) -> np.ndarray:
+    """Convert any decoded image (8/16-bit, 1/3/4 channels) to uint8 BGR."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        scale = 255.0 / max(float(image.max()), 1e-6) if image.dtype.kind == "f" else 1.0
+        image = np.clip(image.astype(np.float32) * scale, 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+        return (image[:, :, :3].astype(np.float32) * alpha + 0.5).astype(np.uint8)
+    if image.shape[2] == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
+    return image[:, :, :3]
+
+
+def find_fov(image: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounding box ``(x0, y0, x1, y1)`` of the retina's field of view.
+
+    The largest bright connected region wins, so text, timestamps and dust in the black
+    surround are ignored; the search runs on a downscaled copy for speed on large photos.
+    """
+    height, width = image.shape[:2]
+    scale = min(1.0, 512.0 / max(height, width))
+    small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    brightness = cv2.medianBlur(small.max(axis=2), 5)
+    mask = (brightness > BORDER_LEVEL).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        raise ImageError("no retina found (image is black)")
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    best = 1 + int(np.argmax(areas))
+    if areas[best - 1] < MIN_FOV_FRACTION * mask.size:
+        raise ImageError(f"no retina found (brightest region covers {areas[best - 1] / mask.size:.1%} of the frame)")
+    x, y, w, h = (int(v) for v in stats[best, :4])
+    x0, y0 = int(np.floor(x / scale)), int(np.floor(y / scale))
+    x1, y1 = min(width, int(np.ceil((x + w) / scale))), min(height, int(np.ceil((y + h) / scale)))
+    return x0, y0, x1, y1
+
+
+def crop_to_fov(image: np.ndarray, size: int) -> np.ndarray:
+    """Crop to the retina, pad to a centred black square, resize to ``size`` x ``size``."""
+    x0, y0, x1, y1 = find_fov(image)
+    crop = image[y0:y1, x0:x1]
+    h, w = crop.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    square = cv2.copyMakeBorder(crop, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+def color_view(square: np.ndarray) -> np.ndarray:
+    """The paper's first view: the cropped colour photograph, unchanged (BGR)."""
+    return square
+
+
+def gray_eq_view(square: np.ndarray) -> np.ndarray:
+    """The paper's second view: grayscale with global histogram equalization (one channel)."""
+    return cv2.equalizeHist(cv2.cvtColor(square, cv2.COLOR_BGR2GRAY))
+
+
+VIEW_FUNCTIONS = {"color": color_view, "gray_eq": gray_eq_view}
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ImageError("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def load_view(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """Load a preprocessed view as the model's input: uint8 RGB (gray views replicated to 3 channels)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # IMREAD_COLOR replicates a gray PNG to 3 channels
+    if image is None:
+        raise ImageError(f"cannot read preprocessed view {path}; re-run preprocessing")
+    if size is not None and image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

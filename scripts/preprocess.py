@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""Crop every manifest image to the retina and write its two views (color, gray_eq)."""
+
+import argparse
+import sys
+
+from fundus_ensemble.cli import run
+from fundus_ensemble.errors import FundusError
+from fundus_ensemble.manifest import load_manifest
+from fundus_ensemble.preprocess import DEFAULT_SIZE, preprocess_manifest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("manifest", help="patient manifest (data_manifest.csv)")
+    parser.add_argument("--out", required=True, help="output folder (re-runs skip up-to-date images)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"output side in pixels (default {DEFAULT_SIZE}, the paper's)")
+    parser.add_argument("--image-root", help="folder image paths are relative to (default: the manifest's folder)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--max-reject-fraction", type=float, default=1.0,
+                        help="exit with status 1 if more than this fraction of images is rejected (default 1: never)")
+    args = parser.parse_args(argv)
+    manifest = load_manifest(args.manifest, image_root=args.image_root)
+    summary = preprocess_manifest(manifest, args.out, size=args.size, workers=args.workers)
+    print(summary.describe())
+    if summary.rejected:
+        print(f"rejected images and reasons: {args.out}/rejects.csv")
+    if summary.reject_fraction > args.max_reject_fraction:
+        raise FundusError(f"{summary.reject_fraction:.1%} of images rejected, more than --max-reject-fraction {args.max_reject_fraction:.1%}")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,74 @@
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from fundus_ensemble.manifest import load_manifest
+from fundus_ensemble.preprocess import preprocess_manifest
+
+
+@pytest.fixture()
+def dataset(small_dataset, tmp_path):
+    """A private copy of the small synthetic dataset (tests here modify images)."""
+    root = tmp_path / "data"
+    shutil.copytree(small_dataset.parent, root)
+    return root / small_dataset.name
+
+
+def test_writes_both_views_and_valid_manifests(dataset, tmp_path):
+    manifest = load_manifest(dataset)
+    out = tmp_path / "prep"
+    summary = preprocess_manifest(manifest, out, size=64, workers=2, progress=False)
+    assert summary.processed == 48 and summary.up_to_date == 0 and not summary.rejected
+    for view in ("color", "gray_eq"):
+        view_manifest = load_manifest(out / view / "manifest.csv")  # validates every file exists
+        assert view_manifest.patient_ids == manifest.patient_ids
+        assert [p.labels for p in view_manifest.patients] == [p.labels for p in manifest.patients]
+    color = cv2.imread(str(out / "color" / "images" / "syn0000_left.png"), cv2.IMREAD_UNCHANGED)
+    gray = cv2.imread(str(out / "gray_eq" / "images" / "syn0000_left.png"), cv2.IMREAD_UNCHANGED)
+    assert color.shape == (64, 64, 3) and gray.shape == (64, 64)
+    np.testing.assert_array_equal(gray, cv2.equalizeHist(cv2.cvtColor(color, cv2.COLOR_BGR2GRAY)))
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_rerun_skips_up_to_date_and_redoes_changed(dataset, tmp_path):
+    manifest = load_manifest(dataset)
+    out = tmp_path / "prep"
+    preprocess_manifest(manifest, out, size=64, workers=1, progress=False)
+    again = preprocess_manifest(manifest, out, size=64, workers=1, progress=False)
+    assert again.processed == 0 and again.up_to_date == 48
+
+    source = dataset.parent / "images" / "syn0003_right.jpg"
+    later = os.stat(out / "color" / "images" / "syn0003_right.png").st_mtime + 10
+    os.utime(source, (later, later))
+    (out / "gray_eq" / "images" / "syn0005_left.png").unlink()
+    third = preprocess_manifest(manifest, out, size=64, workers=1, progress=False)
+    assert third.processed == 2 and third.up_to_date == 46
+
+    resized = preprocess_manifest(manifest, out, size=48, workers=1, progress=False)
+    assert resized.processed == 48, "a different size must invalidate every output"
+
+
+def test_unreadable_images_are_rejected_and_reported(dataset, tmp_path):
+    images = dataset.parent / "images"
+    (images / "syn0001_left.jpg").write_bytes(b"")
+    (images / "syn0002_left.jpg").write_text("hello")
+    (images / "syn0002_right.jpg").write_text("hello")
+    manifest = load_manifest(dataset)
+    out = tmp_path / "prep"
+    summary = preprocess_manifest(manifest, out, size=64, workers=2, progress=False)
+    assert summary.processed == 45
+    assert dict(summary.rejected) == {
+        "images/syn0001_left.jpg": "empty file (0 bytes)",
+        "images/syn0002_left.jpg": "not a readable image (unknown format or corrupt data)",
+        "images/syn0002_right.jpg": "not a readable image (unknown format or corrupt data)",
+    }
+    assert summary.dropped_patients == ["syn0002"]
+    color = load_manifest(out / "color" / "manifest.csv")
+    assert "syn0002" not in color.patient_ids
+    one_eyed = color.patients[color.patient_ids.index("syn0001")]
+    assert one_eyed.left_image is None and one_eyed.right_image == "images/syn0001_right.png"
+    report = (out / "rejects.csv").read_text()
+    assert "syn0001_left.jpg,syn0001,empty file" in report and "patient,,syn0002" in report
