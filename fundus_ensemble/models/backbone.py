@@ -1,0 +1,85 @@
+"""The backbones of the paper's comparison table, as pooled feature extractors.
+
+``weights`` is ``"imagenet"`` (Keras downloads them once to ``~/.keras/models``), ``None``
+(random initialisation) or the path of a local Keras weights file for the backbone without
+its top (e.g. ``efficientnetb3_notop.h5``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from ..errors import FundusError, WeightsError
+from .preprocessor import BackbonePreprocess
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    constructor: str  # name in keras.applications
+    preprocessing: str  # a BackbonePreprocess mode
+    min_size: int  # smallest input the architecture accepts
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **{f"efficientnet_b{i}": BackboneSpec(f"EfficientNetB{i}", "none", 32) for i in range(8)},
+    "resnet50": BackboneSpec("ResNet50", "caffe", 32),
+    "vgg16": BackboneSpec("VGG16", "caffe", 32),
+    "vgg19": BackboneSpec("VGG19", "caffe", 32),
+    "xception": BackboneSpec("Xception", "tf", 71),
+    "inception_v3": BackboneSpec("InceptionV3", "tf", 75),
+    "inception_resnet_v2": BackboneSpec("InceptionResNetV2", "tf", 75),
+    "densenet121": BackboneSpec("DenseNet121", "torch", 32),
+    "mobilenet": BackboneSpec("MobileNet", "tf", 32),
+}
+
+_OFFLINE_HINT = (
+    "use weights=None (--weights none) to train from scratch, or download the file on a "
+    "machine with network access and pass its path (--weights PATH)"
+)
+
+
+def parse_weights(value: str | None) -> str | None:
+    """Command-line weights value to the form :func:`build_backbone` takes."""
+    if value is None or value.lower() in ("none", "scratch", ""):
+        return None
+    return "imagenet" if value.lower() == "imagenet" else value
+
+
+def build_backbone(name: str, input_size: int, weights: str | os.PathLike | None = None) -> keras.Model:
+    """An ``eye_encoder`` model: RGB [0, 255] (size, size, 3) image to a pooled feature vector."""
+    if name not in BACKBONES:
+        raise FundusError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    if input_size < spec.min_size:
+        raise FundusError(f"{name} needs inputs of at least {spec.min_size} px, got {input_size}")
+    constructor = getattr(keras.applications, spec.constructor)
+    kwargs = dict(include_top=False, input_shape=(input_size, input_size, 3), pooling="avg")
+    if weights is None:
+        net = constructor(weights=None, **kwargs)
+    elif str(weights) == "imagenet":
+        try:
+            net = constructor(weights="imagenet", **kwargs)
+        except Exception as exc:  # keras raises a bare Exception on a failed download
+            raise WeightsError(
+                f"could not obtain ImageNet weights for {spec.constructor} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}). Without network access, {_OFFLINE_HINT}."
+            ) from exc
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"weights file not found: {path}; {_OFFLINE_HINT}")
+        net = constructor(weights=None, **kwargs)
+        try:
+            net.load_weights(str(path))
+        except Exception as exc:
+            raise WeightsError(
+                f"could not load {path} into {spec.constructor} without its top "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            ) from exc
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    features = net(BackbonePreprocess(spec.preprocessing, name="preprocess")(inputs))
+    return keras.Model(inputs, features, name="eye_encoder")

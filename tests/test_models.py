@@ -1,0 +1,98 @@
+import keras
+import numpy as np
+import pytest
+
+from fundus_ensemble.errors import FundusError, WeightsError
+from fundus_ensemble.models import BACKBONES, BackbonePreprocess, build_backbone, build_patient_model
+from fundus_ensemble.models.backbone import parse_weights
+
+
+@pytest.fixture(scope="module")
+def b3():
+    return build_patient_model("efficientnet_b3", 64, None)
+
+
+def eyes(n, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: rng.uniform(0, 255, (n, size, size, 3)).astype("float32") for name in ("left_eye", "right_eye")}
+
+
+def test_b3_patient_model_shape_and_range(b3):
+    out = b3.predict(eyes(3), verbose=0)
+    assert out.shape == (3, 8)
+    assert (out >= 0).all() and (out <= 1).all()
+    assert b3.get_layer("eye_encoder").layers[-1].name == "efficientnetb3"
+
+
+def test_fusion_is_symmetric_and_one_eye_means_that_eye(b3):
+    x = eyes(2, seed=1)
+    swapped = {"left_eye": x["right_eye"], "right_eye": x["left_eye"]}
+    np.testing.assert_allclose(b3.predict(x, verbose=0), b3.predict(swapped, verbose=0), atol=1e-5)
+    # a one-eyed patient is fed its eye twice: the fused features are that eye's own
+    encoder = b3.get_layer("eye_encoder")
+    features = encoder.predict(x["left_eye"], verbose=0)
+    fused = b3.get_layer("fuse_eyes")(np.concatenate([features, features]))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fused), np.concatenate([features, features], axis=1), atol=1e-6)
+
+
+def test_registry_covers_the_papers_table():
+    expected = {f"efficientnet_b{i}" for i in range(8)} | {
+        "resnet50", "vgg16", "vgg19", "xception", "inception_v3", "inception_resnet_v2", "densenet121", "mobilenet",
+    }
+    assert set(BACKBONES) == expected
+    for spec in BACKBONES.values():
+        assert callable(getattr(keras.applications, spec.constructor))
+
+
+def test_preprocess_modes():
+    x = np.array([[[[0.0, 127.5, 255.0]]]], np.float32)
+    np.testing.assert_allclose(BackbonePreprocess("tf")(x), [[[[-1.0, 0.0, 1.0]]]], atol=1e-6)
+    np.testing.assert_allclose(BackbonePreprocess("none")(x), x)
+    np.testing.assert_allclose(BackbonePreprocess("caffe")(x), [[[[255 - 103.939, 127.5 - 116.779, 0 - 123.68]]]], atol=1e-4)
+    torch = keras.ops.convert_to_numpy(BackbonePreprocess("torch")(x))
+    np.testing.assert_allclose(torch[0, 0, 0, 0], (0 - 0.485) / 0.229, rtol=1e-5)
+    with pytest.raises(ValueError):
+        BackbonePreprocess("bgr")
+
+
+def test_unknown_backbone_and_small_input():
+    with pytest.raises(FundusError, match="unknown backbone 'effnet'"):
+        build_backbone("effnet", 64)
+    with pytest.raises(FundusError, match="at least 75 px"):
+        build_backbone("inception_v3", 64)
+
+
+def test_imagenet_without_network_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached weights
+
+    def no_network(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", no_network)
+    with pytest.raises(WeightsError, match=r"ImageNet weights for EfficientNetB0.*--weights none.*--weights PATH"):
+        build_backbone("efficientnet_b0", 64, "imagenet")
+
+
+def test_local_weights_file(tmp_path):
+    with pytest.raises(WeightsError, match="weights file not found"):
+        build_backbone("mobilenet", 64, tmp_path / "missing.h5")
+    source = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg")
+    path = tmp_path / "mobilenet_notop.weights.h5"
+    source.save_weights(str(path))
+    encoder = build_backbone("mobilenet", 64, path)
+    loaded = encoder.layers[-1]  # image input, preprocess, then the backbone
+    for a, b in zip(source.weights, loaded.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+
+def test_parse_weights():
+    assert parse_weights("none") is None and parse_weights("ImageNet") == "imagenet" and parse_weights("w.h5") == "w.h5"
+
+
+def test_save_and_load_in_safe_mode(tmp_path):
+    model = build_patient_model("mobilenet", 32, None)
+    path = tmp_path / "m.keras"
+    model.save(str(path))
+    again = keras.saving.load_model(str(path), compile=False, safe_mode=True)
+    x = eyes(2, size=32)
+    np.testing.assert_allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
