@@ -1,0 +1,250 @@
+"""Train one patient model per view, the paper's way, and save it with its card.
+
+Two phases, both on the ``train`` split, both validated on ``val`` each epoch:
+
+1. **train** (``epochs``, Adam at ``learning_rate``): with pretrained weights the backbone is
+   frozen and only the fusion head learns (the backbone's features are already useful and
+   a fresh head's large gradients would wreck them); from scratch every layer learns.
+2. **fine-tune** (``fine_tune_epochs``): starting from phase 1's best checkpoint, every layer
+   learns at ``learning_rate * fine_tune_lr_factor``.
+
+Callbacks: ReduceLROnPlateau on ``val_final_score`` (factor 0.2, patience 4, min_delta 0.001,
+mode max), EarlyStopping on ``val_loss`` (patience 5, per phase), ModelCheckpoint keeping the
+weights with the best ``val_final_score`` across both phases, TerminateOnNaN, CSV history and
+TensorBoard logs. The saved model is the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from . import __version__
+from .augment import DEFAULT_ROTATION, training_augmentation
+from .callbacks import ValidationScore
+from .data import PatientBatches
+from .errors import FundusError
+from .fileio import atomic_write_json, sha256_file
+from .labels import LABELS, VIEWS
+from .losses import DEFAULT_POWER, WeightedBinaryCrossentropy, positive_weights
+from .manifest import load_manifest
+from .models import build_patient_model
+
+CARD_NAME = "card.json"
+MODEL_NAME = "model.keras"
+CARD_FORMAT = "fundus-ensemble model card 1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; the defaults are the paper's configuration."""
+
+    backbone: str = "efficientnet_b3"
+    size: int = 448
+    weights: str | None = None  # "imagenet", None (from scratch) or a local weights file
+    batch_size: int = 15
+    epochs: int = 30
+    fine_tune_epochs: int = 10
+    learning_rate: float = 1e-3
+    fine_tune_lr_factor: float = 0.1
+    dropout: float = 0.5
+    rotation: float = DEFAULT_ROTATION
+    pos_weight_power: float = DEFAULT_POWER
+    lr_factor: float = 0.2
+    lr_patience: int = 4
+    lr_min_delta: float = 0.001
+    early_stopping_patience: int = 5
+    seed: int = 0
+    cache_images: bool = True
+
+    def check(self) -> "TrainConfig":
+        for name in ("size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FundusError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.epochs < 1 or self.fine_tune_epochs < 0:
+            raise FundusError(f"need epochs >= 1 and fine_tune_epochs >= 0, got {self.epochs} and {self.fine_tune_epochs}")
+        if not 0 <= self.dropout < 1:
+            raise FundusError(f"dropout must lie in [0, 1), got {self.dropout}")
+        return self
+
+
+def library_versions() -> dict[str, str]:
+    import albumentations
+    import cv2
+    import sklearn
+
+    versions = {
+        "fundus_ensemble": __version__, "keras": keras.__version__, "keras_backend": keras.backend.backend(),
+        "numpy": np.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__,
+        "albumentations": albumentations.__version__, "python": platform.python_version(),
+    }
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+    return versions
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
+    """Set every BatchNormalization layer's moving-average momentum.
+
+    Keras' 0.99 needs hundreds of steps before the moving statistics used at inference
+    match the data; on a small training set a model would be evaluated with statistics
+    still near their initial values. Averaging over about one epoch avoids that.
+    """
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
+def _callbacks(out: Path, val: PatientBatches, loss, config: TrainConfig, best: float | None) -> tuple[list, keras.callbacks.ModelCheckpoint]:
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(out / "best.weights.h5"), monitor="val_final_score", mode="max",
+        save_best_only=True, save_weights_only=True, initial_value_threshold=best,
+    )
+    callbacks = [
+        ValidationScore(val, loss),  # first: the callbacks below read what it adds
+        keras.callbacks.TerminateOnNaN(),
+        checkpoint,
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_final_score", mode="max", factor=config.lr_factor,
+            patience=config.lr_patience, min_delta=config.lr_min_delta, verbose=1,
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, verbose=1),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
+    ]
+    return callbacks, checkpoint
+
+
+def _check_finite(history: keras.callbacks.History) -> None:
+    losses = history.history.get("loss", [])
+    if any(not np.isfinite(v) for v in losses):
+        raise FundusError(
+            f"training diverged: non-finite loss at epoch {len(losses)} (TerminateOnNaN stopped it); "
+            "no model was saved from this run. Try a lower --learning-rate."
+        )
+
+
+def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig, view: str) -> dict:
+    """Train the patient model of one view folder (from preprocessing); returns its card."""
+    config.check()
+    view_dir, out = Path(view_dir), Path(out_dir)
+    manifest_path = view_dir / "manifest.csv"
+    manifest = load_manifest(manifest_path)
+    train, val = manifest.select("train"), manifest.select("val")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "history.csv").unlink(missing_ok=True)
+
+    keras.utils.set_random_seed(config.seed)
+    pos_weight = positive_weights(train.label_matrix(), config.pos_weight_power)
+    loss = WeightedBinaryCrossentropy(pos_weight.tolist())
+    train_batches = PatientBatches(
+        train, config.size, config.batch_size, training_augmentation(config.rotation, config.seed),
+        shuffle=True, seed=config.seed, cache=config.cache_images, ragged_last="drop",
+    )
+    val_batches = PatientBatches(val, config.size, config.batch_size, cache=config.cache_images)
+    model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
+    set_batchnorm_momentum(model, min(0.99, 1.0 - 1.0 / len(train_batches)))
+    pretrained = config.weights is not None
+    model.get_layer("eye_encoder").trainable = not pretrained
+    model.compile(keras.optimizers.Adam(config.learning_rate), loss, jit_compile=False)
+    verbose = 1 if sys.stdout.isatty() else 2
+
+    print(f"[{view}] phase 1/2 (train): {len(train)} train / {len(val)} val patients, "
+          f"{config.backbone} at {config.size} px, {'backbone frozen' if pretrained else 'all layers'}", flush=True)
+    callbacks, checkpoint = _callbacks(out, val_batches, loss, config, None)
+    history = model.fit(train_batches, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    _check_finite(history)
+    epochs_run = len(history.history.get("loss", []))
+
+    if config.fine_tune_epochs > 0:
+        print(f"[{view}] phase 2/2 (fine-tune): all layers at lr x {config.fine_tune_lr_factor}", flush=True)
+        model.load_weights(str(out / "best.weights.h5"))
+        fine_lr = config.learning_rate * config.fine_tune_lr_factor
+        if pretrained:
+            model.get_layer("eye_encoder").trainable = True
+            model.compile(keras.optimizers.Adam(fine_lr), loss, jit_compile=False)
+        else:  # same trainable set: keep the compiled step, which costs a minute or more to trace
+            model.optimizer.learning_rate.assign(min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
+        callbacks, checkpoint = _callbacks(out, val_batches, loss, config, checkpoint.best)
+        history = model.fit(
+            train_batches, initial_epoch=epochs_run, epochs=epochs_run + config.fine_tune_epochs,
+            callbacks=callbacks, verbose=verbose,
+        )
+        _check_finite(history)
+        epochs_run += len(history.history.get("loss", []))
+
+    # A fresh, never-compiled model carries no optimizer state into the saved file.
+    final = build_patient_model(config.backbone, config.size, None, config.dropout)
+    final.load_weights(str(out / "best.weights.h5"))
+    final.save(str(out / MODEL_NAME))
+    best_row = _best_history_row(out / "history.csv")
+    card = {
+        "format": CARD_FORMAT,
+        "view": view,
+        "input_size": config.size,
+        "backbone": config.backbone,
+        "labels": list(LABELS),
+        "weights_init": "none" if config.weights is None else ("imagenet" if config.weights == "imagenet" else f"file:{Path(config.weights).name}"),
+        "pos_weight": dict(zip(LABELS, map(float, pos_weight))),
+        "seed": config.seed,
+        "data_manifest": str(manifest_path),
+        "data_manifest_sha256": sha256_file(manifest_path),
+        "source_manifest_sha256": _source_hash(view_dir.parent),
+        "train_patients": len(train),
+        "val_patients": len(val),
+        "epochs_run": epochs_run,
+        "best_val": best_row,
+        "config": dataclasses.asdict(config),
+        "versions": library_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out / CARD_NAME, card)
+    return card
+
+
+def _source_hash(prep_dir: Path) -> str | None:
+    record = prep_dir / "preprocess.json"
+    return json.loads(record.read_text()).get("source_manifest_sha256") if record.is_file() else None
+
+
+def _best_history_row(path: Path) -> dict:
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    best = max(rows, key=lambda r: float(r.get("val_final_score") or "-inf"))
+    return {k: (float(v) if k != "epoch" else int(v) + 1) for k, v in best.items() if k == "epoch" or k.startswith("val_")}
+
+
+def train_pair(
+    prep_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: TrainConfig,
+    views: tuple[str, ...] = VIEWS,
+    force: bool = False,
+) -> dict[str, dict]:
+    """Train one independent model per view of a preprocessing output folder; returns the cards."""
+    prep, out = Path(prep_dir), Path(out_dir)
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise FundusError(f"unknown view(s) {unknown}; expected {list(VIEWS)}")
+    for view in views:
+        if not (prep / view / "manifest.csv").is_file():
+            raise FundusError(f"{prep / view / 'manifest.csv'} not found; run scripts/preprocess.py first")
+    existing = [str(out / v / MODEL_NAME) for v in views if (out / v / MODEL_NAME).exists()]
+    if existing and not force:
+        raise FundusError(f"{out} already holds trained models ({', '.join(existing)}); choose a new --out or pass --force to replace them")
+    cards = {view: train_view(prep / view, out / view, config, view) for view in views}
+    atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
+    return cards
