@@ -1,0 +1,118 @@
+"""Load the two view models, predict a split, average, and score with the ODIR metric."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .data import predict_patients
+from .errors import FundusError, ModelCardError
+from .fileio import atomic_write_json, atomic_write_text
+from .labels import LABELS, VIEWS
+from .manifest import load_manifest
+from .metrics import odir_score, per_class_scores
+from .models.patient_classifier import EyeFusion  # noqa: F401  registers the layer for loading
+from .training import CARD_NAME, MODEL_NAME
+
+
+def load_view_model(run_dir: str | os.PathLike, view: str) -> tuple[keras.Model, dict]:
+    """Load ``run_dir/<view>/model.keras`` (Keras safe mode) and its card; refuse a mismatch."""
+    folder = Path(run_dir) / view
+    card_path, model_path = folder / CARD_NAME, folder / MODEL_NAME
+    if not model_path.is_file() or not card_path.is_file():
+        raise ModelCardError(f"{folder}: no trained {view} model ({MODEL_NAME} and {CARD_NAME}); run scripts/train_pair.py first")
+    card = json.loads(card_path.read_text())
+    if card.get("view") != view:
+        raise ModelCardError(f"{card_path}: card says view {card.get('view')!r}, but it was loaded as the {view!r} model")
+    if card.get("labels") != list(LABELS):
+        raise ModelCardError(f"{card_path}: card labels {card.get('labels')} differ from this library's {list(LABELS)}")
+    model = keras.saving.load_model(str(model_path), compile=False, safe_mode=True)
+    size = int(model.inputs[0].shape[1])
+    if size != card.get("input_size"):
+        raise ModelCardError(f"{model_path}: model input is {size} px but its card says {card.get('input_size')}")
+    return model, card
+
+
+def predict_manifest_split(model: keras.Model, card: dict, view_dir: str | os.PathLike, split: str, batch_size: int = 16):
+    """(patient ids, labels, probabilities) for one split of a preprocessed view folder."""
+    manifest = load_manifest(Path(view_dir) / "manifest.csv").select(split)
+    return manifest.patient_ids, manifest.label_matrix(), predict_patients(model, manifest, int(card["input_size"]), batch_size)
+
+
+def average_probabilities(probs: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
+    """Weighted mean of per-view probability arrays (equal weights by default)."""
+    weights = weights or {view: 1.0 for view in probs}
+    if set(weights) != set(probs):
+        raise FundusError(f"ensemble weights name {sorted(weights)} but the models are {sorted(probs)}")
+    total = sum(weights.values())
+    if total <= 0 or any(w < 0 for w in weights.values()):
+        raise FundusError(f"ensemble weights must be non-negative with a positive sum, got {weights}")
+    return sum(weights[v] * probs[v] for v in probs) / total
+
+
+def _scores(y_true: np.ndarray, y_prob: np.ndarray) -> dict:
+    return {**odir_score(y_true, y_prob), "per_class": per_class_scores(y_true, y_prob)}
+
+
+def predictions_csv(ids: list[str], probs: np.ndarray) -> str:
+    """The official ODIR submission format: ``ID,N,D,G,C,A,H,M,O`` with probabilities."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["ID", *LABELS])
+    for pid, row in zip(ids, probs):
+        writer.writerow([pid, *(f"{p:.6f}" for p in row)])
+    return out.getvalue()
+
+
+def score_run(
+    run_dir: str | os.PathLike,
+    prep_dir: str | os.PathLike,
+    split: str = "val",
+    weights: dict[str, float] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    views: tuple[str, ...] = VIEWS,
+) -> dict:
+    """Score each view model and their average on ``split``; write predictions.csv and score.json."""
+    probs: dict[str, np.ndarray] = {}
+    ids: list[str] | None = None
+    y_true = None
+    for view in views:
+        model, card = load_view_model(run_dir, view)
+        view_ids, labels, probs[view] = predict_manifest_split(model, card, Path(prep_dir) / view, split)
+        if ids is not None and view_ids != ids:
+            raise FundusError(f"the views' manifests hold different {split} patients; preprocess them together")
+        ids, y_true = view_ids, labels
+    ensemble = average_probabilities(probs, weights)
+    report = {
+        "split": split,
+        "patients": len(ids),
+        "ensemble_weights": weights or {v: 1.0 for v in views},
+        "ensemble": _scores(y_true, ensemble),
+        "models": {view: _scores(y_true, p) for view, p in probs.items()},
+    }
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"score_{split}"
+    atomic_write_text(out / "predictions.csv", predictions_csv(ids, ensemble))
+    atomic_write_json(out / "score.json", report)
+    report["out_dir"] = str(out)
+    return report
+
+
+def format_score_table(report: dict) -> str:
+    """The score report as a plain-text table (pooled metrics, then per-class AUC)."""
+    rows = [*((f"{v} model", s) for v, s in report["models"].items()), ("ensemble", report["ensemble"])]
+    lines = [
+        f"ODIR score on split '{report['split']}' ({report['patients']} patients)",
+        f"{'model':<16}{'kappa':>8}{'f1':>8}{'auc':>8}{'final':>8}",
+    ]
+    lines += [f"{name:<16}{s['kappa']:>8.4f}{s['f1']:>8.4f}{s['auc']:>8.4f}{s['final']:>8.4f}" for name, s in rows]
+    lines.append("per-class AUC (positives): " + "  ".join(
+        f"{c}={'n/a' if v['auc'] is None else format(v['auc'], '.3f')}({v['positives']})"
+        for c, v in report["ensemble"]["per_class"].items()
+    ))
+    return "\n".join(lines)

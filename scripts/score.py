@@ -1,0 +1,27 @@
+#!/usr/bin/env python3
+"""Ensemble the two view models on a split and score it with the official ODIR metric."""
+
+import argparse
+import sys
+
+from fundus_ensemble.cli import run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir", help="run folder of scripts/train_pair.py")
+    parser.add_argument("prep_dir", help="output folder of scripts/preprocess.py")
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"])
+    parser.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("COLOR", "GRAY_EQ"),
+                        help="ensemble weights of the two models (default: equal)")
+    parser.add_argument("--out", help="folder for predictions.csv and score.json (default: RUN_DIR/score_SPLIT)")
+    args = parser.parse_args(argv)
+    from fundus_ensemble.ensemble import format_score_table, score_run
+
+    report = score_run(args.run_dir, args.prep_dir, args.split, dict(zip(("color", "gray_eq"), args.weights)), args.out)
+    print(format_score_table(report))
+    print(f"wrote {report['out_dir']}/predictions.csv and score.json")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Train the two independent view models (color, gray_eq) on preprocessed data."""
+
+import argparse
+import sys
+
+from fundus_ensemble.cli import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fundus_ensemble.training import TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prep_dir", help="output folder of scripts/preprocess.py")
+    p.add_argument("--out", required=True, help="run folder for models, cards, histories")
+    p.add_argument("--force", action="store_true", help="replace models already in --out")
+    p.add_argument("--views", nargs="+", default=["color", "gray_eq"], choices=["color", "gray_eq"])
+    p.add_argument("--backbone", default=d.backbone)
+    p.add_argument("--size", type=int, default=d.size, help="input size (views are resized if they differ)")
+    p.add_argument("--weights", default="none", help="imagenet | none | PATH to a local backbone weights file")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="patients per batch")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="phase 1 (train) epochs")
+    p.add_argument("--fine-tune-epochs", type=int, default=d.fine_tune_epochs, help="phase 2 (fine-tune) epochs")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--fine-tune-lr-factor", type=float, default=d.fine_tune_lr_factor)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--rotation", type=float, default=d.rotation, help="max rotation in degrees")
+    p.add_argument("--pos-weight-power", type=float, default=d.pos_weight_power,
+                   help="positive class weight (n_neg/n_pos)**power; 0 = plain BCE")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of keeping them in memory")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from fundus_ensemble.models.backbone import parse_weights
+    from fundus_ensemble.training import TrainConfig, train_pair
+
+    config = TrainConfig(
+        backbone=args.backbone, size=args.size, weights=parse_weights(args.weights), batch_size=args.batch_size,
+        epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, learning_rate=args.learning_rate,
+        fine_tune_lr_factor=args.fine_tune_lr_factor, dropout=args.dropout, rotation=args.rotation,
+        pos_weight_power=args.pos_weight_power, seed=args.seed, cache_images=not args.no_cache,
+    )
+    cards = train_pair(args.prep_dir, args.out, config, tuple(args.views), force=args.force)
+    for view, card in cards.items():
+        best = card["best_val"]
+        print(f"{view}: best val final_score {best['val_final_score']:.4f} at epoch {best['epoch']} -> {args.out}/{view}/model.keras")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,98 @@
+"""End to end on synthetic patients: preprocess, train both views, ensemble, score."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from fundus_ensemble.ensemble import format_score_table, load_view_model, score_run
+from fundus_ensemble.errors import FundusError, ModelCardError
+from fundus_ensemble.labels import LABELS
+from fundus_ensemble.manifest import load_manifest
+from fundus_ensemble.metrics import odir_score
+from fundus_ensemble.preprocess import preprocess_manifest
+from fundus_ensemble.synthetic import write_synthetic_dataset
+from fundus_ensemble.training import TrainConfig, train_pair
+
+# A small backbone keeps this test to a couple of minutes on 2 CPU cores; the B3 patient model
+# itself is covered in test_models.py, and every other line of the pipeline runs here.
+CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=10, fine_tune_epochs=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    manifest_path = write_synthetic_dataset(root / "data", 200, seed=11, diameter=90, fractions={"train": 0.6, "val": 0.2, "test": 0.2})
+    preprocess_manifest(load_manifest(manifest_path), root / "prep", size=CONFIG.size, progress=False)
+    cards = train_pair(root / "prep", root / "run", CONFIG)
+    report = score_run(root / "run", root / "prep", split="test")
+    return root, cards, report
+
+
+@pytest.mark.slow
+def test_ensemble_beats_constant_prior(trained):
+    root, _, report = trained
+    prep = root / "prep" / "color" / "manifest.csv"
+    manifest = load_manifest(prep)
+    prior = manifest.select("train").label_matrix().mean(axis=0)
+    test_labels = manifest.select("test").label_matrix()
+    prior_auc = odir_score(test_labels, np.tile(prior, (len(test_labels), 1)))["auc"]
+    ensemble_auc = report["ensemble"]["auc"]
+    print(format_score_table(report), f"\nconstant class-prior pooled AUC {prior_auc:.4f}")
+    assert ensemble_auc > prior_auc + 0.05
+
+
+@pytest.mark.slow
+def test_outputs_cards_and_histories(trained):
+    root, cards, report = trained
+    for view in ("color", "gray_eq"):
+        folder = root / "run" / view
+        card = json.loads((folder / "card.json").read_text())
+        assert card == cards[view]
+        assert card["view"] == view and card["labels"] == list(LABELS) and card["input_size"] == 64
+        assert card["backbone"] == "mobilenet" and card["weights_init"] == "none" and card["seed"] == 0
+        assert len(card["data_manifest_sha256"]) == 64 and card["source_manifest_sha256"]
+        assert set(card["pos_weight"]) == set(LABELS) and "tensorflow" in card["versions"]
+        with open(folder / "history.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [int(r["epoch"]) for r in rows] == list(range(len(rows))), "each epoch exactly once, in order"
+        assert len(rows) == card["epochs_run"] and {"val_final_score", "val_loss", "loss"} <= set(rows[0])
+        best = max(float(r["val_final_score"]) for r in rows)
+        assert card["best_val"]["val_final_score"] == pytest.approx(best)
+        assert any((folder / "tensorboard").rglob("events.out.tfevents.*"))
+    with open(root / "run" / "score_test" / "predictions.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["ID", *LABELS] and len(rows) - 1 == report["patients"]
+    probs = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    assert ((probs >= 0) & (probs <= 1)).all()
+    saved = json.loads((root / "run" / "score_test" / "score.json").read_text())
+    assert set(saved["models"]) == {"color", "gray_eq"} and set(saved["ensemble"]) >= {"kappa", "f1", "auc", "final", "per_class"}
+
+
+@pytest.mark.slow
+def test_ensemble_is_the_mean_of_the_views(trained):
+    root, _, report = trained
+    from fundus_ensemble.ensemble import predict_manifest_split
+
+    probs = {}
+    for view in ("color", "gray_eq"):
+        model, card = load_view_model(root / "run", view)
+        _, labels, probs[view] = predict_manifest_split(model, card, root / "prep" / view, "test")
+    expected = odir_score(labels, (probs["color"] + probs["gray_eq"]) / 2)
+    assert report["ensemble"]["final"] == pytest.approx(expected["final"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_existing_run_is_not_overwritten_and_cards_are_checked(trained):
+    root, _, _ = trained
+    with pytest.raises(FundusError, match="already holds trained models.*--force"):
+        train_pair(root / "prep", root / "run", CONFIG)
+    card_path = root / "run" / "gray_eq" / "card.json"
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "view": "color"}))
+    try:
+        with pytest.raises(ModelCardError, match="card says view 'color'"):
+            load_view_model(root / "run", "gray_eq")
+    finally:
+        card_path.write_text(json.dumps(card))
