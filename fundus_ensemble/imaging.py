@@ -17,6 +17,10 @@ from .errors import ImageError
 MIN_FOV_FRACTION = 0.05
 # Pixels at most this bright (max over channels) count as the camera's black surround.
 BORDER_LEVEL = 20
+# Smaller photos hold no usable detail (and are below every backbone's minimum input).
+MIN_SIDE = 32
+# A retina with more than this share of near-white pixels is a blown-out exposure.
+MAX_WHITE_FRACTION = 0.8
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
@@ -86,9 +90,18 @@ def find_fov(image: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def crop_to_fov(image: np.ndarray, size: int) -> np.ndarray:
-    """Crop to the retina, pad to a centred black square, resize to ``size`` x ``size``."""
+    """Crop to the retina, pad to a centred black square, resize to ``size`` x ``size``.
+
+    Raises :class:`ImageError` for photos too small to use, with no retina, or overexposed.
+    """
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise ImageError(f"image too small ({width} x {height} px; at least {MIN_SIDE} px a side needed)")
     x0, y0, x1, y1 = find_fov(image)
     crop = image[y0:y1, x0:x1]
+    white = float((crop.min(axis=2) >= 245).mean())
+    if white > MAX_WHITE_FRACTION:
+        raise ImageError(f"overexposed ({white:.0%} of the retina is near white)")
     h, w = crop.shape[:2]
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2

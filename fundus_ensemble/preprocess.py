@@ -7,9 +7,11 @@ Output layout under ``out_dir``::
     rejects.csv                 preprocess.json           (what was refused, and how it was made)
 
 A view's file is up to date when it exists, is newer than its source, and was made with the
-same settings (recorded in ``preprocess.json``); up-to-date files are not redone; rejected images are retried on every run (their file may
+same settings (recorded in ``preprocess.json`` before any work; other settings clear the
+view folders first); up-to-date files are not redone; rejected images are retried on every run (their file may
 have been fixed). Every file
-is written atomically, so a killed run leaves no truncated image behind.
+is written atomically, so a killed run leaves no truncated image behind (its temporary files
+are removed by the next run; run one job per output folder at a time).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import multiprocessing
 import os
 import posixpath
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -114,6 +117,19 @@ def preprocess_manifest(
     if clashes:
         raise FundusError("two source images map to the same output name (same path, different extension)")
 
+    for view in VIEWS:
+        if not same_settings:  # views made with other settings must not pass as up to date
+            shutil.rmtree(out / view, ignore_errors=True)
+        for stale in (out / view).rglob(".*.tmp") if (out / view).is_dir() else ():
+            stale.unlink(missing_ok=True)  # temporaries of a killed run (fileio's ".<name>.<random>.tmp")
+    # Recorded before any work, so that a killed run's finished images count as done.
+    record = {
+        "settings": settings,
+        "source_manifest": manifest.source,
+        "source_manifest_sha256": sha256_file(manifest.source) if Path(manifest.source).is_file() else None,
+    }
+    atomic_write_json(record_path, record)
+
     summary = PreprocessSummary(images=len(images), out_dir=str(out))
     todo = []
     for img in images:
@@ -153,13 +169,10 @@ def preprocess_manifest(
             raise FundusError(f"every image was rejected; see {out / 'rejects.csv'}")
         write_manifest(patients, out / view / "manifest.csv")
     _write_rejects(out / "rejects.csv", summary, manifest)
-    atomic_write_json(record_path, {
-        "settings": settings,
-        "source_manifest": manifest.source,
-        "source_manifest_sha256": sha256_file(manifest.source) if Path(manifest.source).is_file() else None,
-        "summary": {k: v for k, v in asdict(summary).items() if k not in ("rejected", "dropped_patients")}
-        | {"rejected": len(summary.rejected), "dropped_patients": len(summary.dropped_patients)},
-    })
+    record["summary"] = {k: v for k, v in asdict(summary).items() if k not in ("rejected", "dropped_patients")} | {
+        "rejected": len(summary.rejected), "dropped_patients": len(summary.dropped_patients),
+    }
+    atomic_write_json(record_path, record)
     return summary
 
 
