@@ -40,10 +40,10 @@ def write_demo(root: str | os.PathLike = ".") -> Path:
 
 
 def demo_train_config():
-    """B3 from scratch at 96 px for 6 + 2 epochs: minutes on 2 CPU cores, not a benchmark."""
+    """B3 from scratch at 64 px for 6 + 2 epochs: minutes on 2 CPU cores, not a benchmark."""
     from .training import TrainConfig
 
-    return TrainConfig(size=96, epochs=6, fine_tune_epochs=2, batch_size=8)
+    return TrainConfig(size=64, epochs=6, fine_tune_epochs=2, batch_size=8, bn_recalibration_patients=24)
 
 
 def run_demo(root: str | os.PathLike = ".", out: str | os.PathLike = "runs/demo", split: str = "test") -> dict:
@@ -60,7 +60,7 @@ def run_demo(root: str | os.PathLike = ".", out: str | os.PathLike = "runs/demo"
     print(f"demo: {len(manifest)} synthetic patients; config {dataclasses.asdict(config)}", flush=True)
     print(preprocess_manifest(manifest, out / "prep", size=config.size).describe(), flush=True)
     train_pair(out / "prep", out / "models", config, force=True)
-    report = score_run(out / "models", out / "prep", split)
+    report = score_run(out / "models", out / "prep", split, force=True)
     print(format_score_table(report))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; outputs under {out}")
     return report

@@ -11,18 +11,23 @@ Two phases, both on the ``train`` split, both validated on ``val`` each epoch:
 Callbacks: ReduceLROnPlateau on ``val_final_score`` (factor 0.2, patience 4, min_delta 0.001,
 mode max), EarlyStopping on ``val_loss`` (patience 5, per phase), ModelCheckpoint keeping the
 weights with the best ``val_final_score`` across both phases, TerminateOnNaN, CSV history and
-TensorBoard logs. The saved model is the best checkpoint.
+TensorBoard logs. Before anything evaluates or saves the model at an epoch's end, BatchNorm
+statistics are recomputed with the current weights (:class:`.callbacks.RecalibrateBatchNorm`).
+The saved model is the best checkpoint.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -30,10 +35,10 @@ import numpy as np
 
 from . import __version__
 from .augment import DEFAULT_ROTATION, training_augmentation
-from .callbacks import ValidationScore
+from .callbacks import RecalibrateBatchNorm, ValidationScore
 from .data import PatientBatches
 from .errors import FundusError
-from .fileio import atomic_write_json, sha256_file
+from .fileio import atomic_write_json, atomic_write_text, sha256_file
 from .labels import LABELS, VIEWS
 from .losses import DEFAULT_POWER, WeightedBinaryCrossentropy, positive_weights
 from .manifest import load_manifest
@@ -41,6 +46,9 @@ from .models import build_patient_model
 
 CARD_NAME = "card.json"
 MODEL_NAME = "model.keras"
+BEST_WEIGHTS = "best.weights.h5"
+HISTORY = "history.csv"
+STATE = "state.json"
 CARD_FORMAT = "fundus-ensemble model card 1"
 
 
@@ -63,6 +71,7 @@ class TrainConfig:
     lr_patience: int = 4
     lr_min_delta: float = 0.001
     early_stopping_patience: int = 5
+    bn_recalibration_patients: int = 128
     seed: int = 0
     cache_images: bool = True
 
@@ -94,36 +103,25 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def set_batchnorm_momentum(model: keras.Model, momentum: float) -> None:
-    """Set every BatchNormalization layer's moving-average momentum.
-
-    Keras' 0.99 needs hundreds of steps before the moving statistics used at inference
-    match the data; on a small training set a model would be evaluated with statistics
-    still near their initial values. Averaging over about one epoch avoids that.
-    """
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = momentum
-
-
-def _callbacks(out: Path, val: PatientBatches, loss, config: TrainConfig, best: float | None) -> tuple[list, keras.callbacks.ModelCheckpoint]:
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        str(out / "best.weights.h5"), monitor="val_final_score", mode="max",
-        save_best_only=True, save_weights_only=True, initial_value_threshold=best,
-    )
-    callbacks = [
-        ValidationScore(val, loss),  # first: the callbacks below read what it adds
+def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, config: TrainConfig, best: float | None, phase: str) -> list:
+    return [
+        RecalibrateBatchNorm(train, config.bn_recalibration_patients),  # before anything evaluates or saves
+        ValidationScore(val, loss),  # before the callbacks that read what it adds
         keras.callbacks.TerminateOnNaN(),
-        checkpoint,
+        keras.callbacks.ModelCheckpoint(
+            str(out / BEST_WEIGHTS), monitor="val_final_score", mode="max",
+            save_best_only=True, save_weights_only=True, initial_value_threshold=best,
+        ),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_final_score", mode="max", factor=config.lr_factor,
             patience=config.lr_patience, min_delta=config.lr_min_delta, verbose=1,
         ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, verbose=1),
-        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        keras.callbacks.CSVLogger(str(out / HISTORY), append=True),
+        # after the CSV row: a kill between the two repeats that row, which resuming drops
+        keras.callbacks.BackupAndRestore(str(out / f"backup_{phase}"), double_checkpoint=True),
         keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
     ]
-    return callbacks, checkpoint
 
 
 def _check_finite(history: keras.callbacks.History) -> None:
@@ -135,15 +133,63 @@ def _check_finite(history: keras.callbacks.History) -> None:
         )
 
 
-def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig, view: str) -> dict:
-    """Train the patient model of one view folder (from preprocessing); returns its card."""
+def _history_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _keep_history_before(path: Path, epoch: int) -> list[dict[str, str]]:
+    """Drop history rows of epochs >= ``epoch`` (they are about to be run again)."""
+    rows = _history_rows(path)
+    kept = [r for r in rows if int(r["epoch"]) < epoch]
+    if len(kept) != len(rows):
+        out = io.StringIO()
+        if kept:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(kept)
+        atomic_write_text(path, out.getvalue())
+    return kept
+
+
+def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: PatientBatches, loss, config: TrainConfig, start: int, stop: int) -> int:
+    """Run epochs [start, stop) of one phase, resuming from its backup if one exists; returns the end epoch."""
+    metadata = out / f"backup_{phase}" / "training_metadata.json"
+    first = json.loads(metadata.read_text())["epoch"] if metadata.is_file() else start
+    if first > start:
+        print(f"resuming phase {phase!r} at epoch {first + 1}", flush=True)
+    kept = _keep_history_before(out / HISTORY, first)
+    scores = [float(r["val_final_score"]) for r in kept if r.get("val_final_score")]
+    best = max(scores) if scores and (out / BEST_WEIGHTS).is_file() else None
+    # BackupAndRestore sets this on restore and Keras (3.15) never clears it: a later fit in
+    # the same process would start at the restored epoch of an earlier phase.
+    model._initial_epoch = None
+    history = model.fit(
+        train, initial_epoch=start, epochs=stop, callbacks=_callbacks(out, train, val, loss, config, best, phase),
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    _check_finite(history)
+    return first + len(history.history.get("loss", []))
+
+
+def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig, view: str, resume: bool = False) -> dict:
+    """Train the patient model of one view folder (from preprocessing); returns its card.
+
+    With ``resume``, a finished view is kept as it is and an interrupted one continues from
+    its last completed epoch (Keras BackupAndRestore, one backup per phase).
+    """
     config.check()
     view_dir, out = Path(view_dir), Path(out_dir)
+    if resume and (out / CARD_NAME).is_file() and (out / MODEL_NAME).is_file():
+        print(f"[{view}] already trained: {out / MODEL_NAME}", flush=True)
+        return json.loads((out / CARD_NAME).read_text())
     manifest_path = view_dir / "manifest.csv"
     manifest = load_manifest(manifest_path)
     train, val = manifest.select("train"), manifest.select("val")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "history.csv").unlink(missing_ok=True)
+    state = json.loads((out / STATE).read_text()) if resume and (out / STATE).is_file() else {}
 
     keras.utils.set_random_seed(config.seed)
     pos_weight = positive_weights(train.label_matrix(), config.pos_weight_power)
@@ -154,41 +200,33 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     )
     val_batches = PatientBatches(val, config.size, config.batch_size, cache=config.cache_images)
     model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
-    set_batchnorm_momentum(model, min(0.99, 1.0 - 1.0 / len(train_batches)))
     pretrained = config.weights is not None
     model.get_layer("eye_encoder").trainable = not pretrained
     model.compile(keras.optimizers.Adam(config.learning_rate), loss, jit_compile=False)
-    verbose = 1 if sys.stdout.isatty() else 2
 
-    print(f"[{view}] phase 1/2 (train): {len(train)} train / {len(val)} val patients, "
-          f"{config.backbone} at {config.size} px, {'backbone frozen' if pretrained else 'all layers'}", flush=True)
-    callbacks, checkpoint = _callbacks(out, val_batches, loss, config, None)
-    history = model.fit(train_batches, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
-    _check_finite(history)
-    epochs_run = len(history.history.get("loss", []))
+    if "phase1_end" in state:
+        end = state["phase1_end"]
+    else:
+        print(f"[{view}] phase 1/2 (train): {len(train)} train / {len(val)} val patients, "
+              f"{config.backbone} at {config.size} px, {'backbone frozen' if pretrained else 'all layers'}", flush=True)
+        end = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
+        atomic_write_json(out / STATE, {"phase1_end": end})
 
     if config.fine_tune_epochs > 0:
         print(f"[{view}] phase 2/2 (fine-tune): all layers at lr x {config.fine_tune_lr_factor}", flush=True)
-        model.load_weights(str(out / "best.weights.h5"))
+        model.load_weights(str(out / BEST_WEIGHTS))
         fine_lr = config.learning_rate * config.fine_tune_lr_factor
         if pretrained:
             model.get_layer("eye_encoder").trainable = True
             model.compile(keras.optimizers.Adam(fine_lr), loss, jit_compile=False)
         else:  # same trainable set: keep the compiled step, which costs a minute or more to trace
             model.optimizer.learning_rate.assign(min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
-        callbacks, checkpoint = _callbacks(out, val_batches, loss, config, checkpoint.best)
-        history = model.fit(
-            train_batches, initial_epoch=epochs_run, epochs=epochs_run + config.fine_tune_epochs,
-            callbacks=callbacks, verbose=verbose,
-        )
-        _check_finite(history)
-        epochs_run += len(history.history.get("loss", []))
+        end = _fit_phase(model, "fine_tune", out, train_batches, val_batches, loss, config, end, end + config.fine_tune_epochs)
 
     # A fresh, never-compiled model carries no optimizer state into the saved file.
     final = build_patient_model(config.backbone, config.size, None, config.dropout)
-    final.load_weights(str(out / "best.weights.h5"))
+    final.load_weights(str(out / BEST_WEIGHTS))
     final.save(str(out / MODEL_NAME))
-    best_row = _best_history_row(out / "history.csv")
     card = {
         "format": CARD_FORMAT,
         "view": view,
@@ -203,8 +241,8 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
         "source_manifest_sha256": _source_hash(view_dir.parent),
         "train_patients": len(train),
         "val_patients": len(val),
-        "epochs_run": epochs_run,
-        "best_val": best_row,
+        "epochs_run": end,
+        "best_val": _best_history_row(out / HISTORY),
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -219,10 +257,7 @@ def _source_hash(prep_dir: Path) -> str | None:
 
 
 def _best_history_row(path: Path) -> dict:
-    import csv
-
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _history_rows(path)
     best = max(rows, key=lambda r: float(r.get("val_final_score") or "-inf"))
     return {k: (float(v) if k != "epoch" else int(v) + 1) for k, v in best.items() if k == "epoch" or k.startswith("val_")}
 
@@ -233,18 +268,31 @@ def train_pair(
     config: TrainConfig,
     views: tuple[str, ...] = VIEWS,
     force: bool = False,
+    resume: bool = False,
 ) -> dict[str, dict]:
-    """Train one independent model per view of a preprocessing output folder; returns the cards."""
+    """Train one independent model per view of a preprocessing output folder; returns the cards.
+
+    An existing run folder is never silently reused: ``resume`` continues it, ``force``
+    deletes its view folders and starts over.
+    """
     prep, out = Path(prep_dir), Path(out_dir)
+    if force and resume:
+        raise FundusError("--force starts over and --resume continues: choose one")
     unknown = [v for v in views if v not in VIEWS]
     if unknown:
         raise FundusError(f"unknown view(s) {unknown}; expected {list(VIEWS)}")
     for view in views:
         if not (prep / view / "manifest.csv").is_file():
             raise FundusError(f"{prep / view / 'manifest.csv'} not found; run scripts/preprocess.py first")
-    existing = [str(out / v / MODEL_NAME) for v in views if (out / v / MODEL_NAME).exists()]
-    if existing and not force:
-        raise FundusError(f"{out} already holds trained models ({', '.join(existing)}); choose a new --out or pass --force to replace them")
-    cards = {view: train_view(prep / view, out / view, config, view) for view in views}
+    used = [str(out / v) for v in views if (out / v).is_dir() and any((out / v).iterdir())]
+    if used and force:
+        for view in views:
+            shutil.rmtree(out / view, ignore_errors=True)
+    elif used and not resume:
+        raise FundusError(
+            f"{out} already holds a run ({', '.join(used)}); pass --resume to continue it, "
+            "--force to delete it and start over, or choose a new --out"
+        )
+    cards = {view: train_view(prep / view, out / view, config, view, resume=resume) for view in views}
     atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
     return cards

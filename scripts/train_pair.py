@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prep_dir", help="output folder of scripts/preprocess.py")
     p.add_argument("--out", required=True, help="run folder for models, cards, histories")
-    p.add_argument("--force", action="store_true", help="replace models already in --out")
+    p.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last completed epoch")
     p.add_argument("--views", nargs="+", default=["color", "gray_eq"], choices=["color", "gray_eq"])
     p.add_argument("--backbone", default=d.backbone)
     p.add_argument("--size", type=int, default=d.size, help="input size (views are resized if they differ)")
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", type=float, default=d.rotation, help="max rotation in degrees")
     p.add_argument("--pos-weight-power", type=float, default=d.pos_weight_power,
                    help="positive class weight (n_neg/n_pos)**power; 0 = plain BCE")
+    p.add_argument("--bn-recalibration-patients", type=int, default=d.bn_recalibration_patients,
+                   help="training patients used to recompute BatchNorm statistics each epoch (0: off)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of keeping them in memory")
     return p
@@ -42,9 +45,10 @@ def main(argv=None):
         backbone=args.backbone, size=args.size, weights=parse_weights(args.weights), batch_size=args.batch_size,
         epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, learning_rate=args.learning_rate,
         fine_tune_lr_factor=args.fine_tune_lr_factor, dropout=args.dropout, rotation=args.rotation,
-        pos_weight_power=args.pos_weight_power, seed=args.seed, cache_images=not args.no_cache,
+        pos_weight_power=args.pos_weight_power, bn_recalibration_patients=args.bn_recalibration_patients,
+        seed=args.seed, cache_images=not args.no_cache,
     )
-    cards = train_pair(args.prep_dir, args.out, config, tuple(args.views), force=args.force)
+    cards = train_pair(args.prep_dir, args.out, config, tuple(args.views), force=args.force, resume=args.resume)
     for view, card in cards.items():
         best = card["best_val"]
         print(f"{view}: best val final_score {best['val_final_score']:.4f} at epoch {best['epoch']} -> {args.out}/{view}/model.keras")

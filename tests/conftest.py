@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from fundus_ensemble.labels import LABELS
+from fundus_ensemble.manifest import load_manifest
+from fundus_ensemble.preprocess import preprocess_manifest
 from fundus_ensemble.synthetic import write_synthetic_dataset
 
 HEADER = "patient_id,left_image,right_image," + ",".join(LABELS) + ",split"
@@ -17,6 +19,14 @@ def small_dataset(tmp_path_factory) -> Path:
     """24 synthetic patients (JPEG photos + manifest); returns the manifest path."""
     root = tmp_path_factory.mktemp("small")
     return write_synthetic_dataset(root, 24, seed=7, diameter=120)
+
+
+@pytest.fixture(scope="session")
+def view_manifest(small_dataset, tmp_path_factory):
+    """The color view (48 px) of the small dataset, as a loaded manifest."""
+    out = tmp_path_factory.mktemp("prep")
+    preprocess_manifest(load_manifest(small_dataset), out, size=48, workers=1, progress=False)
+    return load_manifest(out / "color" / "manifest.csv")
 
 
 def write_images(root: Path, *names: str) -> None:

@@ -1,18 +1,7 @@
 import numpy as np
-import pytest
 
 from fundus_ensemble.augment import training_augmentation
 from fundus_ensemble.data import PatientBatches
-from fundus_ensemble.manifest import load_manifest
-from fundus_ensemble.preprocess import preprocess_manifest
-
-
-@pytest.fixture(scope="module")
-def view_manifest(small_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prep")
-    preprocess_manifest(load_manifest(small_dataset), out, size=48, workers=1, progress=False)
-    return load_manifest(out / "color" / "manifest.csv")
-
 
 def test_every_batch_has_the_same_shape(view_manifest):
     padded = PatientBatches(view_manifest, 48, 10)  # 24 patients: 10 + 10 + 4 padded to 10
