@@ -17,7 +17,6 @@ from .fileio import atomic_write_json, atomic_write_text
 from .labels import LABELS, VIEWS
 from .manifest import load_manifest
 from .metrics import odir_score, per_class_scores
-from .models.patient_classifier import EyeFusion  # noqa: F401  registers the layer for loading
 from .training import CARD_NAME, MODEL_NAME
 
 
@@ -39,8 +38,22 @@ def load_view_model(run_dir: str | os.PathLike, view: str) -> tuple[keras.Model,
     return model, card
 
 
+def check_views_match_card(card: dict, prep_dir: str | os.PathLike) -> None:
+    """Refuse views preprocessed at another size than the model was trained on."""
+    record = Path(prep_dir) / "preprocess.json"
+    if not record.is_file():
+        raise FundusError(f"{record} not found; score needs the output folder of scripts/preprocess.py")
+    size = json.loads(record.read_text())["settings"]["size"]
+    if size != card["input_size"]:
+        raise ModelCardError(
+            f"the {card['view']} model was trained on {card['input_size']} px views but {prep_dir} holds "
+            f"{size} px views; preprocess with --size {card['input_size']} into another folder"
+        )
+
+
 def predict_manifest_split(model: keras.Model, card: dict, view_dir: str | os.PathLike, split: str, batch_size: int = 16):
     """(patient ids, labels, probabilities) for one split of a preprocessed view folder."""
+    check_views_match_card(card, Path(view_dir).parent)
     manifest = load_manifest(Path(view_dir) / "manifest.csv").select(split)
     return manifest.patient_ids, manifest.label_matrix(), predict_patients(model, manifest, int(card["input_size"]), batch_size)
 
@@ -77,8 +90,15 @@ def score_run(
     weights: dict[str, float] | None = None,
     out_dir: str | os.PathLike | None = None,
     views: tuple[str, ...] = VIEWS,
+    force: bool = False,
 ) -> dict:
-    """Score each view model and their average on ``split``; write predictions.csv and score.json."""
+    """Score each view model and their average on ``split``; write predictions.csv and score.json.
+
+    Refuses to replace an earlier score in ``out_dir`` unless ``force``.
+    """
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"score_{split}"
+    if (out / "score.json").exists() and not force:
+        raise FundusError(f"{out} already holds a score; pass --force to replace it or --out to write elsewhere")
     probs: dict[str, np.ndarray] = {}
     ids: list[str] | None = None
     y_true = None
@@ -96,7 +116,6 @@ def score_run(
         "ensemble": _scores(y_true, ensemble),
         "models": {view: _scores(y_true, p) for view, p in probs.items()},
     }
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"score_{split}"
     atomic_write_text(out / "predictions.csv", predictions_csv(ids, ensemble))
     atomic_write_json(out / "score.json", report)
     report["out_dir"] = str(out)

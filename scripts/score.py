@@ -15,10 +15,11 @@ def main(argv=None):
     parser.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("COLOR", "GRAY_EQ"),
                         help="ensemble weights of the two models (default: equal)")
     parser.add_argument("--out", help="folder for predictions.csv and score.json (default: RUN_DIR/score_SPLIT)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier score in that folder")
     args = parser.parse_args(argv)
     from fundus_ensemble.ensemble import format_score_table, score_run
 
-    report = score_run(args.run_dir, args.prep_dir, args.split, dict(zip(("color", "gray_eq"), args.weights)), args.out)
+    report = score_run(args.run_dir, args.prep_dir, args.split, dict(zip(("color", "gray_eq"), args.weights)), args.out, force=args.force)
     print(format_score_table(report))
     print(f"wrote {report['out_dir']}/predictions.csv and score.json")
 

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from fundus_ensemble.training import TrainConfig, train_pair
 
 # A small backbone keeps this test to a couple of minutes on 2 CPU cores; the B3 patient model
 # itself is covered in test_models.py, and every other line of the pipeline runs here.
-CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=10, fine_tune_epochs=2, seed=0)
+CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=10, fine_tune_epochs=2, seed=0, bn_recalibration_patients=48)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,10 @@ def test_ensemble_is_the_mean_of_the_views(trained):
 @pytest.mark.slow
 def test_existing_run_is_not_overwritten_and_cards_are_checked(trained):
     root, _, _ = trained
-    with pytest.raises(FundusError, match="already holds trained models.*--force"):
+    with pytest.raises(FundusError, match="already holds a run.*--resume.*--force"):
         train_pair(root / "prep", root / "run", CONFIG)
+    with pytest.raises(FundusError, match="already holds a score.*--force"):
+        score_run(root / "run", root / "prep", split="test")
     card_path = root / "run" / "gray_eq" / "card.json"
     card = json.loads(card_path.read_text())
     card_path.write_text(json.dumps({**card, "view": "color"}))
@@ -96,3 +100,53 @@ def test_existing_run_is_not_overwritten_and_cards_are_checked(trained):
             load_view_model(root / "run", "gray_eq")
     finally:
         card_path.write_text(json.dumps(card))
+
+
+@pytest.mark.slow
+def test_views_of_another_size_are_refused(trained, tmp_path):
+    root, _, _ = trained
+    prep = tmp_path / "prep"
+    shutil.copytree(root / "prep", prep)
+    record = json.loads((prep / "preprocess.json").read_text())
+    record["settings"]["size"] = 96
+    (prep / "preprocess.json").write_text(json.dumps(record))
+    with pytest.raises(ModelCardError, match="trained on 64 px views but .* holds 96 px views"):
+        score_run(root / "run", prep, split="test", out_dir=tmp_path / "score")
+
+
+@pytest.mark.slow
+def test_card_with_other_labels_is_refused(trained):
+    root, _, _ = trained
+    card_path = root / "run" / "color" / "card.json"
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "labels": ["N", "D"]}))
+    try:
+        with pytest.raises(ModelCardError, match="card labels"):
+            load_view_model(root / "run", "color")
+    finally:
+        card_path.write_text(json.dumps(card))
+
+
+def test_divergence_stops_without_a_model(view_manifest, tmp_path, monkeypatch):
+    from fundus_ensemble import training
+    from fundus_ensemble.losses import WeightedBinaryCrossentropy
+
+    class NaNLoss(WeightedBinaryCrossentropy):
+        def call(self, y_true, y_pred):
+            return super().call(y_true, y_pred) * float("nan")
+
+    monkeypatch.setattr(training, "WeightedBinaryCrossentropy", NaNLoss)
+    prep = Path(view_manifest.source).parent.parent
+    config = TrainConfig(backbone="mobilenet", size=48, batch_size=4, epochs=3, fine_tune_epochs=1, bn_recalibration_patients=0)
+    with pytest.raises(FundusError, match="training diverged: non-finite loss"):
+        training.train_view(prep / "color", tmp_path / "color", config, "color")
+    assert not (tmp_path / "color" / "model.keras").exists()
+    with open(tmp_path / "color" / "history.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 1, "TerminateOnNaN stops in the first epoch"
+
+
+def test_score_table_shows_undefined_auc():
+    scores = {"kappa": 0.1, "f1": 0.8, "auc": 0.7, "final": 0.533,
+              "per_class": {c: {"auc": None if c == "H" else 0.7, "f1": 0.5, "positives": 0 if c == "H" else 3} for c in LABELS}}
+    table = format_score_table({"split": "test", "patients": 9, "models": {"color": scores}, "ensemble": scores})
+    assert "H=n/a(0)" in table and "ensemble" in table and "0.5330" in table
