@@ -77,6 +77,13 @@ def _merge(drafts: dict[str, _Draft], pid: str, labels: tuple[int, ...], path: P
     return draft
 
 
+def _carry(draft: _Draft, row: dict[str, str], columns: dict[str, str]) -> None:
+    """Copy the optional manifest fields a table row fills (table column -> manifest column)."""
+    for source, target in columns.items():
+        if row.get(source):
+            draft.extra[target] = row[source]
+
+
 def read_image_table(path: str | os.PathLike) -> dict[str, _Draft]:
     path = Path(path)
     rows = _read_table(path, ("filename", "ID", "eye", *LABELS))
@@ -89,11 +96,7 @@ def read_image_table(path: str | os.PathLike) -> dict[str, _Draft]:
         if eye in draft.images:
             raise ManifestError(f"{path}, row {index}, column 'eye', value {eye!r}: patient {row['ID']!r} has two {eye} images")
         draft.images[eye] = row["filename"]
-        if row.get("eye_keywords"):
-            draft.extra[f"{eye}_keywords"] = row["eye_keywords"]
-        for src, dst in (("patient_age", "age"), ("patient_sex", "sex")):
-            if row.get(src):
-                draft.extra[dst] = row[src]
+        _carry(draft, row, {"eye_keywords": f"{eye}_keywords", "patient_age": "age", "patient_sex": "sex"})
     return drafts
 
 
@@ -103,14 +106,13 @@ def read_kaggle_full_df(path: str | os.PathLike) -> dict[str, _Draft]:
     drafts: dict[str, _Draft] = {}
     for index, row in rows:
         draft = _merge(drafts, row["ID"], _labels(row, path, index), path, index)
-        for eye, col, kw in (("left", "Left-Fundus", "Left-Diagnostic Keywords"), ("right", "Right-Fundus", "Right-Diagnostic Keywords")):
-            if row[col]:
-                draft.images[eye] = row[col]
-            if row.get(kw):
-                draft.extra[f"{eye}_keywords"] = row[kw]
-        for src, dst in (("Patient Age", "age"), ("Patient Sex", "sex")):
-            if row.get(src):
-                draft.extra[dst] = row[src]
+        for eye, column in (("left", "Left-Fundus"), ("right", "Right-Fundus")):
+            if row[column]:
+                draft.images[eye] = row[column]
+        _carry(draft, row, {
+            "Left-Diagnostic Keywords": "left_keywords", "Right-Diagnostic Keywords": "right_keywords",
+            "Patient Age": "age", "Patient Sex": "sex",
+        })
     return drafts
 
 
