@@ -41,9 +41,6 @@ class Patient:
     split: str
     extra: dict[str, str] = field(default_factory=dict)
 
-    def image(self, eye: str) -> str | None:
-        return self.left_image if eye == "left" else self.right_image
-
 
 @dataclass(frozen=True)
 class Manifest:
