@@ -150,3 +150,19 @@ def test_score_table_shows_undefined_auc():
               "per_class": {c: {"auc": None if c == "H" else 0.7, "f1": 0.5, "positives": 0 if c == "H" else 3} for c in LABELS}}
     table = format_score_table({"split": "test", "patients": 9, "models": {"color": scores}, "ensemble": scores})
     assert "H=n/a(0)" in table and "ensemble" in table and "0.5330" in table
+
+
+@pytest.mark.slow
+def test_score_script_loads_the_models_in_a_fresh_process(trained, tmp_path):
+    import subprocess
+    import sys
+
+    root, _, _ = trained
+    script = Path(__file__).resolve().parents[1] / "scripts" / "score.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(root / "run"), str(root / "prep"), "--split", "val", "--out", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ODIR score on split 'val'" in result.stdout and "ensemble" in result.stdout
+    assert json.loads((tmp_path / "s" / "score.json").read_text())["split"] == "val"
