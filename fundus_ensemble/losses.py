@@ -7,7 +7,7 @@ weight is ``w_c = (n_neg / n_pos) ** power`` and the loss of one patient is
 
 ``power = 1`` fully balances each class's positives against its negatives, ``power = 0`` is
 plain BCE, and the default ``0.5`` sits between: ODIR's rarest class (H, 3 %) gets a weight of
-about 5.6 instead of 32, which keeps rare classes learnable without making the model call
+5.7 instead of 32.3 on the odir5k-256-dev training split, which keeps rare classes learnable without making the model call
 them at the fixed 0.5 threshold of the official metric whenever it is unsure.
 """
 

@@ -72,3 +72,15 @@ def test_unreadable_images_are_rejected_and_reported(dataset, tmp_path):
     assert one_eyed.left_image is None and one_eyed.right_image == "images/syn0001_right.png"
     report = (out / "rejects.csv").read_text()
     assert "syn0001_left.jpg,syn0001,empty file" in report and "patient,,syn0002" in report
+
+
+def test_views_of_old_settings_never_pass_as_up_to_date(dataset, tmp_path):
+    manifest = load_manifest(dataset)
+    out = tmp_path / "prep"
+    preprocess_manifest(manifest, out, size=64, workers=1, progress=False)
+    # a partial run at a new size (killed, or on fewer patients) leaves the rest at the old size
+    preprocess_manifest(manifest.with_patients(manifest.patients[:12]), out, size=48, workers=1, progress=False)
+    full = preprocess_manifest(manifest, out, size=48, workers=1, progress=False)
+    assert full.up_to_date == 24 and full.processed == 24
+    sizes = {cv2.imread(str(p)).shape[:2] for p in (out / "color").rglob("*.png")}
+    assert sizes == {(48, 48)}
