@@ -19,7 +19,8 @@ from .labels import LABELS
 THRESHOLD = 0.5
 
 
-def _check(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def check_prediction_arrays(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (int labels, float probabilities) of equal (patients, classes) shape."""
     y_true = np.asarray(y_true)
     y_prob = np.asarray(y_prob, dtype=np.float64)
     if y_true.shape != y_prob.shape or y_true.ndim != 2 or y_true.size == 0:
@@ -33,7 +34,7 @@ def _check(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def odir_score(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = THRESHOLD) -> dict[str, float]:
     """Official ODIR-2019 score of (patients, 8) arrays: ``{"kappa", "f1", "auc", "final"}``."""
-    y_true, y_prob = _check(y_true, y_prob)
+    y_true, y_prob = check_prediction_arrays(y_true, y_prob)
     gt = y_true.ravel()
     prob = y_prob.ravel()
     predicted = (prob > threshold).astype(np.int64)
@@ -47,7 +48,7 @@ def odir_score(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = THRESH
 
 def per_class_scores(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = THRESHOLD) -> dict[str, dict[str, float | None]]:
     """AUC and F1 (of the positive class) per label; AUC is ``None`` where a class has one value only."""
-    y_true, y_prob = _check(y_true, y_prob)
+    y_true, y_prob = check_prediction_arrays(y_true, y_prob)
     out: dict[str, dict[str, float | None]] = {}
     undefined = []
     for j, name in enumerate(LABELS[: y_true.shape[1]]):
