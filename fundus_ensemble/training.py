@@ -124,7 +124,7 @@ def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, conf
     ]
 
 
-def _check_finite(history: keras.callbacks.History) -> None:
+def check_finite_history(history: keras.callbacks.History) -> None:
     losses = history.history.get("loss", [])
     if any(not np.isfinite(v) for v in losses):
         raise FundusError(
@@ -170,7 +170,7 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
         train, initial_epoch=start, epochs=stop, callbacks=_callbacks(out, train, val, loss, config, best, phase),
         verbose=1 if sys.stdout.isatty() else 2,
     )
-    _check_finite(history)
+    check_finite_history(history)
     return first + len(history.history.get("loss", []))
 
 

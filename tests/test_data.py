@@ -1,7 +1,24 @@
+from dataclasses import replace
+
+import keras
 import numpy as np
 
 from fundus_ensemble.augment import training_augmentation
-from fundus_ensemble.data import PatientBatches
+from fundus_ensemble.data import EyeBatches, PatientBatches, predict_eye_average, predict_patients
+
+
+def column_mean_model(inputs: dict[str, tuple] | tuple):
+    """A model whose 8 outputs depend on the left/right layout of its input (so flips show)."""
+    def head(x):
+        left_half = keras.layers.Lambda(lambda t: t[:, :, : t.shape[2] // 2, :])(x)
+        return keras.layers.Dense(8, activation="sigmoid", kernel_initializer="ones")(
+            keras.layers.GlobalAveragePooling2D()(left_half) / 255.0 - 0.5)
+
+    if isinstance(inputs, dict):
+        eyes = {name: keras.Input(shape, name=name) for name, shape in inputs.items()}
+        return keras.Model(eyes, (head(eyes["left_eye"]) + head(eyes["right_eye"])) / 2)
+    image = keras.Input(inputs, name="image")
+    return keras.Model(image, head(image))
 
 def test_every_batch_has_the_same_shape(view_manifest):
     padded = PatientBatches(view_manifest, 48, 10)  # 24 patients: 10 + 10 + 4 padded to 10
@@ -19,8 +36,6 @@ def test_every_batch_has_the_same_shape(view_manifest):
 
 def test_one_eyed_patient_gets_that_eye_twice(view_manifest):
     patients = list(view_manifest.patients)
-    from dataclasses import replace
-
     patients[0] = replace(patients[0], left_image=None)
     x, _ = PatientBatches(view_manifest.with_patients(patients), 48, 4)[0]
     np.testing.assert_array_equal(x["left_eye"][0], x["right_eye"][0])
@@ -38,3 +53,38 @@ def test_shuffle_and_augmentation_are_seeded(view_manifest):
     augmented = PatientBatches(view_manifest, 48, 24, training_augmentation(30, 0))[0][0]["left_eye"]
     assert not np.array_equal(plain, augmented)
     assert plain.min() >= 0 and plain.max() <= 255 and plain.dtype == np.float32
+
+
+def test_eye_batches_label_each_eye_with_its_patient(view_manifest):
+    patients = list(view_manifest.patients)
+    patients[0] = replace(patients[0], left_image=None)  # 24 patients, 47 eyes
+    manifest = view_manifest.with_patients(patients)
+    eyes = EyeBatches(manifest, 48, 10)
+    assert len(eyes.eyes) == 47 and len(eyes) == 5
+    x, y = eyes[4]  # 7 eyes padded to 10
+    assert x.shape == (10, 48, 48, 3) and y.shape == (10, 8)
+    np.testing.assert_array_equal(y[:7], manifest.label_matrix()[eyes.eye_patient[40:47]])
+    assert eyes.eye_patient[0] == 0 and eyes.eye_patient[1] == 1 and eyes.eye_patient[2] == 1
+    assert len(EyeBatches(manifest, 48, 10, shuffle=True, ragged_last="drop")) == 4
+
+
+def test_eye_average_is_the_mean_of_the_patients_eyes(view_manifest):
+    patients = list(view_manifest.patients)
+    patients[0] = replace(patients[0], right_image=None)
+    manifest = view_manifest.with_patients(patients)
+    model = column_mean_model((48, 48, 3))
+    eyes = EyeBatches(manifest, 48, 8)
+    per_eye = model.predict(eyes, verbose=0)[: len(eyes.eyes)]
+    per_patient = predict_eye_average(model, manifest, 48, batch_size=8)
+    np.testing.assert_allclose(per_patient[0], per_eye[0], rtol=1e-5)  # one eye: that eye
+    np.testing.assert_allclose(per_patient[1], per_eye[1:3].mean(axis=0), rtol=1e-5)
+
+
+def test_flip_tta_averages_with_the_mirrored_eyes(view_manifest):
+    model = column_mean_model({"left_eye": (48, 48, 3), "right_eye": (48, 48, 3)})
+    plain = predict_patients(model, view_manifest, 48, batch_size=8)
+    tta = predict_patients(model, view_manifest, 48, batch_size=8, flip_tta=True)
+    x, _ = PatientBatches(view_manifest, 48, 24)[0]
+    flipped = model.predict({k: v[:, :, ::-1, :].copy() for k, v in x.items()}, verbose=0)
+    np.testing.assert_allclose(tta, (plain + flipped) / 2, rtol=1e-5)
+    assert not np.allclose(tta, plain)

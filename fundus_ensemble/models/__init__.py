@@ -1,7 +1,8 @@
-"""Backbones, the input preprocessor and the patient-level classifier (imports Keras)."""
+"""Backbones, the input preprocessor, the patient classifier and the per-eye baseline (imports Keras)."""
 
 from .backbone import BACKBONES, build_backbone
+from .eye_classifier import build_eye_model
 from .patient_classifier import build_patient_model
 from .preprocessor import BackbonePreprocess
 
-__all__ = ["BACKBONES", "BackbonePreprocess", "build_backbone", "build_patient_model"]
+__all__ = ["BACKBONES", "BackbonePreprocess", "build_backbone", "build_eye_model", "build_patient_model"]

@@ -1,0 +1,62 @@
+"""The plain baseline of the benchmark: what a user would write by hand from the paper.
+
+One backbone on the colour view, trained per eye with the patient's labels (ODIR gives no
+per-eye labels), unweighted binary cross-entropy, the same augmentation, optimizer, epochs
+and batch size (in images) as the library's models, and the checkpoint with the best
+validation loss. At prediction the two eyes' probabilities are averaged per patient
+(:func:`.data.predict_eye_average`). Nothing of the library's recipe: no class weights, no
+patient-level fusion, no BatchNorm recalibration, no scheduling on the ODIR score.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import keras
+
+from .augment import training_augmentation
+from .data import EyeBatches
+from .errors import FundusError
+from .manifest import load_manifest
+from .models import build_eye_model
+from .training import BEST_WEIGHTS, HISTORY, MODEL_NAME, TrainConfig, check_finite_history
+
+
+def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig) -> dict:
+    """Train the per-eye baseline on ``view_dir`` (a preprocessed view folder); returns a summary."""
+    config.check()
+    out = Path(out_dir)
+    if (out / MODEL_NAME).exists():
+        raise FundusError(f"{out} already holds a baseline model; choose another folder or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(Path(view_dir) / "manifest.csv")
+    train, val = manifest.select("train"), manifest.select("val")
+    keras.utils.set_random_seed(config.seed)
+    eyes_per_batch = 2 * config.batch_size  # the patient models see 2 images per patient
+    train_eyes = EyeBatches(train, config.size, eyes_per_batch, training_augmentation(config.rotation, config.seed),
+                            shuffle=True, seed=config.seed, ragged_last="drop")
+    val_eyes = EyeBatches(val, config.size, eyes_per_batch)
+    model = build_eye_model(config.backbone, config.size, config.weights, config.dropout)
+    model.compile(keras.optimizers.Adam(config.learning_rate), keras.losses.BinaryCrossentropy(), jit_compile=False)
+    epochs = config.epochs + config.fine_tune_epochs
+    print(f"[baseline] {len(train_eyes.eyes)} train eyes / {len(val_eyes.eyes)} val eyes, "
+          f"{config.backbone} at {config.size} px, {epochs} epochs", flush=True)
+    history = model.fit(
+        train_eyes, validation_data=val_eyes, epochs=epochs, verbose=1 if sys.stdout.isatty() else 2,
+        callbacks=[
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.ModelCheckpoint(str(out / BEST_WEIGHTS), monitor="val_loss", save_best_only=True, save_weights_only=True),
+            keras.callbacks.CSVLogger(str(out / HISTORY)),
+        ],
+    )
+    check_finite_history(history)
+    model.load_weights(str(out / BEST_WEIGHTS))
+    model.save(str(out / MODEL_NAME))
+    losses = history.history["val_loss"]
+    return {
+        "epochs_run": len(losses),
+        "best_epoch": int(min(range(len(losses)), key=losses.__getitem__)) + 1,
+        "train_images_per_epoch": len(train_eyes) * eyes_per_batch,
+    }
