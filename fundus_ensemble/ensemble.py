@@ -1,4 +1,4 @@
-"""Load the two view models, predict a split, average, and score with the ODIR metric."""
+"""Load the two view models, predict a split, average, optionally calibrate, and score with the ODIR metric."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from .calibration import fit_calibration
 from .data import predict_patients
 from .errors import FundusError, ModelCardError
 from .fileio import atomic_write_json, atomic_write_text
@@ -51,11 +52,14 @@ def check_views_match_card(card: dict, prep_dir: str | os.PathLike) -> None:
         )
 
 
-def predict_manifest_split(model: keras.Model, card: dict, view_dir: str | os.PathLike, split: str, batch_size: int = 16):
+def predict_manifest_split(
+    model: keras.Model, card: dict, view_dir: str | os.PathLike, split: str, batch_size: int = 16, flip_tta: bool = False,
+):
     """(patient ids, labels, probabilities) for one split of a preprocessed view folder."""
     check_views_match_card(card, Path(view_dir).parent)
     manifest = load_manifest(Path(view_dir) / "manifest.csv").select(split)
-    return manifest.patient_ids, manifest.label_matrix(), predict_patients(model, manifest, int(card["input_size"]), batch_size)
+    probs = predict_patients(model, manifest, int(card["input_size"]), batch_size, flip_tta=flip_tta)
+    return manifest.patient_ids, manifest.label_matrix(), probs
 
 
 def average_probabilities(probs: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
@@ -91,32 +95,51 @@ def score_run(
     out_dir: str | os.PathLike | None = None,
     views: tuple[str, ...] = VIEWS,
     force: bool = False,
+    flip_tta: bool = False,
+    calibrate_on: str | None = None,
 ) -> dict:
     """Score each view model and their average on ``split``; write predictions.csv and score.json.
 
-    Refuses to replace an earlier score in ``out_dir`` unless ``force``.
+    ``flip_tta`` also predicts the mirrored eyes and averages. ``calibrate_on`` names another
+    split whose predictions fit a per-class calibration (:mod:`.calibration`) for each model
+    and for the ensemble; it is written to ``calibration.json``. Refuses to replace an earlier
+    score in ``out_dir`` unless ``force``.
     """
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"score_{split}"
     if (out / "score.json").exists() and not force:
         raise FundusError(f"{out} already holds a score; pass --force to replace it or --out to write elsewhere")
-    probs: dict[str, np.ndarray] = {}
-    ids: list[str] | None = None
-    y_true = None
+    if calibrate_on == split:
+        raise FundusError(f"calibrating on the scored split {split!r} would grade patients the calibration has seen; "
+                          "calibrate on another split (val when scoring test)")
+    splits = (split,) if calibrate_on is None else (split, calibrate_on)
+    probs: dict[str, dict[str, np.ndarray]] = {s: {} for s in splits}
+    ids: dict[str, list[str]] = {}
+    y_true: dict[str, np.ndarray] = {}
     for view in views:
         model, card = load_view_model(run_dir, view)
-        view_ids, labels, probs[view] = predict_manifest_split(model, card, Path(prep_dir) / view, split)
-        if ids is not None and view_ids != ids:
-            raise FundusError(f"the views' manifests hold different {split} patients; preprocess them together")
-        ids, y_true = view_ids, labels
-    ensemble = average_probabilities(probs, weights)
+        for s in splits:
+            view_ids, labels, probs[s][view] = predict_manifest_split(model, card, Path(prep_dir) / view, s, flip_tta=flip_tta)
+            if ids.setdefault(s, view_ids) != view_ids:
+                raise FundusError(f"the views' manifests hold different {s} patients; preprocess them together")
+            y_true[s] = labels
+    for s in splits:
+        probs[s]["ensemble"] = average_probabilities(probs[s], weights)
+    scored = probs[split]
+    if calibrate_on is not None:
+        calibrations = {name: fit_calibration(y_true[calibrate_on], p) for name, p in probs[calibrate_on].items()}
+        scored = {name: calibrations[name].apply(p) for name, p in scored.items()}
+        atomic_write_json(out / "calibration.json", {"fitted_on": calibrate_on, "flip_tta": flip_tta,
+                                                     **{name: c.to_dict() for name, c in calibrations.items()}})
     report = {
         "split": split,
-        "patients": len(ids),
+        "patients": len(ids[split]),
         "ensemble_weights": weights or {v: 1.0 for v in views},
-        "ensemble": _scores(y_true, ensemble),
-        "models": {view: _scores(y_true, p) for view, p in probs.items()},
+        "flip_tta": flip_tta,
+        "calibrated_on": calibrate_on,
+        "ensemble": _scores(y_true[split], scored["ensemble"]),
+        "models": {view: _scores(y_true[split], scored[view]) for view in views},
     }
-    atomic_write_text(out / "predictions.csv", predictions_csv(ids, ensemble))
+    atomic_write_text(out / "predictions.csv", predictions_csv(ids[split], scored["ensemble"]))
     atomic_write_json(out / "score.json", report)
     report["out_dir"] = str(out)
     return report
@@ -125,8 +148,10 @@ def score_run(
 def format_score_table(report: dict) -> str:
     """The score report as a plain-text table (pooled metrics, then per-class AUC)."""
     rows = [*((f"{v} model", s) for v, s in report["models"].items()), ("ensemble", report["ensemble"])]
+    extras = [x for x in ("flip TTA" if report.get("flip_tta") else "",
+                          f"calibrated on {report['calibrated_on']}" if report.get("calibrated_on") else "") if x]
     lines = [
-        f"ODIR score on split '{report['split']}' ({report['patients']} patients)",
+        f"ODIR score on split '{report['split']}' ({report['patients']} patients)" + (f", {', '.join(extras)}" if extras else ""),
         f"{'model':<16}{'kappa':>8}{'f1':>8}{'auc':>8}{'final':>8}",
     ]
     lines += [f"{name:<16}{s['kappa']:>8.4f}{s['f1']:>8.4f}{s['auc']:>8.4f}{s['final']:>8.4f}" for name, s in rows]

@@ -16,10 +16,14 @@ def main(argv=None):
                         help="ensemble weights of the two models (default: equal)")
     parser.add_argument("--out", help="folder for predictions.csv and score.json (default: RUN_DIR/score_SPLIT)")
     parser.add_argument("--force", action="store_true", help="replace an earlier score in that folder")
+    parser.add_argument("--flip-tta", action="store_true", help="also predict the mirrored eyes and average")
+    parser.add_argument("--calibrate-on", choices=["train", "val", "test"],
+                        help="fit per-class calibration on this split's predictions (not the scored split; usually val)")
     args = parser.parse_args(argv)
     from fundus_ensemble.ensemble import format_score_table, score_run
 
-    report = score_run(args.run_dir, args.prep_dir, args.split, dict(zip(("color", "gray_eq"), args.weights)), args.out, force=args.force)
+    report = score_run(args.run_dir, args.prep_dir, args.split, dict(zip(("color", "gray_eq"), args.weights)), args.out,
+                       force=args.force, flip_tta=args.flip_tta, calibrate_on=args.calibrate_on)
     print(format_score_table(report))
     print(f"wrote {report['out_dir']}/predictions.csv and score.json")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fundus_ensemble.calibration import Calibration
 from fundus_ensemble.ensemble import format_score_table, load_view_model, score_run
 from fundus_ensemble.errors import FundusError, ModelCardError
 from fundus_ensemble.labels import LABELS
@@ -166,3 +167,23 @@ def test_score_script_loads_the_models_in_a_fresh_process(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ODIR score on split 'val'" in result.stdout and "ensemble" in result.stdout
     assert json.loads((tmp_path / "s" / "score.json").read_text())["split"] == "val"
+
+
+def read_predictions(path):
+    rows = list(csv.reader(open(path)))
+    return np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+
+
+@pytest.mark.slow
+def test_calibrated_score_is_fitted_on_another_split_and_saved(trained, tmp_path):
+    root, _, _ = trained
+    with pytest.raises(FundusError, match="calibrating on the scored split 'test'"):
+        score_run(root / "run", root / "prep", split="test", out_dir=tmp_path / "bad", calibrate_on="test")
+    raw = score_run(root / "run", root / "prep", split="test", out_dir=tmp_path / "raw", flip_tta=True)
+    calibrated = score_run(root / "run", root / "prep", split="test", out_dir=tmp_path / "cal", flip_tta=True, calibrate_on="val")
+    saved = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert saved["fitted_on"] == "val" and saved["flip_tta"] is True
+    expected = Calibration.from_dict(saved["ensemble"]).apply(read_predictions(tmp_path / "raw" / "predictions.csv"))
+    np.testing.assert_allclose(read_predictions(tmp_path / "cal" / "predictions.csv"), expected, atol=1e-4)
+    assert calibrated["calibrated_on"] == "val" and raw["calibrated_on"] is None
+    assert "calibrated on val" in format_score_table(calibrated)
