@@ -1,0 +1,381 @@
+"""The benchmark: from a label table to one results table, every row from the same run.
+
+Steps: import the per-image label table, split patients (seeded, stratified, each patient in
+one split), preprocess at the budget's size, train the plain baseline
+(:mod:`.baseline`) and the two view models (:mod:`.training`), predict the validation and
+held-out test patients (with and without horizontal-flip TTA), fit per-class calibration on
+the validation predictions only (:mod:`.calibration`), and score every row on the held-out
+test patients with the official ODIR metric. Test patients are never used for training,
+checkpoint choice or calibration.
+
+Every intermediate is kept under the output folder (manifest, views, models, predictions),
+so an interrupted run continues with ``resume`` and rows can be re-derived from
+``predictions.npz`` without training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FundusError
+from .fileio import atomic_write_json, atomic_write_text
+from .labels import LABELS, VIEWS
+
+HELD_OUT = "test"
+FIT = "val"
+TARGET_FINAL = 0.72
+TARGET_MARGIN = 0.05
+BOOTSTRAP = 500
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much training every model of the run gets (the same for each)."""
+
+    name: str
+    size: int
+    epochs: int
+    fine_tune_epochs: int
+    backbone: str = "efficientnet_b3"
+    batch_size: int = 15
+    bn_recalibration_patients: int = 128
+    note: str = ""
+
+    def train_config(self, weights: str | None, seed: int):
+        from .training import TrainConfig
+
+        return TrainConfig(
+            backbone=self.backbone, size=self.size, weights=weights, batch_size=self.batch_size, epochs=self.epochs,
+            fine_tune_epochs=self.fine_tune_epochs, bn_recalibration_patients=self.bn_recalibration_patients, seed=seed,
+        )
+
+
+BUDGETS: dict[str, Budget] = {
+    "cpu60": Budget("cpu60", size=64, epochs=2, fine_tune_epochs=1,
+                    note="measured 48 min on 2 CPU cores for the 2,559 odir5k-256-dev patients (three B3 models)"),
+    "paper": Budget("paper", size=448, epochs=30, fine_tune_epochs=10,
+                    note="the paper's settings: a GPU job (days on 2 CPU cores)"),
+}
+
+
+@dataclass
+class _Predictions:
+    """Probabilities per (model, split, tta) and the seconds each took."""
+
+    probs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    images: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def key(model: str, split: str, tta: bool) -> str:
+        return f"{model}/{split}/{'flip' if tta else 'plain'}"
+
+
+def _stage(timings: dict, path: Path, name: str, done: bool, work) -> None:
+    """Run ``work`` unless a resumed run already finished it; record its wall time."""
+    if done and name in timings:
+        print(f"[benchmark] {name}: done earlier ({timings[name]:.0f} s)", flush=True)
+        return
+    start = time.perf_counter()
+    work()
+    timings[name] = time.perf_counter() - start
+    atomic_write_json(path, timings)
+
+
+def run_benchmark(
+    table: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    budget: Budget,
+    weights: str | None = None,
+    seed: int = 0,
+    table_format: str = "image-table",
+    image_dir: str = "images",
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    resume: bool = False,
+    force: bool = False,
+    bootstrap: int = BOOTSTRAP,
+) -> dict:
+    """Run the whole benchmark into ``out_dir``; returns the results (also written as JSON + Markdown).
+
+    ``bootstrap`` resamples of the test patients give the 95% intervals of the target margins.
+    """
+    from .baseline import train_plain_baseline
+    from .importers import import_label_table
+    from .manifest import Manifest, load_manifest, write_manifest
+    from .preprocess import preprocess_manifest
+    from .splits import assign_splits
+    from .training import library_versions, train_view
+
+    out = Path(out_dir)
+    if force and resume:
+        raise FundusError("--force starts over and --resume continues: choose one")
+    if out.is_dir() and any(out.iterdir()):
+        if force:
+            shutil.rmtree(out)
+        elif not resume:
+            raise FundusError(f"{out} already holds a benchmark; pass --resume to continue it, --force to start over, or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
+    config = budget.train_config(weights, seed)
+    image_root = Path(image_root)
+
+    patients, report = import_label_table(table, table_format, image_root, image_dir)
+    split_manifest = assign_splits(Manifest(tuple(patients), image_root), dict(zip(("train", "val", "test"), fractions)), seed)
+    write_manifest(split_manifest.patients, out / "manifest.csv")
+    manifest = load_manifest(out / "manifest.csv", image_root=image_root)
+    counts = {s: sum(p.split == s for p in manifest.patients) for s in ("train", "val", "test")}
+    print(f"[benchmark] {len(manifest)} patients {counts}; budget {budget.name}: {budget.backbone} {budget.size} px, "
+          f"{budget.epochs}+{budget.fine_tune_epochs} epochs", flush=True)
+
+    prep, models = out / "prep", out / "models"
+    _stage(timings, timings_path, "preprocess", resume, lambda: print(preprocess_manifest(manifest, prep, budget.size).describe(), flush=True))
+    baseline_info = out / "models" / "baseline" / "summary.json"
+
+    def train_baseline():
+        shutil.rmtree(models / "baseline", ignore_errors=True)
+        atomic_write_json(baseline_info, train_plain_baseline(prep / "color", models / "baseline", config))
+
+    _stage(timings, timings_path, "train baseline", resume and baseline_info.is_file(), train_baseline)
+    cards = {}
+    for view in VIEWS:
+        def train(view=view):
+            cards[view] = train_view(prep / view, models / view, config, view, resume=resume)
+        _stage(timings, timings_path, f"train {view}", resume and (models / view / "card.json").is_file(), train)
+        cards[view] = json.loads((models / view / "card.json").read_text())
+
+    _stage(timings, timings_path, "predict", resume and (out / "predictions.npz").is_file(),
+           lambda: _predict_all(prep, models, config, out / "predictions.npz"))
+    predictions = _load_predictions(out / "predictions.npz")
+    labels = {s: load_manifest(prep / "color" / "manifest.csv").select(s).label_matrix() for s in ("train", FIT, HELD_OUT)}
+    baseline_summary = json.loads(baseline_info.read_text())
+    training = _training_throughput(timings, cards, baseline_summary, config.batch_size)
+    rows, test_probs = _rows(labels, predictions, training)
+    results = {
+        "budget": dataclasses.asdict(budget),
+        "weights": "none (from scratch)" if weights is None else str(weights),
+        "seed": seed,
+        "table": str(table),
+        "patients": counts,
+        "held_out_split": HELD_OUT,
+        "calibration_split": FIT,
+        "held_out_patients": int(labels[HELD_OUT].shape[0]),
+        "rows": rows,
+        "checks": _checks(rows, test_probs, labels[HELD_OUT], seed, bootstrap),
+        "timings_s": timings,
+        "total_wall_s": sum(timings.values()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": library_versions(),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "import": {"missing_images": len(report.missing_images), "dropped_patients": len(report.dropped_patients)},
+    }
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", format_results_markdown(results))
+    return results
+
+
+def _load_predictions(path: Path) -> _Predictions:
+    result = _Predictions()
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        result.probs = {k: data[k] for k in data.files if k != "meta"}
+    result.seconds, result.images = meta["seconds"], meta["images"]
+    return result
+
+
+def _predict_all(prep: Path, models: Path, config, cache_path: Path) -> None:
+    """Predict val and test for every model, plain and with flip TTA, into ``cache_path``."""
+    import keras
+
+    from .data import predict_eye_average, predict_patients
+    from .ensemble import load_view_model
+    from .manifest import load_manifest
+
+    result = _Predictions()
+    loaded = {"baseline": keras.saving.load_model(str(models / "baseline" / "model.keras"), compile=False, safe_mode=True)}
+    loaded.update({view: load_view_model(models, view)[0] for view in VIEWS})
+    for name, model in loaded.items():
+        view = "color" if name == "baseline" else name
+        for split in (FIT, HELD_OUT):
+            manifest = load_manifest(prep / view / "manifest.csv").select(split)
+            eyes = sum(bool(p.left_image) + bool(p.right_image) for p in manifest.patients)
+            for tta in (False, True):
+                start = time.perf_counter()
+                if name == "baseline":
+                    probs = predict_eye_average(model, manifest, config.size, 2 * config.batch_size, flip_tta=tta)
+                else:
+                    probs = predict_patients(model, manifest, config.size, config.batch_size, cache=True, flip_tta=tta)
+                key = result.key(name, split, tta)
+                result.probs[key] = probs
+                result.seconds[key] = time.perf_counter() - start
+                result.images[key] = eyes * (2 if tta else 1)
+                print(f"[benchmark] predicted {key}: {len(manifest)} patients in {result.seconds[key]:.0f} s", flush=True)
+    meta = json.dumps({"seconds": result.seconds, "images": result.images})
+    tmp = cache_path.with_name(".predictions.tmp.npz")
+    np.savez(tmp, meta=np.array(meta), **result.probs)
+    os.replace(tmp, cache_path)
+
+
+def _training_throughput(timings: dict, cards: dict, baseline: dict, batch_size: int) -> dict[str, dict]:
+    """Train seconds and images per second (images through the network, validation time included)."""
+    out = {"baseline": {"seconds": timings["train baseline"], "images": baseline["epochs_run"] * baseline["train_images_per_epoch"]}}
+    for view, card in cards.items():
+        patients_per_epoch = (card["train_patients"] // batch_size) * batch_size
+        out[view] = {"seconds": timings[f"train {view}"], "images": card["epochs_run"] * patients_per_epoch * 2}
+    return out
+
+
+def _row(name: str, what: str, y_true: np.ndarray, y_prob: np.ndarray, train: list[dict], predict: list[tuple[float, int]]) -> dict:
+    from .metrics import odir_score, per_class_scores
+
+    train_s = sum(t["seconds"] for t in train)
+    train_images = sum(t["images"] for t in train)
+    predict_s = sum(s for s, _ in predict)
+    return {
+        "name": name,
+        "what": what,
+        "_probs": y_prob,
+        **odir_score(y_true, y_prob),
+        "per_class_auc": {c: v["auc"] for c, v in per_class_scores(y_true, y_prob).items()},
+        "train_s": train_s,
+        "train_images_per_s": train_images / train_s if train_s else None,
+        "test_predict_s": predict_s,
+        "test_images_per_s": sum(n for _, n in predict) / predict_s if predict_s else None,
+    }
+
+
+def _rows(labels: dict[str, np.ndarray], p: _Predictions, training: dict[str, dict]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Every row of the table scored on the held-out patients, and each row's probabilities."""
+    from .calibration import fit_calibration
+
+    y_fit, y_test = labels[FIT], labels[HELD_OUT]
+    members = {"baseline": ["baseline"], "color": ["color"], "gray_eq": ["gray_eq"], "ensemble": list(VIEWS)}
+
+    def probs(model: str, split: str, tta: bool) -> np.ndarray:
+        return np.mean([p.probs[p.key(m, split, tta)] for m in members[model]], axis=0)
+
+    def row(name: str, what: str, model: str, tta: bool, calibrate: bool) -> dict:
+        test = probs(model, HELD_OUT, tta)
+        if calibrate:
+            test = fit_calibration(y_fit, probs(model, FIT, tta)).apply(test)
+        cost = [(p.seconds[p.key(m, HELD_OUT, tta)], p.images[p.key(m, HELD_OUT, tta)]) for m in members[model]]
+        return _row(name, what, y_test, test, [training[m] for m in members[model]], cost)
+
+    prior = labels["train"].mean(axis=0)
+    prior_fit, prior_test = np.tile(prior, (len(y_fit), 1)), np.tile(prior, (len(y_test), 1))
+    rows = [
+        _row("all-zero", "predicts 0 for every cell", y_test, np.zeros_like(y_test, dtype=float), [], []),
+        _row("class prior", "each class's training prevalence, for every patient", y_test, prior_test, [], []),
+        # the floor for calibrated rows: thresholds alone can make whole classes positive
+        _row("class prior + calibration", "the same calibration on the image-blind prior", y_test,
+             fit_calibration(y_fit, prior_fit).apply(prior_test), [], []),
+        row("plain baseline", "one B3 on colour, per eye, plain BCE, eyes averaged", "baseline", False, False),
+        row("color", "library patient model, colour view", "color", False, False),
+        row("gray_eq", "library patient model, equalized gray view", "gray_eq", False, False),
+        row("ensemble", "mean of color and gray_eq (the paper's method)", "ensemble", False, False),
+        row("ensemble + flip TTA", "each model also sees the mirrored eyes", "ensemble", True, False),
+        row("ensemble + calibration", "per-class Platt + threshold fitted on val", "ensemble", False, True),
+        row("ensemble + TTA + calibration", "both levers", "ensemble", True, True),
+        row("plain baseline + TTA + calibration", "the same levers on the baseline", "baseline", True, True),
+        row("color + TTA + calibration", "the same levers on one view", "color", True, True),
+        row("gray_eq + TTA + calibration", "the same levers on one view", "gray_eq", True, True),
+    ]
+    return rows, {r["name"]: r.pop("_probs") for r in rows}
+
+
+def _bootstrap_margin(y: np.ndarray, ours: np.ndarray, other: np.ndarray, seed: int, resamples: int = BOOTSTRAP) -> list[float] | None:
+    """95% interval of final(ours) - final(other) over patients resampled with replacement (paired)."""
+    from .metrics import odir_score
+
+    rng = np.random.default_rng(seed)
+    margins = []
+    for _ in range(resamples):
+        i = rng.integers(0, len(y), len(y))
+        if y[i].min() == y[i].max():
+            continue
+        margins.append(odir_score(y[i], ours[i])["final"] - odir_score(y[i], other[i])["final"])
+    if not margins:  # too few patients to resample
+        return None
+    return [float(np.percentile(margins, 2.5)), float(np.percentile(margins, 97.5))]
+
+
+def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, seed: int, resamples: int) -> dict:
+    """The issue's targets: the paper's ensemble against the raw baseline, and the full recipe
+    against the baseline given the same post-processing (a post-hoc lever helps both)."""
+    final = {r["name"]: r["final"] for r in rows}
+    checks = {}
+    for ours, baseline, singles in (
+        ("ensemble", "plain baseline", ("color", "gray_eq")),
+        ("ensemble + TTA + calibration", "plain baseline + TTA + calibration",
+         ("color + TTA + calibration", "gray_eq + TTA + calibration")),
+    ):
+        checks[ours] = {
+            f"final >= {TARGET_FINAL}": final[ours] >= TARGET_FINAL,
+            f"beats '{baseline}' by >= {TARGET_MARGIN}": final[ours] - final[baseline] >= TARGET_MARGIN,
+            f"margin over '{baseline}'": final[ours] - final[baseline],
+            "95% bootstrap interval of that margin": _bootstrap_margin(y_test, probs[ours], probs[baseline], seed, resamples),
+            "beats each single view": all(final[ours] > final[s] for s in singles),
+        }
+    recipe = "ensemble + TTA + calibration"
+    checks[recipe]["margin over 'class prior + calibration'"] = final[recipe] - final["class prior + calibration"]
+    checks[recipe]["95% bootstrap interval of the margin over the prior"] = _bootstrap_margin(
+        y_test, probs[recipe], probs["class prior + calibration"], seed, resamples)
+    return checks
+
+
+def _fmt_check(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:+.3f}" for v in value) + "]"
+    return f"{value:+.3f}"
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_results_markdown(results: dict) -> str:
+    """The results as a Markdown document: settings, the table, the checks."""
+    b = results["budget"]
+    lines = [
+        f"# Benchmark: budget `{b['name']}`",
+        "",
+        f"{b['backbone']} at {b['size']} px, {b['epochs']} + {b['fine_tune_epochs']} epochs, batch {b['batch_size']} patients, "
+        f"weights {results['weights']}, seed {results['seed']}. {b['note']}.",
+        f"Patients: {results['patients']}. Scored on the held-out split `{results['held_out_split']}` "
+        f"({results['held_out_patients']} patients), never used for training, checkpoints or calibration; "
+        f"calibration is fitted on `{results['calibration_split']}`.",
+        f"Total wall time {results['total_wall_s'] / 60:.1f} min on {results['machine']['cpus']} CPUs "
+        f"({results['machine']['platform']}).",
+        "",
+        "| row | kappa | F1 | AUC | final | " + " | ".join(f"AUC {c}" for c in LABELS) + " | train s | train img/s | test predict s |",
+        "|---" * (8 + len(LABELS)) + "|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['kappa']:.3f} | {r['f1']:.3f} | {r['auc']:.3f} | **{r['final']:.3f}** | "
+            + " | ".join(_fmt(r["per_class_auc"][c], 2) for c in LABELS)
+            + f" | {r['train_s']:.0f} | {_fmt(r['train_images_per_s'], 1)} | {r['test_predict_s']:.1f} |"
+        )
+    lines += ["", "What each row is:", ""]
+    lines += [f"- **{r['name']}**: {r['what']}." for r in results["rows"]]
+    lines += ["", "Targets:", ""]
+    for ours, checks in results["checks"].items():
+        lines.append(f"- **{ours}**: " + "; ".join(
+            f"{k}: {_fmt_check(v)}" for k, v in checks.items()))
+    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()), ""]
+    return "\n".join(lines)

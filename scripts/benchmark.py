@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Benchmark on a real ODIR label table: baselines, both views, the ensemble and the levers,
+all trained and scored in one run; writes results.json and results.md to --out."""
+
+import argparse
+import sys
+
+from fundus_ensemble.cli import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fundus_ensemble.benchmark import BUDGETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("table", help="per-image label table (odir5k-256-dev/labels.csv) or Kaggle full_df.csv")
+    p.add_argument("--format", choices=["image-table", "kaggle"], default="image-table", help="layout of the table")
+    p.add_argument("--image-root", required=True, help="folder holding the image folder")
+    p.add_argument("--image-dir", default="images", help="sub-folder of --image-root with the images")
+    p.add_argument("--out", required=True, help="benchmark folder (manifest, views, models, predictions, results)")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu60",
+                   help="; ".join(f"{b.name}: {b.size} px, {b.epochs}+{b.fine_tune_epochs} epochs ({b.note})" for b in BUDGETS.values()))
+    p.add_argument("--paper", action="store_const", const="paper", dest="budget", help="same as --budget paper")
+    p.add_argument("--weights", default="none", help="none (from scratch) | imagenet | PATH to a local backbone weights file")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the initialization and the augmentation")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted benchmark in --out")
+    p.add_argument("--force", action="store_true", help="delete a benchmark already in --out and start over")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from fundus_ensemble.benchmark import BUDGETS, format_results_markdown, run_benchmark
+    from fundus_ensemble.models.backbone import parse_weights
+
+    results = run_benchmark(
+        args.table, args.image_root, args.out, BUDGETS[args.budget], weights=parse_weights(args.weights), seed=args.seed,
+        table_format=args.format, image_dir=args.image_dir, resume=args.resume, force=args.force,
+    )
+    print(format_results_markdown(results))
+    print(f"written: {args.out}/results.md and {args.out}/results.json")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
