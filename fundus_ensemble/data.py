@@ -1,4 +1,5 @@
-"""Batches of patients for Keras: ``({"left_eye", "right_eye"}, labels)``.
+"""Batches for Keras: patients ``({"left_eye", "right_eye"}, labels)`` for the library's
+model, and single eyes ``(images, patient labels)`` for the per-eye baseline.
 
 Images are preprocessed views (see :mod:`fundus_ensemble.preprocess`), decoded once and
 kept in memory by default: a 448 px ODIR-5K view set is about 3 GB, a 128 px one 250 MB.
@@ -40,7 +41,43 @@ class ImageStore:
         return image
 
 
-class PatientBatches(keras.utils.PyDataset):
+class _FixedShapeBatches(keras.utils.PyDataset):
+    """Order, shuffling and fixed-shape batches (see the module doc) over ``n_items`` items."""
+
+    def __init__(self, n_items: int, size: int, batch_size: int, augment: A.Compose | None, shuffle: bool, seed: int, ragged_last: str):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if ragged_last not in ("pad", "drop"):
+            raise ValueError(f"ragged_last must be 'pad' or 'drop', got {ragged_last!r}")
+        self.n_items = n_items
+        self.ragged_last = ragged_last if n_items > batch_size else "pad"
+        self.size = size
+        self.batch_size = batch_size
+        self.augment = augment
+        self.shuffle = shuffle
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(n_items) if shuffle else np.arange(n_items)
+
+    def __len__(self) -> int:
+        if self.ragged_last == "drop":
+            return self.n_items // self.batch_size
+        return math.ceil(self.n_items / self.batch_size)
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self._order = self._rng.permutation(self.n_items)
+
+    def _batch_items(self, index: int) -> np.ndarray:
+        """Item indices of batch ``index``, the last one padded by repeating its last item."""
+        items = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        return np.concatenate([items, np.repeat(items[-1:], self.batch_size - len(items))])
+
+    def _augmented(self, image: np.ndarray) -> np.ndarray:
+        return image if self.augment is None else self.augment(image=image)["image"]
+
+
+class PatientBatches(_FixedShapeBatches):
     """Keras dataset over a manifest's patients; shuffles and augments when asked."""
 
     def __init__(
@@ -54,44 +91,20 @@ class PatientBatches(keras.utils.PyDataset):
         cache: bool = True,
         ragged_last: str = "pad",
     ):
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if ragged_last not in ("pad", "drop"):
-            raise ValueError(f"ragged_last must be 'pad' or 'drop', got {ragged_last!r}")
-        self.ragged_last = ragged_last if len(manifest) > batch_size else "pad"
+        super().__init__(len(manifest), size, batch_size, augment, shuffle, seed, ragged_last)
         self.manifest = manifest
-        self.size = size
-        self.batch_size = batch_size
-        self.augment = augment
-        self.shuffle = shuffle
         self.labels = manifest.label_matrix().astype(np.float32)
-        self._rng = np.random.default_rng(seed)
         self._image = ImageStore(manifest, size, cache)
-        self._order = self._rng.permutation(len(manifest)) if shuffle else np.arange(len(manifest))
-
-    def __len__(self) -> int:
-        if self.ragged_last == "drop":
-            return len(self.manifest) // self.batch_size
-        return math.ceil(len(self.manifest) / self.batch_size)
-
-    def on_epoch_end(self) -> None:
-        if self.shuffle:
-            self._order = self._rng.permutation(len(self.manifest))
 
     def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        rows = np.concatenate([rows, np.repeat(rows[-1:], self.batch_size - len(rows))])  # pad: see module doc
+        rows = self._batch_items(index)
         batch = {name: np.empty((len(rows), self.size, self.size, 3), np.float32) for name in INPUT_NAMES}
         for k, row in enumerate(rows):
             patient = self.manifest.patients[row]
             left = patient.left_image or patient.right_image
             right = patient.right_image or patient.left_image
             for name, relative in zip(INPUT_NAMES, (left, right)):
-                image = self._image(relative)
-                if self.augment is not None:
-                    image = self.augment(image=image)["image"]
-                batch[name][k] = image
+                batch[name][k] = self._augmented(self._image(relative))
         return batch, self.labels[rows]
 
 
@@ -119,7 +132,7 @@ def predict_batches(model: keras.Model, batches: PatientBatches) -> np.ndarray:
     return probs[: len(batches.manifest)]
 
 
-class EyeBatches(keras.utils.PyDataset):
+class EyeBatches(_FixedShapeBatches):
     """Keras dataset of single eye images ``(images, labels)``, each eye labelled with its
     patient's labels: the input of the plain per-eye baseline (:mod:`fundus_ensemble.baseline`).
 
@@ -136,36 +149,18 @@ class EyeBatches(keras.utils.PyDataset):
         seed: int = 0,
         ragged_last: str = "pad",
     ):
-        super().__init__()
-        self.eyes = [(row, img) for row, p in enumerate(manifest.patients) for img in (p.left_image, p.right_image) if img]
-        self.eye_patient = np.array([row for row, _ in self.eyes], dtype=np.int64)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.eyes = [img for p in manifest.patients for img in (p.left_image, p.right_image) if img]
+        super().__init__(len(self.eyes), size, batch_size, augment, shuffle, seed, ragged_last)
+        self.eye_patient = np.array(
+            [row for row, p in enumerate(manifest.patients) for img in (p.left_image, p.right_image) if img], dtype=np.int64)
         self.patient_labels = manifest.label_matrix().astype(np.float32)
-        self.size, self.batch_size, self.augment, self.shuffle = size, batch_size, augment, shuffle
-        self.ragged_last = ragged_last if len(self.eyes) > batch_size else "pad"
         self._image = ImageStore(manifest, size)
-        self._rng = np.random.default_rng(seed)
-        self._order = self._rng.permutation(len(self.eyes)) if shuffle else np.arange(len(self.eyes))
-
-    def __len__(self) -> int:
-        n, b = len(self.eyes), self.batch_size
-        return n // b if self.ragged_last == "drop" else math.ceil(n / b)
-
-    def on_epoch_end(self) -> None:
-        if self.shuffle:
-            self._order = self._rng.permutation(len(self.eyes))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        b = self.batch_size
-        items = self._order[index * b : (index + 1) * b]
-        items = np.concatenate([items, np.repeat(items[-1:], b - len(items))])  # pad: see module doc
-        images = np.empty((b, self.size, self.size, 3), np.float32)
+        items = self._batch_items(index)
+        images = np.empty((len(items), self.size, self.size, 3), np.float32)
         for k, item in enumerate(items):
-            image = self._image(self.eyes[item][1])
-            if self.augment is not None:
-                image = self.augment(image=image)["image"]
-            images[k] = image
+            images[k] = self._augmented(self._image(self.eyes[item]))
         return images, self.patient_labels[self.eye_patient[items]]
 
 
