@@ -120,18 +120,19 @@ def run_benchmark(
     out = Path(out_dir)
     if force and resume:
         raise FundusError("--force starts over and --resume continues: choose one")
-    if out.is_dir() and any(out.iterdir()):
-        if force:
-            shutil.rmtree(out)
-        elif not resume:
-            raise FundusError(f"{out} already holds a benchmark; pass --resume to continue it, --force to start over, or choose a new --out")
+    used = out.is_dir() and any(out.iterdir())
+    if used and not (force or resume):
+        raise FundusError(f"{out} already holds a benchmark; pass --resume to continue it, --force to start over, or choose a new --out")
+    config = budget.train_config(weights, seed).check()
+    image_root = Path(image_root)
+    # read and check the table before touching the output folder
+    patients, report = import_label_table(table, table_format, image_root, image_dir)
+    if used and force:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
-    config = budget.train_config(weights, seed)
-    image_root = Path(image_root)
 
-    patients, report = import_label_table(table, table_format, image_root, image_dir)
     split_manifest = assign_splits(Manifest(tuple(patients), image_root), dict(zip(("train", "val", "test"), fractions)), seed)
     write_manifest(split_manifest.patients, out / "manifest.csv")
     manifest = load_manifest(out / "manifest.csv", image_root=image_root)

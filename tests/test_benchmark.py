@@ -67,3 +67,9 @@ def test_a_used_folder_is_refused_and_resume_trains_nothing_again(benchmark_run)
     again = run_benchmark(root / "labels.csv", root, out, TINY, seed=1, resume=True, bootstrap=20)
     assert again["rows"] == results["rows"]
     assert again["timings_s"] == results["timings_s"]
+
+
+def test_a_bad_table_stops_before_any_output(tmp_path):
+    with pytest.raises(FundusError, match="label table not found"):
+        run_benchmark(tmp_path / "labels.csv", tmp_path, tmp_path / "out", TINY)
+    assert not (tmp_path / "out").exists()
