@@ -124,12 +124,12 @@ def predict_patients(
     return probs
 
 
-def predict_batches(model: keras.Model, batches: PatientBatches) -> np.ndarray:
-    """Predict an unshuffled :class:`PatientBatches`, dropping the padding of its last batch."""
+def predict_batches(model: keras.Model, batches: _FixedShapeBatches) -> np.ndarray:
+    """Predict unshuffled patient or eye batches, dropping the padding of the last batch."""
     if batches.shuffle:
         raise ValueError("predict needs unshuffled batches")
     probs = np.asarray(model.predict(batches, verbose=0), dtype=np.float64)
-    return probs[: len(batches.manifest)]
+    return probs[: batches.n_items]
 
 
 class EyeBatches(_FixedShapeBatches):
@@ -149,10 +149,10 @@ class EyeBatches(_FixedShapeBatches):
         seed: int = 0,
         ragged_last: str = "pad",
     ):
-        self.eyes = [img for p in manifest.patients for img in (p.left_image, p.right_image) if img]
-        super().__init__(len(self.eyes), size, batch_size, augment, shuffle, seed, ragged_last)
-        self.eye_patient = np.array(
-            [row for row, p in enumerate(manifest.patients) for img in (p.left_image, p.right_image) if img], dtype=np.int64)
+        eyes = [(row, img) for row, p in enumerate(manifest.patients) for img in (p.left_image, p.right_image) if img]
+        super().__init__(len(eyes), size, batch_size, augment, shuffle, seed, ragged_last)
+        self.eyes = [img for _, img in eyes]
+        self.eye_patient = np.array([row for row, _ in eyes], dtype=np.int64)
         self.patient_labels = manifest.label_matrix().astype(np.float32)
         self._image = ImageStore(manifest, size)
 
@@ -168,13 +168,10 @@ def predict_eye_average(
     model: keras.Model, manifest: Manifest, size: int, batch_size: int = 32, flip_tta: bool = False,
 ) -> np.ndarray:
     """Per-patient probabilities (n_patients, 8) of a per-eye model: the mean over the patient's eyes."""
-    def predict(augment):
-        batches = EyeBatches(manifest, size, batch_size, augment)
-        return np.asarray(model.predict(batches, verbose=0), dtype=np.float64)[: len(batches.eyes)], batches.eye_patient
-
-    eye_probs, eye_patient = predict(None)
+    eyes = EyeBatches(manifest, size, batch_size)
+    eye_probs = predict_batches(model, eyes)
     if flip_tta:
-        eye_probs = 0.5 * (eye_probs + predict(FLIP)[0])
+        eye_probs = 0.5 * (eye_probs + predict_batches(model, EyeBatches(manifest, size, batch_size, FLIP)))
     sums = np.zeros((len(manifest), eye_probs.shape[1]))
-    np.add.at(sums, eye_patient, eye_probs)
-    return sums / np.bincount(eye_patient, minlength=len(manifest))[:, None]
+    np.add.at(sums, eyes.eye_patient, eye_probs)
+    return sums / np.bincount(eyes.eye_patient, minlength=len(manifest))[:, None]
