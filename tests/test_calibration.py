@@ -54,3 +54,11 @@ def test_wrong_shapes_are_refused():
         fit_calibration(y[:, :7], p)
     with pytest.raises(FundusError, match=r"\(patients, 8\)"):
         fit_calibration(y, p).apply(p[:, :7])
+
+
+def test_the_threshold_search_improves_on_platt_scaling_alone():
+    y, p = shy_model(400, 2)
+    searched, platt_only = fit_calibration(y, p), fit_calibration(y, p, passes=0)
+    assert any(c.threshold != 0.5 for c in searched.classes)
+    assert all(c.threshold == 0.5 for c in platt_only.classes)
+    assert odir_score(y, searched.apply(p))["final"] > odir_score(y, platt_only.apply(p))["final"] + 0.005
