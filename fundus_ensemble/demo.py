@@ -32,7 +32,7 @@ DEMO = DemoData()
 
 def write_demo(root: str | os.PathLike = ".") -> Path:
     """(Re)write the demo images and ``data_manifest.csv`` under ``root``."""
-    from .synthetic import write_synthetic_dataset
+    from .data.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(
         root, DEMO.patients, DEMO.seed, DEMO.diameter, DEMO.image_dir, DEMO.manifest, dict(zip(SPLITS, DEMO.fractions)),
@@ -41,17 +41,17 @@ def write_demo(root: str | os.PathLike = ".") -> Path:
 
 def demo_train_config():
     """B3 from scratch at 64 px for 6 + 2 epochs: minutes on 2 CPU cores, not a benchmark."""
-    from .training import TrainConfig
+    from .training.train import TrainConfig
 
     return TrainConfig(size=64, epochs=6, fine_tune_epochs=2, batch_size=8, bn_recalibration_patients=24)
 
 
 def run_demo(root: str | os.PathLike = ".", out: str | os.PathLike = "runs/demo", split: str = "test") -> dict:
     """Preprocess, train both view models and score the ensemble on the demo data."""
-    from .ensemble import format_score_table, score_run
-    from .manifest import load_manifest
-    from .preprocess import preprocess_manifest
-    from .training import train_pair
+    from .data.manifest import load_manifest
+    from .data.preprocess import preprocess_manifest
+    from .evaluation.ensemble import format_score_table, score_run
+    from .training.train import train_pair
 
     out = Path(out)
     config = demo_train_config()

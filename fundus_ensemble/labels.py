@@ -16,3 +16,6 @@ LABEL_NAMES: dict[str, str] = {
 VIEWS: tuple[str, ...] = ("color", "gray_eq")
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# The patient model's two inputs: one eye each (see models.patient_classifier).
+INPUT_NAMES: tuple[str, str] = ("left_eye", "right_eye")

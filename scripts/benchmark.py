@@ -9,7 +9,7 @@ from fundus_ensemble.cli import run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fundus_ensemble.benchmark import BUDGETS
+    from fundus_ensemble.evaluation.benchmark import BUDGETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("table", help="per-image label table (odir5k-256-dev/labels.csv) or Kaggle full_df.csv")
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from fundus_ensemble.benchmark import BUDGETS, format_results_markdown, run_benchmark
+    from fundus_ensemble.evaluation.benchmark import BUDGETS, format_results_markdown, run_benchmark
     from fundus_ensemble.models.backbone import parse_weights
 
     results = run_benchmark(

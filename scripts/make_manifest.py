@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from fundus_ensemble.cli import parse_fractions, run
-from fundus_ensemble.importers import FORMATS, import_label_table
-from fundus_ensemble.manifest import Manifest, write_manifest
-from fundus_ensemble.splits import assign_splits
+from fundus_ensemble.data.importers import FORMATS, import_label_table
+from fundus_ensemble.data.manifest import Manifest, write_manifest
+from fundus_ensemble.data.splits import assign_splits
 
 
 def main(argv=None):

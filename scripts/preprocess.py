@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from fundus_ensemble.cli import run
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.preprocess import DEFAULT_SIZE, preprocess_manifest
 from fundus_ensemble.errors import FundusError
-from fundus_ensemble.manifest import load_manifest
-from fundus_ensemble.preprocess import DEFAULT_SIZE, preprocess_manifest
 
 
 def main(argv=None):

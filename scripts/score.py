@@ -20,7 +20,7 @@ def main(argv=None):
     parser.add_argument("--calibrate-on", choices=["train", "val", "test"],
                         help="fit per-class calibration on this split's predictions (not the scored split; usually val)")
     args = parser.parse_args(argv)
-    from fundus_ensemble.ensemble import format_score_table, score_run
+    from fundus_ensemble.evaluation.ensemble import format_score_table, score_run
 
     report = score_run(args.run_dir, args.prep_dir, args.split, dict(zip(("color", "gray_eq"), args.weights)), args.out,
                        force=args.force, flip_tta=args.flip_tta, calibrate_on=args.calibrate_on)

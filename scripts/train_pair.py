@@ -8,7 +8,7 @@ from fundus_ensemble.cli import run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fundus_ensemble.training import TrainConfig
+    from fundus_ensemble.training.train import TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from fundus_ensemble.models.backbone import parse_weights
-    from fundus_ensemble.training import TrainConfig, train_pair
+    from fundus_ensemble.training.train import TrainConfig, train_pair
 
     config = TrainConfig(
         backbone=args.backbone, size=args.size, weights=parse_weights(args.weights), batch_size=args.batch_size,

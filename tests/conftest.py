@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.preprocess import preprocess_manifest
+from fundus_ensemble.data.synthetic import write_synthetic_dataset
 from fundus_ensemble.labels import LABELS
-from fundus_ensemble.manifest import load_manifest
-from fundus_ensemble.preprocess import preprocess_manifest
-from fundus_ensemble.synthetic import write_synthetic_dataset
 
 HEADER = "patient_id,left_image,right_image," + ",".join(LABELS) + ",split"
 

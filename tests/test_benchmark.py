@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from fundus_ensemble.benchmark import Budget, format_results_markdown, run_benchmark
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.synthetic import write_synthetic_dataset
 from fundus_ensemble.errors import FundusError
+from fundus_ensemble.evaluation.benchmark import Budget, format_results_markdown, run_benchmark
 from fundus_ensemble.labels import LABELS
-from fundus_ensemble.manifest import load_manifest
-from fundus_ensemble.synthetic import write_synthetic_dataset
 
 TINY = Budget("tiny", size=32, epochs=1, fine_tune_epochs=1, backbone="mobilenet", batch_size=4, bn_recalibration_patients=8)
 

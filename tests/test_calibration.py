@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fundus_ensemble.calibration import Calibration, ClassCalibration, fit_calibration
 from fundus_ensemble.errors import FundusError
+from fundus_ensemble.evaluation.calibration import Calibration, ClassCalibration, fit_calibration
 from fundus_ensemble.metrics import odir_score, per_class_scores
 
 

@@ -1,9 +1,9 @@
 import keras
 import numpy as np
 
-from fundus_ensemble.callbacks import RecalibrateBatchNorm
-from fundus_ensemble.data import PatientBatches
-from fundus_ensemble.models.patient_classifier import INPUT_NAMES
+from fundus_ensemble.data.batches import PatientBatches
+from fundus_ensemble.labels import INPUT_NAMES
+from fundus_ensemble.training.callbacks import RecalibrateBatchNorm
 
 
 def bn_probe():

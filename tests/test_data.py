@@ -3,8 +3,8 @@ from dataclasses import replace
 import keras
 import numpy as np
 
-from fundus_ensemble.augment import training_augmentation
-from fundus_ensemble.data import EyeBatches, PatientBatches, predict_eye_average, predict_patients
+from fundus_ensemble.data.augment import training_augmentation
+from fundus_ensemble.data.batches import EyeBatches, PatientBatches, predict_eye_average, predict_patients
 
 
 def column_mean_model(inputs: dict[str, tuple] | tuple):

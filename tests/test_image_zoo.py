@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import HEADER
 
-from fundus_ensemble.manifest import load_manifest
-from fundus_ensemble.preprocess import preprocess_manifest
-from fundus_ensemble.synthetic import EyeSpec, render_eye
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.preprocess import preprocess_manifest
+from fundus_ensemble.data.synthetic import EyeSpec, render_eye
 
 
 def retina(diameter=200, seed=0):

@@ -2,9 +2,9 @@ import cv2
 import numpy as np
 import pytest
 
+from fundus_ensemble.data.imaging import crop_to_fov, decode_image, find_fov, gray_eq_view, load_view, to_bgr8
+from fundus_ensemble.data.synthetic import EyeSpec, render_eye
 from fundus_ensemble.errors import ImageError
-from fundus_ensemble.imaging import crop_to_fov, decode_image, find_fov, gray_eq_view, load_view, to_bgr8
-from fundus_ensemble.synthetic import EyeSpec, render_eye
 
 
 def bordered_retina(border_x=300, border_y=80):

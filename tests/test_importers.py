@@ -1,7 +1,7 @@
 import pytest
 
+from fundus_ensemble.data.importers import import_label_table
 from fundus_ensemble.errors import ManifestError
-from fundus_ensemble.importers import import_label_table
 
 IMAGE_TABLE = """filename,ID,eye,patient_age,patient_sex,eye_keywords,N,D,G,C,A,H,M,O
 0_left.jpg,0,left,69,Female,cataract,0,0,0,1,0,0,0,0

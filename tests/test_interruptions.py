@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from fundus_ensemble.synthetic import write_synthetic_dataset
+from fundus_ensemble.data.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

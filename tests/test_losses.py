@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fundus_ensemble.errors import FundusError
-from fundus_ensemble.losses import WeightedBinaryCrossentropy, positive_weights
+from fundus_ensemble.models.losses import WeightedBinaryCrossentropy, positive_weights
 
 
 def test_loss_equals_hand_computation():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import HEADER, write_images
 
+from fundus_ensemble.data.manifest import load_manifest, manifest_to_csv, parse_manifest
 from fundus_ensemble.errors import ManifestError
-from fundus_ensemble.manifest import load_manifest, manifest_to_csv, parse_manifest
 
 ROW = "p1,a.jpg,b.jpg,0,1,0,0,0,0,0,0,train"
 

@@ -1,11 +1,11 @@
 """Whatever text a user saves as a manifest, the parser loads it or raises ManifestError."""
 
+from conftest import HEADER
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import HEADER
+from fundus_ensemble.data.manifest import parse_manifest
 from fundus_ensemble.errors import ManifestError
-from fundus_ensemble.manifest import parse_manifest
 
 CELLS = st.one_of(
     st.sampled_from(["0", "1", "2", "-1", "yes", "", "train", "val", "test", "a.jpg", "../x.jpg", "/abs.jpg", "p1", '"', "\r", "\n", ","]),

@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from fundus_ensemble.manifest import load_manifest
-from fundus_ensemble.preprocess import preprocess_manifest
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.preprocess import preprocess_manifest
 
 
 @pytest.fixture()

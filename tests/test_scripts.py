@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import HEADER
 
-from fundus_ensemble.manifest import load_manifest
+from fundus_ensemble.data.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from fundus_ensemble.data.splits import stratified_split
 from fundus_ensemble.errors import FundusError
-from fundus_ensemble.splits import stratified_split
 
 FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 

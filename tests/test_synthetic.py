@@ -3,10 +3,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fundus_ensemble.data.imaging import find_fov
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.synthetic import EyeSpec, make_patients, render_eye
 from fundus_ensemble.demo import DEMO, write_demo
-from fundus_ensemble.imaging import find_fov
-from fundus_ensemble.manifest import load_manifest
-from fundus_ensemble.synthetic import EyeSpec, make_patients, render_eye
 
 REPO = Path(__file__).resolve().parents[1]
 

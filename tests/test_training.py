@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fundus_ensemble.calibration import Calibration
-from fundus_ensemble.ensemble import format_score_table, load_view_model, score_run
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.preprocess import preprocess_manifest
+from fundus_ensemble.data.synthetic import write_synthetic_dataset
 from fundus_ensemble.errors import FundusError, ModelCardError
+from fundus_ensemble.evaluation.calibration import Calibration
+from fundus_ensemble.evaluation.ensemble import format_score_table, load_view_model, score_run
 from fundus_ensemble.labels import LABELS
-from fundus_ensemble.manifest import load_manifest
 from fundus_ensemble.metrics import odir_score
-from fundus_ensemble.preprocess import preprocess_manifest
-from fundus_ensemble.synthetic import write_synthetic_dataset
-from fundus_ensemble.training import TrainConfig, train_pair
+from fundus_ensemble.training.train import TrainConfig, train_pair
 
 # A small backbone keeps this test to a couple of minutes on 2 CPU cores; the B3 patient model
 # itself is covered in test_models.py, and every other line of the pipeline runs here.
@@ -76,7 +76,7 @@ def test_outputs_cards_and_histories(trained):
 @pytest.mark.slow
 def test_ensemble_is_the_mean_of_the_views(trained):
     root, _, report = trained
-    from fundus_ensemble.ensemble import predict_manifest_split
+    from fundus_ensemble.evaluation.ensemble import predict_manifest_split
 
     probs = {}
     for view in ("color", "gray_eq"):
@@ -129,8 +129,8 @@ def test_card_with_other_labels_is_refused(trained):
 
 
 def test_divergence_stops_without_a_model(view_manifest, tmp_path, monkeypatch):
-    from fundus_ensemble import training
-    from fundus_ensemble.losses import WeightedBinaryCrossentropy
+    from fundus_ensemble.training import train as training
+    from fundus_ensemble.models.losses import WeightedBinaryCrossentropy
 
     class NaNLoss(WeightedBinaryCrossentropy):
         def call(self, y_true, y_pred):

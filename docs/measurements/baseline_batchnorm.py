@@ -1,9 +1,12 @@
 """Is the plain baseline's constant output stale BatchNorm statistics? Recalibrate and re-score."""
 import warnings; warnings.simplefilter("ignore")
-import numpy as np, keras
-from fundus_ensemble.manifest import load_manifest
-from fundus_ensemble.data import EyeBatches, predict_eye_average
+import keras
+import numpy as np
+
+from fundus_ensemble.data.batches import EyeBatches, predict_eye_average
+from fundus_ensemble.data.manifest import load_manifest
 from fundus_ensemble.metrics import odir_score, per_class_scores
+
 m = load_manifest("runs/bench-cpu60/prep/color/manifest.csv")
 test, train = m.select("test"), m.select("train")
 model = keras.saving.load_model("runs/bench-cpu60/models/baseline/model.keras", compile=False)

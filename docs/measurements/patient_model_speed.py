@@ -1,8 +1,14 @@
 """Training/prediction speed of the B3 patient model at 96 and 128 px on random data (train_on_batch)."""
-import time, sys, numpy as np, keras
+import sys
+import time
+
+import keras
+import numpy as np
+
 sys.path.insert(0, ".")  # run from the repository root
 from fundus_ensemble.models import build_patient_model
-from fundus_ensemble.losses import WeightedBinaryCrossentropy
+from fundus_ensemble.models.losses import WeightedBinaryCrossentropy
+
 for size in (96, 128):
     m = build_patient_model("efficientnet_b3", size, None, 0.5)
     m.compile(keras.optimizers.Adam(1e-3), WeightedBinaryCrossentropy([1.0]*8), jit_compile=False)

@@ -1,5 +1,9 @@
 """Training speed of plain keras.applications EfficientNetB3 at 128 px, batch 16, random data (model.fit)."""
-import time, numpy as np, keras
+import time
+
+import keras
+import numpy as np
+
 size=128
 m = keras.applications.EfficientNetB3(weights=None, input_shape=(size,size,3), classes=8, classifier_activation="sigmoid")
 m.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy", jit_compile=False)

@@ -1,4 +1,5 @@
-"""Backbones, the input preprocessor, the patient classifier and the per-eye baseline (imports Keras)."""
+"""Stage 2, models: backbones, the input preprocessor, the patient classifier, the per-eye
+baseline model and the losses (imports Keras). Imports only the package root and ``data``."""
 
 from .backbone import BACKBONES, build_backbone
 from .eye_classifier import build_eye_model

@@ -15,10 +15,8 @@ import os
 import keras
 from keras import ops
 
-from ..labels import LABELS
+from ..labels import INPUT_NAMES, LABELS
 from .backbone import build_backbone
-
-INPUT_NAMES: tuple[str, str] = ("left_eye", "right_eye")
 
 
 @keras.saving.register_keras_serializable(package="fundus_ensemble")

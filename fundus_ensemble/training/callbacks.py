@@ -7,8 +7,8 @@ import math
 import keras
 import numpy as np
 
-from .data import PatientBatches, predict_batches
-from .metrics import odir_score
+from ..data.batches import PatientBatches, predict_batches
+from ..metrics import odir_score
 
 
 class ValidationScore(keras.callbacks.Callback):

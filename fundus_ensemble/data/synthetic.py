@@ -28,8 +28,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .fileio import atomic_write_bytes
-from .labels import LABELS
+from ..fileio import atomic_write_bytes
+from ..labels import LABELS
 from .manifest import Patient, write_manifest
 from .splits import stratified_split
 

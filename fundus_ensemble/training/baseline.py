@@ -16,12 +16,12 @@ from pathlib import Path
 
 import keras
 
-from .augment import training_augmentation
-from .data import EyeBatches
-from .errors import FundusError
-from .manifest import load_manifest
-from .models import build_eye_model
-from .training import BEST_WEIGHTS, HISTORY, MODEL_NAME, TrainConfig, check_finite_history
+from ..data.augment import training_augmentation
+from ..data.batches import EyeBatches
+from ..data.manifest import load_manifest
+from ..errors import FundusError
+from ..models import build_eye_model
+from .train import BEST_WEIGHTS, HISTORY, MODEL_NAME, TrainConfig, check_finite_history
 
 
 def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig) -> dict:

@@ -19,9 +19,9 @@ import albumentations as A
 import keras
 import numpy as np
 
+from ..labels import INPUT_NAMES
 from .imaging import load_view
 from .manifest import Manifest
-from .models.patient_classifier import INPUT_NAMES
 
 
 class ImageStore:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ManifestError
-from .fileio import atomic_write_text
-from .labels import LABELS, SPLITS
+from ..errors import ManifestError
+from ..fileio import atomic_write_text
+from ..labels import LABELS, SPLITS
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("patient_id", "left_image", "right_image", *LABELS, "split")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("age", "sex", "left_keywords", "right_keywords")

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from .errors import FundusError
-from .metrics import check_prediction_arrays, odir_score
+from ..errors import FundusError
+from ..metrics import check_prediction_arrays, odir_score
 
 THRESHOLD_GRID: tuple[float, ...] = tuple(np.round(np.linspace(0.05, 0.95, 19), 2))
 _EPS = 1e-6

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import datetime as _dt
+import io
 import json
 import os
 import platform
@@ -33,16 +33,16 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from . import __version__
-from .augment import DEFAULT_ROTATION, training_augmentation
+from .. import __version__
+from ..data.augment import DEFAULT_ROTATION, training_augmentation
+from ..data.batches import PatientBatches
+from ..data.manifest import load_manifest
+from ..errors import FundusError
+from ..fileio import atomic_write_json, atomic_write_text, sha256_file
+from ..labels import LABELS, VIEWS
+from ..models import build_patient_model
+from ..models.losses import DEFAULT_POWER, WeightedBinaryCrossentropy, positive_weights
 from .callbacks import RecalibrateBatchNorm, ValidationScore
-from .data import PatientBatches
-from .errors import FundusError
-from .fileio import atomic_write_json, atomic_write_text, sha256_file
-from .labels import LABELS, VIEWS
-from .losses import DEFAULT_POWER, WeightedBinaryCrossentropy, positive_weights
-from .manifest import load_manifest
-from .models import build_patient_model
 
 CARD_NAME = "card.json"
 MODEL_NAME = "model.keras"

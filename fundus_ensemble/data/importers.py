@@ -19,8 +19,8 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ManifestError
-from .labels import LABELS
+from ..errors import ManifestError
+from ..labels import LABELS
 from .manifest import Patient
 
 FORMATS: tuple[str, ...] = ("image-table", "kaggle")

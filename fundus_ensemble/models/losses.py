@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .errors import FundusError
+from ..errors import FundusError
 
 DEFAULT_POWER = 0.5
 

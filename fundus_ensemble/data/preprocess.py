@@ -30,11 +30,11 @@ from pathlib import Path
 import cv2
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import FundusError, ImageError
-from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from .. import __version__
+from ..errors import FundusError, ImageError
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from ..labels import VIEWS
 from .imaging import VIEW_FUNCTIONS, crop_to_fov, decode_image, encode_png
-from .labels import VIEWS
 from .manifest import Manifest, write_manifest
 
 DEFAULT_SIZE = 448  # the paper's input resolution

@@ -11,14 +11,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from ..data.batches import predict_patients
+from ..data.manifest import load_manifest
+from ..errors import FundusError, ModelCardError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..labels import LABELS, VIEWS
+from ..metrics import odir_score, per_class_scores
+from ..training.train import CARD_NAME, MODEL_NAME
 from .calibration import fit_calibration
-from .data import predict_patients
-from .errors import FundusError, ModelCardError
-from .fileio import atomic_write_json, atomic_write_text
-from .labels import LABELS, VIEWS
-from .manifest import load_manifest
-from .metrics import odir_score, per_class_scores
-from .training import CARD_NAME, MODEL_NAME
 
 
 def load_view_model(run_dir: str | os.PathLike, view: str) -> tuple[keras.Model, dict]:

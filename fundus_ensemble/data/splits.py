@@ -12,8 +12,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from .errors import FundusError
-from .labels import SPLITS
+from ..errors import FundusError
+from ..labels import SPLITS
 from .manifest import Manifest
 
 

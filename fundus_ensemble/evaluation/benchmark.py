@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FundusError
-from .fileio import atomic_write_json, atomic_write_text
-from .labels import LABELS, VIEWS
+from ..errors import FundusError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..labels import LABELS, VIEWS
 
 HELD_OUT = "test"
 FIT = "val"
@@ -52,7 +52,7 @@ class Budget:
     note: str = ""
 
     def train_config(self, weights: str | None, seed: int):
-        from .training import TrainConfig
+        from ..training.train import TrainConfig
 
         return TrainConfig(
             backbone=self.backbone, size=self.size, weights=weights, batch_size=self.batch_size, epochs=self.epochs,
@@ -110,12 +110,12 @@ def run_benchmark(
 
     ``bootstrap`` resamples of the test patients give the 95% intervals of the target margins.
     """
-    from .baseline import train_plain_baseline
-    from .importers import import_label_table
-    from .manifest import Manifest, load_manifest, write_manifest
-    from .preprocess import preprocess_manifest
-    from .splits import assign_splits
-    from .training import library_versions, train_view
+    from ..data.importers import import_label_table
+    from ..data.manifest import Manifest, load_manifest, write_manifest
+    from ..data.preprocess import preprocess_manifest
+    from ..data.splits import assign_splits
+    from ..training.baseline import train_plain_baseline
+    from ..training.train import library_versions, train_view
 
     out = Path(out_dir)
     if force and resume:
@@ -199,9 +199,9 @@ def _predict_all(prep: Path, models: Path, config, cache_path: Path) -> None:
     """Predict val and test for every model, plain and with flip TTA, into ``cache_path``."""
     import keras
 
-    from .data import predict_eye_average, predict_patients
+    from ..data.batches import predict_eye_average, predict_patients
+    from ..data.manifest import load_manifest
     from .ensemble import load_view_model
-    from .manifest import load_manifest
 
     result = _Predictions()
     loaded = {"baseline": keras.saving.load_model(str(models / "baseline" / "model.keras"), compile=False, safe_mode=True)}
@@ -238,7 +238,7 @@ def _training_throughput(timings: dict, cards: dict, baseline: dict, batch_size:
 
 
 def _row(name: str, what: str, y_true: np.ndarray, y_prob: np.ndarray, train: list[dict], predict: list[tuple[float, int]]) -> dict:
-    from .metrics import odir_score, per_class_scores
+    from ..metrics import odir_score, per_class_scores
 
     train_s = sum(t["seconds"] for t in train)
     train_images = sum(t["images"] for t in train)
@@ -297,7 +297,7 @@ def _rows(labels: dict[str, np.ndarray], p: _Predictions, training: dict[str, di
 
 def _bootstrap_margin(y: np.ndarray, ours: np.ndarray, other: np.ndarray, seed: int, resamples: int = BOOTSTRAP) -> list[float] | None:
     """95% interval of final(ours) - final(other) over patients resampled with replacement (paired)."""
-    from .metrics import odir_score
+    from ..metrics import odir_score
 
     rng = np.random.default_rng(seed)
     margins = []

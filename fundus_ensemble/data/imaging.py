@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import ImageError
+from ..errors import ImageError
 
 # Below this share of the frame a "retina" is noise, a label or a reflection.
 MIN_FOV_FRACTION = 0.05
