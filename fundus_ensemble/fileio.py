@@ -1,18 +1,39 @@
-"""Atomic file writes and content hashing.
+"""Atomic file writes, folders the project owns, CSV for people, and content hashing.
 
 Every file the project writes goes through here, so a killed job never leaves a truncated
 file under its final name: data is written to a temporary file in the same folder, flushed
 to disk, then renamed over the target (rename is atomic on POSIX and Windows).
+
+Folders the project creates carry a marker file (:data:`OWNER_MARK`); only such folders are
+ever deleted or cleared (:func:`remove_owned`), so a mistyped ``--out`` can never delete a
+user's photos.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
+import re
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
+
+from .errors import FundusError
+
+OWNER_MARK = ".fundus-ensemble"
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -21,6 +42,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; a plain write would honour the umask, and so do we
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -48,3 +71,90 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# OWASP, CSV injection: a cell starting with one of these is a formula to a spreadsheet.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def neutralise_cell(value: object) -> str:
+    """A CSV cell a spreadsheet shows as text: formula-like text gets a leading ``'``.
+
+    Plain numbers (``-0.5``, ``+3``) are left alone, so numeric ids and probabilities stay
+    valid in the official submission format.
+    """
+    text = "" if value is None else str(value)
+    if text.startswith(_FORMULA_START) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def csv_for_people(header: list[str], rows: list[list[object]]) -> str:
+    """CSV text with every cell neutralised (:func:`neutralise_cell`): for files people open."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([neutralise_cell(h) for h in header])
+    writer.writerows([neutralise_cell(cell) for cell in row] for row in rows)
+    return out.getvalue()
+
+
+def claim_folder(path: str | os.PathLike, purpose: str, adopt_if: tuple[str, ...] = ()) -> Path:
+    """Create ``path`` as a folder the project owns, or accept it if it already is one.
+
+    An empty folder is adopted. A non-empty folder without the marker is refused, unless it
+    holds one of ``adopt_if`` (files only this project writes, from before markers existed).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FundusError(f"{path} is a file; {purpose} needs a folder")
+    mark = path / OWNER_MARK
+    if path.is_dir() and not mark.is_file():
+        entries = [p.name for p in path.iterdir()]
+        if entries and not any(name in entries for name in adopt_if):
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise FundusError(
+                f"{path} already holds files fundus-ensemble did not write ({shown}); "
+                f"choose a new or empty folder for {purpose}"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    if not mark.is_file():
+        atomic_write_text(mark, f"made by fundus-ensemble for {purpose}; the project may delete this folder\n")
+    return path
+
+
+def remove_owned(path: str | os.PathLike) -> None:
+    """Delete a folder the project created (it holds :data:`OWNER_MARK`); refuse any other."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if path.is_symlink() or not (path / OWNER_MARK).is_file():
+        raise FundusError(
+            f"refusing to delete {path}: fundus-ensemble did not create it (no {OWNER_MARK} marker inside); "
+            "move or delete it yourself, or choose another output folder"
+        )
+    shutil.rmtree(path)
+
+
+def refuse_overlap(out: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse an output folder that is, or contains, one of the named input files or folders."""
+    out_resolved = Path(out).resolve()
+    for what, value in inputs.items():
+        resolved = Path(value).resolve()
+        if resolved == out_resolved or resolved.is_relative_to(out_resolved):
+            raise FundusError(
+                f"the output folder {out} contains the {what} {value}; writing there could overwrite or delete "
+                "your files: choose an output folder outside it"
+            )
+
+
+def check_output_file(out: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> None:
+    """Refuse to write ``out`` over an input file, or over an existing file without ``force``."""
+    out = Path(out)
+    for source in inputs:
+        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            raise FundusError(f"--out {out} is the input file {source}; writing it would destroy the input")
+    if out.is_dir():
+        raise FundusError(f"--out {out} is a folder; give a file name")
+    if out.exists() and not force:
+        raise FundusError(f"{out} already exists; pass --force to replace it or choose another --out")

@@ -8,6 +8,7 @@ from fundus_ensemble.cli import parse_fractions, run
 from fundus_ensemble.data.importers import FORMATS, import_label_table
 from fundus_ensemble.data.manifest import Manifest, write_manifest
 from fundus_ensemble.data.splits import assign_splits
+from fundus_ensemble.fileio import check_output_file
 
 
 def main(argv=None):
@@ -19,7 +20,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="manifest to write")
     parser.add_argument("--fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file (never the input table)")
     args = parser.parse_args(argv)
+    check_output_file(args.out, [args.table], args.force)
     patients, report = import_label_table(args.table, args.format, args.image_root, args.image_dir)
     manifest = assign_splits(Manifest(tuple(patients), args.image_root), parse_fractions(args.fractions), args.seed)
     write_manifest(manifest.patients, args.out)

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from fundus_ensemble.cli import run
+from fundus_ensemble.data.imaging import DEFAULT_MAX_PIXELS
 from fundus_ensemble.data.manifest import load_manifest
 from fundus_ensemble.data.preprocess import DEFAULT_SIZE, preprocess_manifest
 from fundus_ensemble.errors import FundusError
@@ -18,10 +19,15 @@ def main(argv=None):
     parser.add_argument("--image-root", help="folder image paths are relative to (default: the manifest's folder)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--max-reject-fraction", type=float, default=1.0,
-                        help="exit with status 1 if more than this fraction of images is rejected (default 1: never)")
+                        help="exit with status 2 if more than this fraction of images is rejected (default 1: never)")
+    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+                        help="reject photos larger than this before decoding them, to bound memory per photo "
+                             f"(default {DEFAULT_MAX_PIXELS / 1e6:.0f}; 0: no limit)")
+    parser.add_argument("--force", action="store_true", help="delete views made earlier in --out with other settings")
     args = parser.parse_args(argv)
     manifest = load_manifest(args.manifest, image_root=args.image_root)
-    summary = preprocess_manifest(manifest, args.out, size=args.size, workers=args.workers)
+    max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
+    summary = preprocess_manifest(manifest, args.out, size=args.size, workers=args.workers, force=args.force, max_pixels=max_pixels)
     print(summary.describe())
     if summary.rejected:
         print(f"rejected images and reasons: {args.out}/rejects.csv")

@@ -47,7 +47,7 @@ def test_rerun_skips_up_to_date_and_redoes_changed(dataset, tmp_path):
     third = preprocess_manifest(manifest, out, size=64, workers=1, progress=False)
     assert third.processed == 2 and third.up_to_date == 46
 
-    resized = preprocess_manifest(manifest, out, size=48, workers=1, progress=False)
+    resized = preprocess_manifest(manifest, out, size=48, workers=1, progress=False, force=True)
     assert resized.processed == 48, "a different size must invalidate every output"
 
 
@@ -79,7 +79,7 @@ def test_views_of_old_settings_never_pass_as_up_to_date(dataset, tmp_path):
     out = tmp_path / "prep"
     preprocess_manifest(manifest, out, size=64, workers=1, progress=False)
     # a partial run at a new size (killed, or on fewer patients) leaves the rest at the old size
-    preprocess_manifest(manifest.with_patients(manifest.patients[:12]), out, size=48, workers=1, progress=False)
+    preprocess_manifest(manifest.with_patients(manifest.patients[:12]), out, size=48, workers=1, progress=False, force=True)
     full = preprocess_manifest(manifest, out, size=48, workers=1, progress=False)
     assert full.up_to_date == 24 and full.processed == 24
     sizes = {cv2.imread(str(p)).shape[:2] for p in (out / "color").rglob("*.png")}

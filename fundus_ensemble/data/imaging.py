@@ -6,10 +6,12 @@ All arrays here are OpenCV's: uint8, BGR channel order, (height, width[, channel
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
 
@@ -21,16 +23,28 @@ BORDER_LEVEL = 20
 MIN_SIDE = 32
 # A retina with more than this share of near-white pixels is a blown-out exposure.
 MAX_WHITE_FRACTION = 0.8
+# Decoding needs several bytes per pixel (a 20000 x 20000 PNG alone takes 2.4 GB decoded), and
+# the largest fundus cameras make about 24 megapixels: refuse more than this before decoding.
+DEFAULT_MAX_PIXELS = 100_000_000
+_EXIF_ORIENTATION = 0x0112
 
 
-def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as 8-bit BGR, or raise :class:`ImageError` with the reason.
+def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as 8-bit BGR, upright, or raise :class:`ImageError` with the reason.
 
     Accepts what clinics export: 8/16-bit, grayscale, RGBA (composited on black, the
-    colour of the camera surround). Truncated JPEGs are refused: OpenCV would silently
-    fill the missing part with grey.
+    colour of the camera surround). Applies the EXIF orientation, as every image viewer does.
+    Truncated JPEGs are refused (OpenCV would silently fill the missing part with grey), and
+    so are images of more than ``max_pixels`` pixels, from the header, before decoding.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError("is a folder, not an image file")
+    width_height, orientation = _header(path)
+    if max_pixels is not None and width_height and width_height[0] * width_height[1] > max_pixels:
+        w, h = width_height
+        raise ImageError(f"image too large ({w} x {h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                         f"{max_pixels / 1e6:.0f}, set by --max-megapixels)")
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
@@ -41,10 +55,43 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageError("empty file (0 bytes)")
     if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:].tobytes():
         raise ImageError("truncated JPEG (no end-of-image marker)")
+    # IMREAD_UNCHANGED keeps 16 bits and alpha, but also ignores EXIF orientation (applied below).
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageError("not a readable image (unknown format or corrupt data)")
-    return to_bgr8(image)
+    return apply_exif_orientation(to_bgr8(image), orientation)
+
+
+def _header(path: Path) -> tuple[tuple[int, int] | None, int]:
+    """``((width, height), EXIF orientation)`` read from the header alone; ``(None, 1)`` if unknown."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                size = image.size
+                try:
+                    orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+                except Exception:  # a malformed EXIF block must not cost the photo
+                    orientation = 1
+                return size, orientation
+    except Image.DecompressionBombError:
+        return (1 << 16, 1 << 16), 1  # far beyond any limit: Pillow refused to read the header's size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None, 1  # OpenCV may still read it; it reports its own errors
+
+
+def apply_exif_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn/mirror a decoded image as EXIF Orientation 1-8 says (values outside leave it as is)."""
+    transforms = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+        8: lambda a: np.rot90(a, 1),
+    }
+    return np.ascontiguousarray(transforms[orientation](image)) if orientation in transforms else image
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:
@@ -99,7 +146,9 @@ def crop_to_fov(image: np.ndarray, size: int) -> np.ndarray:
         raise ImageError(f"image too small ({width} x {height} px; at least {MIN_SIDE} px a side needed)")
     x0, y0, x1, y1 = find_fov(image)
     crop = image[y0:y1, x0:x1]
-    white = float((crop.min(axis=2) >= 245).mean())
+    # measured inside the retina: the black corners of the crop would dilute a white disc below any limit
+    retina = crop.max(axis=2) > BORDER_LEVEL
+    white = float((crop.min(axis=2) >= 245)[retina].mean()) if retina.any() else 0.0
     if white > MAX_WHITE_FRACTION:
         raise ImageError(f"overexposed ({white:.0%} of the retina is near white)")
     h, w = crop.shape[:2]

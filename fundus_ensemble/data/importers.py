@@ -9,11 +9,12 @@ Two layouts are understood:
   Right-Fundus, Left-Diagnostic Keywords, Right-Diagnostic Keywords, N..O, ...``).
 
 In both, N..O are the patient's labels; rows of one patient that disagree are an error.
+Tables are validated as strictly as manifests (:mod:`.manifest`): UTF-8, readable CSV,
+no duplicate columns, every row with the header's number of fields, relative image names.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ManifestError
 from ..labels import LABELS
-from .manifest import Patient
+from .manifest import Patient, check_image_file, check_relative_path, read_csv_rows, read_text_file
 
 FORMATS: tuple[str, ...] = ("image-table", "kaggle")
 
@@ -39,20 +40,16 @@ class _Draft:
     row: int
     labels: tuple[int, ...]
     images: dict[str, str] = field(default_factory=dict)
+    image_rows: dict[str, tuple[int, str]] = field(default_factory=dict)  # eye -> (row, column), for messages
     extra: dict[str, str] = field(default_factory=dict)
 
 
 def _read_table(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    if not path.is_file():
-        raise ManifestError(f"{path}: label table not found")
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ManifestError(f"{path}, row 1: missing column(s) {', '.join(map(repr, missing))}")
-        reader.fieldnames = header
-        return [(i, {k: (v or "").strip() for k, v in r.items() if k is not None}) for i, r in enumerate(reader, start=2)]
+    header, rows = read_csv_rows(read_text_file(path, "label table"), str(path))
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ManifestError(f"{path}, row 1: missing column(s) {', '.join(map(repr, missing))}")
+    return [(index, {name: value.strip() for name, value in zip(header, fields)}) for index, fields in rows]
 
 
 def _labels(row: dict[str, str], path: Path, index: int) -> tuple[int, ...]:
@@ -77,6 +74,11 @@ def _merge(drafts: dict[str, _Draft], pid: str, labels: tuple[int, ...], path: P
     return draft
 
 
+def _image_name(row: dict[str, str], column: str, path: Path, index: int) -> str:
+    """The row's image name, refused here (not later, in the manifest) if absolute or escaping with '..'."""
+    return check_relative_path(row[column], str(path), index, column)
+
+
 def _carry(draft: _Draft, row: dict[str, str], columns: dict[str, str]) -> None:
     """Copy the optional manifest fields a table row fills (table column -> manifest column)."""
     for source, target in columns.items():
@@ -95,7 +97,8 @@ def read_image_table(path: str | os.PathLike) -> dict[str, _Draft]:
             raise ManifestError(f"{path}, row {index}, column 'eye', value {row['eye']!r}: expected left or right")
         if eye in draft.images:
             raise ManifestError(f"{path}, row {index}, column 'eye', value {eye!r}: patient {row['ID']!r} has two {eye} images")
-        draft.images[eye] = row["filename"]
+        draft.images[eye] = _image_name(row, "filename", path, index)
+        draft.image_rows[eye] = (index, "filename")
         _carry(draft, row, {"eye_keywords": f"{eye}_keywords", "patient_age": "age", "patient_sex": "sex"})
     return drafts
 
@@ -108,7 +111,8 @@ def read_kaggle_full_df(path: str | os.PathLike) -> dict[str, _Draft]:
         draft = _merge(drafts, row["ID"], _labels(row, path, index), path, index)
         for eye, column in (("left", "Left-Fundus"), ("right", "Right-Fundus")):
             if row[column]:
-                draft.images[eye] = row[column]
+                draft.images[eye] = _image_name(row, column, path, index)
+                draft.image_rows[eye] = (index, column)
         _carry(draft, row, {
             "Left-Diagnostic Keywords": "left_keywords", "Right-Diagnostic Keywords": "right_keywords",
             "Patient Age": "age", "Patient Sex": "sex",
@@ -142,9 +146,12 @@ def import_label_table(
         for eye in ("left", "right"):
             name = draft.images.get(eye)
             relative = posixpath.join(image_dir, name) if name else None
-            if relative and not (root / relative).is_file():
+            if relative and not (root / relative).exists():
                 report.missing_images.append(relative)
                 relative = None
+            elif relative:
+                row, column = draft.image_rows[eye]
+                check_image_file(root, relative, str(path), row, column, name)  # a folder, or a link out of the root
             images[eye] = relative
         if images["left"] is None and images["right"] is None:
             report.dropped_patients.append(pid)

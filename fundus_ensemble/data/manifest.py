@@ -40,6 +40,7 @@ class Patient:
     labels: tuple[int, ...]
     split: str
     extra: dict[str, str] = field(default_factory=dict)
+    row: int | None = field(default=None, compare=False)  # the source file's row, for messages
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,57 @@ def check_relative_path(value: str, source: str, row: int, column: str) -> str:
     return normal
 
 
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """A CSV file's text (UTF-8, a BOM dropped), or :class:`ManifestError` naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder, not a {what}")
+    if not path.is_file():
+        raise ManifestError(f"{path}: {what} not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8 CSV") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_csv_rows(text: str, source: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and ``(row number, fields)`` of CSV ``text``, validated for shape.
+
+    Rows are numbered as a spreadsheet shows them (header = row 1); blank rows are skipped.
+    Raises on unreadable CSV, an empty file, duplicate header names and rows whose field
+    count differs from the header's, naming the row.
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text.strip():
+        raise _problem(source, None, None, None, "the file is empty; expected a header row and data rows")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records: list[list[str]] = []
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise _problem(source, len(records) + 1, None, None, f"not readable as CSV ({exc})") from None
+        records.append(fields)
+    header = [name.strip() for name in records[0]]
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise _problem(source, 1, name, None, "column appears twice in the header")
+        seen.add(name)
+    rows = []
+    for index, fields in enumerate(records[1:], start=2):
+        if not fields or all(not f.strip() for f in fields):
+            continue  # blank lines are what spreadsheets leave at the end
+        if len(fields) != len(header):
+            raise _problem(source, index, None, None, f"has {len(fields)} fields but the header has {len(header)}")
+        rows.append((index, fields))
+    return header, rows
+
+
 def parse_manifest(
     text: str,
     source: str = "<text>",
@@ -110,15 +162,7 @@ def parse_manifest(
     check_files: bool = True,
 ) -> Manifest:
     """Parse and validate manifest CSV ``text``; raise :class:`ManifestError` on the first problem."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if not text.strip():
-        raise _problem(source, None, None, None, "the file is empty; expected a header row and one row per patient")
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as exc:
-        raise _problem(source, None, None, None, f"not readable as CSV ({exc})") from None
-    header = [name.strip() for name in rows[0]]
+    header, rows = read_csv_rows(text, source)
     _check_header(header, source)
     column = {name: i for i, name in enumerate(header)}
     ignored = tuple(name for name in header if name not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
@@ -126,11 +170,7 @@ def parse_manifest(
 
     patients: list[Patient] = []
     first_row_of: dict[str, int] = {}
-    for index, fields in enumerate(rows[1:], start=2):
-        if not fields or all(not f.strip() for f in fields):
-            continue  # blank lines are what spreadsheets leave at the end
-        if len(fields) != len(header):
-            raise _problem(source, index, None, None, f"has {len(fields)} fields but the header has {len(header)}")
+    for index, fields in rows:
         cell = {name: fields[i].strip() for name, i in column.items()}
         patient = _parse_row(cell, source, index, root, check_files)
         if patient.patient_id in first_row_of:
@@ -147,12 +187,7 @@ def parse_manifest(
 
 
 def _check_header(header: list[str], source: str) -> None:
-    seen: set[str] = set()
-    for name in header:
-        if name in seen:
-            raise _problem(source, 1, name, None, "column appears twice in the header")
-        seen.add(name)
-    missing = [name for name in REQUIRED_COLUMNS if name not in seen]
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
     if missing:
         raise _problem(
             source, 1, None, None,
@@ -179,8 +214,8 @@ def _parse_row(cell: dict[str, str], source: str, row: int, root: Path, check_fi
             images[eye] = None
             continue
         relative = check_relative_path(value, source, row, name)
-        if check_files and not (root / relative).is_file():
-            raise _problem(source, row, name, value, f"image file not found at {root / relative}")
+        if check_files:
+            check_image_file(root, relative, source, row, name, value)
         images[eye] = relative
     if images["left"] is None and images["right"] is None:
         raise _problem(source, row, "left_image", "", "patient has neither a left nor a right image")
@@ -188,7 +223,20 @@ def _parse_row(cell: dict[str, str], source: str, row: int, root: Path, check_fi
     if split not in SPLITS:
         raise _problem(source, row, "split", split, f"unknown split; expected one of {', '.join(SPLITS)}")
     extra = {name: cell[name] for name in OPTIONAL_COLUMNS if name in cell and cell[name]}
-    return Patient(patient_id, images["left"], images["right"], tuple(labels), split, extra)
+    return Patient(patient_id, images["left"], images["right"], tuple(labels), split, extra, row)
+
+
+def check_image_file(root: Path, relative: str, source: str, row: int, column: str, value: str) -> None:
+    """Raise unless ``root/relative`` is a file that really lies under ``root`` (links resolved)."""
+    path = root / relative
+    if path.is_dir():
+        raise _problem(source, row, column, value, f"{path} is a folder, not an image file")
+    if not path.is_file():
+        raise _problem(source, row, column, value, f"image file not found at {path}")
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise _problem(source, row, column, value,
+                       f"image path leads outside the image root {root} through a symbolic link (to {resolved})")
 
 
 def load_manifest(
@@ -198,12 +246,7 @@ def load_manifest(
 ) -> Manifest:
     """Read and validate a manifest file; image paths resolve against ``image_root`` or its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8 CSV") from None
+    text = read_text_file(path, "manifest file")
     root = Path(image_root) if image_root is not None else path.parent
     manifest = parse_manifest(text, str(path), root, check_files)
     if manifest.ignored_columns:

@@ -7,34 +7,49 @@ Output layout under ``out_dir``::
     rejects.csv                 preprocess.json           (what was refused, and how it was made)
 
 A view's file is up to date when it exists, is newer than its source, and was made with the
-same settings (recorded in ``preprocess.json`` before any work; other settings clear the
-view folders first); up-to-date files are not redone; rejected images are retried on every run (their file may
-have been fixed). Every file
-is written atomically, so a killed run leaves no truncated image behind (its temporary files
-are removed by the next run; run one job per output folder at a time).
+same settings (recorded in ``preprocess.json`` before any work); up-to-date files are not
+redone; rejected images are retried on every run (their file may have been fixed). Views made
+with other settings are deleted only when asked (``force``). Every file is written
+atomically, so a killed run leaves no truncated image behind (its temporary files are removed
+by the next run; run one job per output folder at a time).
+
+The output folder is the project's own (:func:`..fileio.claim_folder`): it may not contain the
+image root or any source photo, and only folders the project made are ever cleared. Photos
+are processed in worker processes that die with their parent; a worker killed mid-photo
+(the out-of-memory killer) costs that photo only, which is rejected with the reason.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import multiprocessing
 import os
 import posixpath
-import shutil
-from concurrent.futures import ProcessPoolExecutor
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import FundusError, ImageError
-from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from ..fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    claim_folder,
+    csv_for_people,
+    remove_owned,
+    sha256_file,
+)
 from ..labels import VIEWS
-from .imaging import VIEW_FUNCTIONS, crop_to_fov, decode_image, encode_png
+from .imaging import DEFAULT_MAX_PIXELS, VIEW_FUNCTIONS, crop_to_fov, decode_image, encode_png
 from .manifest import Manifest, write_manifest
 
 DEFAULT_SIZE = 448  # the paper's input resolution
@@ -68,10 +83,13 @@ def view_relative_path(image: str) -> str:
     return posixpath.splitext(image)[0] + ".png"
 
 
-def _process_one(task: tuple[str, str, dict[str, str], int]) -> tuple[str, str | None]:
-    relative, source, targets, size = task
+WORKER_DIED = "the process working on this image died (killed by the system, e.g. out of memory)"
+
+
+def _process_one(task: tuple[str, str, dict[str, str], int, int | None]) -> tuple[str, str | None]:
+    relative, source, targets, size, max_pixels = task
     try:
-        square = crop_to_fov(decode_image(source), size)
+        square = crop_to_fov(decode_image(source, max_pixels), size)
         for view, target in targets.items():
             atomic_write_bytes(target, encode_png(VIEW_FUNCTIONS[view](square)))
     except ImageError as exc:
@@ -85,6 +103,59 @@ def _process_one(task: tuple[str, str, dict[str, str], int]) -> tuple[str, str |
 
 def _worker_init() -> None:
     cv2.setNumThreads(1)  # one image per process already uses every core
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """End this worker when its parent is gone: a ``kill -9`` of the job must not leave workers writing views."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def map_in_processes(
+    func: Callable[[Any], Any],
+    tasks: Iterable[Any],
+    workers: int,
+    on_result: Callable[[Any, Any], None],
+    on_crash: Callable[[Any], None],
+    initializer: Callable[[], None] | None = _worker_init,
+) -> None:
+    """Call ``on_result(task, func(task))`` for every task, computed in ``workers`` spawned processes.
+
+    A worker that dies (SIGKILL, the out-of-memory killer) breaks the whole pool; the tasks in
+    flight then are run again one at a time, each in a fresh process, and the one that kills
+    its process too is handed to ``on_crash``; the others carry on in a new pool.
+    """
+    # spawn, not fork: the caller may hold TensorFlow's threads, which fork can deadlock
+    context = multiprocessing.get_context("spawn")
+    pending = list(tasks)[::-1]
+    while pending:
+        suspects = []
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer) as pool:
+            in_flight: dict = {}
+            try:
+                while pending or in_flight:
+                    while pending and len(in_flight) < 4 * workers:
+                        task = pending.pop()
+                        in_flight[pool.submit(func, task)] = task
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        result = future.result()
+                        on_result(in_flight.pop(future), result)
+            except BrokenProcessPool:
+                suspects = list(in_flight.values())
+        for task in suspects:  # alone, so a crash names its task
+            with ProcessPoolExecutor(1, mp_context=context, initializer=initializer) as alone:
+                try:
+                    on_result(task, alone.submit(func, task).result())
+                except BrokenProcessPool:
+                    on_crash(task)
 
 
 def _is_fresh(source: Path, targets: dict[str, str]) -> bool:
@@ -101,26 +172,44 @@ def preprocess_manifest(
     size: int = DEFAULT_SIZE,
     workers: int | None = None,
     progress: bool = True,
+    force: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> PreprocessSummary:
-    """Write both views of every image in ``manifest`` under ``out_dir``; see the module doc."""
+    """Write both views of every image in ``manifest`` under ``out_dir``; see the module doc.
+
+    ``force`` deletes views made earlier with other settings (refused otherwise);
+    ``max_pixels`` rejects larger photos before decoding them.
+    """
     if size < 32:
         raise FundusError(f"size must be at least 32 pixels (the backbones' minimum), got {size}")
     out = Path(out_dir)
     settings = {"size": size, "views": list(VIEWS), "crop": "largest-bright-region/pad-square", "version": __version__}
     record_path = out / "preprocess.json"
-    previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    same_settings = previous.get("settings") == settings
 
     images = sorted({img for p in manifest.patients for img in (p.left_image, p.right_image) if img})
+    _refuse_unsafe_output(out, manifest, images)
     targets = {img: {v: str(out / v / view_relative_path(img)) for v in VIEWS} for img in images}
-    clashes = len({t["color"] for t in targets.values()}) != len(images)
-    if clashes:
-        raise FundusError("two source images map to the same output name (same path, different extension)")
+    _refuse_clashes(manifest, targets)
 
+    claim_folder(out, "preprocessed views", adopt_if=("preprocess.json",))
+    previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    same_settings = previous.get("settings") == settings
+    has_views = any((out / v).is_dir() and any((out / v).iterdir()) for v in VIEWS)
+    if not same_settings and has_views:
+        old = previous.get("settings", {})
+        if not force:
+            raise FundusError(
+                f"{out} holds views made with other settings (size {old.get('size', '?')}, version "
+                f"{old.get('version', '?')}; now size {size}, version {__version__}); pass --force to delete them, "
+                "or choose another --out"
+            )
+        print(f"deleting the views in {out} made with other settings (size {old.get('size', '?')})", flush=True)
     for view in VIEWS:
-        if not same_settings:  # views made with other settings must not pass as up to date
-            shutil.rmtree(out / view, ignore_errors=True)
-        for stale in (out / view).rglob(".*.tmp") if (out / view).is_dir() else ():
+        if not same_settings and (out / view).exists():  # views made with other settings must not pass as up to date
+            claim_folder(out / view, f"the {view} views", adopt_if=("manifest.csv",))
+            remove_owned(out / view)
+        claim_folder(out / view, f"the {view} views")
+        for stale in (out / view).rglob(".*.tmp"):
             stale.unlink(missing_ok=True)  # temporaries of a killed run (fileio's ".<name>.<random>.tmp")
     # Recorded before any work, so that a killed run's finished images count as done.
     record = {
@@ -137,43 +226,71 @@ def preprocess_manifest(
         if same_settings and _is_fresh(source, targets[img]):
             summary.up_to_date += 1
         else:
-            todo.append((img, str(source), targets[img], size))
+            todo.append((img, str(source), targets[img], size, max_pixels))
 
     failures: dict[str, str] = {}
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not progress or not todo)
     if workers == 1:
-        results = map(_process_one, todo)
-        for relative, reason in results:
+        for relative, reason in map(_process_one, todo):
             _tally(relative, reason, failures, summary, bar)
     else:
-        # spawn, not fork: the caller may hold TensorFlow's threads, which fork can deadlock
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-            for relative, reason in pool.map(_process_one, todo, chunksize=max(1, len(todo) // (workers * 16))):
-                _tally(relative, reason, failures, summary, bar)
+        map_in_processes(
+            _process_one, todo, workers,
+            on_result=lambda task, result: _tally(*result, failures, summary, bar),
+            on_crash=lambda task: _tally(task[0], WORKER_DIED, failures, summary, bar),
+        )
     bar.close()
 
     summary.rejected = sorted(failures.items())
 
+    patients = []
+    for p in manifest.patients:
+        left = view_relative_path(p.left_image) if p.left_image and p.left_image not in failures else None
+        right = view_relative_path(p.right_image) if p.right_image and p.right_image not in failures else None
+        if left or right:
+            patients.append(replace(p, left_image=left, right_image=right))
+        else:
+            summary.dropped_patients.append(p.patient_id)
+    _write_rejects(out / "rejects.csv", summary, manifest)  # before failing: the message points to it
+    if not patients:
+        raise FundusError(f"every image was rejected; see {out / 'rejects.csv'}")
     for view in VIEWS:
-        patients = []
-        for p in manifest.patients:
-            left = view_relative_path(p.left_image) if p.left_image and p.left_image not in failures else None
-            right = view_relative_path(p.right_image) if p.right_image and p.right_image not in failures else None
-            if left or right:
-                patients.append(replace(p, left_image=left, right_image=right))
-            elif view == VIEWS[0]:
-                summary.dropped_patients.append(p.patient_id)
-        if not patients:
-            raise FundusError(f"every image was rejected; see {out / 'rejects.csv'}")
         write_manifest(patients, out / view / "manifest.csv")
-    _write_rejects(out / "rejects.csv", summary, manifest)
     record["summary"] = {k: v for k, v in asdict(summary).items() if k not in ("rejected", "dropped_patients")} | {
         "rejected": len(summary.rejected), "dropped_patients": len(summary.dropped_patients),
     }
     atomic_write_json(record_path, record)
     return summary
+
+
+def _refuse_unsafe_output(out: Path, manifest: Manifest, images: list[str]) -> None:
+    """The output folder may neither contain the image root nor any source photo: it gets cleared."""
+    out_resolved, root_resolved = out.resolve(), manifest.image_root.resolve()
+    if root_resolved == out_resolved or root_resolved.is_relative_to(out_resolved):
+        raise FundusError(
+            f"--out {out} contains the image root {manifest.image_root}; preprocessing clears folders under --out, "
+            "which could delete your photos: choose an output folder outside the image root"
+        )
+    for image in images:
+        if manifest.image_path(image).resolve().is_relative_to(out_resolved):
+            raise FundusError(
+                f"--out {out} contains the source image {manifest.image_path(image)}; preprocessing clears folders "
+                "under --out, which could delete your photos: choose an output folder that holds no photos"
+            )
+
+
+def _refuse_clashes(manifest: Manifest, targets: dict[str, dict[str, str]]) -> None:
+    where = {img: f"{img} (row {p.row}, patient {p.patient_id})" if p.row else f"{img} (patient {p.patient_id})"
+             for p in manifest.patients for img in (p.left_image, p.right_image) if img}
+    first: dict[str, str] = {}
+    for image, views in targets.items():
+        other = first.setdefault(views["color"], image)
+        if other != image:
+            raise FundusError(
+                f"{manifest.source}: two source images map to the same output name {view_relative_path(image)}: "
+                f"{where[other]} and {where[image]}; rename one of them"
+            )
 
 
 def _tally(relative: str, reason: str | None, failures: dict[str, str], summary: PreprocessSummary, bar: tqdm) -> None:
@@ -185,12 +302,7 @@ def _tally(relative: str, reason: str | None, failures: dict[str, str], summary:
 
 
 def _write_rejects(path: Path, summary: PreprocessSummary, manifest: Manifest) -> None:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["kind", "image", "patient_id", "reason"])
     owner = {img: p.patient_id for p in manifest.patients for img in (p.left_image, p.right_image) if img}
-    for image, reason in summary.rejected:
-        writer.writerow(["image", image, owner.get(image, ""), reason])
-    for pid in summary.dropped_patients:
-        writer.writerow(["patient", "", pid, "no usable image: patient left out of the view manifests"])
-    atomic_write_text(path, out.getvalue())
+    rows = [["image", image, owner.get(image, ""), reason] for image, reason in summary.rejected]
+    rows += [["patient", "", pid, "no usable image: patient left out of the view manifests"] for pid in summary.dropped_patients]
+    atomic_write_text(path, csv_for_people(["kind", "image", "patient_id", "reason"], rows))

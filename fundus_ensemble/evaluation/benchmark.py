@@ -20,7 +20,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FundusError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, claim_folder, refuse_overlap, remove_owned
 from ..labels import LABELS, VIEWS
 
 HELD_OUT = "test"
@@ -127,9 +126,11 @@ def run_benchmark(
     image_root = Path(image_root)
     # read and check the table before touching the output folder
     patients, report = import_label_table(table, table_format, image_root, image_dir)
+    refuse_overlap(out, {"image root": image_root, "label table": table})
+    claim_folder(out, "a benchmark", adopt_if=("timings.json", "results.json"))
     if used and force:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        remove_owned(out)
+        claim_folder(out, "a benchmark")
     timings_path = out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
 
@@ -145,7 +146,8 @@ def run_benchmark(
     baseline_info = out / "models" / "baseline" / "summary.json"
 
     def train_baseline():
-        shutil.rmtree(models / "baseline", ignore_errors=True)
+        remove_owned(models / "baseline")
+        claim_folder(models / "baseline", "the plain baseline")
         atomic_write_json(baseline_info, train_plain_baseline(prep / "color", models / "baseline", config))
 
     _stage(timings, timings_path, "train baseline", resume and baseline_info.is_file(), train_baseline)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 from ..data.batches import predict_patients
 from ..data.manifest import load_manifest
 from ..errors import FundusError, ModelCardError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, csv_for_people
 from ..labels import LABELS, VIEWS
 from ..metrics import odir_score, per_class_scores
 from ..training.train import CARD_NAME, MODEL_NAME
@@ -78,13 +76,11 @@ def _scores(y_true: np.ndarray, y_prob: np.ndarray) -> dict:
 
 
 def predictions_csv(ids: list[str], probs: np.ndarray) -> str:
-    """The official ODIR submission format: ``ID,N,D,G,C,A,H,M,O`` with probabilities."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["ID", *LABELS])
-    for pid, row in zip(ids, probs):
-        writer.writerow([pid, *(f"{p:.6f}" for p in row)])
-    return out.getvalue()
+    """The official ODIR submission format: ``ID,N,D,G,C,A,H,M,O`` with probabilities.
+
+    Ids that a spreadsheet would run as a formula are neutralised; numeric ODIR ids are unchanged.
+    """
+    return csv_for_people(["ID", *LABELS], [[pid, *(f"{p:.6f}" for p in row)] for pid, row in zip(ids, probs)])
 
 
 def score_run(

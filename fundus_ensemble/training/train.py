@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..data.augment import DEFAULT_ROTATION, training_augmentation
 from ..data.batches import PatientBatches
 from ..data.manifest import load_manifest
 from ..errors import FundusError
-from ..fileio import atomic_write_json, atomic_write_text, sha256_file
+from ..fileio import atomic_write_json, atomic_write_text, claim_folder, remove_owned, sha256_file
 from ..labels import LABELS, VIEWS
 from ..models import build_patient_model
 from ..models.losses import DEFAULT_POWER, WeightedBinaryCrossentropy, positive_weights
@@ -50,6 +49,7 @@ BEST_WEIGHTS = "best.weights.h5"
 HISTORY = "history.csv"
 STATE = "state.json"
 CARD_FORMAT = "fundus-ensemble model card 1"
+RUN_FILES = ("run.json", CARD_NAME, HISTORY, STATE, "color", "gray_eq")  # what marks a run of this project
 
 
 @dataclass
@@ -285,14 +285,18 @@ def train_pair(
         if not (prep / view / "manifest.csv").is_file():
             raise FundusError(f"{prep / view / 'manifest.csv'} not found; run scripts/preprocess.py first")
     used = [str(out / v) for v in views if (out / v).is_dir() and any((out / v).iterdir())]
+    claim_folder(out, "a training run", adopt_if=RUN_FILES)
     if used and force:
         for view in views:
-            shutil.rmtree(out / view, ignore_errors=True)
+            claim_folder(out / view, f"the {view} model", adopt_if=RUN_FILES)  # runs from before ownership marks
+            remove_owned(out / view)
     elif used and not resume:
         raise FundusError(
             f"{out} already holds a run ({', '.join(used)}); pass --resume to continue it, "
             "--force to delete it and start over, or choose a new --out"
         )
+    for view in views:
+        claim_folder(out / view, f"the {view} model", adopt_if=RUN_FILES)
     cards = {view: train_view(prep / view, out / view, config, view, resume=resume) for view in views}
     atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
     return cards
