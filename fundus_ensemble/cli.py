@@ -1,12 +1,62 @@
-"""What every entry point in scripts/ shares: user errors become one line and exit status 2."""
+"""What every entry point in scripts/ shares: user errors become one line and exit status 2,
+and Keras is imported without the TensorFlow start-up noise."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Callable
 
 from .errors import FundusError
+
+# TensorFlow's C++ start-up lines on a machine without a GPU. They are written to file
+# descriptor 2 before absl's logging starts, so no environment variable silences them.
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|cudart_stub\.cc|cuda_platform\.cc.*cuInit|cuda_executor\.cc"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|oneDNN custom operations"
+    r"|This TensorFlow binary is optimized|rebuild TensorFlow with the appropriate compiler flags|TF-TRT Warning"
+    r"|computation_placer\.cc|cpu_feature_guard\.cc|port\.cc:\d+\] oneDNN"
+)
+
+
+def import_keras():
+    """Import Keras (and its backend) with TensorFlow's start-up noise dropped; other lines pass through.
+
+    A backend that is not installed (``KERAS_BACKEND=jax`` without jax) becomes a
+    :class:`FundusError` naming it.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras
+
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
+                tf.config.list_physical_devices("GPU")  # cuInit happens here, not at the first training step
+        except (ImportError, ValueError) as exc:  # Keras raises ValueError for a backend it does not know
+            backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+            package = getattr(exc, "name", None) or backend
+            raise FundusError(
+                f"cannot load Keras with the {backend!r} backend (KERAS_BACKEND): {exc}; install it "
+                f"(pip install {package}) or set KERAS_BACKEND to an installed backend (tensorflow by default)"
+            ) from None
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                if line.strip() and not _STARTUP_NOISE.search(line):
+                    print(line, file=sys.stderr)
+    return keras
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -19,3 +19,18 @@ class WeightsError(FundusError):
 
 class ModelCardError(FundusError):
     """A saved model does not match what the caller asked for."""
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Issue a ``UserWarning`` the first time ``message`` comes up in this process only.
+
+    Scoring warns about the same class for every model it scores; a person needs it once.
+    """
+    import warnings
+
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)

@@ -8,12 +8,10 @@ and the ROC AUC of the probabilities; ``final`` is their mean. Because cells are
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-from .errors import FundusError
+from .errors import FundusError, warn_once
 from .labels import LABELS
 
 THRESHOLD = 0.5
@@ -61,9 +59,8 @@ def per_class_scores(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 
         f1 = float(f1_score(column, (y_prob[:, j] > threshold).astype(np.int64), zero_division=0.0))
         out[name] = {"auc": auc, "f1": f1, "positives": int(column.sum())}
     if undefined:
-        warnings.warn(
+        warn_once(
             f"per-class AUC undefined for {', '.join(undefined)}: the evaluated patients have no positives "
-            "(or no negatives) for it; the pooled score is unaffected",
-            stacklevel=2,
+            "(or no negatives) for it; the pooled score is unaffected"
         )
     return out

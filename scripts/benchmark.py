@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from fundus_ensemble.cli import import_keras
+
+    import_keras()
     from fundus_ensemble.evaluation.benchmark import BUDGETS, format_results_markdown, run_benchmark
     from fundus_ensemble.models.backbone import parse_weights
 

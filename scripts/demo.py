@@ -12,6 +12,9 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo; replaced on each run)")
     parser.add_argument("--split", default="test", choices=["val", "test"], help="split to score (default: test)")
     args = parser.parse_args(argv)
+    from fundus_ensemble.cli import import_keras
+
+    import_keras()
     from fundus_ensemble.demo import run_demo
 
     run_demo(".", args.out, args.split)

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from fundus_ensemble.cli import run
+from fundus_ensemble.errors import FundusError
 
 
 def main(argv=None):
@@ -12,20 +13,30 @@ def main(argv=None):
     parser.add_argument("run_dir", help="run folder of scripts/train_pair.py")
     parser.add_argument("prep_dir", help="output folder of scripts/preprocess.py")
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
-    parser.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("COLOR", "GRAY_EQ"),
-                        help="ensemble weights of the two models (default: equal)")
+    parser.add_argument("--ensemble-weights", type=float, nargs="+", default=None, metavar="W",
+                        help="weight of each view model the run holds, in the order color gray_eq (default: equal)")
     parser.add_argument("--out", help="folder for predictions.csv and score.json (default: RUN_DIR/score_SPLIT)")
     parser.add_argument("--force", action="store_true", help="replace an earlier score in that folder")
     parser.add_argument("--flip-tta", action="store_true", help="also predict the mirrored eyes and average")
     parser.add_argument("--calibrate-on", choices=["train", "val", "test"],
                         help="fit per-class calibration on this split's predictions (not the scored split; usually val)")
     args = parser.parse_args(argv)
-    from fundus_ensemble.evaluation.ensemble import format_score_table, score_run
+    from fundus_ensemble.cli import import_keras
 
-    report = score_run(args.run_dir, args.prep_dir, args.split, dict(zip(("color", "gray_eq"), args.weights)), args.out,
+    import_keras()
+    from fundus_ensemble.evaluation.ensemble import format_score_table, run_views, score_run
+
+    views = run_views(args.run_dir)
+    weights = None
+    if args.ensemble_weights is not None:
+        if len(args.ensemble_weights) != len(views):
+            raise FundusError(f"--ensemble-weights takes one number per view model of the run ({', '.join(views)}), "
+                              f"got {len(args.ensemble_weights)}")
+        weights = dict(zip(views, args.ensemble_weights))
+    report = score_run(args.run_dir, args.prep_dir, args.split, weights, args.out, views=views,
                        force=args.force, flip_tta=args.flip_tta, calibrate_on=args.calibrate_on)
     print(format_score_table(report))
-    print(f"wrote {report['out_dir']}/predictions.csv and score.json")
+    print(f"wrote {report['out_dir']}/predictions.csv, predictions_detail.csv and score.json")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from fundus_ensemble.cli import run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fundus_ensemble.training.train import TrainConfig
+    from fundus_ensemble.training.config import TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last completed epoch")
     p.add_argument("--views", nargs="+", default=["color", "gray_eq"], choices=["color", "gray_eq"])
     p.add_argument("--backbone", default=d.backbone)
-    p.add_argument("--size", type=int, default=d.size, help="input size (views are resized if they differ)")
+    p.add_argument("--size", type=int, default=None,
+                   help="input size in pixels (default: the views' own size, from PREP_DIR/preprocess.json; another size resizes them, with a warning)")
     p.add_argument("--weights", default="none", help="imagenet | none | PATH to a local backbone weights file")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patients per batch")
     p.add_argument("--epochs", type=int, default=d.epochs, help="phase 1 (train) epochs")
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from fundus_ensemble.cli import import_keras
+
+    import_keras()
     from fundus_ensemble.models.backbone import parse_weights
     from fundus_ensemble.training.train import TrainConfig, train_pair
 
@@ -52,6 +56,7 @@ def main(argv=None):
     for view, card in cards.items():
         best = card["best_val"]
         print(f"{view}: best val final_score {best['val_final_score']:.4f} at epoch {best['epoch']} -> {args.out}/{view}/model.keras")
+    print(f"next: python scripts/score.py {args.out} {args.prep_dir} --split val")
 
 
 if __name__ == "__main__":

@@ -34,3 +34,11 @@ def write_images(root: Path, *names: str) -> None:
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x")
+
+
+@pytest.fixture(autouse=True)
+def fresh_warn_once():
+    """Each test sees warn_once's warnings afresh, whatever ran before it in this process."""
+    import fundus_ensemble.errors
+
+    fundus_ensemble.errors._warned.clear()

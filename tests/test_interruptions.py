@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,5 +84,10 @@ def test_killed_training_resumes_from_the_last_epoch(tmp_path):
     with open(history) as handle:
         epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
     card = json.loads((tmp_path / "run" / "color" / "card.json").read_text())
-    assert epochs == list(range(len(epochs))) and card["epochs_run"] == len(epochs)
-    assert "Epoch 1/" not in resumed.stdout, "resumed run must not start again at epoch 1"
+    assert epochs == list(range(1, len(epochs) + 1)) and card["epochs_run"] == len(epochs)
+    assert "epoch 1/" not in resumed.stdout, "resumed run must not start again at epoch 1"
+    epoch_lines = [line for line in resumed.stdout.splitlines() if " epoch " in line and "/7:" in line]
+    resumed_at = int(re.search(r"resuming phase 'train' at epoch (\d+)", resumed.stdout).group(1))
+    assert len(epoch_lines) == len(epochs) - resumed_at + 1, "one console line per epoch run"
+    assert "compiling the training step" in resumed.stdout
+    assert resumed.stdout.strip().splitlines()[-1].startswith("next: python scripts/score.py")

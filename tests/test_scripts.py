@@ -54,4 +54,4 @@ def test_train_pair_without_preprocessing(tmp_path):
 
 def test_score_without_models(tmp_path):
     result = script("score.py", tmp_path / "run", tmp_path / "prep")
-    assert result.returncode == 2 and "no trained color model" in result.stderr
+    assert result.returncode == 2 and "no trained view model" in result.stderr

@@ -59,8 +59,11 @@ def test_outputs_cards_and_histories(trained):
         assert set(card["pos_weight"]) == set(LABELS) and "tensorflow" in card["versions"]
         with open(folder / "history.csv") as handle:
             rows = list(csv.DictReader(handle))
-        assert [int(r["epoch"]) for r in rows] == list(range(len(rows))), "each epoch exactly once, in order"
-        assert len(rows) == card["epochs_run"] and {"val_final_score", "val_loss", "loss"} <= set(rows[0])
+        assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)), "each epoch exactly once, from 1"
+        assert len(rows) == card["epochs_run"] and {"val_final_score", "val_loss", "loss", "phase", "wall_s"} <= set(rows[0])
+        assert {r["phase"] for r in rows} == {"train", "fine_tune"} and all(float(r["wall_s"]) > 0 for r in rows)
+        assert card["train_wall_s"] > 0 and card["train_images_per_s"] > 0 and card["versions"]["fundus_ensemble"]
+        assert (folder / "model.keras").is_file() and not (folder / "best.weights.h5").exists(), "one copy of the best weights"
         best = max(float(r["val_final_score"]) for r in rows)
         assert card["best_val"]["val_final_score"] == pytest.approx(best)
         assert any((folder / "tensorboard").rglob("events.out.tfevents.*"))
@@ -129,8 +132,8 @@ def test_card_with_other_labels_is_refused(trained):
 
 
 def test_divergence_stops_without_a_model(view_manifest, tmp_path, monkeypatch):
-    from fundus_ensemble.training import train as training
     from fundus_ensemble.models.losses import WeightedBinaryCrossentropy
+    from fundus_ensemble.training import train as training
 
     class NaNLoss(WeightedBinaryCrossentropy):
         def call(self, y_true, y_pred):
@@ -187,3 +190,25 @@ def test_calibrated_score_is_fitted_on_another_split_and_saved(trained, tmp_path
     np.testing.assert_allclose(read_predictions(tmp_path / "cal" / "predictions.csv"), expected, atol=1e-4)
     assert calibrated["calibrated_on"] == "val" and raw["calibrated_on"] is None
     assert "calibrated on val" in format_score_table(calibrated)
+
+
+def test_score_shows_trivial_rows_and_writes_the_detail(trained):
+    root, cards, report = trained
+    assert set(report["trivial"]) == {"all-zero", "class prior (train)"}
+    assert report["trivial"]["all-zero"]["auc"] == pytest.approx(0.5)
+    table = format_score_table(report)
+    assert "all-zero" in table and "class prior (train)" in table
+    saved = json.loads((root / "run" / "score_test" / "score.json").read_text())
+    assert saved["trivial"]["class prior (train)"]["final"] == pytest.approx(report["trivial"]["class prior (train)"]["final"])
+    with open(root / "run" / "score_test" / "predictions_detail.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == report["patients"]
+    assert {"ensemble_N", "color_N", "gray_eq_O", "label_M"} <= set(rows[0])
+
+
+def test_a_run_with_one_view_is_scored_as_that_model(trained, tmp_path):
+    root, cards, report = trained
+    shutil.copytree(root / "run" / "color", tmp_path / "run" / "color")
+    single = score_run(tmp_path / "run", root / "prep", split="test")
+    assert list(single["models"]) == ["color"]
+    assert single["ensemble"]["final"] == pytest.approx(report["models"]["color"]["final"])

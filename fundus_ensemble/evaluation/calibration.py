@@ -16,13 +16,13 @@ Fit it on validation predictions, never on the patients you report.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from ..errors import FundusError
+from ..errors import FundusError, warn_once
+from ..labels import LABELS
 from ..metrics import check_prediction_arrays, odir_score
 
 THRESHOLD_GRID: tuple[float, ...] = tuple(np.round(np.linspace(0.05, 0.95, 19), 2))
@@ -94,7 +94,9 @@ def fit_calibration(y_true: np.ndarray, y_prob: np.ndarray, grid: tuple[float, .
         else:
             classes.append(ClassCalibration(*_platt(column, y_prob[:, j])))
     if skipped:
-        warnings.warn(f"calibration: class column(s) {skipped} have a single value on the fitting patients; left uncalibrated", stacklevel=2)
+        names = [LABELS[j] if j < len(LABELS) else str(j) for j in skipped]
+        warn_once(f"calibration: class(es) {', '.join(names)} have a single value on the fitting patients; "
+                  "left uncalibrated")
     calibration = Calibration(tuple(classes))
     best = odir_score(y_true, calibration.apply(y_prob))["final"]
     for _ in range(passes):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import keras
@@ -83,13 +84,47 @@ def predictions_csv(ids: list[str], probs: np.ndarray) -> str:
     return csv_for_people(["ID", *LABELS], [[pid, *(f"{p:.6f}" for p in row)] for pid, row in zip(ids, probs)])
 
 
+def run_views(run_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The view models a training run holds, in :data:`VIEWS` order (a run may hold one)."""
+    held = tuple(v for v in VIEWS if (Path(run_dir) / v / MODEL_NAME).is_file())
+    if not held:
+        raise ModelCardError(f"{run_dir}: no trained view model ({', '.join(f'{v}/{MODEL_NAME}' for v in VIEWS)}); "
+                             "run scripts/train_pair.py first")
+    return held
+
+
+def trivial_rows(train_labels: np.ndarray, y_true: np.ndarray) -> dict[str, dict]:
+    """Scores of two predictors that never look at a photo, to read the models' scores against.
+
+    ``all-zero`` predicts no finding; ``class prior`` predicts each class's training-split rate
+    for every patient. The pooled F1 and AUC of these are far from zero (F1 0.85 for all-zero on
+    ODIR), so a model is only as good as its margin over them.
+    """
+    prior = np.broadcast_to(train_labels.mean(axis=0), y_true.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the models' rows already warned about undefined classes
+        return {"all-zero": _scores(y_true, np.zeros(y_true.shape)), "class prior (train)": _scores(y_true, prior)}
+
+
+def predictions_detail_csv(ids: list[str], probs: dict[str, np.ndarray], labels: np.ndarray | None = None) -> str:
+    """Per patient: the ensemble's and each view model's probabilities, and the labels when known."""
+    header = ["ID", *(f"{name}_{c}" for name in probs for c in LABELS)]
+    if labels is not None:
+        header += [f"label_{c}" for c in LABELS]
+    rows = []
+    for i, pid in enumerate(ids):
+        row = [pid, *(f"{p[i, j]:.6f}" for p in probs.values() for j in range(len(LABELS)))]
+        rows.append(row + ([str(int(v)) for v in labels[i]] if labels is not None else []))
+    return csv_for_people(header, rows)
+
+
 def score_run(
     run_dir: str | os.PathLike,
     prep_dir: str | os.PathLike,
     split: str = "val",
     weights: dict[str, float] | None = None,
     out_dir: str | os.PathLike | None = None,
-    views: tuple[str, ...] = VIEWS,
+    views: tuple[str, ...] | None = None,
     force: bool = False,
     flip_tta: bool = False,
     calibrate_on: str | None = None,
@@ -101,6 +136,7 @@ def score_run(
     and for the ensemble; it is written to ``calibration.json``. Refuses to replace an earlier
     score in ``out_dir`` unless ``force``.
     """
+    views = views or run_views(run_dir)  # one view: that model alone is the ensemble
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"score_{split}"
     if (out / "score.json").exists() and not force:
         raise FundusError(f"{out} already holds a score; pass --force to replace it or --out to write elsewhere")
@@ -126,6 +162,7 @@ def score_run(
         scored = {name: calibrations[name].apply(p) for name, p in scored.items()}
         atomic_write_json(out / "calibration.json", {"fitted_on": calibrate_on, "flip_tta": flip_tta,
                                                      **{name: c.to_dict() for name, c in calibrations.items()}})
+    train_labels = load_manifest(Path(prep_dir) / views[0] / "manifest.csv", check_files=False).select("train").label_matrix()
     report = {
         "split": split,
         "patients": len(ids[split]),
@@ -134,8 +171,11 @@ def score_run(
         "calibrated_on": calibrate_on,
         "ensemble": _scores(y_true[split], scored["ensemble"]),
         "models": {view: _scores(y_true[split], scored[view]) for view in views},
+        "trivial": trivial_rows(train_labels, y_true[split]),
     }
     atomic_write_text(out / "predictions.csv", predictions_csv(ids[split], scored["ensemble"]))
+    atomic_write_text(out / "predictions_detail.csv", predictions_detail_csv(
+        ids[split], {"ensemble": scored["ensemble"], **{v: scored[v] for v in views}}, y_true[split])))
     atomic_write_json(out / "score.json", report)
     report["out_dir"] = str(out)
     return report
@@ -143,14 +183,14 @@ def score_run(
 
 def format_score_table(report: dict) -> str:
     """The score report as a plain-text table (pooled metrics, then per-class AUC)."""
-    rows = [*((f"{v} model", s) for v, s in report["models"].items()), ("ensemble", report["ensemble"])]
+    rows = [*report.get("trivial", {}).items(), *((f"{v} model", s) for v, s in report["models"].items()), ("ensemble", report["ensemble"])]
     extras = [x for x in ("flip TTA" if report.get("flip_tta") else "",
                           f"calibrated on {report['calibrated_on']}" if report.get("calibrated_on") else "") if x]
     lines = [
         f"ODIR score on split '{report['split']}' ({report['patients']} patients)" + (f", {', '.join(extras)}" if extras else ""),
-        f"{'model':<16}{'kappa':>8}{'f1':>8}{'auc':>8}{'final':>8}",
+        f"{'model':<21}{'kappa':>8}{'f1':>8}{'auc':>8}{'final':>8}",
     ]
-    lines += [f"{name:<16}{s['kappa']:>8.4f}{s['f1']:>8.4f}{s['auc']:>8.4f}{s['final']:>8.4f}" for name, s in rows]
+    lines += [f"{name:<21}{s['kappa']:>8.4f}{s['f1']:>8.4f}{s['auc']:>8.4f}{s['final']:>8.4f}" for name, s in rows]
     lines.append("per-class AUC (positives): " + "  ".join(
         f"{c}={'n/a' if v['auc'] is None else format(v['auc'], '.3f')}({v['positives']})"
         for c, v in report["ensemble"]["per_class"].items()

@@ -37,8 +37,8 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 _OFFLINE_HINT = (
-    "use weights=None (--weights none) to train from scratch, or download the file on a "
-    "machine with network access and pass its path (--weights PATH)"
+    "pass --weights none to train from scratch, or download the file on a "
+    "machine with network access and pass --weights PATH"
 )
 
 
@@ -49,13 +49,21 @@ def parse_weights(value: str | None) -> str | None:
     return "imagenet" if value.lower() == "imagenet" else value
 
 
-def build_backbone(name: str, input_size: int, weights: str | os.PathLike | None = None) -> keras.Model:
-    """An ``eye_encoder`` model: RGB [0, 255] (size, size, 3) image to a pooled feature vector."""
+def check_backbone(name: str, input_size: int, weights: str | os.PathLike | None = None) -> None:
+    """Raise for what can be known wrong before building: the name, the size, a missing weights file."""
     if name not in BACKBONES:
-        raise FundusError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise FundusError(f"unknown backbone {name!r} (--backbone); choose one of {', '.join(BACKBONES)}")
     spec = BACKBONES[name]
     if input_size < spec.min_size:
         raise FundusError(f"{name} needs inputs of at least {spec.min_size} px, got {input_size}")
+    if weights is not None and str(weights) != "imagenet" and not Path(weights).is_file():
+        raise WeightsError(f"weights file not found: {weights}; {_OFFLINE_HINT}")
+
+
+def build_backbone(name: str, input_size: int, weights: str | os.PathLike | None = None) -> keras.Model:
+    """An ``eye_encoder`` model: RGB [0, 255] (size, size, 3) image to a pooled feature vector."""
+    check_backbone(name, input_size, weights)
+    spec = BACKBONES[name]
     constructor = getattr(keras.applications, spec.constructor)
     kwargs = dict(include_top=False, input_shape=(input_size, input_size, 3), pooling="avg")
     if weights is None:

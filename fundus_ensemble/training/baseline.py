@@ -11,7 +11,6 @@ patient-level fusion, no BatchNorm recalibration, no scheduling on the ODIR scor
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import keras
@@ -21,6 +20,7 @@ from ..data.batches import EyeBatches
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..models import build_eye_model
+from .callbacks import EpochProgress, HistoryLog
 from .train import BEST_WEIGHTS, HISTORY, MODEL_NAME, TrainConfig, check_finite_history
 
 
@@ -44,16 +44,18 @@ def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike
     print(f"[baseline] {len(train_eyes.eyes)} train eyes / {len(val_eyes.eyes)} val eyes, "
           f"{config.backbone} at {config.size} px, {epochs} epochs", flush=True)
     history = model.fit(
-        train_eyes, validation_data=val_eyes, epochs=epochs, verbose=1 if sys.stdout.isatty() else 2,
+        train_eyes, validation_data=val_eyes, epochs=epochs, verbose=0,
         callbacks=[
+            EpochProgress("[baseline]", epochs, len(train_eyes)),
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.ModelCheckpoint(str(out / BEST_WEIGHTS), monitor="val_loss", save_best_only=True, save_weights_only=True),
-            keras.callbacks.CSVLogger(str(out / HISTORY)),
+            HistoryLog(out / HISTORY, "train"),
         ],
     )
     check_finite_history(history)
     model.load_weights(str(out / BEST_WEIGHTS))
     model.save(str(out / MODEL_NAME))
+    (out / BEST_WEIGHTS).unlink()  # model.keras holds these weights; this copy carried optimizer state
     losses = history.history["val_loss"]
     return {
         "epochs_run": len(losses),

@@ -1,8 +1,13 @@
-"""Epoch-end callbacks: exact BatchNorm statistics, then validation with the official metric."""
+"""Epoch-end callbacks: exact BatchNorm statistics, validation with the official metric, and
+what a person and a spreadsheet read: one console line per epoch, and ``history.csv``."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -38,11 +43,6 @@ class ValidationScore(keras.callbacks.Callback):
             return
         score = odir_score(self.labels, probs)
         logs.update(val_kappa=score["kappa"], val_f1=score["f1"], val_auc=score["auc"], val_final_score=score["final"])
-        print(
-            f"epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f}  val_loss {logs['val_loss']:.4f}  "
-            f"val kappa {score['kappa']:.3f}  f1 {score['f1']:.3f}  auc {score['auc']:.3f}  final {score['final']:.3f}",
-            flush=True,
-        )
 
 
 class RecalibrateBatchNorm(keras.callbacks.Callback):
@@ -82,3 +82,81 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
         finally:
             for layer, momentum in zip(layers, saved):
                 layer.momentum = momentum
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """A progress bar with ETA within each epoch (on a terminal), and one line per epoch.
+
+    Announces the first step's compilation, which takes a minute or more for B3 on a CPU.
+    Must come after :class:`ValidationScore`, whose scores the epoch line shows.
+    """
+
+    def __init__(self, label: str, total_epochs: int, steps: int):
+        super().__init__()
+        self.label, self.total_epochs, self.steps = label, total_epochs, steps
+        self._bar = None
+        self._epoch_start = 0.0
+
+    def on_train_begin(self, logs=None):
+        if getattr(self.model, "_fundus_traced", None) is not self.model.train_function:
+            print(f"{self.label} compiling the training step (about 1-2 min for B3 on 2 CPU cores) ...", flush=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from tqdm.auto import tqdm
+
+        self._epoch_start = time.perf_counter()
+        self._bar = tqdm(total=self.steps, desc=f"{self.label} epoch {epoch + 1}/{self.total_epochs}", unit="batch",
+                         leave=False, disable=None)  # disable=None: no bar when the output is not a terminal
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model._fundus_traced = self.model.train_function
+        if self._bar is not None:
+            self._bar.update(1)
+            if logs and "loss" in logs:
+                self._bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._bar is not None:
+            self._bar.close()
+        logs = logs or {}
+        scores = "  ".join(f"{name} {logs[key]:.3f}" for name, key in (
+            ("val_loss", "val_loss"), ("kappa", "val_kappa"), ("f1", "val_f1"), ("auc", "val_auc"), ("final", "val_final_score"),
+        ) if key in logs)
+        print(f"{self.label} epoch {epoch + 1}/{self.total_epochs}: loss {logs.get('loss', float('nan')):.4f}  {scores}  "
+              f"({time.perf_counter() - self._epoch_start:.0f} s)", flush=True)
+
+
+class HistoryLog(keras.callbacks.Callback):
+    """``history.csv``: one row per epoch, numbered from 1 as the console and the card number them,
+    with the phase and the epoch's wall time; rewritten atomically after every epoch."""
+
+    def __init__(self, path: str | Path, phase: str):
+        super().__init__()
+        self.path, self.phase = Path(path), phase
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        from ..fileio import atomic_write_text
+
+        row = {"epoch": epoch + 1, "phase": self.phase, "wall_s": round(time.perf_counter() - self._start, 2)}
+        for key, value in sorted((logs or {}).items()):
+            row[key] = float(keras.ops.convert_to_numpy(value))
+        rows = read_history(self.path) + [{k: str(v) for k, v in row.items()}]
+        fields = list(dict.fromkeys(key for r in rows for key in r))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, out.getvalue())
+
+
+def read_history(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a ``history.csv`` (none if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

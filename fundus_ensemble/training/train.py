@@ -26,22 +26,23 @@ import json
 import os
 import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from .. import __version__
-from ..data.augment import DEFAULT_ROTATION, training_augmentation
+from ..data.augment import training_augmentation
 from ..data.batches import PatientBatches
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text, claim_folder, remove_owned, sha256_file
 from ..labels import LABELS, VIEWS
 from ..models import build_patient_model
-from ..models.losses import DEFAULT_POWER, WeightedBinaryCrossentropy, positive_weights
-from .callbacks import RecalibrateBatchNorm, ValidationScore
+from ..models.backbone import check_backbone
+from ..models.losses import WeightedBinaryCrossentropy, positive_weights
+from .callbacks import EpochProgress, HistoryLog, RecalibrateBatchNorm, ValidationScore, read_history
+from .config import TrainConfig
 
 CARD_NAME = "card.json"
 MODEL_NAME = "model.keras"
@@ -50,40 +51,6 @@ HISTORY = "history.csv"
 STATE = "state.json"
 CARD_FORMAT = "fundus-ensemble model card 1"
 RUN_FILES = ("run.json", CARD_NAME, HISTORY, STATE, "color", "gray_eq")  # what marks a run of this project
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run; the defaults are the paper's configuration."""
-
-    backbone: str = "efficientnet_b3"
-    size: int = 448
-    weights: str | None = None  # "imagenet", None (from scratch) or a local weights file
-    batch_size: int = 15
-    epochs: int = 30
-    fine_tune_epochs: int = 10
-    learning_rate: float = 1e-3
-    fine_tune_lr_factor: float = 0.1
-    dropout: float = 0.5
-    rotation: float = DEFAULT_ROTATION
-    pos_weight_power: float = DEFAULT_POWER
-    lr_factor: float = 0.2
-    lr_patience: int = 4
-    lr_min_delta: float = 0.001
-    early_stopping_patience: int = 5
-    bn_recalibration_patients: int = 128
-    seed: int = 0
-    cache_images: bool = True
-
-    def check(self) -> "TrainConfig":
-        for name in ("size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise FundusError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.epochs < 1 or self.fine_tune_epochs < 0:
-            raise FundusError(f"need epochs >= 1 and fine_tune_epochs >= 0, got {self.epochs} and {self.fine_tune_epochs}")
-        if not 0 <= self.dropout < 1:
-            raise FundusError(f"dropout must lie in [0, 1), got {self.dropout}")
-        return self
 
 
 def library_versions() -> dict[str, str]:
@@ -100,13 +67,35 @@ def library_versions() -> dict[str, str]:
         import tensorflow as tf
 
         versions["tensorflow"] = tf.__version__
+    commit = _git_commit()
+    if commit:
+        versions["fundus_ensemble_git_commit"] = commit
     return versions
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with ``+changes`` if files differ from it), or None outside a git checkout."""
+    import subprocess
+
+    folder = Path(__file__).resolve().parents[2]
+    if not (folder / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, config: TrainConfig, best: float | None, phase: str) -> list:
     return [
         RecalibrateBatchNorm(train, config.bn_recalibration_patients),  # before anything evaluates or saves
         ValidationScore(val, loss),  # before the callbacks that read what it adds
+        EpochProgress(f"[{out.name}]", config.epochs + config.fine_tune_epochs, len(train)),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ModelCheckpoint(
             str(out / BEST_WEIGHTS), monitor="val_final_score", mode="max",
@@ -117,7 +106,7 @@ def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, conf
             patience=config.lr_patience, min_delta=config.lr_min_delta, verbose=1,
         ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, verbose=1),
-        keras.callbacks.CSVLogger(str(out / HISTORY), append=True),
+        HistoryLog(out / HISTORY, phase),
         # after the CSV row: a kill between the two repeats that row, which resuming drops
         keras.callbacks.BackupAndRestore(str(out / f"backup_{phase}"), double_checkpoint=True),
         keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
@@ -133,17 +122,10 @@ def check_finite_history(history: keras.callbacks.History) -> None:
         )
 
 
-def _history_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _keep_history_before(path: Path, epoch: int) -> list[dict[str, str]]:
-    """Drop history rows of epochs >= ``epoch`` (they are about to be run again)."""
-    rows = _history_rows(path)
-    kept = [r for r in rows if int(r["epoch"]) < epoch]
+def _keep_history_of_first(path: Path, epochs: int) -> list[dict[str, str]]:
+    """Keep the rows of epochs 1..``epochs`` (numbered from 1); later ones are about to be run again."""
+    rows = read_history(path)
+    kept = [r for r in rows if int(r["epoch"]) <= epochs]
     if len(kept) != len(rows):
         out = io.StringIO()
         if kept:
@@ -160,7 +142,7 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
     first = json.loads(metadata.read_text())["epoch"] if metadata.is_file() else start
     if first > start:
         print(f"resuming phase {phase!r} at epoch {first + 1}", flush=True)
-    kept = _keep_history_before(out / HISTORY, first)
+    kept = _keep_history_of_first(out / HISTORY, first)
     scores = [float(r["val_final_score"]) for r in kept if r.get("val_final_score")]
     best = max(scores) if scores and (out / BEST_WEIGHTS).is_file() else None
     # BackupAndRestore sets this on restore and Keras (3.15) never clears it: a later fit in
@@ -168,7 +150,7 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
     model._initial_epoch = None
     history = model.fit(
         train, initial_epoch=start, epochs=stop, callbacks=_callbacks(out, train, val, loss, config, best, phase),
-        verbose=1 if sys.stdout.isatty() else 2,
+        verbose=0,  # EpochProgress prints one line per epoch instead
     )
     check_finite_history(history)
     return first + len(history.history.get("loss", []))
@@ -204,10 +186,11 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     model.get_layer("eye_encoder").trainable = not pretrained
     model.compile(keras.optimizers.Adam(config.learning_rate), loss, jit_compile=False)
 
+    two_phases = config.fine_tune_epochs > 0
     if "phase1_end" in state:
         end = state["phase1_end"]
     else:
-        print(f"[{view}] phase 1/2 (train): {len(train)} train / {len(val)} val patients, "
+        print(f"[{view}] {'phase 1/2 (train): ' if two_phases else ''}{len(train)} train / {len(val)} val patients, "
               f"{config.backbone} at {config.size} px, {'backbone frozen' if pretrained else 'all layers'}", flush=True)
         end = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
         atomic_write_json(out / STATE, {"phase1_end": end})
@@ -227,6 +210,9 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     final = build_patient_model(config.backbone, config.size, None, config.dropout)
     final.load_weights(str(out / BEST_WEIGHTS))
     final.save(str(out / MODEL_NAME))
+    history = read_history(out / HISTORY)
+    train_seconds = sum(float(r.get("wall_s") or 0) for r in history)
+    images = len(history) * len(train_batches) * config.batch_size * 2  # two eye images per patient
     card = {
         "format": CARD_FORMAT,
         "view": view,
@@ -243,11 +229,15 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
         "val_patients": len(val),
         "epochs_run": end,
         "best_val": _best_history_row(out / HISTORY),
+        "train_wall_s": round(train_seconds, 1),
+        "train_images_per_s": round(images / train_seconds, 2) if train_seconds else None,
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(out / CARD_NAME, card)
+    # model.keras now holds the best weights; this copy (with optimizer state) only served resuming
+    (out / BEST_WEIGHTS).unlink(missing_ok=True)
     return card
 
 
@@ -257,9 +247,23 @@ def _source_hash(prep_dir: Path) -> str | None:
 
 
 def _best_history_row(path: Path) -> dict:
-    rows = _history_rows(path)
+    rows = read_history(path)
     best = max(rows, key=lambda r: float(r.get("val_final_score") or "-inf"))
-    return {k: (float(v) if k != "epoch" else int(v) + 1) for k, v in best.items() if k == "epoch" or k.startswith("val_")}
+    return {k: (float(v) if k != "epoch" else int(v)) for k, v in best.items() if k == "epoch" or k.startswith("val_")}
+
+
+def with_views_size(config: TrainConfig, prep_dir: Path) -> TrainConfig:
+    """``config`` with the preprocessed views' size when it names none; a warning line when it names another."""
+    record = prep_dir / "preprocess.json"
+    size = json.loads(record.read_text())["settings"]["size"] if record.is_file() else None
+    if config.size is None:
+        if size is None:
+            raise FundusError(f"{record} not found: cannot tell the views' size; pass --size or run scripts/preprocess.py")
+        return dataclasses.replace(config, size=size)
+    if size is not None and config.size != size:
+        print(f"warning: {prep_dir} holds {size} px views; training at --size {config.size} resizes every image "
+              "(and score.py will refuse these views for the model)", file=sys.stderr, flush=True)
+    return config
 
 
 def train_pair(
@@ -284,7 +288,11 @@ def train_pair(
     for view in views:
         if not (prep / view / "manifest.csv").is_file():
             raise FundusError(f"{prep / view / 'manifest.csv'} not found; run scripts/preprocess.py first")
+    config = with_views_size(config, prep)
+    config.check()
+    check_backbone(config.backbone, config.size, config.weights)
     used = [str(out / v) for v in views if (out / v).is_dir() and any((out / v).iterdir())]
+    created = not out.exists()
     claim_folder(out, "a training run", adopt_if=RUN_FILES)
     if used and force:
         for view in views:
@@ -297,6 +305,11 @@ def train_pair(
         )
     for view in views:
         claim_folder(out / view, f"the {view} model", adopt_if=RUN_FILES)
-    cards = {view: train_view(prep / view, out / view, config, view, resume=resume) for view in views}
+    try:
+        cards = {view: train_view(prep / view, out / view, config, view, resume=resume) for view in views}
+    except BaseException:
+        if created and not any(out.rglob(HISTORY)):  # failed before any epoch: leave nothing a retry trips over
+            remove_owned(out)
+        raise
     atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
     return cards

@@ -1,0 +1,41 @@
+"""The training configuration, importable without Keras (so that ``--help`` starts at once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import FundusError
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; the defaults are the paper's configuration."""
+
+    backbone: str = "efficientnet_b3"
+    size: int = 448
+    weights: str | None = None  # "imagenet", None (from scratch) or a local weights file
+    batch_size: int = 15
+    epochs: int = 30
+    fine_tune_epochs: int = 10
+    learning_rate: float = 1e-3
+    fine_tune_lr_factor: float = 0.1
+    dropout: float = 0.5
+    rotation: float = 30.0  # data.augment.DEFAULT_ROTATION (a test keeps them equal)
+    pos_weight_power: float = 0.5  # models.losses.DEFAULT_POWER (a test keeps them equal)
+    lr_factor: float = 0.2
+    lr_patience: int = 4
+    lr_min_delta: float = 0.001
+    early_stopping_patience: int = 5
+    bn_recalibration_patients: int = 128
+    seed: int = 0
+    cache_images: bool = True
+
+    def check(self) -> "TrainConfig":
+        for name in ("size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FundusError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.epochs < 1 or self.fine_tune_epochs < 0:
+            raise FundusError(f"need epochs >= 1 and fine_tune_epochs >= 0, got {self.epochs} and {self.fine_tune_epochs}")
+        if not 0 <= self.dropout < 1:
+            raise FundusError(f"dropout must lie in [0, 1), got {self.dropout}")
+        return self

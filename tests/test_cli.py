@@ -1,0 +1,102 @@
+"""The command line a researcher expects (issue 10): no traps, quiet logs, one meaning per flag."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fundus_ensemble.errors import FundusError
+from fundus_ensemble.evaluation.calibration import fit_calibration
+from fundus_ensemble.training.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py"))
+
+
+def script(name, *args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_imports_no_tensorflow(name):
+    probe = (f"import runpy, sys; sys.argv = ['{name}', '--help']\n"
+             f"try:\n    runpy.run_path({str(REPO / 'scripts' / name)!r}, run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print('LOADED' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'CLEAN')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.stdout.strip().splitlines()[-1] == "CLEAN", f"{name} --help imported TensorFlow/Keras"
+
+
+def test_a_missing_keras_backend_is_one_error_line(tmp_path):
+    result = script("score.py", tmp_path / "run", tmp_path / "prep", env={"KERAS_BACKEND": "no_such_backend"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_keras_loads_without_start_up_noise(tmp_path):
+    result = script("score.py", tmp_path / "run", tmp_path / "prep")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'run'}: no trained view model (color/model.keras, gray_eq/model.keras); run scripts/train_pair.py first"
+    ]
+
+
+def test_weights_means_initial_weights_only():
+    assert script("score.py", "run", "prep", "--weights", "imagenet").returncode == 2  # unknown flag for score.py
+    assert "--ensemble-weights" in script("score.py", "--help").stdout
+    for name in ("train_pair.py", "benchmark.py"):
+        assert "imagenet" in script(name, "--help").stdout
+
+
+def prep_with_size(folder: Path, size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "preprocess.json").write_text(json.dumps({"settings": {"size": size}}))
+    return folder
+
+
+def test_training_size_defaults_to_the_views_and_warns_on_another(tmp_path, capsys):
+    from fundus_ensemble.training.train import with_views_size
+
+    prep = prep_with_size(tmp_path / "prep", 96)
+    assert with_views_size(TrainConfig(size=None), prep).size == 96
+    assert capsys.readouterr().err == ""
+    assert with_views_size(TrainConfig(size=128), prep).size == 128
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and "96 px" in err[0]
+
+
+def test_a_failed_start_leaves_no_run_folder(view_manifest, tmp_path, monkeypatch):
+    from fundus_ensemble.training import train
+
+    prep = Path(view_manifest.source).parent.parent
+    with pytest.raises(FundusError, match="unknown backbone 'nope'"):
+        train.train_pair(prep, tmp_path / "a", TrainConfig(backbone="nope", size=None), ("color",))
+    with pytest.raises(FundusError, match="weights file not found"):
+        train.train_pair(prep, tmp_path / "b", TrainConfig(weights=str(tmp_path / "none.h5"), size=None), ("color",))
+
+    def no_weights(*args, **kwargs):
+        raise FundusError("could not obtain ImageNet weights")
+
+    monkeypatch.setattr(train, "build_patient_model", no_weights)  # fails inside, after the folders exist
+    with pytest.raises(FundusError, match="ImageNet"):
+        train.train_pair(prep, tmp_path / "c", TrainConfig(backbone="mobilenet", size=None), ("color",))
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_calibration_warns_once_with_class_letters():
+    y = np.zeros((20, 8), int)
+    y[:10, 0] = 1
+    probs = np.random.default_rng(0).random((20, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        fit_calibration(y, probs)
+        fit_calibration(y, probs)
+    messages = [str(w.message) for w in caught if "calibration" in str(w.message)]
+    assert len(messages) == 1 and "D, G, C, A, H, M, O" in messages[0] and "[" not in messages[0]
