@@ -100,3 +100,10 @@ def test_calibration_warns_once_with_class_letters():
         fit_calibration(y, probs)
     messages = [str(w.message) for w in caught if "calibration" in str(w.message)]
     assert len(messages) == 1 and "D, G, C, A, H, M, O" in messages[0] and "[" not in messages[0]
+
+
+def test_the_keras_free_config_keeps_the_libraries_defaults():
+    from fundus_ensemble.data.augment import DEFAULT_ROTATION
+    from fundus_ensemble.models.losses import DEFAULT_POWER
+
+    assert TrainConfig().rotation == DEFAULT_ROTATION and TrainConfig().pos_weight_power == DEFAULT_POWER
