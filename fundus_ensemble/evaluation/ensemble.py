@@ -174,8 +174,8 @@ def score_run(
         "trivial": trivial_rows(train_labels, y_true[split]),
     }
     atomic_write_text(out / "predictions.csv", predictions_csv(ids[split], scored["ensemble"]))
-    atomic_write_text(out / "predictions_detail.csv", predictions_detail_csv(
-        ids[split], {"ensemble": scored["ensemble"], **{v: scored[v] for v in views}}, y_true[split])))
+    detail = {"ensemble": scored["ensemble"], **{v: scored[v] for v in views}}
+    atomic_write_text(out / "predictions_detail.csv", predictions_detail_csv(ids[split], detail, y_true[split]))
     atomic_write_json(out / "score.json", report)
     report["out_dir"] = str(out)
     return report
