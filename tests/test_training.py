@@ -212,3 +212,23 @@ def test_a_run_with_one_view_is_scored_as_that_model(trained, tmp_path):
     single = score_run(tmp_path / "run", root / "prep", split="test")
     assert list(single["models"]) == ["color"]
     assert single["ensemble"]["final"] == pytest.approx(report["models"]["color"]["final"])
+
+
+@pytest.mark.slow
+def test_predict_on_raw_photos_equals_the_scored_predictions(trained, tmp_path):
+    """New photos go through preprocessing's own crop and views: the same probabilities as score."""
+    from fundus_ensemble.inference.predict import patients_in_manifest, predict_photos
+
+    root, _, report = trained
+    source = root / "data" / "manifest.csv"
+    test_rows = [line for line in source.read_text().splitlines() if line.endswith(",test")]
+    header = source.read_text().splitlines()[0]
+    (root / "data" / "test_only.csv").write_text("\n".join([header, *test_rows]) + "\n")
+    summary = predict_photos(root / "run", patients_in_manifest(root / "data" / "test_only.csv"), tmp_path / "pred", progress=False)
+    assert summary["predicted"] == report["patients"]
+    with open(tmp_path / "pred" / "predictions.csv") as handle:
+        predicted = {r["ID"]: [float(r[c]) for c in LABELS] for r in csv.DictReader(handle)}
+    with open(root / "run" / "score_test" / "predictions.csv") as handle:
+        scored = {r["ID"]: [float(r[c]) for c in LABELS] for r in csv.DictReader(handle)}
+    assert predicted.keys() == scored.keys()
+    assert max(abs(a - b) for k in scored for a, b in zip(predicted[k], scored[k])) <= 2e-6

@@ -179,11 +179,27 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
-def load_view(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
-    """Load a preprocessed view as the model's input: uint8 RGB (gray views replicated to 3 channels)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # IMREAD_COLOR replicates a gray PNG to 3 channels
-    if image is None:
-        raise ImageError(f"cannot read preprocessed view {path}; re-run preprocessing")
+def make_views(path: str | os.PathLike, size: int, views=tuple(VIEW_FUNCTIONS), max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """A photo file to its views (OpenCV arrays): decode, crop to the retina, square, resize.
+
+    The one path from a photo to views, for preprocessing (which saves them as PNG) and for
+    prediction on new photos (which feeds them on, via :func:`view_to_model_input`).
+    """
+    square = crop_to_fov(decode_image(path, max_pixels), size)
+    return {view: VIEW_FUNCTIONS[view](square) for view in views}
+
+
+def view_to_model_input(view: np.ndarray, size: int | None = None) -> np.ndarray:
+    """A view array (BGR, or one gray channel) as the models take it: uint8 RGB, gray replicated to 3 channels."""
+    image = view if view.ndim == 3 else cv2.cvtColor(view, cv2.COLOR_GRAY2BGR)
     if size is not None and image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def load_view(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """Load a preprocessed view (PNG) as the model's input (:func:`view_to_model_input`)."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # gray PNGs stay one channel, as written
+    if image is None:
+        raise ImageError(f"cannot read preprocessed view {path}; re-run preprocessing")
+    return view_to_model_input(image, size)

@@ -49,7 +49,7 @@ from ..fileio import (
     sha256_file,
 )
 from ..labels import VIEWS
-from .imaging import DEFAULT_MAX_PIXELS, VIEW_FUNCTIONS, crop_to_fov, decode_image, encode_png
+from .imaging import DEFAULT_MAX_PIXELS, encode_png, make_views
 from .manifest import Manifest, write_manifest
 
 DEFAULT_SIZE = 448  # the paper's input resolution
@@ -89,9 +89,8 @@ WORKER_DIED = "the process working on this image died (killed by the system, e.g
 def _process_one(task: tuple[str, str, dict[str, str], int, int | None]) -> tuple[str, str | None]:
     relative, source, targets, size, max_pixels = task
     try:
-        square = crop_to_fov(decode_image(source, max_pixels), size)
-        for view, target in targets.items():
-            atomic_write_bytes(target, encode_png(VIEW_FUNCTIONS[view](square)))
+        for view, image in make_views(source, size, tuple(targets), max_pixels).items():
+            atomic_write_bytes(targets[view], encode_png(image))
     except ImageError as exc:
         return relative, str(exc)
     except cv2.error as exc:  # OpenCV's own failures on pathological input

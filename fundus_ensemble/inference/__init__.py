@@ -1,0 +1,1 @@
+"""Stage 5, inference: trained pairs on new, unlabelled photos."""

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Run a trained pair on new photos: a folder (paired by <id>_left/<id>_right), a manifest, or --left/--right."""
+
+import argparse
+import sys
+
+from fundus_ensemble.cli import run
+from fundus_ensemble.errors import FundusError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="run folder of scripts/train_pair.py")
+    p.add_argument("input", nargs="?", help="folder of photos, or a manifest CSV (label and split columns may be absent)")
+    p.add_argument("--left", help="one patient's left photo (instead of INPUT)")
+    p.add_argument("--right", help="one patient's right photo (instead of INPUT)")
+    p.add_argument("--id", default="patient", help="patient id for --left/--right")
+    p.add_argument("--pattern", default=r"(?P<id>.+)_(?P<eye>left|right)",
+                   help="regex on a photo's file name without extension, with groups id and eye, to pair a folder's photos")
+    p.add_argument("--image-root", help="folder a manifest's image paths are relative to (default: the manifest's folder)")
+    p.add_argument("--out", required=True, help="folder for predictions.csv and decisions.csv")
+    p.add_argument("--batch-size", type=int, default=16, help="patients per batch (memory stays bounded by it)")
+    p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding (0: no limit)")
+    p.add_argument("--force", action="store_true", help="replace earlier predictions in --out")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if (args.input is None) == (args.left is None and args.right is None):
+        raise FundusError("give either INPUT (a folder or a manifest) or --left/--right, not both or neither")
+    if args.batch_size < 1:
+        raise FundusError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from pathlib import Path
+
+    from fundus_ensemble.cli import import_keras
+
+    import_keras()
+    from fundus_ensemble.inference.predict import PatientPhotos, patients_in_folder, patients_in_manifest, predict_photos
+
+    if args.input is None:
+        photos = {eye: Path(p) for eye, p in (("left", args.left), ("right", args.right)) if p}
+        for eye, path in photos.items():
+            if not path.is_file():
+                raise FundusError(f"--{eye} {path}: {'is a folder' if path.is_dir() else 'file not found'}")
+        patients = [PatientPhotos(args.id, photos.get("left"), photos.get("right"))]
+    elif Path(args.input).is_dir():
+        patients = patients_in_folder(args.input, args.pattern)
+    elif Path(args.input).is_file():
+        patients = patients_in_manifest(args.input, args.image_root)
+    else:
+        raise FundusError(f"{args.input}: no such folder or manifest")
+    max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
+    summary = predict_photos(args.run_dir, patients, args.out, args.batch_size, args.force, max_pixels)
+    print(f"{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} rejected; "
+          f"{summary['images']} photos in {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} images/s at "
+          f"{summary['input_size']} px)")
+    print(f"wrote {summary['out_dir']}/predictions.csv and decisions.csv")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,96 @@
+"""Prediction on new photos: finding the patients, bad photos as rows, refusals (issue 8, part 1)."""
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+
+from fundus_ensemble.data.synthetic import EyeSpec, render_eye
+from fundus_ensemble.errors import FundusError
+from fundus_ensemble.inference.predict import PatientPhotos, patients_in_folder, patients_in_manifest, predict_photos
+from fundus_ensemble.labels import LABELS
+
+
+def photo(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), render_eye(EyeSpec(frozenset(), "left", seed), 90))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """An untrained color-only run at 32 px: prediction's plumbing, not its accuracy."""
+    from fundus_ensemble.models import build_patient_model
+
+    run = tmp_path_factory.mktemp("run")
+    (run / "color").mkdir()
+    build_patient_model("mobilenet", 32, None, 0.5).save(str(run / "color" / "model.keras"))
+    (run / "color" / "card.json").write_text(json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32}))
+    return run
+
+
+def test_a_folder_is_paired_by_name_and_a_lone_photo_is_one_patient(tmp_path):
+    for name in ("1_left.jpg", "1_right.jpg", "2_left.png", "solo.jpg", "notes.txt"):
+        photo(tmp_path / name) if not name.endswith(".txt") else (tmp_path / name).write_text("x")
+    patients = {p.patient_id: p for p in patients_in_folder(tmp_path)}
+    assert set(patients) == {"1", "2", "solo"}
+    assert patients["1"].left.name == "1_left.jpg" and patients["1"].right.name == "1_right.jpg"
+    assert patients["2"].right is None and patients["solo"].left.name == "solo.jpg"
+    with pytest.raises(FundusError, match="named groups"):
+        patients_in_folder(tmp_path, r"(?P<id>.+)")
+
+
+def test_a_manifest_without_labels_is_enough(tmp_path):
+    photo(tmp_path / "a.jpg")
+    (tmp_path / "m.csv").write_text("patient_id,left_image,right_image\np1,a.jpg,\n")
+    [patient] = patients_in_manifest(tmp_path / "m.csv")
+    assert patient == PatientPhotos("p1", tmp_path / "a.jpg", None)
+    (tmp_path / "bad.csv").write_text("patient_id,left_image,right_image\np1,../a.jpg,\n")
+    with pytest.raises(FundusError, match=r"row 2, column 'left_image', value '../a.jpg'"):
+        patients_in_manifest(tmp_path / "bad.csv")
+
+
+def test_unusable_photos_become_rejected_rows_not_crashes(tiny_run, tmp_path):
+    good = photo(tmp_path / "in" / "ok_left.jpg")
+    (tmp_path / "in" / "broken_left.jpg").write_bytes(b"not a photo")
+    patients = [PatientPhotos("ok", good, None), PatientPhotos("broken", tmp_path / "in" / "broken_left.jpg", None),
+                PatientPhotos("half", good, tmp_path / "in" / "broken_left.jpg")]
+    summary = predict_photos(tiny_run, patients, tmp_path / "out", progress=False)
+    assert (summary["predicted"], summary["rejected"]) == (2, 1)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "decisions.csv")))
+    broken = [r for r in rows if r["patient_id"] == "broken"]
+    assert len(broken) == 1 and broken[0]["status"] == "rejected" and "not a readable image" in broken[0]["note"]
+    half = [r for r in rows if r["patient_id"] == "half"]
+    assert len(half) == 8 and half[0]["note"].startswith("right: ") and half[0]["color_right"] == ""
+    ok = [r for r in rows if r["patient_id"] == "ok"]
+    assert [r["class"] for r in ok] == list(LABELS)
+    assert all(r["decision"] == str(int(float(r["probability"]) > 0.5)) for r in ok)
+    predictions = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [r["ID"] for r in predictions] == ["ok", "half"]
+    with pytest.raises(FundusError, match="--force"):
+        predict_photos(tiny_run, patients, tmp_path / "out", progress=False)
+
+
+def test_another_naming_with_pattern(tmp_path):
+    photo(tmp_path / "left_3.jpg")
+    photo(tmp_path / "right_3.jpg")
+    [patient] = patients_in_folder(tmp_path, r"(?P<eye>left|right)_(?P<id>\d+)")
+    assert patient.patient_id == "3" and patient.left.name == "left_3.jpg" and patient.right.name == "right_3.jpg"
+
+
+def test_predict_script_one_patient_and_bad_usage(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
+    left = photo(tmp_path / "l.jpg", 1)
+    result = subprocess.run([sys.executable, str(script), str(tiny_run), "--left", str(left), "--id", "x", "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1 of 1 patients predicted" in result.stdout and "images/s at 32 px" in result.stdout
+    both = subprocess.run([sys.executable, str(script), str(tiny_run), str(tmp_path), "--left", str(left), "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and both.stderr.strip().splitlines() == [
+        "error: give either INPUT (a folder or a manifest) or --left/--right, not both or neither"]
