@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for predictions.csv and decisions.csv")
     p.add_argument("--batch-size", type=int, default=16, help="patients per batch (memory stays bounded by it)")
     p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding (0: no limit)")
+    p.add_argument("--calibration", help="calibration.json written by score.py --calibrate-on: per-class thresholds "
+                                          "(default: 0.5 for every class)")
     p.add_argument("--force", action="store_true", help="replace earlier predictions in --out")
     return p
 
@@ -51,7 +53,8 @@ def main(argv=None):
     else:
         raise FundusError(f"{args.input}: no such folder or manifest")
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
-    summary = predict_photos(args.run_dir, patients, args.out, args.batch_size, args.force, max_pixels)
+    summary = predict_photos(args.run_dir, patients, args.out, args.batch_size, args.force, max_pixels,
+                             calibration=args.calibration)
     print(f"{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} rejected; "
           f"{summary['images']} photos in {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} images/s at "
           f"{summary['input_size']} px)")

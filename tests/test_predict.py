@@ -94,3 +94,24 @@ def test_predict_script_one_patient_and_bad_usage(tiny_run, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert both.returncode == 2 and both.stderr.strip().splitlines() == [
         "error: give either INPUT (a folder or a manifest) or --left/--right, not both or neither"]
+
+
+def test_a_fitted_calibration_sets_the_thresholds(tiny_run, tmp_path):
+    from fundus_ensemble.evaluation.calibration import Calibration, ClassCalibration
+
+    cal = Calibration(tuple(ClassCalibration(slope=2.0, intercept=-1.0, threshold=0.3) for _ in LABELS))
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"fitted_on": "val", "flip_tta": False, "ensemble": cal.to_dict()}))
+    good = photo(tmp_path / "in" / "a_left.jpg")
+    predict_photos(tiny_run, [PatientPhotos("a", good, None)], tmp_path / "out", progress=False, calibration=path)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "decisions.csv")))
+    [predicted] = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    for row in rows:
+        threshold = float(row["threshold"])
+        assert row["threshold_source"] == "calibration.json (fitted on val)"
+        assert abs(cal.classes[0].apply(threshold) - 0.5) < 1e-5, "the threshold (6 decimals) is where the calibrated value is 0.5"
+        assert row["decision"] == str(int(float(row["probability"]) > threshold))
+        assert float(predicted[row["class"]]) == pytest.approx(float(cal.classes[0].apply(float(row["probability"]))), abs=2e-6)
+    path.write_text(json.dumps({"fitted_on": "val", "flip_tta": True, "ensemble": cal.to_dict()}))
+    with pytest.raises(FundusError, match="flip-TTA"):
+        predict_photos(tiny_run, [PatientPhotos("a", good, None)], tmp_path / "o2", progress=False, calibration=path)

@@ -10,6 +10,7 @@ streamed in batches, so memory does not grow with the folder.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from ..data.imaging import DEFAULT_MAX_PIXELS, make_views, view_to_model_input
 from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
 from ..errors import FundusError, ImageError
+from ..evaluation.calibration import Calibration, ClassCalibration
 from ..evaluation.ensemble import average_probabilities, load_view_model, predictions_csv, run_views
 from ..fileio import atomic_write_text, claim_folder, csv_for_people
 from ..labels import INPUT_NAMES, LABELS
@@ -102,13 +104,17 @@ def predict_photos(
     force: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    calibration: str | os.PathLike | None = None,
 ) -> dict:
     """Predict every patient; write ``predictions.csv`` and ``decisions.csv`` to ``out_dir``.
 
     Returns counts and the throughput. A patient whose photos are all unusable gets
     ``status=rejected`` with the reasons in ``decisions.csv``, never an exception.
+    ``calibration`` is a ``calibration.json`` of ``score.py --calibrate-on``: its ensemble fit
+    sets the per-class thresholds and the probabilities of ``predictions.csv``, as in score.
     """
     out = Path(out_dir)
+    fitted, source = _load_calibration(calibration)
     if (out / "predictions.csv").exists() and not force:
         raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
     views = run_views(run_dir)
@@ -164,8 +170,12 @@ def predict_photos(
     seconds = time.perf_counter() - start
 
     ok = [(p, r) for p, r, _ in results if r is not None]
-    atomic_write_text(out / "predictions.csv", predictions_csv([p.patient_id for p, _ in ok], np.array([r["ensemble"] for _, r in ok]).reshape(-1, len(LABELS))))
-    atomic_write_text(out / "decisions.csv", _decisions_csv(results, views))
+    probs = np.array([r["ensemble"] for _, r in ok]).reshape(-1, len(LABELS))
+    if fitted is not None:
+        probs = fitted.apply(probs)
+    thresholds = [_raw_threshold(c) for c in fitted.classes] if fitted is not None else [THRESHOLD] * len(LABELS)
+    atomic_write_text(out / "predictions.csv", predictions_csv([p.patient_id for p, _ in ok], probs))
+    atomic_write_text(out / "decisions.csv", _decisions_csv(results, views, thresholds, source))
     return {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok), "images": images,
             "seconds": seconds, "images_per_s": images / seconds if seconds else None, "out_dir": str(out), "input_size": size}
 
@@ -175,7 +185,34 @@ def _predict(model, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
 
 
-def _decisions_csv(results, views) -> str:
+def _load_calibration(path: str | os.PathLike | None) -> tuple[Calibration | None, str]:
+    if path is None:
+        return None, "default 0.5"
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        fitted = Calibration.from_dict(data["ensemble"])
+    except FileNotFoundError:
+        raise FundusError(f"--calibration {path}: file not found") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FundusError(f"--calibration {path}: not a calibration.json of score.py --calibrate-on ({exc})") from None
+    if data.get("flip_tta"):
+        raise FundusError(f"--calibration {path} was fitted on flip-TTA predictions; predict does not flip, so its "
+                          "thresholds would not fit: calibrate with score.py --calibrate-on val without --flip-tta")
+    if len(fitted.classes) != len(LABELS):
+        raise FundusError(f"--calibration {path}: {len(fitted.classes)} classes, expected {len(LABELS)}")
+    return fitted, f"{path.name} (fitted on {data.get('fitted_on', '?')})"
+
+
+def _raw_threshold(c: ClassCalibration) -> float:
+    """The ensemble probability at which the calibrated one crosses 0.5 (the calibration is monotone)."""
+    if c.slope <= 0:
+        return float("nan")  # a reversed or flat fit has no such threshold; the calibrated value decides
+    z = (np.log(c.threshold) - np.log1p(-c.threshold) - c.intercept) / c.slope
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
+def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
     eye_columns = [f"{v}_{eye}" for v in views for eye in ("left", "right")]
     header = ["patient_id", "status", "note", "class", "probability", "threshold", "threshold_source", "decision", *eye_columns]
     rows = []
@@ -186,5 +223,7 @@ def _decisions_csv(results, views) -> str:
         for j, label in enumerate(LABELS):
             p = float(result["ensemble"][j])
             eyes = [f"{result['eyes'][(v, eye)][j]:.6f}" if (v, eye) in result["eyes"] else "" for v in views for eye in ("left", "right")]
-            rows.append([patient.patient_id, "ok", note, label, f"{p:.6f}", THRESHOLD, "default 0.5", int(p > THRESHOLD), *eyes])
+            threshold = thresholds[j]
+            decision = int(p > threshold) if np.isfinite(threshold) else ""
+            rows.append([patient.patient_id, "ok", note, label, f"{p:.6f}", f"{threshold:.6f}", source, decision, *eyes])
     return csv_for_people(header, rows)
