@@ -220,10 +220,14 @@ def test_predict_on_raw_photos_equals_the_scored_predictions(trained, tmp_path):
     from fundus_ensemble.inference.predict import patients_in_manifest, predict_photos
 
     root, _, report = trained
-    source = root / "data" / "manifest.csv"
-    test_rows = [line for line in source.read_text().splitlines() if line.endswith(",test")]
-    header = source.read_text().splitlines()[0]
-    (root / "data" / "test_only.csv").write_text("\n".join([header, *test_rows]) + "\n")
+    with open(root / "data" / "manifest.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, test_rows = reader.fieldnames, [row for row in reader if row["split"] == "test"]
+    with open(root / "data" / "test_only.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(test_rows)
+    assert len(test_rows) == report["patients"]
     summary = predict_photos(root / "run", patients_in_manifest(root / "data" / "test_only.csv"), tmp_path / "pred", progress=False)
     assert summary["predicted"] == report["patients"]
     with open(tmp_path / "pred" / "predictions.csv") as handle:
