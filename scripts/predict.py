@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding (0: no limit)")
     p.add_argument("--calibration", help="calibration.json written by score.py --calibrate-on: per-class thresholds "
                                           "(default: 0.5 for every class)")
+    p.add_argument("--explain", nargs="?", const="", metavar="CLASSES",
+                   help="write Grad-CAM heatmaps (PNG overlays and .npy) to OUT/heatmaps: for the comma-separated CLASSES "
+                        "(e.g. D,G; 'all'), or without a value for each patient's classes decided positive")
+    p.add_argument("--report", action="store_true",
+                   help="also write OUT/report.html: one card per patient with both eyes, heatmaps and decisions "
+                        "(implies --explain; the first 200 patients)")
     p.add_argument("--force", action="store_true", help="replace earlier predictions in --out")
     return p
 
@@ -36,7 +42,9 @@ def main(argv=None):
     from pathlib import Path
 
     from fundus_ensemble.cli import import_keras
+    from fundus_ensemble.labels import parse_classes
 
+    explain_classes = parse_classes(args.explain, "--explain")  # checked before Keras starts
     import_keras()
     from fundus_ensemble.inference.predict import PatientPhotos, patients_in_folder, patients_in_manifest, predict_photos
 
@@ -54,11 +62,16 @@ def main(argv=None):
         raise FundusError(f"{args.input}: no such folder or manifest")
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
     summary = predict_photos(args.run_dir, patients, args.out, args.batch_size, args.force, max_pixels,
-                             calibration=args.calibration)
+                             calibration=args.calibration, explain=args.explain is not None,
+                             explain_classes=explain_classes, report=args.report)
     print(f"{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} rejected; "
           f"{summary['images']} photos in {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} images/s at "
           f"{summary['input_size']} px)")
     print(f"wrote {summary['out_dir']}/predictions.csv and decisions.csv")
+    if args.report:
+        print(f"wrote {summary['out_dir']}/report.html")
+    if args.explain is not None or args.report:
+        print(f"wrote {summary['heatmaps']} heatmaps to {summary['out_dir']}/heatmaps (listed in heatmaps.csv)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ def main(argv=None):
     parser.add_argument("--flip-tta", action="store_true", help="also predict the mirrored eyes and average")
     parser.add_argument("--calibrate-on", choices=["train", "val", "test"],
                         help="fit per-class calibration on this split's predictions (not the scored split; usually val)")
+    parser.add_argument("--report", action="store_true",
+                        help="also write report.html there: curves, calibration, training curves, a gallery with heatmaps")
+    parser.add_argument("--gallery", type=int, default=3, metavar="N",
+                        help="with --report: patients per class and group (true/false positives, false negatives)")
     args = parser.parse_args(argv)
+    if args.gallery < 0:
+        raise FundusError(f"--gallery must be 0 or more, got {args.gallery}")
     from fundus_ensemble.cli import import_keras
 
     import_keras()
@@ -37,6 +43,10 @@ def main(argv=None):
                        force=args.force, flip_tta=args.flip_tta, calibrate_on=args.calibrate_on)
     print(format_score_table(report))
     print(f"wrote {report['out_dir']}/predictions.csv, predictions_detail.csv and score.json")
+    if args.report:
+        from fundus_ensemble.inference.report import write_score_report
+
+        print(f"wrote {write_score_report(args.run_dir, args.prep_dir, report['out_dir'], gallery=args.gallery)}")
 
 
 if __name__ == "__main__":

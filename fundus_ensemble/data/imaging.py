@@ -151,10 +151,21 @@ def crop_to_fov(image: np.ndarray, size: int) -> np.ndarray:
     white = float((crop.min(axis=2) >= 245)[retina].mean()) if retina.any() else 0.0
     if white > MAX_WHITE_FRACTION:
         raise ImageError(f"overexposed ({white:.0%} of the retina is near white)")
+    return square_crop(image, (x0, y0, x1, y1), size)
+
+
+def square_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Cut ``box`` out of ``image``, pad it to a centred black square, resize to ``size`` x ``size``.
+
+    Public so that anything drawn in photo coordinates (a synthetic finding's region, an
+    annotation) lands on the same pixels of a view as the photo does.
+    """
+    x0, y0, x1, y1 = box
+    crop = image[y0:y1, x0:x1]
     h, w = crop.shape[:2]
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    square = cv2.copyMakeBorder(crop, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    square = cv2.copyMakeBorder(crop, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0)
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
     return cv2.resize(square, (size, size), interpolation=interpolation)
 

@@ -70,6 +70,16 @@ def eye_findings(rng: np.random.Generator, labels: tuple[int, ...]) -> dict[str,
 
 def render_eye(spec: EyeSpec, diameter: int = 256) -> np.ndarray:
     """Render one photograph (uint8 BGR) with a black camera surround around the retina."""
+    return render_eye_with_regions(spec, diameter)[0]
+
+
+def render_eye_with_regions(spec: EyeSpec, diameter: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`render_eye`, and where the localised findings are (or would be) drawn.
+
+    The regions (boolean masks in photo coordinates) are ``A``: the macular area the drusen
+    fall in, spots' radius included; ``G``: the optic disc. They let a test check that an
+    explanation points where the generator planted a finding.
+    """
     rng = np.random.default_rng(spec.seed)
     f = spec.findings
     d = diameter
@@ -114,8 +124,9 @@ def render_eye(spec: EyeSpec, diameter: int = 256) -> np.ndarray:
 
     if "D" in f:
         _diabetic(img, rng, cx, cy, r, disc, disc_r)
+    spot_sizes = (1.5, 3.5) if d < 300 else (2, 5)
     if "A" in f:
-        _spots(img, rng, macula, 0.30 * r, int(rng.integers(18, 36)), (1.5, 3.5) if d < 300 else (2, 5), (90, 215, 235))
+        _spots(img, rng, macula, 0.30 * r, int(rng.integers(18, 36)), spot_sizes, (90, 215, 235))
     if "O" in f:
         _other(img, rng, cx, cy, r, disc, disc_r, side)
 
@@ -129,7 +140,11 @@ def render_eye(spec: EyeSpec, diameter: int = 256) -> np.ndarray:
     img *= rng.uniform(0.85, 1.1)  # exposure
     img += rng.normal(0, 2.0, img.shape).astype(np.float32)
     img[~inside] = rng.uniform(0, 6)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    regions = {
+        "A": np.sqrt((xx - macula[0]) ** 2 + (yy - macula[1]) ** 2) <= 0.30 * r + spot_sizes[1] + 1,
+        "G": disc_mask <= 1,
+    }
+    return np.clip(img, 0, 255).astype(np.uint8), regions
 
 
 def _tessellate(img: np.ndarray, rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, d: int) -> None:
@@ -227,15 +242,17 @@ def write_synthetic_dataset(
     manifest_name: str = "manifest.csv",
     fractions: dict[str, float] | None = None,
     jpeg_quality: int = 90,
+    prevalence: dict[str, float] = DEMO_PREVALENCE,
 ) -> Path:
     """Write ``n_patients`` synthetic patients (JPEG photos + manifest) under ``root``.
 
     Photo sizes vary (each retina ``diameter`` times 0.8-1.25) like images from different
-    cameras. Returns the manifest path; image paths in it are relative to ``root``.
+    cameras. ``prevalence`` gives each disease's chance per patient. Returns the manifest
+    path; image paths in it are relative to ``root``.
     """
     root = Path(root)
     fractions = fractions or {"train": 0.6, "val": 0.2, "test": 0.2}
-    records = make_patients(n_patients, seed)
+    records = make_patients(n_patients, seed, prevalence)
     splits = stratified_split(np.array([lab for _, lab, _ in records]), fractions, seed)
     size_rng = np.random.default_rng(seed + 1)
     patients = []

@@ -10,6 +10,7 @@ streamed in batches, so memory does not grow with the folder.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,20 +18,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.imaging import DEFAULT_MAX_PIXELS, make_views, view_to_model_input
+from ..data.imaging import DEFAULT_MAX_PIXELS, encode_png, make_views, view_to_model_input
 from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
 from ..errors import FundusError, ImageError
 from ..evaluation.calibration import Calibration, ClassCalibration
 from ..evaluation.ensemble import average_probabilities, load_view_model, predictions_csv, run_views
-from ..fileio import atomic_write_text, claim_folder, csv_for_people
+from ..fileio import atomic_write_bytes, atomic_write_text, claim_folder, csv_for_people, remove_owned
 from ..labels import INPUT_NAMES, LABELS
+from .explain import GradCam, ensemble_heatmaps, overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 DEFAULT_PATTERN = r"(?P<id>.+)_(?P<eye>left|right)"
 THRESHOLD = 0.5
+HEATMAP_DIR = "heatmaps"
+DISPLAY_SIZE = 256  # overlays are drawn on a crop of the photo at least this large, to be readable
+REPORT_MAX_PATIENTS = 200
+REPORT_THUMB = 160
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ def predict_photos(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     calibration: str | os.PathLike | None = None,
+    explain: bool = False,
+    explain_classes: list[str] | None = None,
+    report: bool = False,
 ) -> dict:
     """Predict every patient; write ``predictions.csv`` and ``decisions.csv`` to ``out_dir``.
 
@@ -112,7 +122,12 @@ def predict_photos(
     ``status=rejected`` with the reasons in ``decisions.csv``, never an exception.
     ``calibration`` is a ``calibration.json`` of ``score.py --calibrate-on``: its ensemble fit
     sets the per-class thresholds and the probabilities of ``predictions.csv``, as in score.
+    ``explain`` writes Grad-CAM heatmaps (:mod:`.explain`) to ``out_dir/heatmaps`` for
+    ``explain_classes``, or for each patient's classes decided positive when it is None.
+    ``report`` (implies ``explain``) writes ``report.html``, one card per patient (the first
+    :data:`REPORT_MAX_PATIENTS`, so the page stays readable and memory bounded).
     """
+    explain = explain or report
     out = Path(out_dir)
     fitted, source = _load_calibration(calibration)
     if (out / "predictions.csv").exists() and not force:
@@ -123,7 +138,15 @@ def predict_photos(
     if len(sizes) != 1:
         raise FundusError(f"{run_dir}: the view models take different sizes {sorted(sizes)}")
     size = sizes.pop()
+    thresholds = [_raw_threshold(c) for c in fitted.classes] if fitted is not None else [THRESHOLD] * len(LABELS)
+    cams = {view: GradCam(model) for view, (model, _) in models.items()} if explain else {}
     claim_folder(out, "predictions")
+    if explain:
+        if force:
+            remove_owned(out / HEATMAP_DIR)  # no heatmap of an earlier run may pass for this one's
+        claim_folder(out / HEATMAP_DIR, "heatmaps")
+    explained: list[list[str]] = []
+    cards: dict[str, dict] = {}
 
     results: list[tuple[PatientPhotos, dict | None, str]] = []
     start, images = time.perf_counter(), 0
@@ -131,7 +154,7 @@ def predict_photos(
                disable=not progress)
     for first in range(0, len(patients), batch_size):
         chunk = patients[first : first + batch_size]
-        inputs, usable = {v: {"left": [], "right": []} for v in views}, []
+        inputs, usable, one_eyed = {v: {"left": [], "right": []} for v in views}, [], []
         for patient in chunk:
             made, reasons = {}, []
             for eye in ("left", "right"):
@@ -152,6 +175,7 @@ def predict_photos(
                 inputs[v]["left"].append(left[v])
                 inputs[v]["right"].append(right[v])
             usable.append((patient, sorted(made), "; ".join(reasons)))
+            one_eyed.append(len(made) == 1)
         if not usable:
             continue
         per_view, per_eye = {}, {}
@@ -161,6 +185,10 @@ def predict_photos(
             # each eye alone: the same eye in both inputs is exactly that eye's features (max = mean)
             per_eye[v] = {"left": _predict(model, left, left), "right": _predict(model, right, right)}
         ensemble = average_probabilities(per_view)
+        if explain:
+            collect = cards if report and len(cards) < REPORT_MAX_PATIENTS else None
+            explained += _explain_chunk(cams, inputs, np.array(one_eyed), usable, ensemble, thresholds, explain_classes,
+                                        size, out / HEATMAP_DIR, max_pixels, collect)
         for k, (patient, present, note) in enumerate(usable):
             results.append((patient, {
                 "ensemble": ensemble[k], "views": {v: per_view[v][k] for v in views},
@@ -173,11 +201,73 @@ def predict_photos(
     probs = np.array([r["ensemble"] for _, r in ok]).reshape(-1, len(LABELS))
     if fitted is not None:
         probs = fitted.apply(probs)
-    thresholds = [_raw_threshold(c) for c in fitted.classes] if fitted is not None else [THRESHOLD] * len(LABELS)
     atomic_write_text(out / "predictions.csv", predictions_csv([p.patient_id for p, _ in ok], probs))
     atomic_write_text(out / "decisions.csv", _decisions_csv(results, views, thresholds, source))
+    if explain:
+        header = ["patient_id", "eye", "class", "probability", "decision", "overlay", "array"]
+        atomic_write_text(out / HEATMAP_DIR / "heatmaps.csv", csv_for_people(header, explained))
+    summary = {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok)}
+    if report:
+        from .report import write_prediction_report  # matplotlib and the page code only when asked for
+
+        shown = []
+        for patient, result, note in results:
+            if result is None:
+                shown.append({"patient_id": patient.patient_id, "status": "rejected", "note": note})
+            elif patient.patient_id in cards:
+                probability = [float(v) for v in result["ensemble"]]
+                decision = [bool(np.isfinite(t) and p > t) for p, t in zip(probability, thresholds)]
+                shown.append({"patient_id": patient.patient_id, "status": "ok", "note": note, **cards[patient.patient_id],
+                              "probability": probability, "decision": decision})
+        write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary)
     return {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok), "images": images,
-            "seconds": seconds, "images_per_s": images / seconds if seconds else None, "out_dir": str(out), "input_size": size}
+            "seconds": seconds, "images_per_s": images / seconds if seconds else None, "out_dir": str(out), "input_size": size,
+            "heatmaps": len(explained)}
+
+
+def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes, size, folder: Path, max_pixels,
+                   collect: dict | None = None) -> list[list[str]]:
+    """Grad-CAM of one batch of patients, averaged over the view models; writes PNG overlays and .npy arrays.
+
+    ``collect`` receives, per patient, the eye photos and heatmaps a report card shows.
+    """
+    decided = np.array([[p > t if np.isfinite(t) else False for p, t in zip(row, thresholds)] for row in ensemble])
+    wanted = [[LABELS.index(c) for c in classes] if classes is not None else list(np.flatnonzero(row)) for row in decided]
+    needed = sorted({c for w in wanted for c in w})
+    heat = None
+    if needed:
+        per_view = {}
+        for view, cam in cams.items():
+            left, right = np.stack(inputs[view]["left"]), np.stack(inputs[view]["right"])
+            per_view[view], _ = cam.heatmaps(left, right, needed, same_eye=one_eyed)
+        heat = ensemble_heatmaps(per_view, size)
+    display = max(size, DISPLAY_SIZE)
+    rows = []
+    for k, (patient, present, _) in enumerate(usable):
+        card = collect.setdefault(patient.patient_id, {"eyes": {}, "heatmaps": {}}) if collect is not None else None
+        for eye_index, eye in enumerate(("left", "right")):
+            if eye not in present or (not wanted[k] and card is None):
+                continue
+            photo = make_views(getattr(patient, eye), display, ("color",), max_pixels)["color"]
+            if card is not None:
+                card["eyes"][eye] = cv2.resize(photo, (REPORT_THUMB, REPORT_THUMB), interpolation=cv2.INTER_AREA)
+            for c in wanted[k]:
+                j = needed.index(c)
+                stem = f"{_safe_name(patient.patient_id)}_{eye}_{LABELS[c]}"
+                buffer = io.BytesIO()
+                np.save(buffer, heat[j, k, eye_index])
+                atomic_write_bytes(folder / f"{stem}.npy", buffer.getvalue())
+                atomic_write_bytes(folder / f"{stem}.png", encode_png(overlay(photo, heat[j, k, eye_index])))
+                if card is not None:
+                    card["heatmaps"][(eye, LABELS[c])] = heat[j, k, eye_index]
+                rows.append([patient.patient_id, eye, LABELS[c], f"{ensemble[k, c]:.6f}", str(int(decided[k, c])),
+                             f"{stem}.png", f"{stem}.npy"])
+    return rows
+
+
+def _safe_name(patient_id: str) -> str:
+    """A patient id as a file name part: path separators and odd characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", patient_id).lstrip(".") or "patient"
 
 
 def _predict(model, left: np.ndarray, right: np.ndarray) -> np.ndarray:

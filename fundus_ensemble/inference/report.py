@@ -1,0 +1,321 @@
+"""One self-contained HTML page a person reads: a scored split, or predictions on new photos.
+
+Every image is inlined as a ``data:`` URI and there is no script or stylesheet from elsewhere,
+so the file opens anywhere, offline, and can be mailed as it is. Plots use matplotlib's
+``Agg`` backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..data.batches import ImageStore
+from ..data.manifest import load_manifest
+from ..errors import FundusError
+from ..evaluation.ensemble import load_view_model, run_views
+from ..fileio import atomic_write_text
+from ..labels import LABEL_NAMES, LABELS
+from .explain import GradCam, ensemble_heatmaps, overlay
+
+THRESHOLD = 0.5
+THUMB = 160  # px a side for the eyes in galleries and cards
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 12px}
+h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.trivial td{color:#777;font-style:italic}
+img{max-width:100%%}.note{color:#555;font-size:0.9em;max-width:900px}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}.case{border:1px solid #ddd;padding:6px;font-size:0.8em;width:max-content}
+.case img{width:%dpx;height:%dpx;margin-right:2px}.pos{color:#b00;font-weight:bold}
+""" % (THUMB, THUMB)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; set before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _figure_uri(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return _png_uri(buffer.getvalue())
+
+
+def _image_uri(bgr: np.ndarray) -> str:
+    ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 88])
+    if not ok:
+        raise FundusError("could not encode an image for the report")
+    return _png_uri(data.tobytes(), "image/jpeg")
+
+
+def _img(uri: str, alt: str, extra: str = "") -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}" {extra}>'
+
+
+def _page(title: str, sections: list[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
+            f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
+
+
+# --- a scored split ---------------------------------------------------------------------------
+
+def _score_table(report: dict) -> str:
+    head = "<tr><th>model</th><th>kappa</th><th>F1</th><th>AUC</th><th>final</th>" + "".join(
+        f"<th>AUC {c}</th>" for c in LABELS) + "</tr>"
+    rows = []
+    entries = [(name, s, "") for name, s in report["models"].items()] + [("ensemble", report["ensemble"], "")]
+    entries += [(name, s, "trivial") for name, s in report.get("trivial", {}).items()]
+    for name, s, kind in entries:
+        per_class = s.get("per_class", {})
+        aucs = "".join(f"<td>{'n/a' if per_class.get(c, {}).get('auc') is None else format(per_class[c]['auc'], '.3f')}</td>"
+                       for c in LABELS)
+        bold = ("<b>", "</b>") if name == "ensemble" else ("", "")
+        rows.append(f'<tr class="{kind}"><td>{bold[0]}{html.escape(name)}{bold[1]}</td>' + "".join(
+            f"<td>{s[k]:.4f}</td>" for k in ("kappa", "f1", "auc", "final")) + aucs + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _curves(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[str, str]:
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    plt = _plt()
+    figures = []
+    for kind in ("roc", "pr"):
+        fig, axes = plt.subplots(2, 4, figsize=(13, 6.4))
+        for j, (ax, c) in enumerate(zip(axes.ravel(), LABELS)):
+            positives = int(y_true[:, j].sum())
+            ax.set_title(f"{c} {LABEL_NAMES[c]} ({positives} pos.)", fontsize=10)
+            if positives in (0, len(y_true)):
+                ax.text(0.5, 0.5, "undefined:\nno positives or\nno negatives", ha="center", va="center")
+            elif kind == "roc":
+                fpr, tpr, _ = roc_curve(y_true[:, j], y_prob[:, j])
+                ax.plot(fpr, tpr, color="C0")
+                ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+                ax.text(0.97, 0.05, f"AUC {auc(fpr, tpr):.3f}", ha="right")
+            else:
+                precision, recall, _ = precision_recall_curve(y_true[:, j], y_prob[:, j])
+                ax.plot(recall, precision, color="C1")
+                ax.axhline(positives / len(y_true), color="0.7", lw=0.8, ls="--")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("false positive rate" if kind == "roc" else "recall", fontsize=8)
+            ax.set_ylabel("true positive rate" if kind == "roc" else "precision", fontsize=8)
+            ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        figures.append(_figure_uri(fig))
+    return figures[0], figures[1]
+
+
+def _reliability(y_true: np.ndarray, y_prob: np.ndarray, bins: int = 10) -> str:
+    plt = _plt()
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(y_prob.ravel(), edges[1:-1]), 0, bins - 1)
+    truth = y_true.ravel()
+    count = np.bincount(index, minlength=bins)
+    mean_p = np.bincount(index, y_prob.ravel(), bins) / np.maximum(count, 1)
+    rate = np.bincount(index, truth, bins) / np.maximum(count, 1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 5.5), height_ratios=[3, 1], sharex=True)
+    top.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8, label="perfect calibration")
+    top.plot(mean_p[count > 0], rate[count > 0], "o-", label="ensemble (all classes pooled)")
+    top.set_ylabel("observed positive rate")
+    top.legend(fontsize=8, loc="upper left")
+    bottom.bar((edges[:-1] + edges[1:]) / 2, count, width=0.09, color="0.6")
+    bottom.set_xlabel("predicted probability")
+    bottom.set_ylabel("patient-classes")
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def _confusion(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> str:
+    decided = y_prob > threshold
+    rows = []
+    for j, c in enumerate(LABELS):
+        t, d = y_true[:, j].astype(bool), decided[:, j]
+        tp, fp, fn, tn = int((t & d).sum()), int((~t & d).sum()), int((t & ~d).sum()), int((~t & ~d).sum())
+        sens = f"{tp / (tp + fn):.2f}" if tp + fn else "n/a"
+        spec = f"{tn / (tn + fp):.2f}" if tn + fp else "n/a"
+        rows.append(f"<tr><td>{c} {LABEL_NAMES[c]}</td><td>{tp}</td><td>{fp}</td><td>{fn}</td><td>{tn}</td>"
+                    f"<td>{sens}</td><td>{spec}</td></tr>")
+    return ("<table><tr><th>class</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th><th>sensitivity</th>"
+            f"<th>specificity</th></tr>{''.join(rows)}</table>")
+
+
+def _history(run_dir: Path, views: tuple[str, ...]) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for k, view in enumerate(views):
+        path = run_dir / view / "history.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        epochs = [int(r["epoch"]) for r in rows]
+
+        def column(name):
+            return [float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows]
+
+        axes[0].plot(epochs, column("loss"), color=f"C{k}", label=f"{view} train")
+        axes[0].plot(epochs, column("val_loss"), color=f"C{k}", ls="--", label=f"{view} val")
+        axes[1].plot(epochs, column("val_final_score"), color=f"C{k}", marker="o", ms=3, label=view)
+        fine = [e for e, r in zip(epochs, rows) if r.get("phase") == "fine_tune"]
+        if fine:
+            for ax in axes:
+                ax.axvline(fine[0] - 0.5, color=f"C{k}", lw=0.6, ls=":")
+    axes[0].set_title("loss (weighted BCE)")
+    axes[1].set_title("validation ODIR final score")
+    for ax in axes:
+        ax.set_xlabel("epoch (dotted: fine-tune phase starts)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def _gallery(run_dir: Path, prep_dir: Path, split: str, ids: list[str], y_true: np.ndarray, y_prob: np.ndarray,
+             per_group: int, threshold: float) -> str:
+    """Per class: the most confident true positives, false positives and false negatives, with heatmaps."""
+    views = run_views(run_dir)
+    manifest = load_manifest(prep_dir / views[0] / "manifest.csv", check_files=False).select(split)
+    stores = {v: ImageStore(load_manifest(prep_dir / v / "manifest.csv", check_files=False), None, cache=False) for v in views}
+    models = {v: load_view_model(run_dir, v) for v in views}
+    cams = {v: GradCam(m) for v, (m, _) in models.items()}
+    size = models[views[0]][1]["input_size"]
+    patients = {p.patient_id: p for p in manifest.patients}
+    groups = {}
+    for j, c in enumerate(LABELS):
+        t, p = y_true[:, j].astype(bool), y_prob[:, j]
+        groups[c] = {
+            "true positives (most confident)": [i for i in np.argsort(-p) if t[i] and p[i] > threshold][:per_group],
+            "false positives (most confident)": [i for i in np.argsort(-p) if not t[i] and p[i] > threshold][:per_group],
+            "false negatives (most missed)": [i for i in np.argsort(p) if t[i] and p[i] <= threshold][:per_group],
+        }
+    shown = sorted({i for g in groups.values() for chosen in g.values() for i in chosen})
+    heat, thumbs = {}, {}
+    for first in range(0, len(shown), 16):  # every class's heatmap of a batch of shown patients at once
+        batch = shown[first:first + 16]
+        eyes = [[patients[ids[i]].left_image or patients[ids[i]].right_image,
+                 patients[ids[i]].right_image or patients[ids[i]].left_image] for i in batch]
+        same = np.array([left == right for left, right in eyes])
+        maps = {}
+        for v in views:
+            left = np.stack([stores[v](e[0]) for e in eyes])
+            right = np.stack([stores[v](e[1]) for e in eyes])
+            maps[v] = cams[v].heatmaps(left, right, list(range(len(LABELS))), same_eye=same)[0]
+        averaged = ensemble_heatmaps(maps, size)
+        shown_view = "color" if "color" in views else views[0]
+        for k, i in enumerate(batch):
+            heat[i] = averaged[:, k]
+            thumbs[i] = [cv2.resize(cv2.cvtColor(np.uint8(stores[shown_view](e)), cv2.COLOR_RGB2BGR), (THUMB, THUMB),
+                                    interpolation=cv2.INTER_CUBIC) for e in eyes[k]]
+    parts = []
+    for j, c in enumerate(LABELS):
+        parts.append(f"<h3>{c} {LABEL_NAMES[c]}</h3>")
+        for title, chosen in groups[c].items():
+            if not chosen:
+                parts.append(f"<p class=note>{title}: none</p>")
+                continue
+            cases = []
+            for i in chosen:
+                images = []
+                for e, eye in enumerate(("left", "right")):
+                    images.append(_img(_image_uri(thumbs[i][e]), f"{ids[i]} {eye} eye"))
+                    images.append(_img(_image_uri(overlay(thumbs[i][e], heat[i][j, e])), f"{ids[i]} {eye} eye, {c} heatmap"))
+                cases.append(f'<div class="case">{"".join(images)}<br>{html.escape(ids[i])}: p({c}) = {y_prob[i, j]:.3f}, '
+                             f"label {int(y_true[i, j])} &middot; left eye, its heatmap, right eye, its heatmap</div>")
+            parts.append(f"<p>{title}</p><div class=gallery>{''.join(cases)}</div>")
+    return "\n".join(parts)
+
+
+def write_score_report(run_dir: str | os.PathLike, prep_dir: str | os.PathLike, score_dir: str | os.PathLike,
+                       out_path: str | os.PathLike | None = None, gallery: int = 3) -> Path:
+    """The report of a split scored by ``score.py`` (its ``score.json`` and ``predictions_detail.csv``)."""
+    run, prep, score = Path(run_dir), Path(prep_dir), Path(score_dir)
+    if not (score / "score.json").is_file():
+        raise FundusError(f"{score / 'score.json'} not found; score the split first (scripts/score.py, or --report there)")
+    report = json.loads((score / "score.json").read_text())
+    with open(score / "predictions_detail.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    ids = [r["ID"] for r in rows]
+    y_prob = np.array([[float(r[f"ensemble_{c}"]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS))
+    y_true = np.array([[int(r[f"label_{c}"]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS))
+    views = tuple(report["models"])
+    roc, pr = _curves(y_true, y_prob)
+    calibrated = f", calibrated on {report['calibrated_on']}" if report.get("calibrated_on") else ""
+    sections = [
+        f"<p class=note>Split <b>{html.escape(report['split'])}</b>: {report['patients']} patients; run "
+        f"<code>{html.escape(str(run))}</code>; ensemble of {', '.join(views)}{calibrated}"
+        f"{', flip TTA' if report.get('flip_tta') else ''}. Probabilities are the ensemble's unless a row says otherwise.</p>",
+        "<h2>Scores</h2><p class=note>ODIR final = (kappa + F1 + AUC) / 3, F1 and AUC pooled over all patient-classes. "
+        "The grey rows never look at a photo: all-zero predicts no finding, the class prior predicts each class's "
+        "training rate. Pooled F1 and AUC are high even for them, so read a model by its margin over these rows.</p>",
+        _score_table(report),
+        f"<h2>Per-class ROC curves</h2>{_img(roc, 'per-class ROC curves')}",
+        f"<h2>Per-class precision-recall curves</h2><p class=note>Dashed: the class's prevalence (a blind predictor).</p>"
+        f"{_img(pr, 'per-class precision-recall curves')}",
+        f"<h2>Reliability</h2><p class=note>Do the probabilities mean what they say? Points on the diagonal: among "
+        f"patient-classes predicted p, a fraction p is positive.</p>{_img(_reliability(y_true, y_prob), 'reliability diagram')}",
+        f"<h2>Decisions at threshold {THRESHOLD}</h2>{_confusion(y_true, y_prob, THRESHOLD)}",
+        f"<h2>Training curves</h2>{_img(_history(run, views), 'training curves')}",
+    ]
+    if gallery > 0:
+        sections.append("<h2>Gallery</h2><p class=note>Per class, the most confident true positives, false positives "
+                        "and false negatives, each eye beside its Grad-CAM heatmap for that class (averaged over the "
+                        "view models, red = most evidence).</p>")
+        sections.append(_gallery(run, prep, report["split"], ids, y_true, y_prob, gallery, THRESHOLD))
+    out = Path(out_path) if out_path is not None else score / "report.html"
+    atomic_write_text(out, _page(f"fundus-ensemble report: {report['split']} split", sections))
+    return out
+
+
+# --- predictions on new photos ------------------------------------------------------------------
+
+def write_prediction_report(cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict) -> Path:
+    """One card per patient: both eyes, the heatmaps of the explained classes, and the decisions.
+
+    ``cards`` items hold ``patient_id``, ``status``, ``note``, ``eyes`` ({eye: BGR photo}),
+    ``heatmaps`` ({(eye, class): [0, 1] array}), ``probability``, ``threshold`` and ``decision``
+    (per class lists, absent for a rejected patient).
+    """
+    parts = [f"<p class=note>{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} "
+             f"rejected; thresholds: {html.escape(source)}. Heatmaps: Grad-CAM of the classes decided positive (or those "
+             "asked for), averaged over the view models, red = most evidence. A screening aid, not a diagnosis.</p>"]
+    for card in cards:
+        pid = html.escape(card["patient_id"])
+        if card["status"] != "ok":
+            parts.append(f'<div class="case"><b>{pid}</b>: rejected &middot; {html.escape(card["note"])}</div>')
+            continue
+        images = []
+        for eye, photo in card["eyes"].items():
+            thumb = cv2.resize(photo, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
+            images.append(f"<td>{_img(_image_uri(thumb), f'{pid} {eye} eye')}<br>{eye}</td>")
+            for (heat_eye, c), heat in card["heatmaps"].items():
+                if heat_eye == eye:
+                    images.append(f"<td>{_img(_image_uri(overlay(thumb, heat)), f'{pid} {eye} {c} heatmap')}<br>{eye}, {c}</td>")
+        decisions = "".join(
+            f"<td class={'pos' if d else ''}>{c} {p:.2f}{' &#10003;' if d else ''}</td>"
+            for c, p, d in zip(LABELS, card["probability"], card["decision"]))
+        note = f"<br><span class=note>{html.escape(card['note'])}</span>" if card["note"] else ""
+        parts.append(f'<div class="case" style="width:auto;margin-bottom:10px"><b>{pid}</b>{note}<table><tr>{"".join(images)}'
+                     f"</tr></table><table><tr>{decisions}</tr></table></div>")
+    out = Path(out_path)
+    atomic_write_text(out, _page("fundus-ensemble: predictions", parts))
+    return out
+

@@ -1,0 +1,119 @@
+"""The HTML reports: self-contained (nothing fetched from outside), every image decodes, and
+each part the reader needs is there (issue 8, part 3). The page's look is checked by rendering
+it in headless Chromium: scripts/screenshot.py."""
+
+import base64
+import csv
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.preprocess import preprocess_manifest
+from fundus_ensemble.data.synthetic import EyeSpec, render_eye
+from fundus_ensemble.evaluation.ensemble import score_run
+from fundus_ensemble.inference.predict import PatientPhotos, predict_photos
+from fundus_ensemble.inference.report import write_score_report
+from fundus_ensemble.labels import LABELS
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.references, self.images, self.tags = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "data", "poster", "action"):
+                self.references.append((tag, name, value or ""))
+                if tag == "img" and name == "src":
+                    self.images.append(value or "")
+
+
+def check_self_contained(page: str) -> list[np.ndarray]:
+    """Fail on anything the page would fetch; return its inlined images, decoded."""
+    parser = _Collector()
+    parser.feed(page)
+    outside = [r for r in parser.references if not r[2].startswith("data:")]
+    assert not outside, f"references outside the file: {outside[:3]}"
+    assert "script" not in parser.tags and "link" not in parser.tags and "iframe" not in parser.tags
+    assert "url(" not in page and "@import" not in page
+    decoded = []
+    for uri in parser.images:
+        head, _, payload = uri.partition(",")
+        assert head in ("data:image/png;base64", "data:image/jpeg;base64"), head
+        image = cv2.imdecode(np.frombuffer(base64.b64decode(payload, validate=True), np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.size > 0, "an inlined image does not decode"
+        decoded.append(image)
+    return decoded
+
+
+def test_the_checker_catches_an_outside_reference_and_a_broken_image():
+    with pytest.raises(AssertionError, match="outside"):
+        check_self_contained('<img src="https://example.org/x.png">')
+    with pytest.raises(AssertionError, match="does not decode"):
+        check_self_contained('<img src="data:image/png;base64,' + base64.b64encode(b"not a png").decode() + '">')
+
+
+@pytest.fixture(scope="module")
+def scored(small_dataset, tmp_path_factory):
+    """An untrained color model at 32 px, scored on the small dataset's test split: the report's plumbing."""
+    from fundus_ensemble.models import build_patient_model
+
+    root = tmp_path_factory.mktemp("report")
+    preprocess_manifest(load_manifest(small_dataset), root / "prep", size=32, workers=1, progress=False)
+    (root / "run" / "color").mkdir(parents=True)
+    build_patient_model("mobilenet", 32, None, 0.5).save(str(root / "run" / "color" / "model.keras"))
+    (root / "run" / "color" / "card.json").write_text(json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32}))
+    with open(root / "run" / "color" / "history.csv", "w") as handle:
+        handle.write("epoch,phase,loss,val_loss,val_final_score\n1,train,0.9,0.95,0.5\n2,fine_tune,0.8,0.9,0.55\n")
+    score_run(root / "run", root / "prep", split="test")
+    return root
+
+
+def test_score_report_is_self_contained_and_complete(scored):
+    out = write_score_report(scored / "run", scored / "prep", scored / "run" / "score_test", gallery=2)
+    page = out.read_text()
+    images = check_self_contained(page)
+    for part in ("Scores", "all-zero", "class prior (train)", "ROC", "precision-recall", "Reliability",
+                 "Decisions at threshold", "Training curves", "Gallery", "false positives"):
+        assert part in page, part
+    assert len(images) >= 5 + 4  # four plots, at least one gallery case (two eyes and their heatmaps)
+    assert all(min(i.shape[:2]) >= 100 for i in images), "an image too small to read"
+
+
+def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
+    good = tmp_path / "in" / "a_left.jpg"
+    good.parent.mkdir()
+    cv2.imwrite(str(good), render_eye(EyeSpec(frozenset({"D"}), "left", 1), 90))
+    cv2.imwrite(str(tmp_path / "in" / "a_right.jpg"), render_eye(EyeSpec(frozenset(), "right", 2), 90))
+    (tmp_path / "in" / "bad_left.jpg").write_bytes(b"broken")
+    patients = [PatientPhotos("a", good, tmp_path / "in" / "a_right.jpg"), PatientPhotos("bad", tmp_path / "in" / "bad_left.jpg", None)]
+    summary = predict_photos(scored / "run", patients, tmp_path / "out", progress=False, report=True, explain_classes=["D", "G"])
+    assert summary["heatmaps"] == 4  # two eyes x two classes
+    page = (tmp_path / "out" / "report.html").read_text()
+    images = check_self_contained(page)
+    assert len(images) == 2 + 4, "both eyes and their D and G heatmaps"
+    assert "<b>bad</b>: rejected" in page and "not a readable image" in page
+    with open(tmp_path / "out" / "heatmaps" / "heatmaps.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["eye"], r["class"]) for r in rows} == {("left", "D"), ("left", "G"), ("right", "D"), ("right", "G")}
+    for row in rows:
+        heat = np.load(tmp_path / "out" / "heatmaps" / row["array"])
+        assert heat.shape == (32, 32) and 0 <= heat.min() and heat.max() <= 1
+        assert cv2.imread(str(tmp_path / "out" / "heatmaps" / row["overlay"])).shape == (256, 256, 3)
+
+
+def test_report_script_needs_a_score_first(scored, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
+    result = subprocess.run([sys.executable, str(script), str(scored / "run"), str(scored / "prep"), "--split", "val"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "no score.json; run scripts/score.py" in result.stderr
