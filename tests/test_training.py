@@ -236,3 +236,39 @@ def test_predict_on_raw_photos_equals_the_scored_predictions(trained, tmp_path):
         scored = {r["ID"]: [float(r[c]) for c in LABELS] for r in csv.DictReader(handle)}
     assert predicted.keys() == scored.keys()
     assert max(abs(a - b) for k in scored for a, b in zip(predicted[k], scored[k])) <= 2e-6
+
+
+@pytest.mark.slow
+def test_exported_models_match_the_keras_ensemble_on_the_demo_patients(trained, tmp_path):
+    """One exported model per format: float32 within 1e-4 of predict's probabilities, float16 within 1e-2,
+    int8 weights move the pooled validation AUC by at most 0.01."""
+    import cv2
+
+    from fundus_ensemble.data.imaging import crop_to_fov, decode_image
+    from fundus_ensemble.inference.export import export_run, load_exported
+    from fundus_ensemble.inference.predict import patients_in_manifest, predict_photos
+
+    root, _, _ = trained
+    demo = Path(__file__).resolve().parents[1] / "data_manifest.csv"
+    manifest = load_manifest(demo)
+    summary = predict_photos(root / "run", patients_in_manifest(demo), tmp_path / "keras", progress=False)
+    assert summary["predicted"] == len(manifest)
+    reference = read_predictions(tmp_path / "keras" / "predictions.csv")
+    squares = [[cv2.cvtColor(crop_to_fov(decode_image(manifest.image_path(getattr(p, f"{eye}_image"))), 64), cv2.COLOR_BGR2RGB)
+                for eye in ("left", "right")] for p in manifest.patients]
+    val = [i for i, p in enumerate(manifest.patients) if p.split == "val"]
+    labels = manifest.label_matrix()[val]
+    keras_auc = odir_score(labels, reference[val])["auc"]
+    results = {}
+    for fmt, quantize, name in [("saved_model", "none", "sm"), ("tflite", "none", "f32.tflite"),
+                                ("tflite", "float16", "f16.tflite"), ("tflite", "int8", "i8.tflite")]:
+        record = export_run(root / "run", tmp_path / name, fmt, quantize)
+        assert record["views"] == ["color", "gray_eq"] and (tmp_path / f"{name}.json").is_file()
+        run = load_exported(tmp_path / name, threads=1)
+        probs = np.array([run(left, right) for left, right in squares])
+        results[(fmt, quantize)] = (float(np.abs(probs - reference).max()), odir_score(labels, probs[val])["auc"])
+    print({k: (f"{d:.2e}", f"{a:.4f}") for k, (d, a) in results.items()}, "keras AUC", keras_auc)
+    assert results[("saved_model", "none")][0] <= 1e-4
+    assert results[("tflite", "none")][0] <= 1e-4
+    assert results[("tflite", "float16")][0] <= 1e-2
+    assert abs(results[("tflite", "int8")][1] - keras_auc) <= 0.01

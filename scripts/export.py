@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Export a trained run as ONE model (two cropped colour eyes in, the ensemble's 8 probabilities out;
+the gray-eq view is made inside it) for TensorFlow Serving (saved_model) or phones (tflite)."""
+
+import argparse
+import sys
+
+from fundus_ensemble.cli import run
+from fundus_ensemble.errors import FundusError
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run_dir", help="run folder of scripts/train_pair.py")
+    parser.add_argument("--format", default="tflite", choices=["tflite", "saved_model"])
+    parser.add_argument("--quantize", default="none", choices=["none", "float16", "int8"],
+                        help="tflite weights: float32, float16, or int8 with float activations (dynamic range)")
+    parser.add_argument("--out", required=True, help="the .tflite file or the SavedModel folder to write (a .json "
+                                                     "beside it describes the inputs)")
+    parser.add_argument("--ensemble-weights", type=float, nargs="+", metavar="W",
+                        help="weight of each view model, in the order color gray_eq (default: equal)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export at --out")
+    args = parser.parse_args(argv)
+    if args.format == "tflite" and not args.out.endswith(".tflite"):
+        raise FundusError(f"--out {args.out}: a TFLite model's file name ends in .tflite")
+    if args.format == "saved_model" and args.quantize != "none":
+        raise FundusError("--quantize applies to --format tflite; a SavedModel keeps float32 weights")
+    from fundus_ensemble.cli import import_keras
+
+    import_keras()
+    from fundus_ensemble.evaluation.ensemble import run_views
+    from fundus_ensemble.inference.export import export_run
+
+    weights = None
+    if args.ensemble_weights is not None:
+        views = run_views(args.run_dir)
+        if len(args.ensemble_weights) != len(views):
+            raise FundusError(f"--ensemble-weights takes one number per view model ({', '.join(views)}), "
+                              f"got {len(args.ensemble_weights)}")
+        weights = dict(zip(views, args.ensemble_weights))
+    record = export_run(args.run_dir, args.out, args.format, args.quantize, weights, args.force)
+    print(f"wrote {args.out} ({record['bytes'] / 1e6:.1f} MB, {args.format}, weights {args.quantize}); inputs left_eye and "
+          f"right_eye: uint8 RGB (1, {record['input_size']}, {record['input_size']}, 3), the eye cropped by "
+          "fundus_ensemble.data.imaging.crop_to_fov; output: 8 probabilities N,D,G,C,A,H,M,O")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
