@@ -126,16 +126,16 @@ def test_heatmaps_agree_across_backends(small_model, tmp_path):
 # The learning test's model works at 64 px, where the last convolutional block is 2 x 2: too
 # coarse to localise anything. This one trains the colour model at 128 px (4 x 4 maps) on
 # patients who have AMD (drusen around the macula) or nothing.
-EXPLAIN_CONFIG = TrainConfig(backbone="mobilenet", size=128, batch_size=16, epochs=6, fine_tune_epochs=1, seed=0,
+EXPLAIN_CONFIG = TrainConfig(backbone="mobilenet", size=128, batch_size=16, epochs=4, fine_tune_epochs=1, seed=0,
                              bn_recalibration_patients=32)
-# measured: mean ratio 1.70 (per eye 1.51-1.93; README "Explain"); 1.0 would be no localisation at all
+# measured: mean ratio 1.80 (per eye 1.44-2.46; README "Explain"); 1.0 would be no localisation at all
 MIN_RATIO = 1.4
 
 
 @pytest.fixture(scope="module")
 def amd_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
-    manifest = write_synthetic_dataset(root / "data", 120, seed=5, diameter=150, prevalence={"A": 0.5},
+    manifest = write_synthetic_dataset(root / "data", 96, seed=5, diameter=150, prevalence={"A": 0.5},
                                        fractions={"train": 0.8, "val": 0.2, "test": 0.0})
     preprocess_manifest(load_manifest(manifest), root / "prep", size=EXPLAIN_CONFIG.size, progress=False)
     train_pair(root / "prep", root / "run", EXPLAIN_CONFIG, views=("color",))
