@@ -7,7 +7,7 @@ import sys
 from fundus_ensemble.cli import run
 from fundus_ensemble.data.imaging import DEFAULT_MAX_PIXELS
 from fundus_ensemble.data.manifest import load_manifest
-from fundus_ensemble.data.preprocess import DEFAULT_SIZE, preprocess_manifest
+from fundus_ensemble.data.preprocess import DEFAULT_SIZE, merge_shards, parse_shard, preprocess_manifest, preprocess_shard
 from fundus_ensemble.errors import FundusError
 
 
@@ -24,13 +24,28 @@ def main(argv=None):
                         help="reject photos larger than this before decoding them, to bound memory per photo "
                              f"(default {DEFAULT_MAX_PIXELS / 1e6:.0f}; 0: no limit)")
     parser.add_argument("--force", action="store_true", help="delete views made earlier in --out with other settings")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="process only shard I of N (1 <= I <= N; every N-th patient) into OUT/shards/I-of-N, "
+                             "for N copies of this command in a batch scheduler; then run --merge-shards N")
+    parser.add_argument("--merge-shards", type=int, metavar="N",
+                        help="move the N finished shards' views into --out and write its manifests, as one run would")
     args = parser.parse_args(argv)
+    if args.shard and args.merge_shards:
+        raise FundusError("--shard processes one shard and --merge-shards joins them: run them as separate steps")
     manifest = load_manifest(args.manifest, image_root=args.image_root)
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
-    summary = preprocess_manifest(manifest, args.out, size=args.size, workers=args.workers, force=args.force, max_pixels=max_pixels)
+    options = dict(size=args.size, workers=args.workers, force=args.force, max_pixels=max_pixels)
+    if args.merge_shards:
+        if args.merge_shards < 1:
+            raise FundusError(f"--merge-shards takes the number of shards (1 or more), got {args.merge_shards}")
+        summary = merge_shards(manifest, args.out, args.merge_shards, size=args.size)
+    elif args.shard:
+        summary = preprocess_shard(manifest, args.out, *parse_shard(args.shard), **options)
+    else:
+        summary = preprocess_manifest(manifest, args.out, **options)
     print(summary.describe())
     if summary.rejected:
-        print(f"rejected images and reasons: {args.out}/rejects.csv")
+        print(f"rejected images and reasons: {summary.out_dir}/rejects.csv")
     if summary.reject_fraction > args.max_reject_fraction:
         raise FundusError(f"{summary.reject_fraction:.1%} of images rejected, more than --max-reject-fraction {args.max_reject_fraction:.1%}")
 

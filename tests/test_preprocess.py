@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 
@@ -7,6 +8,7 @@ import pytest
 
 from fundus_ensemble.data.manifest import load_manifest
 from fundus_ensemble.data.preprocess import preprocess_manifest
+from fundus_ensemble.errors import FundusError
 
 
 @pytest.fixture()
@@ -84,3 +86,48 @@ def test_views_of_old_settings_never_pass_as_up_to_date(dataset, tmp_path):
     assert full.up_to_date == 24 and full.processed == 24
     sizes = {cv2.imread(str(p)).shape[:2] for p in (out / "color").rglob("*.png")}
     assert sizes == {(48, 48)}
+
+
+def _tree(folder):
+    """Every file under ``folder`` (ownership marks aside) with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name != "preprocess.json"}
+
+
+def test_shards_merged_equal_one_run(dataset, tmp_path):
+    from fundus_ensemble.data.preprocess import merge_shards, preprocess_shard
+
+    (dataset.parent / "images" / "syn0005_right.jpg").write_bytes(b"not a photo")  # a reject must survive the merge
+    manifest = load_manifest(dataset)
+    single = tmp_path / "single"
+    preprocess_manifest(manifest, single, size=48, workers=1, progress=False)
+    sharded = tmp_path / "sharded"
+    shard_summaries = [preprocess_shard(manifest, sharded, i, 3, size=48, workers=1, progress=False) for i in (1, 2, 3)]
+    assert sum(s.images for s in shard_summaries) == 48 and all(s.images < 48 for s in shard_summaries)
+    merged = merge_shards(manifest, sharded, 3, size=48)
+    assert not (sharded / "shards").exists()
+    assert _tree(sharded) == _tree(single)
+    assert len(merged.rejected) == 1
+    records = [json.loads((folder / "preprocess.json").read_text()) for folder in (single, sharded)]
+    for record in records:
+        del record["summary"]["out_dir"]
+    assert records[0] == records[1]
+
+
+def test_merge_refuses_missing_or_mismatched_shards(dataset, tmp_path):
+    from fundus_ensemble.data.preprocess import merge_shards, parse_shard, preprocess_shard
+
+    manifest = load_manifest(dataset)
+    out = tmp_path / "sharded"
+    preprocess_shard(manifest, out, 1, 2, size=48, workers=1, progress=False)
+    with pytest.raises(FundusError, match="shard 2/2 is missing or unfinished"):
+        merge_shards(manifest, out, 2, size=48)
+    preprocess_shard(manifest, out, 2, 2, size=48, workers=1, progress=False)
+    with pytest.raises(FundusError, match="other settings"):
+        merge_shards(manifest, out, 2, size=64)
+    with pytest.raises(FundusError, match="shard 1/3 is missing"):
+        merge_shards(manifest, out, 3, size=48)
+    for bad in ("0/2", "3/2", "two", "1/2/3"):
+        with pytest.raises(FundusError, match="--shard"):
+            parse_shard(bad)
+    assert parse_shard("2/8") == (2, 8)

@@ -78,6 +78,17 @@ class PreprocessSummary:
         )
 
 
+SHARDS = "shards"
+
+
+def _settings(size: int) -> dict:
+    return {"size": size, "views": list(VIEWS), "crop": "largest-bright-region/pad-square", "version": __version__}
+
+
+def _manifest_hash(manifest: Manifest) -> str | None:
+    return sha256_file(manifest.source) if Path(manifest.source).is_file() else None
+
+
 def view_relative_path(image: str) -> str:
     """Where a source image's view lands inside a view folder (same sub-path, ``.png``)."""
     return posixpath.splitext(image)[0] + ".png"
@@ -182,7 +193,7 @@ def preprocess_manifest(
     if size < 32:
         raise FundusError(f"size must be at least 32 pixels (the backbones' minimum), got {size}")
     out = Path(out_dir)
-    settings = {"size": size, "views": list(VIEWS), "crop": "largest-bright-region/pad-square", "version": __version__}
+    settings = _settings(size)
     record_path = out / "preprocess.json"
 
     images = sorted({img for p in manifest.patients for img in (p.left_image, p.right_image) if img})
@@ -214,7 +225,7 @@ def preprocess_manifest(
     record = {
         "settings": settings,
         "source_manifest": manifest.source,
-        "source_manifest_sha256": sha256_file(manifest.source) if Path(manifest.source).is_file() else None,
+        "source_manifest_sha256": _manifest_hash(manifest),
     }
     atomic_write_json(record_path, record)
 
@@ -242,8 +253,16 @@ def preprocess_manifest(
     bar.close()
 
     summary.rejected = sorted(failures.items())
+    _write_outputs(manifest, out, summary, record)
+    return summary
 
+
+def _write_outputs(manifest: Manifest, out: Path, summary: PreprocessSummary, record: dict) -> None:
+    """The view manifests (patients with at least one usable eye, in the manifest's order),
+    ``rejects.csv`` and the final ``preprocess.json``, from ``summary.rejected``."""
+    failures = dict(summary.rejected)
     patients = []
+    summary.dropped_patients = []
     for p in manifest.patients:
         left = view_relative_path(p.left_image) if p.left_image and p.left_image not in failures else None
         right = view_relative_path(p.right_image) if p.right_image and p.right_image not in failures else None
@@ -259,7 +278,87 @@ def preprocess_manifest(
     record["summary"] = {k: v for k, v in asdict(summary).items() if k not in ("rejected", "dropped_patients")} | {
         "rejected": len(summary.rejected), "dropped_patients": len(summary.dropped_patients),
     }
-    atomic_write_json(record_path, record)
+    record["rejected_images"] = [list(item) for item in summary.rejected]  # rejects.csv is for people: cells neutralised
+    atomic_write_json(out / "preprocess.json", record)
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """``"i/n"`` (1 <= i <= n) to ``(i, n)``; a clear error otherwise."""
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise FundusError(f"--shard takes i/n, e.g. 2/8 (the second of eight), got {value!r}") from None
+    if not 1 <= index <= count:
+        raise FundusError(f"--shard {value}: need 1 <= i <= n")
+    return index, count
+
+
+def shard_folder(out_dir: str | os.PathLike, index: int, count: int) -> Path:
+    return Path(out_dir) / SHARDS / f"{index}-of-{count}"
+
+
+def shard_of(manifest: Manifest, index: int, count: int) -> Manifest:
+    """Shard ``index`` of ``count`` (from 1): every ``count``-th patient, so shards are disjoint,
+    cover the manifest, and take a patient's two eyes together."""
+    return manifest.with_patients(manifest.patients[index - 1 :: count])
+
+
+def preprocess_shard(manifest: Manifest, out_dir: str | os.PathLike, index: int, count: int, **options: Any) -> PreprocessSummary:
+    """Preprocess one shard into ``OUT/shards/<i>-of-<n>``, a complete output folder of its own, so
+    that n copies (a SLURM array, a Kubernetes job) never write the same file;
+    :func:`merge_shards` then makes ``OUT`` what one run would have made."""
+    out = Path(out_dir)
+    claim_folder(out, "preprocessed views", adopt_if=("preprocess.json", SHARDS))
+    claim_folder(out / SHARDS, "preprocessing shards")
+    return preprocess_manifest(shard_of(manifest, index, count), shard_folder(out, index, count), **options)
+
+
+def merge_shards(manifest: Manifest, out_dir: str | os.PathLike, count: int, size: int = DEFAULT_SIZE) -> PreprocessSummary:
+    """Move the views of all ``count`` finished shards into ``out_dir`` and write its manifests,
+    ``rejects.csv`` and ``preprocess.json`` as one run over ``manifest`` would; the shard
+    folders are removed. Refuses if a shard is missing, unfinished, or made with other settings
+    or from another manifest."""
+    out = Path(out_dir)
+    folders = [shard_folder(out, i, count) for i in range(1, count + 1)]
+    settings = _settings(size)
+    records = []
+    for index, folder in enumerate(folders, 1):
+        record_path = folder / "preprocess.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if "summary" not in record:
+            raise FundusError(f"shard {index}/{count} is missing or unfinished ({folder}): run preprocess.py --shard {index}/{count} first")
+        if record["settings"] != settings:
+            raise FundusError(f"shard {index}/{count} was made with other settings ({record['settings']}; now {settings}): "
+                              "run it again with the same --size")
+        if record.get("source_manifest_sha256") != _manifest_hash(manifest):
+            raise FundusError(f"shard {index}/{count} ({folder}) was made from another manifest than {manifest.source}")
+        expected = {img for p in shard_of(manifest, index, count).patients for img in (p.left_image, p.right_image) if img}
+        if record["summary"]["images"] != len(expected):
+            raise FundusError(f"shard {index}/{count} holds {record['summary']['images']} images, its share of "
+                              f"{manifest.source} is {len(expected)}: was it made with another shard count?")
+        records.append(record)
+
+    claim_folder(out, "preprocessed views", adopt_if=("preprocess.json", SHARDS))
+    previous = json.loads((out / "preprocess.json").read_text()) if (out / "preprocess.json").is_file() else {}
+    if previous and previous.get("settings") != settings and any((out / v).is_dir() for v in VIEWS):
+        raise FundusError(f"{out} holds views made with other settings ({previous.get('settings')}); "
+                          "delete them with a plain preprocess.py --force run, or merge into another --out")
+    summary = PreprocessSummary(out_dir=str(out))
+    for view in VIEWS:
+        claim_folder(out / view, f"the {view} views", adopt_if=("manifest.csv",))
+    for folder, record in zip(folders, records):
+        for view in VIEWS:
+            for source in (folder / view).rglob("*.png"):
+                target = out / view / source.relative_to(folder / view)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+        for key in ("images", "processed", "up_to_date"):
+            setattr(summary, key, getattr(summary, key) + record["summary"][key])
+        summary.rejected += [tuple(item) for item in record["rejected_images"]]
+    summary.rejected.sort()
+    record = {k: v for k, v in records[0].items() if k != "summary"}
+    _write_outputs(manifest, out, summary, record)
+    remove_owned(out / SHARDS)
     return summary
 
 
