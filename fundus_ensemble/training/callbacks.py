@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -160,3 +161,67 @@ def read_history(path: str | Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+    """Each epoch's logs as TensorBoard scalars, in Keras's layout (``train/`` and
+    ``validation/``, tags ``epoch_<name>``), plus the learning rate.
+
+    Written with the ``tensorboard`` package's record writer and protos alone, so the logs
+    come on every Keras backend without importing TensorFlow (Keras's own TensorBoard
+    callback needs it). Without the ``tensorboard`` package it warns once and writes nothing.
+    """
+
+    _warned = False
+
+    def __init__(self, log_dir: str | Path):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self._files: dict[str, tuple] = {}
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.record_writer import RecordWriter
+        except ImportError as exc:
+            self._protos = None
+            if not TensorBoardScalars._warned:
+                TensorBoardScalars._warned = True
+                print(f"warning: no TensorBoard logs ({exc}); pip install tensorboard to have them", file=sys.stderr, flush=True)
+        else:
+            self._protos = (event_pb2, summary_pb2, RecordWriter)
+
+    def _writer(self, part: str):
+        if part not in self._files:
+            import socket
+
+            event_pb2, _, RecordWriter = self._protos
+            folder = self.log_dir / part
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.v2", "wb")
+            writer = RecordWriter(handle)
+            writer.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+            self._files[part] = (handle, writer)
+        return self._files[part][1]
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._protos is None or not logs:
+            return
+        event_pb2, summary_pb2, _ = self._protos
+        values = dict(logs)
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and "learning_rate" not in values:
+            values["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        parts: dict[str, list] = {"train": [], "validation": []}
+        for name, value in values.items():
+            if isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(float(value)):
+                part, tag = ("validation", name[4:]) if name.startswith("val_") else ("train", name)
+                parts[part].append(summary_pb2.Summary.Value(tag=f"epoch_{tag}", simple_value=float(value)))
+        for part, summary_values in parts.items():
+            if summary_values:
+                event = event_pb2.Event(wall_time=time.time(), step=epoch, summary=summary_pb2.Summary(value=summary_values))
+                self._writer(part).write(event.SerializeToString())
+                self._files[part][0].flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        for handle, _ in self._files.values():
+            handle.close()
+        self._files.clear()

@@ -41,7 +41,7 @@ from ..labels import LABELS, VIEWS
 from ..models import build_patient_model
 from ..models.backbone import check_backbone
 from ..models.losses import WeightedBinaryCrossentropy, positive_weights
-from .callbacks import EpochProgress, HistoryLog, RecalibrateBatchNorm, ValidationScore, read_history
+from .callbacks import EpochProgress, HistoryLog, RecalibrateBatchNorm, TensorBoardScalars, ValidationScore, read_history
 from .config import TrainConfig
 
 CARD_NAME = "card.json"
@@ -109,7 +109,7 @@ def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, conf
         HistoryLog(out / HISTORY, phase),
         # after the CSV row: a kill between the two repeats that row, which resuming drops
         keras.callbacks.BackupAndRestore(str(out / f"backup_{phase}"), double_checkpoint=True),
-        keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False),
+        TensorBoardScalars(out / "tensorboard"),
     ]
 
 
