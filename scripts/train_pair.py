@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training patients used to recompute BatchNorm statistics each epoch (0: off)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of keeping them in memory")
+    hw = p.add_argument_group("hardware (README: backends, devices, precision)")
+    hw.add_argument("--workers", type=int, default=d.workers, help="threads making batches (scripts/speed.py measures the best)")
+    hw.add_argument("--precision", default=d.precision, choices=["float32", "mixed_float16", "mixed_bfloat16"],
+                    help="mixed: 16-bit compute, float32 weights (for GPUs)")
+    hw.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"],
+                    help="XLA under TensorFlow (auto: on for a GPU); JAX always compiles")
+    hw.add_argument("--devices", type=int, default=d.devices,
+                    help="data-parallel devices of this machine; the global --batch-size is split across them")
     return p
 
 
@@ -50,7 +58,8 @@ def main(argv=None):
         epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, learning_rate=args.learning_rate,
         fine_tune_lr_factor=args.fine_tune_lr_factor, dropout=args.dropout, rotation=args.rotation,
         pos_weight_power=args.pos_weight_power, bn_recalibration_patients=args.bn_recalibration_patients,
-        seed=args.seed, cache_images=not args.no_cache,
+        seed=args.seed, cache_images=not args.no_cache, workers=args.workers, precision=args.precision,
+        jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile], devices=args.devices,
     )
     cards = train_pair(args.prep_dir, args.out, config, tuple(args.views), force=args.force, resume=args.resume)
     for view, card in cards.items():

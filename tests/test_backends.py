@@ -15,6 +15,9 @@ import pytest
 
 from fundus_ensemble.data.synthetic import write_synthetic_dataset
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 REPO = Path(__file__).resolve().parents[1]
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 
@@ -88,14 +91,14 @@ def jax_run(tmp_path_factory):
 def test_pipeline_runs_and_learns_under_jax_without_tensorflow(jax_run):
     score = json.loads((jax_run / "run" / "score_test" / "score.json").read_text())
     prior = score["trivial"]["class prior (train)"]
-    # measured under JAX: ensemble AUC 0.80 against the class prior's 0.71 (see the README's backends section)
+    # measured under JAX: ensemble AUC 0.76 against the class prior's 0.63 (README, "Backends")
     assert score["ensemble"]["auc"] > prior["auc"] + 0.05, score
     for view in ("color", "gray_eq"):
         card = json.loads((jax_run / "run" / view / "card.json").read_text())
         assert card["versions"]["keras_backend"] == "jax" and "tensorflow" not in card["versions"]
         assert any(v.tag == "epoch_final_score" for e in read_events(jax_run / "run" / view / "tensorboard") for v in e.summary.value)
     assert (jax_run / "run" / "score_test" / "report.html").stat().st_size > 10_000
-    assert (jax_run / "predict" / "heatmaps.csv").is_file() and list((jax_run / "predict" / "heatmaps").glob("*_A.npy"))
+    assert (jax_run / "predict" / "heatmaps" / "heatmaps.csv").is_file() and list((jax_run / "predict" / "heatmaps").glob("*_A.npy"))
 
 
 @needs_jax

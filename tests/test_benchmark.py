@@ -12,6 +12,9 @@ from fundus_ensemble.errors import FundusError
 from fundus_ensemble.evaluation.benchmark import Budget, format_results_markdown, run_benchmark
 from fundus_ensemble.labels import LABELS
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 TINY = Budget("tiny", size=32, epochs=1, fine_tune_epochs=1, backbone="mobilenet", batch_size=4, bn_recalibration_patients=8)
 
 
@@ -34,6 +37,7 @@ def benchmark_run(tmp_path_factory):
     return root, out, run_benchmark(root / "labels.csv", root, out, TINY, seed=1, bootstrap=20)
 
 
+@pytest.mark.slow
 def test_every_row_is_scored_on_the_held_out_patients(benchmark_run):
     root, out, results = benchmark_run
     names = [r["name"] for r in results["rows"]]
@@ -50,6 +54,7 @@ def test_every_row_is_scored_on_the_held_out_patients(benchmark_run):
     assert ensemble["train_s"] == pytest.approx(results["timings_s"]["train color"] + results["timings_s"]["train gray_eq"])
 
 
+@pytest.mark.slow
 def test_results_are_written_and_rows_can_be_rederived(benchmark_run):
     root, out, results = benchmark_run
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
@@ -60,6 +65,7 @@ def test_results_are_written_and_rows_can_be_rederived(benchmark_run):
         assert data["ensemble/test/plain".replace("ensemble", "color")].shape == (results["held_out_patients"], 8)
 
 
+@pytest.mark.slow
 def test_a_used_folder_is_refused_and_resume_trains_nothing_again(benchmark_run):
     root, out, results = benchmark_run
     with pytest.raises(FundusError, match="--resume"):

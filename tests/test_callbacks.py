@@ -1,9 +1,13 @@
 import keras
 import numpy as np
+import pytest
 
 from fundus_ensemble.data.batches import PatientBatches
 from fundus_ensemble.labels import INPUT_NAMES
 from fundus_ensemble.training.callbacks import RecalibrateBatchNorm
+
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
 
 
 def bn_probe():

@@ -14,6 +14,9 @@ from fundus_ensemble.errors import FundusError
 from fundus_ensemble.evaluation.calibration import fit_calibration
 from fundus_ensemble.training.config import TrainConfig
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py"))
 

@@ -2,9 +2,13 @@ from dataclasses import replace
 
 import keras
 import numpy as np
+import pytest
 
 from fundus_ensemble.data.augment import training_augmentation
 from fundus_ensemble.data.batches import EyeBatches, PatientBatches, predict_eye_average, predict_patients
+
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
 
 
 def column_mean_model(inputs: dict[str, tuple] | tuple):
@@ -88,3 +92,25 @@ def test_flip_tta_averages_with_the_mirrored_eyes(view_manifest):
     flipped = model.predict({k: v[:, :, ::-1, :].copy() for k, v in x.items()}, verbose=0)
     np.testing.assert_allclose(tta, (plain + flipped) / 2, rtol=1e-5)
     assert not np.allclose(tta, plain)
+
+
+def test_augmentation_is_the_same_whatever_the_workers_and_their_order(view_manifest):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def batches(workers):
+        return PatientBatches(view_manifest, 48, 8, training_augmentation(30, seed=3), shuffle=True, seed=3, workers=workers)
+
+    one, many = batches(1), batches(4)
+    with ThreadPoolExecutor(4) as pool:  # as PyDataset's worker threads: any order, concurrently
+        got = list(pool.map(many.__getitem__, reversed(range(len(many)))))[::-1]
+    for index, (inputs, labels) in enumerate(got):
+        expected_inputs, expected_labels = one[index]
+        np.testing.assert_array_equal(inputs["left_eye"], expected_inputs["left_eye"])
+        np.testing.assert_array_equal(labels, expected_labels)
+    first = one[0][0]["left_eye"]
+    one.on_epoch_end()
+    one._order = np.arange(len(view_manifest))  # same patients as before, so only the augmentation can differ
+    one_again = batches(1)
+    one_again._order = one._order
+    assert not np.array_equal(one[0][0]["left_eye"], one_again[0][0]["left_eye"]), "a new epoch must draw new augmentations"
+    assert first.shape == (8, 48, 48, 3)

@@ -24,6 +24,9 @@ from fundus_ensemble.labels import LABELS, parse_classes
 from fundus_ensemble.models import build_patient_model
 from fundus_ensemble.training.train import TrainConfig, train_pair
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 
 @pytest.fixture(scope="module")
 def small_model():

@@ -15,6 +15,9 @@ from fundus_ensemble.errors import FundusError
 from fundus_ensemble.labels import LABELS
 from fundus_ensemble.models.views import EqualizedGray
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,6 +90,13 @@ def test_export_refuses_bad_requests(tiny_pair, tmp_path):
         export_run(tiny_pair, tmp_path / "m.onnx", "onnx")
     with pytest.raises(FundusError, match="quantize applies to tflite"):
         export_run(tiny_pair, tmp_path / "sm", "saved_model", "int8")
+    import keras
+
+    if keras.backend.backend() != "tensorflow":  # the formats are TensorFlow's: say so, write nothing
+        with pytest.raises(FundusError, match="needs KERAS_BACKEND=tensorflow"):
+            export_run(tiny_pair, tmp_path / "m.tflite", "tflite")
+        assert not list(tmp_path.iterdir())
+        return
     (tmp_path / "taken.tflite").write_bytes(b"x")
     with pytest.raises(FundusError, match="--force"):
         export_run(tiny_pair, tmp_path / "taken.tflite", "tflite")

@@ -7,6 +7,9 @@ import pytest
 from fundus_ensemble.errors import FundusError
 from fundus_ensemble.models.losses import WeightedBinaryCrossentropy, positive_weights
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 
 def test_loss_equals_hand_computation():
     y = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)

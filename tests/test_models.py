@@ -6,6 +6,9 @@ from fundus_ensemble.errors import FundusError, WeightsError
 from fundus_ensemble.models import BACKBONES, BackbonePreprocess, build_backbone, build_patient_model
 from fundus_ensemble.models.backbone import parse_weights
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 
 @pytest.fixture(scope="module")
 def b3():

@@ -20,6 +20,9 @@ from fundus_ensemble.inference.predict import PatientPhotos, predict_photos
 from fundus_ensemble.inference.report import write_score_report
 from fundus_ensemble.labels import LABELS
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 
 class _Collector(HTMLParser):
     def __init__(self):

@@ -18,6 +18,9 @@ from fundus_ensemble.labels import LABELS
 from fundus_ensemble.metrics import odir_score
 from fundus_ensemble.training.train import TrainConfig, train_pair
 
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
 # A small backbone keeps this test to a couple of minutes on 2 CPU cores; the B3 patient model
 # itself is covered in test_models.py, and every other line of the pipeline runs here.
 CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=10, fine_tune_epochs=2, seed=0, bn_recalibration_patients=48)
@@ -192,6 +195,7 @@ def test_calibrated_score_is_fitted_on_another_split_and_saved(trained, tmp_path
     assert "calibrated on val" in format_score_table(calibrated)
 
 
+@pytest.mark.slow
 def test_score_shows_trivial_rows_and_writes_the_detail(trained):
     root, cards, report = trained
     assert set(report["trivial"]) == {"all-zero", "class prior (train)"}
@@ -206,6 +210,7 @@ def test_score_shows_trivial_rows_and_writes_the_detail(trained):
     assert {"ensemble_N", "color_N", "gray_eq_O", "label_M"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_a_run_with_one_view_is_scored_as_that_model(trained, tmp_path):
     root, cards, report = trained
     shutil.copytree(root / "run" / "color", tmp_path / "run" / "color")

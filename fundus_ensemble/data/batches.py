@@ -5,6 +5,11 @@ Images are preprocessed views (see :mod:`fundus_ensemble.preprocess`), decoded o
 kept in memory by default: a 448 px ODIR-5K view set is about 3 GB, a 128 px one 250 MB.
 A patient with one eye gets that eye in both inputs (see :mod:`.models.patient_classifier`).
 
+Batches may be made by several threads at once (``workers``, Keras's ``PyDataset`` workers):
+threads, not processes, so the decoded images are held once, and OpenCV, which does the
+work, runs outside Python's lock. Each batch's augmentation draws from its own seed
+(the run's seed, the epoch, the batch), so a run is the same whatever the number of workers.
+
 Every batch has the same shape: a batch of another size makes TensorFlow retrace the step
 (over a minute for B3 on two CPU cores). Training therefore drops the ragged last batch (it
 reshuffles every epoch, so each patient is still seen) and prediction pads it and trims the
@@ -13,7 +18,9 @@ output (:func:`predict_patients`).
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 
 import albumentations as A
 import keras
@@ -44,8 +51,11 @@ class ImageStore:
 class _FixedShapeBatches(keras.utils.PyDataset):
     """Order, shuffling and fixed-shape batches (see the module doc) over ``n_items`` items."""
 
-    def __init__(self, n_items: int, size: int, batch_size: int, augment: A.Compose | None, shuffle: bool, seed: int, ragged_last: str):
-        super().__init__()
+    def __init__(self, n_items: int, size: int, batch_size: int, augment: A.Compose | None, shuffle: bool, seed: int,
+                 ragged_last: str, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(10, 2 * workers))
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if ragged_last not in ("pad", "drop"):
@@ -56,6 +66,9 @@ class _FixedShapeBatches(keras.utils.PyDataset):
         self.batch_size = batch_size
         self.augment = augment
         self.shuffle = shuffle
+        self.seed = seed
+        self._epoch = 0
+        self._local = threading.local()  # one copy of the augmentation per worker thread
         self._rng = np.random.default_rng(seed)
         self._order = self._rng.permutation(n_items) if shuffle else np.arange(n_items)
 
@@ -65,6 +78,7 @@ class _FixedShapeBatches(keras.utils.PyDataset):
         return math.ceil(self.n_items / self.batch_size)
 
     def on_epoch_end(self) -> None:
+        self._epoch += 1
         if self.shuffle:
             self._order = self._rng.permutation(self.n_items)
 
@@ -73,8 +87,19 @@ class _FixedShapeBatches(keras.utils.PyDataset):
         items = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         return np.concatenate([items, np.repeat(items[-1:], self.batch_size - len(items))])
 
-    def _augmented(self, image: np.ndarray) -> np.ndarray:
-        return image if self.augment is None else self.augment(image=image)["image"]
+    def _augmenter(self, index: int) -> A.Compose | None:
+        """This thread's augmentation, seeded for batch ``index`` of the current epoch."""
+        if self.augment is None:
+            return None
+        compose = getattr(self._local, "compose", None)
+        if compose is None:
+            compose = self._local.compose = copy.deepcopy(self.augment)
+        compose.set_random_seed(int(np.random.SeedSequence([self.seed, self._epoch, index]).generate_state(1)[0]))
+        return compose
+
+    @staticmethod
+    def _augmented(image: np.ndarray, augmenter: A.Compose | None) -> np.ndarray:
+        return image if augmenter is None else augmenter(image=image)["image"]
 
 
 class PatientBatches(_FixedShapeBatches):
@@ -90,21 +115,23 @@ class PatientBatches(_FixedShapeBatches):
         seed: int = 0,
         cache: bool = True,
         ragged_last: str = "pad",
+        workers: int = 1,
     ):
-        super().__init__(len(manifest), size, batch_size, augment, shuffle, seed, ragged_last)
+        super().__init__(len(manifest), size, batch_size, augment, shuffle, seed, ragged_last, workers)
         self.manifest = manifest
         self.labels = manifest.label_matrix().astype(np.float32)
         self._image = ImageStore(manifest, size, cache)
 
     def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         rows = self._batch_items(index)
+        augmenter = self._augmenter(index)
         batch = {name: np.empty((len(rows), self.size, self.size, 3), np.float32) for name in INPUT_NAMES}
         for k, row in enumerate(rows):
             patient = self.manifest.patients[row]
             left = patient.left_image or patient.right_image
             right = patient.right_image or patient.left_image
             for name, relative in zip(INPUT_NAMES, (left, right)):
-                batch[name][k] = self._augmented(self._image(relative))
+                batch[name][k] = self._augmented(self._image(relative), augmenter)
         return batch, self.labels[rows]
 
 
@@ -148,9 +175,10 @@ class EyeBatches(_FixedShapeBatches):
         shuffle: bool = False,
         seed: int = 0,
         ragged_last: str = "pad",
+        workers: int = 1,
     ):
         eyes = [(row, img) for row, p in enumerate(manifest.patients) for img in (p.left_image, p.right_image) if img]
-        super().__init__(len(eyes), size, batch_size, augment, shuffle, seed, ragged_last)
+        super().__init__(len(eyes), size, batch_size, augment, shuffle, seed, ragged_last, workers)
         self.eyes = [img for _, img in eyes]
         self.eye_patient = np.array([row for row, _ in eyes], dtype=np.int64)
         self.patient_labels = manifest.label_matrix().astype(np.float32)
@@ -158,9 +186,10 @@ class EyeBatches(_FixedShapeBatches):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         items = self._batch_items(index)
+        augmenter = self._augmenter(index)
         images = np.empty((len(items), self.size, self.size, 3), np.float32)
         for k, item in enumerate(items):
-            images[k] = self._augmented(self._image(self.eyes[item]))
+            images[k] = self._augmented(self._image(self.eyes[item]), augmenter)
         return images, self.patient_labels[self.eye_patient[items]]
 
 

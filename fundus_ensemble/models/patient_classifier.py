@@ -44,5 +44,6 @@ def build_patient_model(
     stacked = keras.layers.Concatenate(axis=0, name="stack_eyes")([eyes[name] for name in INPUT_NAMES])
     fused = EyeFusion(name="fuse_eyes")(encoder(stacked))
     x = keras.layers.Dropout(dropout, name="dropout")(fused)
-    probabilities = keras.layers.Dense(len(LABELS), activation="sigmoid", name="labels")(x)
+    # float32 whatever the precision policy: probabilities near 0 and 1 need it, and so does the loss
+    probabilities = keras.layers.Dense(len(LABELS), activation="sigmoid", name="labels", dtype="float32")(x)
     return keras.Model(eyes, probabilities, name=f"patient_{backbone}")

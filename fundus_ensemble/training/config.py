@@ -29,6 +29,10 @@ class TrainConfig:
     bn_recalibration_patients: int = 128
     seed: int = 0
     cache_images: bool = True
+    workers: int = 1  # threads making batches (data.batches); the run is the same for any number
+    precision: str = "float32"  # training.hardware.PRECISIONS
+    jit_compile: bool | None = None  # XLA under TensorFlow; None: on for a GPU (JAX always compiles)
+    devices: int = 1  # data-parallel devices of this machine (training.hardware.data_parallel)
 
     def check(self) -> "TrainConfig":
         for name in ("size", "batch_size"):
@@ -36,6 +40,10 @@ class TrainConfig:
                 raise FundusError(f"{name} must be positive, got {getattr(self, name)}")
         if self.epochs < 1 or self.fine_tune_epochs < 0:
             raise FundusError(f"need epochs >= 1 and fine_tune_epochs >= 0, got {self.epochs} and {self.fine_tune_epochs}")
+        if self.workers < 1 or self.devices < 1:
+            raise FundusError(f"workers and devices must be at least 1, got {self.workers} and {self.devices}")
+        if self.precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+            raise FundusError(f"unknown precision {self.precision!r}; choose float32, mixed_float16 or mixed_bfloat16")
         if not 0 <= self.dropout < 1:
             raise FundusError(f"dropout must lie in [0, 1), got {self.dropout}")
         return self

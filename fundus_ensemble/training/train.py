@@ -43,6 +43,7 @@ from ..models.backbone import check_backbone
 from ..models.losses import WeightedBinaryCrossentropy, positive_weights
 from .callbacks import EpochProgress, HistoryLog, RecalibrateBatchNorm, TensorBoardScalars, ValidationScore, read_history
 from .config import TrainConfig
+from .hardware import data_parallel, precision, resolve_jit_compile, synchronize_batch_norm
 
 CARD_NAME = "card.json"
 MODEL_NAME = "model.keras"
@@ -156,6 +157,38 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
     return first + len(history.history.get("loss", []))
 
 
+def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train, val, train_batches: PatientBatches,
+                  val_batches: PatientBatches, loss) -> int:
+    """Both training phases (see the module doc), resuming where ``state`` says; returns the end epoch."""
+    jit = resolve_jit_compile(config.jit_compile)
+    model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
+    synchronize_batch_norm(model, config.devices)
+    pretrained = config.weights is not None
+    model.get_layer("eye_encoder").trainable = not pretrained
+    model.compile(keras.optimizers.Adam(config.learning_rate), loss, jit_compile=jit)
+
+    two_phases = config.fine_tune_epochs > 0
+    if "phase1_end" in state:
+        end = state["phase1_end"]
+    else:
+        print(f"[{view}] {'phase 1/2 (train): ' if two_phases else ''}{len(train)} train / {len(val)} val patients, "
+              f"{config.backbone} at {config.size} px, {'backbone frozen' if pretrained else 'all layers'}", flush=True)
+        end = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
+        atomic_write_json(out / STATE, {"phase1_end": end})
+
+    if config.fine_tune_epochs > 0:
+        print(f"[{view}] phase 2/2 (fine-tune): all layers at lr x {config.fine_tune_lr_factor}", flush=True)
+        model.load_weights(str(out / BEST_WEIGHTS))
+        fine_lr = config.learning_rate * config.fine_tune_lr_factor
+        if pretrained:
+            model.get_layer("eye_encoder").trainable = True
+            model.compile(keras.optimizers.Adam(fine_lr), loss, jit_compile=jit)
+        else:  # same trainable set: keep the compiled step, which costs a minute or more to trace
+            model.optimizer.learning_rate.assign(min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
+        end = _fit_phase(model, "fine_tune", out, train_batches, val_batches, loss, config, end, end + config.fine_tune_epochs)
+    return end
+
+
 def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig, view: str, resume: bool = False) -> dict:
     """Train the patient model of one view folder (from preprocessing); returns its card.
 
@@ -178,33 +211,11 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     loss = WeightedBinaryCrossentropy(pos_weight.tolist())
     train_batches = PatientBatches(
         train, config.size, config.batch_size, training_augmentation(config.rotation, config.seed),
-        shuffle=True, seed=config.seed, cache=config.cache_images, ragged_last="drop",
+        shuffle=True, seed=config.seed, cache=config.cache_images, ragged_last="drop", workers=config.workers,
     )
-    val_batches = PatientBatches(val, config.size, config.batch_size, cache=config.cache_images)
-    model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
-    pretrained = config.weights is not None
-    model.get_layer("eye_encoder").trainable = not pretrained
-    model.compile(keras.optimizers.Adam(config.learning_rate), loss, jit_compile=False)
-
-    two_phases = config.fine_tune_epochs > 0
-    if "phase1_end" in state:
-        end = state["phase1_end"]
-    else:
-        print(f"[{view}] {'phase 1/2 (train): ' if two_phases else ''}{len(train)} train / {len(val)} val patients, "
-              f"{config.backbone} at {config.size} px, {'backbone frozen' if pretrained else 'all layers'}", flush=True)
-        end = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
-        atomic_write_json(out / STATE, {"phase1_end": end})
-
-    if config.fine_tune_epochs > 0:
-        print(f"[{view}] phase 2/2 (fine-tune): all layers at lr x {config.fine_tune_lr_factor}", flush=True)
-        model.load_weights(str(out / BEST_WEIGHTS))
-        fine_lr = config.learning_rate * config.fine_tune_lr_factor
-        if pretrained:
-            model.get_layer("eye_encoder").trainable = True
-            model.compile(keras.optimizers.Adam(fine_lr), loss, jit_compile=False)
-        else:  # same trainable set: keep the compiled step, which costs a minute or more to trace
-            model.optimizer.learning_rate.assign(min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
-        end = _fit_phase(model, "fine_tune", out, train_batches, val_batches, loss, config, end, end + config.fine_tune_epochs)
+    val_batches = PatientBatches(val, config.size, config.batch_size, cache=config.cache_images, workers=config.workers)
+    with data_parallel(config.devices, config.batch_size), precision(config.precision):
+        end = _train_phases(out, view, config, state, train, val, train_batches, val_batches, loss)
 
     # A fresh, never-compiled model carries no optimizer state into the saved file.
     final = build_patient_model(config.backbone, config.size, None, config.dropout)
