@@ -3,6 +3,7 @@ and Keras is imported without the TensorFlow start-up noise."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -77,3 +78,13 @@ def parse_fractions(values: list[float]) -> dict[str, float]:
     if len(values) != 3:
         raise FundusError(f"--fractions takes three numbers (train val test), got {values}")
     return dict(zip(("train", "val", "test"), values))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, unless its help already gives it or there is none to give."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)

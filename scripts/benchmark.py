@@ -5,13 +5,13 @@ all trained and scored in one run; writes results.json and results.md to --out."
 import argparse
 import sys
 
-from fundus_ensemble.cli import run
+from fundus_ensemble.cli import HelpFormatter, run
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fundus_ensemble.evaluation.benchmark import BUDGETS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("table", help="per-image label table (odir5k-256-dev/labels.csv) or Kaggle full_df.csv")
     p.add_argument("--format", choices=["image-table", "kaggle"], default="image-table", help="layout of the table")
     p.add_argument("--image-root", required=True, help="folder holding the image folder")

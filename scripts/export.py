@@ -5,12 +5,12 @@ the gray-eq view is made inside it) for TensorFlow Serving (saved_model) or phon
 import argparse
 import sys
 
-from fundus_ensemble.cli import run
+from fundus_ensemble.cli import HelpFormatter, run
 from fundus_ensemble.errors import FundusError
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="run folder of scripts/train_pair.py")
     parser.add_argument("--format", default="tflite", choices=["tflite", "saved_model"])
     parser.add_argument("--quantize", default="none", choices=["none", "float16", "int8"],

@@ -4,12 +4,12 @@
 import argparse
 import sys
 
-from fundus_ensemble.cli import run
+from fundus_ensemble.cli import HelpFormatter, run
 from fundus_ensemble.errors import FundusError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("run_dir", help="run folder of scripts/train_pair.py")
     p.add_argument("input", nargs="?", help="folder of photos, or a manifest CSV (label and split columns may be absent)")
     p.add_argument("--left", help="one patient's left photo (instead of INPUT)")

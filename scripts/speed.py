@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from fundus_ensemble.cli import run
+from fundus_ensemble.cli import HelpFormatter, run
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--prep", help="a view folder of scripts/preprocess.py (e.g. PREP/color); default: synthetic patients")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--backbone", default="efficientnet_b3")

@@ -4,14 +4,14 @@
 import argparse
 import sys
 
-from fundus_ensemble.cli import run
+from fundus_ensemble.cli import HelpFormatter, run
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fundus_ensemble.training.config import TrainConfig
 
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("prep_dir", help="output folder of scripts/preprocess.py")
     p.add_argument("--out", required=True, help="run folder for models, cards, histories")
     p.add_argument("--force", action="store_true", help="delete a run already in --out and start over")

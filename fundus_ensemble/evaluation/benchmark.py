@@ -48,6 +48,8 @@ class Budget:
     backbone: str = "efficientnet_b3"
     batch_size: int = 15
     bn_recalibration_patients: int = 128
+    precision: str = "float32"
+    workers: int = 1
     note: str = ""
 
     def train_config(self, weights: str | None, seed: int):
@@ -56,6 +58,7 @@ class Budget:
         return TrainConfig(
             backbone=self.backbone, size=self.size, weights=weights, batch_size=self.batch_size, epochs=self.epochs,
             fine_tune_epochs=self.fine_tune_epochs, bn_recalibration_patients=self.bn_recalibration_patients, seed=seed,
+            precision=self.precision, workers=self.workers,
         )
 
 
@@ -64,6 +67,9 @@ BUDGETS: dict[str, Budget] = {
                     note="measured 48 min on 2 CPU cores for the 2,559 odir5k-256-dev patients (three B3 models)"),
     "paper": Budget("paper", size=448, epochs=30, fine_tune_epochs=10,
                     note="the paper's settings: a GPU job (days on 2 CPU cores)"),
+    "gpu": Budget("gpu", size=256, epochs=30, fine_tune_epochs=10, precision="mixed_bfloat16", workers=8,
+                  note="the paper's epochs at odir5k-256-dev's native 256 px, bfloat16, 8 input threads: "
+                       "for one H100-class GPU (not yet run: no GPU was available; see docs/RESULTS.md)"),
 }
 
 

@@ -24,5 +24,5 @@ def build_eye_model(
     image = keras.Input((input_size, input_size, 3), name="image")
     features = build_backbone(backbone, input_size, weights)(image)
     x = keras.layers.Dropout(dropout, name="dropout")(features)
-    probabilities = keras.layers.Dense(len(LABELS), activation="sigmoid", name="labels")(x)
+    probabilities = keras.layers.Dense(len(LABELS), activation="sigmoid", name="labels", dtype="float32")(x)
     return keras.Model(image, probabilities, name=f"eye_{backbone}")

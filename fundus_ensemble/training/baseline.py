@@ -21,6 +21,7 @@ from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..models import build_eye_model
 from .callbacks import EpochProgress, HistoryLog
+from .hardware import data_parallel, precision, resolve_jit_compile, synchronize_batch_norm
 from .train import BEST_WEIGHTS, HISTORY, MODEL_NAME, TrainConfig, check_finite_history
 
 
@@ -36,23 +37,28 @@ def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike
     keras.utils.set_random_seed(config.seed)
     eyes_per_batch = 2 * config.batch_size  # the patient models see 2 images per patient
     train_eyes = EyeBatches(train, config.size, eyes_per_batch, training_augmentation(config.rotation, config.seed),
-                            shuffle=True, seed=config.seed, ragged_last="drop")
-    val_eyes = EyeBatches(val, config.size, eyes_per_batch)
-    model = build_eye_model(config.backbone, config.size, config.weights, config.dropout)
-    model.compile(keras.optimizers.Adam(config.learning_rate), keras.losses.BinaryCrossentropy(), jit_compile=False)
+                            shuffle=True, seed=config.seed, ragged_last="drop", workers=config.workers)
+    val_eyes = EyeBatches(val, config.size, eyes_per_batch, workers=config.workers)
     epochs = config.epochs + config.fine_tune_epochs
-    print(f"[baseline] {len(train_eyes.eyes)} train eyes / {len(val_eyes.eyes)} val eyes, "
-          f"{config.backbone} at {config.size} px, {epochs} epochs", flush=True)
-    history = model.fit(
-        train_eyes, validation_data=val_eyes, epochs=epochs, verbose=0,
-        callbacks=[
-            EpochProgress("[baseline]", epochs, len(train_eyes)),
-            keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.ModelCheckpoint(str(out / BEST_WEIGHTS), monitor="val_loss", save_best_only=True, save_weights_only=True),
-            HistoryLog(out / HISTORY, "train"),
-        ],
-    )
+    # the same hardware settings as the library's models, so the benchmark compares methods, not machines
+    with data_parallel(config.devices, eyes_per_batch), precision(config.precision):
+        model = build_eye_model(config.backbone, config.size, config.weights, config.dropout)
+        synchronize_batch_norm(model, config.devices)
+        model.compile(keras.optimizers.Adam(config.learning_rate), keras.losses.BinaryCrossentropy(),
+                      jit_compile=resolve_jit_compile(config.jit_compile))
+        print(f"[baseline] {len(train_eyes.eyes)} train eyes / {len(val_eyes.eyes)} val eyes, "
+              f"{config.backbone} at {config.size} px, {epochs} epochs", flush=True)
+        history = model.fit(
+            train_eyes, validation_data=val_eyes, epochs=epochs, verbose=0,
+            callbacks=[
+                EpochProgress("[baseline]", epochs, len(train_eyes)),
+                keras.callbacks.TerminateOnNaN(),
+                keras.callbacks.ModelCheckpoint(str(out / BEST_WEIGHTS), monitor="val_loss", save_best_only=True, save_weights_only=True),
+                HistoryLog(out / HISTORY, "train"),
+            ],
+        )
     check_finite_history(history)
+    model = build_eye_model(config.backbone, config.size, None, config.dropout)  # float32, on no particular device
     model.load_weights(str(out / BEST_WEIGHTS))
     model.save(str(out / MODEL_NAME))
     (out / BEST_WEIGHTS).unlink()  # model.keras holds these weights; this copy carried optimizer state
