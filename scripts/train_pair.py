@@ -30,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", type=float, default=d.rotation, help="max rotation in degrees")
     p.add_argument("--pos-weight-power", type=float, default=d.pos_weight_power,
                    help="positive class weight (n_neg/n_pos)**power; 0 = plain BCE")
+    p.add_argument("--loss", default=d.loss, choices=["weighted_bce", "asymmetric"],
+                   help="weighted_bce (the paper's) or asymmetric (Ridnik et al. 2021; ignores --pos-weight-power)")
+    p.add_argument("--output-bias", default=d.output_bias, choices=["zero", "prior"],
+                   help="prior: start the output at the training prevalence's log-odds")
+    p.add_argument("--schedule", default=d.schedule, choices=["plateau", "cosine"],
+                   help="plateau: the paper's reduce-on-plateau with the fine-tune cut; cosine: one cosine decay over both phases")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs before the cosine")
+    p.add_argument("--eye-head-weight", type=float, default=d.eye_head_weight,
+                   help="weight of an auxiliary per-eye head trained on the eyes' ODIR keywords (0: none; data/keywords.py)")
     p.add_argument("--bn-recalibration-patients", type=int, default=d.bn_recalibration_patients,
                    help="training patients used to recompute BatchNorm statistics each epoch (0: off)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -57,7 +66,8 @@ def main(argv=None):
         backbone=args.backbone, size=args.size, weights=parse_weights(args.weights), batch_size=args.batch_size,
         epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, learning_rate=args.learning_rate,
         fine_tune_lr_factor=args.fine_tune_lr_factor, dropout=args.dropout, rotation=args.rotation,
-        pos_weight_power=args.pos_weight_power, bn_recalibration_patients=args.bn_recalibration_patients,
+        pos_weight_power=args.pos_weight_power, loss=args.loss, output_bias=args.output_bias, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, eye_head_weight=args.eye_head_weight, bn_recalibration_patients=args.bn_recalibration_patients,
         seed=args.seed, cache_images=not args.no_cache, workers=args.workers, precision=args.precision,
         jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile], devices=args.devices,
     )

@@ -116,10 +116,13 @@ class PatientBatches(_FixedShapeBatches):
         cache: bool = True,
         ragged_last: str = "pad",
         workers: int = 1,
+        eye_labels: bool = False,
     ):
         super().__init__(len(manifest), size, batch_size, augment, shuffle, seed, ragged_last, workers)
         self.manifest = manifest
         self.labels = manifest.label_matrix().astype(np.float32)
+        # targets of a model with an eye head: {"labels", "eye_labels" (n, 2, 8), -1 where unknown}
+        self.eye_labels = manifest_eye_labels(manifest) if eye_labels else None
         self._image = ImageStore(manifest, size, cache)
 
     def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -132,7 +135,27 @@ class PatientBatches(_FixedShapeBatches):
             right = patient.right_image or patient.left_image
             for name, relative in zip(INPUT_NAMES, (left, right)):
                 batch[name][k] = self._augmented(self._image(relative), augmenter)
+        if self.eye_labels is not None:
+            return batch, {"labels": self.labels[rows], "eye_labels": self.eye_labels[rows]}
         return batch, self.labels[rows]
+
+
+def manifest_eye_labels(manifest: Manifest) -> np.ndarray:
+    """(patients, 2, 8) per-eye labels from the keywords, left eye first; -1 where an eye has none.
+
+    A one-eyed patient's missing eye is fed the other eye's photo, so it gets that eye's labels.
+    """
+    from .keywords import eye_labels
+
+    out = np.full((len(manifest), 2, 8), -1.0, np.float32)
+    for row, p in enumerate(manifest.patients):
+        found = {eye: eye_labels(p.extra.get(f"{eye}_keywords", "")) if image else None
+                 for eye, image in (("left", p.left_image), ("right", p.right_image))}
+        for k, (eye, other) in enumerate((("left", "right"), ("right", "left"))):
+            labels = found[eye] if found[eye] is not None else (None if (p.left_image and p.right_image) else found[other])
+            if labels is not None:
+                out[row, k] = labels
+    return out
 
 
 FLIP = A.Compose([A.HorizontalFlip(p=1.0)])
@@ -155,8 +178,10 @@ def predict_batches(model: keras.Model, batches: _FixedShapeBatches) -> np.ndarr
     """Predict unshuffled patient or eye batches, dropping the padding of the last batch."""
     if batches.shuffle:
         raise ValueError("predict needs unshuffled batches")
-    probs = np.asarray(model.predict(batches, verbose=0), dtype=np.float64)
-    return probs[: batches.n_items]
+    probs = model.predict(batches, verbose=0)
+    if isinstance(probs, dict):  # a model with a training-only eye head: the patient output is the one scored
+        probs = probs["labels"]
+    return np.asarray(probs, dtype=np.float64)[: batches.n_items]
 
 
 class EyeBatches(_FixedShapeBatches):

@@ -221,6 +221,19 @@ def _other(img, rng, cx, cy, r, disc, disc_r, side) -> None:
         img[:] = img * (1 - 0.75 * patch) + np.array([235, 240, 245], np.float32) * 0.75 * patch
 
 
+# one ODIR keyword per planted finding (data.keywords maps them back to the classes)
+FINDING_KEYWORDS: dict[str, str] = {
+    "D": "moderate non proliferative retinopathy", "G": "glaucoma", "C": "cataract",
+    "A": "dry age-related macular degeneration", "H": "hypertensive retinopathy", "M": "pathological myopia",
+    "O": "myelinated nerve fibers",
+}
+
+
+def eye_keywords(findings: frozenset[str]) -> str:
+    """The eye's diagnostic keywords in ODIR's wording, ``normal fundus`` for none."""
+    return ",".join(FINDING_KEYWORDS[f] for f in LABELS if f in findings) or "normal fundus"
+
+
 def make_patients(n: int, seed: int, prevalence: dict[str, float] = DEMO_PREVALENCE) -> list[tuple[str, tuple[int, ...], dict[str, EyeSpec]]]:
     """``n`` patients as (id, labels, {eye: spec}); the same seed gives the same patients."""
     rng = np.random.default_rng(seed)
@@ -264,7 +277,7 @@ def write_synthetic_dataset(
             ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
             atomic_write_bytes(root / relative, data.tobytes())
             paths[eye] = relative
-        keywords = {f"{eye}_keywords": ",".join(sorted(spec.findings)) or "normal" for eye, spec in specs.items()}
+        keywords = {f"{eye}_keywords": eye_keywords(spec.findings) for eye, spec in specs.items()}
         patients.append(Patient(pid, paths["left"], paths["right"], labels, str(split), keywords))
     manifest_path = root / manifest_name
     write_manifest(patients, manifest_path)

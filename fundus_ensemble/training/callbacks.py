@@ -85,6 +85,15 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
                 layer.momentum = momentum
 
 
+def cosine_learning_rate(epoch: int, base: float, total: int, warmup: int = 0) -> float:
+    """Learning rate of epoch ``epoch`` (from 0) of ``total``: a linear warm-up over ``warmup``
+    epochs up to ``base``, then half a cosine from ``base`` towards 0 (never reaching it)."""
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    t = (epoch - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
 class EpochProgress(keras.callbacks.Callback):
     """A progress bar with ETA within each epoch (on a terminal), and one line per epoch.
 

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from ..errors import FundusError
 
+LOSSES = ("weighted_bce", "asymmetric")
+OUTPUT_BIASES = ("zero", "prior")
+SCHEDULES = ("plateau", "cosine")
+
 
 @dataclass
 class TrainConfig:
@@ -22,6 +26,11 @@ class TrainConfig:
     dropout: float = 0.5
     rotation: float = 30.0  # data.augment.DEFAULT_ROTATION (a test keeps them equal)
     pos_weight_power: float = 0.5  # models.losses.DEFAULT_POWER (a test keeps them equal)
+    loss: str = "weighted_bce"  # or "asymmetric" (models.losses.AsymmetricLoss; pos_weight_power unused)
+    output_bias: str = "zero"  # or "prior": the output starts at the training prevalence's log-odds
+    schedule: str = "plateau"  # or "cosine": one cosine over both phases (fine_tune_lr_factor unused)
+    warmup_epochs: int = 0  # linear warm-up before the cosine (schedule "cosine" only)
+    eye_head_weight: float = 0.0  # > 0: an auxiliary per-eye head learns the keywords' eye labels (data.keywords)
     lr_factor: float = 0.2
     lr_patience: int = 4
     lr_min_delta: float = 0.001
@@ -44,6 +53,15 @@ class TrainConfig:
             raise FundusError(f"workers and devices must be at least 1, got {self.workers} and {self.devices}")
         if self.precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
             raise FundusError(f"unknown precision {self.precision!r}; choose float32, mixed_float16 or mixed_bfloat16")
+        for name, allowed in (("loss", LOSSES), ("output_bias", OUTPUT_BIASES), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise FundusError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.warmup_epochs < 0 or (self.warmup_epochs and self.schedule != "cosine"):
+            raise FundusError(f"warmup_epochs ({self.warmup_epochs}) needs schedule 'cosine' and must not be negative")
+        if self.warmup_epochs >= self.epochs + self.fine_tune_epochs and self.warmup_epochs:
+            raise FundusError(f"warmup_epochs ({self.warmup_epochs}) leaves no epoch for the cosine")
+        if self.eye_head_weight < 0:
+            raise FundusError(f"eye_head_weight must not be negative, got {self.eye_head_weight}")
         if not 0 <= self.dropout < 1:
             raise FundusError(f"dropout must lie in [0, 1), got {self.dropout}")
         return self

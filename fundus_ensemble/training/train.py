@@ -9,7 +9,7 @@ Two phases, both on the ``train`` split, both validated on ``val`` each epoch:
    learns at ``learning_rate * fine_tune_lr_factor``.
 
 Callbacks: ReduceLROnPlateau on ``val_final_score`` (factor 0.2, patience 4, min_delta 0.001,
-mode max), EarlyStopping on ``val_loss`` (patience 5, per phase), ModelCheckpoint keeping the
+mode max; or, with ``schedule="cosine"``, one cosine decay over both phases instead), EarlyStopping on ``val_loss`` (patience 5, per phase), ModelCheckpoint keeping the
 weights with the best ``val_final_score`` across both phases, TerminateOnNaN, CSV history and
 TensorBoard logs. Before anything evaluates or saves the model at an epoch's end, BatchNorm
 statistics are recomputed with the current weights (:class:`.callbacks.RecalibrateBatchNorm`).
@@ -40,8 +40,17 @@ from ..fileio import atomic_write_json, atomic_write_text, claim_folder, remove_
 from ..labels import LABELS, VIEWS
 from ..models import build_patient_model
 from ..models.backbone import check_backbone
-from ..models.losses import WeightedBinaryCrossentropy, positive_weights
-from .callbacks import EpochProgress, HistoryLog, RecalibrateBatchNorm, TensorBoardScalars, ValidationScore, read_history
+from ..models.losses import AsymmetricLoss, MaskedBinaryCrossentropy, WeightedBinaryCrossentropy, positive_weights
+from ..models.patient_classifier import patient_output_only
+from .callbacks import (
+    EpochProgress,
+    HistoryLog,
+    RecalibrateBatchNorm,
+    TensorBoardScalars,
+    ValidationScore,
+    cosine_learning_rate,
+    read_history,
+)
 from .config import TrainConfig
 from .hardware import data_parallel, precision, resolve_jit_compile, synchronize_batch_norm
 
@@ -102,16 +111,46 @@ def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, conf
             str(out / BEST_WEIGHTS), monitor="val_final_score", mode="max",
             save_best_only=True, save_weights_only=True, initial_value_threshold=best,
         ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_final_score", mode="max", factor=config.lr_factor,
-            patience=config.lr_patience, min_delta=config.lr_min_delta, verbose=1,
-        ),
+        _schedule(config),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, verbose=1),
         HistoryLog(out / HISTORY, phase),
         # after the CSV row: a kill between the two repeats that row, which resuming drops
         keras.callbacks.BackupAndRestore(str(out / f"backup_{phase}"), double_checkpoint=True),
         TensorBoardScalars(out / "tensorboard"),
     ]
+
+
+def _schedule(config: TrainConfig) -> keras.callbacks.Callback:
+    if config.schedule == "cosine":  # epoch numbers run on across both phases, so one curve spans them
+        total = config.epochs + config.fine_tune_epochs
+        return keras.callbacks.LearningRateScheduler(
+            lambda epoch: cosine_learning_rate(epoch, config.learning_rate, total, config.warmup_epochs))
+    return keras.callbacks.ReduceLROnPlateau(
+        monitor="val_final_score", mode="max", factor=config.lr_factor,
+        patience=config.lr_patience, min_delta=config.lr_min_delta, verbose=1,
+    )
+
+
+def build_loss(config: TrainConfig, train_labels: np.ndarray) -> tuple[keras.losses.Loss, np.ndarray]:
+    """The training loss and the positive weights it uses (ones for the asymmetric loss)."""
+    if config.loss == "asymmetric":
+        return AsymmetricLoss(), np.ones(train_labels.shape[1], np.float32)
+    pos_weight = positive_weights(train_labels, config.pos_weight_power)
+    return WeightedBinaryCrossentropy(pos_weight.tolist()), pos_weight
+
+
+def _losses(loss: keras.losses.Loss, config: TrainConfig) -> dict:
+    """compile()'s loss arguments: the patient loss, and the eye head's beside it when there is one."""
+    if config.eye_head_weight <= 0:
+        return {"loss": loss}
+    return {"loss": {"labels": loss, "eye_labels": MaskedBinaryCrossentropy()},
+            "loss_weights": {"labels": 1.0, "eye_labels": config.eye_head_weight}}
+
+
+def prior_log_odds(train_labels: np.ndarray) -> np.ndarray:
+    """Each class's training prevalence as log-odds (kept within 1e-3 of 0 and 1)."""
+    prior = np.clip(np.asarray(train_labels, np.float64).mean(axis=0), 1e-3, 1 - 1e-3)
+    return np.log(prior / (1 - prior)).astype(np.float32)
 
 
 def check_finite_history(history: keras.callbacks.History) -> None:
@@ -161,11 +200,13 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
                   val_batches: PatientBatches, loss) -> int:
     """Both training phases (see the module doc), resuming where ``state`` says; returns the end epoch."""
     jit = resolve_jit_compile(config.jit_compile)
-    model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
+    model = build_patient_model(config.backbone, config.size, config.weights, config.dropout, eye_head=config.eye_head_weight > 0)
     synchronize_batch_norm(model, config.devices)
     pretrained = config.weights is not None
     model.get_layer("eye_encoder").trainable = not pretrained
-    model.compile(keras.optimizers.Adam(config.learning_rate), loss, jit_compile=jit)
+    if config.output_bias == "prior":  # a resumed run loads its own weights over this
+        model.get_layer("labels").bias.assign(prior_log_odds(train.label_matrix()))
+    model.compile(keras.optimizers.Adam(config.learning_rate), **_losses(loss, config), jit_compile=jit)
 
     two_phases = config.fine_tune_epochs > 0
     if "phase1_end" in state:
@@ -182,8 +223,8 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
         fine_lr = config.learning_rate * config.fine_tune_lr_factor
         if pretrained:
             model.get_layer("eye_encoder").trainable = True
-            model.compile(keras.optimizers.Adam(fine_lr), loss, jit_compile=jit)
-        else:  # same trainable set: keep the compiled step, which costs a minute or more to trace
+            model.compile(keras.optimizers.Adam(fine_lr), **_losses(loss, config), jit_compile=jit)
+        elif config.schedule == "plateau":  # same trainable set: keep the compiled step (a minute or more to trace)
             model.optimizer.learning_rate.assign(min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
         end = _fit_phase(model, "fine_tune", out, train_batches, val_batches, loss, config, end, end + config.fine_tune_epochs)
     return end
@@ -207,20 +248,23 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     state = json.loads((out / STATE).read_text()) if resume and (out / STATE).is_file() else {}
 
     keras.utils.set_random_seed(config.seed)
-    pos_weight = positive_weights(train.label_matrix(), config.pos_weight_power)
-    loss = WeightedBinaryCrossentropy(pos_weight.tolist())
+    loss, pos_weight = build_loss(config, train.label_matrix())
     train_batches = PatientBatches(
         train, config.size, config.batch_size, training_augmentation(config.rotation, config.seed),
         shuffle=True, seed=config.seed, cache=config.cache_images, ragged_last="drop", workers=config.workers,
+        eye_labels=config.eye_head_weight > 0,
     )
+    if train_batches.eye_labels is not None and (train_batches.eye_labels < 0).all():
+        raise FundusError(f"eye_head_weight {config.eye_head_weight} needs per-eye keywords, but no training patient in "
+                          f"{manifest_path} has left_keywords/right_keywords")
     val_batches = PatientBatches(val, config.size, config.batch_size, cache=config.cache_images, workers=config.workers)
     with data_parallel(config.devices, config.batch_size), precision(config.precision):
         end = _train_phases(out, view, config, state, train, val, train_batches, val_batches, loss)
 
     # A fresh, never-compiled model carries no optimizer state into the saved file.
-    final = build_patient_model(config.backbone, config.size, None, config.dropout)
+    final = build_patient_model(config.backbone, config.size, None, config.dropout, eye_head=config.eye_head_weight > 0)
     final.load_weights(str(out / BEST_WEIGHTS))
-    final.save(str(out / MODEL_NAME))
+    patient_output_only(final).save(str(out / MODEL_NAME))
     history = read_history(out / HISTORY)
     train_seconds = sum(float(r.get("wall_s") or 0) for r in history)
     images = len(history) * len(train_batches) * config.batch_size * 2  # two eye images per patient
