@@ -18,17 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import keras
-
-from ..data.batches import predict_eye_average, predict_patients
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..labels import LABELS
 from ..metrics import odir_score, per_class_scores
-from .baseline import train_plain_baseline
 from .config import TrainConfig
-from .train import MODEL_NAME, train_view
 
 RESULT = "result.json"
 
@@ -71,6 +66,12 @@ def lever_config(base: TrainConfig, name: str) -> TrainConfig:
 
 def run_row(prep_dir: Path, out_dir: Path, base: TrainConfig, name: str, view: str = "color") -> dict:
     """Train and score one row (or read its finished result)."""
+    import keras  # here, so that the row list (and levers.py --help) loads without Keras
+
+    from ..data.batches import predict_eye_average, predict_patients
+    from .baseline import train_plain_baseline
+    from .train import MODEL_NAME, train_view
+
     folder = out_dir / name
     if (folder / RESULT).is_file():
         return json.loads((folder / RESULT).read_text())
