@@ -23,7 +23,7 @@ pytestmark = pytest.mark.backend
 
 # A small backbone keeps this test to a couple of minutes on 2 CPU cores; the B3 patient model
 # itself is covered in test_models.py, and every other line of the pipeline runs here.
-CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=10, fine_tune_epochs=2, seed=0, bn_recalibration_patients=48)
+CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=6, fine_tune_epochs=1, seed=0, bn_recalibration_patients=48)
 
 
 @pytest.fixture(scope="module")
