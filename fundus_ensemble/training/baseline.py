@@ -16,7 +16,7 @@ from pathlib import Path
 import keras
 
 from ..data.augment import training_augmentation
-from ..data.batches import EyeBatches
+from ..data.batches import EyeBatches, FastMalloc
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..models import build_eye_model
@@ -51,6 +51,7 @@ def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike
         history = model.fit(
             train_eyes, validation_data=val_eyes, epochs=epochs, verbose=0,
             callbacks=[
+                FastMalloc(),
                 EpochProgress("[baseline]", epochs, len(train_eyes)),
                 keras.callbacks.TerminateOnNaN(),
                 keras.callbacks.ModelCheckpoint(str(out / BEST_WEIGHTS), monitor="val_loss", save_best_only=True, save_weights_only=True),

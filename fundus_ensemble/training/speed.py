@@ -28,7 +28,7 @@ from pathlib import Path
 import keras
 
 from ..data.augment import training_augmentation
-from ..data.batches import PatientBatches
+from ..data.batches import FastMalloc, PatientBatches
 from ..data.manifest import Manifest, load_manifest
 from ..labels import LABELS
 from ..models import build_patient_model
@@ -162,15 +162,15 @@ def measure_speed(
                 source = batches(w)
                 source._image = cached._image
                 timer = _EpochTimes()
-                model.fit(source, epochs=1 + PASSES, verbose=0, callbacks=[timer])
+                model.fit(source, epochs=1 + PASSES, verbose=0, callbacks=[FastMalloc(), timer])
                 report.training[w] = len(source) * images_per_batch / min(timer.seconds[1:])
                 say(f"training, {w} worker(s): {report.training[w]:.1f} images/s ({report.ratio(w):.2f} of the model step)")
             best = max(report.training, key=report.training.get)
             source = batches(best, augmented=False)
             source._image = cached._image
-            model.predict(source, verbose=0)
+            model.predict(source, verbose=0, callbacks=[FastMalloc()])
             start = time.perf_counter()
-            model.predict(source, verbose=0)
+            model.predict(source, verbose=0, callbacks=[FastMalloc()])
             report.prediction = len(source) * images_per_batch / (time.perf_counter() - start)
             say(f"prediction: {report.prediction:.1f} images/s")
     return report

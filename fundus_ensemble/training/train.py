@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import __version__
 from ..data.augment import training_augmentation
-from ..data.batches import PatientBatches
+from ..data.batches import FastMalloc, PatientBatches
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text, claim_folder, remove_owned, sha256_file
@@ -103,6 +103,7 @@ def _git_commit() -> str | None:
 
 def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, config: TrainConfig, best: float | None, phase: str) -> list:
     return [
+        FastMalloc(),
         RecalibrateBatchNorm(train, config.bn_recalibration_patients),  # before anything evaluates or saves
         ValidationScore(val, loss),  # before the callbacks that read what it adds
         EpochProgress(f"[{out.name}]", config.epochs + config.fine_tune_epochs, len(train)),
