@@ -75,6 +75,46 @@ def test_a_used_folder_is_refused_and_resume_trains_nothing_again(benchmark_run)
     assert again["timings_s"] == results["timings_s"]
 
 
+@pytest.mark.slow
+def test_a_subset_of_models_keeps_only_their_rows(benchmark_run):
+    root, out, results = benchmark_run
+    subset = run_benchmark(root / "labels.csv", root, out, TINY, seed=1, resume=True, bootstrap=20, models=("gray_eq",))
+    assert subset["models"] == ["gray_eq"]
+    names = [r["name"] for r in subset["rows"]]
+    assert names == ["all-zero", "class prior", "class prior + calibration", "gray_eq", "gray_eq + TTA + calibration"]
+    full = {r["name"]: r for r in results["rows"]}
+    assert all(r == full[r["name"]] for r in subset["rows"])
+    assert subset["checks"] == {}  # no ensemble, nothing to check
+    assert "Models run: gray_eq." in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_checks_compare_the_ensemble_with_every_other_model(benchmark_run):
+    checks = benchmark_run[2]["checks"]["ensemble"]
+    final = {r["name"]: r["final"] for r in benchmark_run[2]["rows"]}
+    for other in ("class prior + calibration", "plain baseline", "color", "gray_eq"):
+        assert checks[f"margin over '{other}'"] == pytest.approx(final["ensemble"] - final[other])
+        low, high = checks[f"95% interval of the margin over '{other}'"]
+        assert low <= high
+    for other in ("plain baseline", "color", "gray_eq"):
+        assert checks[f"beats '{other}' (interval above 0)"] == (checks[f"95% interval of the margin over '{other}'"][0] > 0)
+    assert {"AUC C >= 0.75", "AUC M >= 0.75"} <= set(checks)
+
+
+def test_unknown_models_are_refused_before_any_output(tmp_path):
+    with pytest.raises(FundusError, match="models must be some of baseline, color, gray_eq; got colour"):
+        run_benchmark(tmp_path / "labels.csv", tmp_path, tmp_path / "out", TINY, models=("colour",))
+    with pytest.raises(FundusError, match="got none"):
+        run_benchmark(tmp_path / "labels.csv", tmp_path, tmp_path / "out", TINY, models=())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_carries_its_levers_into_the_training_config():
+    budget = Budget("b", size=32, epochs=2, fine_tune_epochs=0, changes={"schedule": "cosine", "output_bias": "prior"})
+    config = budget.train_config(None, seed=3)
+    assert (config.schedule, config.output_bias, config.size, config.seed) == ("cosine", "prior", 32, 3)
+
+
 def test_a_bad_table_stops_before_any_output(tmp_path):
     with pytest.raises(FundusError, match="label table not found"):
         run_benchmark(tmp_path / "labels.csv", tmp_path, tmp_path / "out", TINY)
