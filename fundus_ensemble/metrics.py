@@ -64,3 +64,19 @@ def per_class_scores(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 
             "(or no negatives) for it; the pooled score is unaffected"
         )
     return out
+
+
+def bootstrap_margin(y_true: np.ndarray, ours: np.ndarray, other: np.ndarray, seed: int = 0,
+                     resamples: int = 500) -> list[float] | None:
+    """95% interval of final(ours) - final(other) over patients resampled with replacement,
+    the same patients for both (paired); None when too few patients to resample."""
+    rng = np.random.default_rng(seed)
+    margins = []
+    for _ in range(resamples):
+        i = rng.integers(0, len(y_true), len(y_true))
+        if y_true[i].min() == y_true[i].max():
+            continue
+        margins.append(odir_score(y_true[i], ours[i])["final"] - odir_score(y_true[i], other[i])["final"])
+    if not margins:
+        return None
+    return [float(np.percentile(margins, 2.5)), float(np.percentile(margins, 97.5))]

@@ -124,3 +124,33 @@ def test_masked_loss_ignores_unknown_eyes():
     assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(expected, rel=1e-5)
     nothing_known = MaskedBinaryCrossentropy()(np.full((1, 2, 2), -1.0, np.float32), p)
     assert float(keras.ops.convert_to_numpy(nothing_known)) == 0.0
+
+
+def test_rows_are_compared_with_the_library_patient_by_patient(tmp_path):
+    from fundus_ensemble.metrics import odir_score
+    from fundus_ensemble.training.levers import PROBABILITIES, add_margins
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((120, 8)) < 0.3).astype(int)
+    informed = np.clip(0.6 * y + 0.4 * rng.random(y.shape), 0, 1)
+    probs = {"library": rng.random(y.shape), "good": informed, "same": None}
+    probs["same"] = probs["library"].copy()
+    for name, p in probs.items():
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / PROBABILITIES, p)
+    results = [{"row": name} for name in probs]
+    add_margins(results, tmp_path, y, resamples=100)
+    library, good, same = results
+    assert "margin" not in library
+    assert good["margin"] == pytest.approx(odir_score(y, informed)["final"] - odir_score(y, probs["library"])["final"])
+    assert 0 < good["margin_interval"][0] < good["margin"] < good["margin_interval"][1]
+    assert same["margin"] == 0 and same["margin_interval"] == [0.0, 0.0]
+
+
+def test_lever_table_shows_each_margin_with_its_interval():
+    result = {"row": "cosine", "what": "c", "final": 0.6, "kappa": 0.2, "f1": 0.8, "auc": 0.8,
+              "auc_per_class": {c: 0.7 for c in "NDGCAHMO"}, "best_epoch": 3, "train_images_per_s": 12.5, "wall_s": 600.0,
+              "margin": 0.012, "margin_interval": [-0.01, 0.03]}
+    library = {k: v for k, v in result.items() if not k.startswith("margin")} | {"row": "library"}
+    table = format_levers([library, result], TrainConfig(size=96, epochs=3))
+    assert "| +0.012 [-0.010, +0.030] |" in table and "| **0.600** | - |" in table

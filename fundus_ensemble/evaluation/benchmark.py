@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text, claim_folder, refuse_overlap, remove_owned
 from ..labels import LABELS, VIEWS
+from ..metrics import bootstrap_margin
 
 HELD_OUT = "test"
 FIT = "val"
@@ -348,22 +349,6 @@ def _rows(labels: dict[str, np.ndarray], p: _Predictions, training: dict[str, di
     return rows, {r["name"]: r.pop("_probs") for r in rows}
 
 
-def _bootstrap_margin(y: np.ndarray, ours: np.ndarray, other: np.ndarray, seed: int, resamples: int = BOOTSTRAP) -> list[float] | None:
-    """95% interval of final(ours) - final(other) over patients resampled with replacement (paired)."""
-    from ..metrics import odir_score
-
-    rng = np.random.default_rng(seed)
-    margins = []
-    for _ in range(resamples):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].min() == y[i].max():
-            continue
-        margins.append(odir_score(y[i], ours[i])["final"] - odir_score(y[i], other[i])["final"])
-    if not margins:  # too few patients to resample
-        return None
-    return [float(np.percentile(margins, 2.5)), float(np.percentile(margins, 97.5))]
-
-
 def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, seed: int, resamples: int,
             target_final: float = TARGET_FINAL) -> dict:
     """The targets, for the raw ensemble and for the full recipe (a post-hoc lever helps every
@@ -388,7 +373,7 @@ def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, 
         check = {
             f"final >= {target_final}": final[ours] >= target_final,
             f"margin over '{prior}'": margin,
-            f"95% interval of the margin over '{prior}'": _bootstrap_margin(y_test, probs[ours], probs[prior], seed, resamples),
+            f"95% interval of the margin over '{prior}'": bootstrap_margin(y_test, probs[ours], probs[prior], seed, resamples),
             f"margin over '{prior}' >= {TARGET_MARGIN}": margin >= TARGET_MARGIN,
         }
         for c, floor in STRONG_CLASSES.items():
@@ -396,7 +381,7 @@ def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, 
         check[f"AUC >= {CLASS_AUC} for {', '.join(common) or 'no class'} ({CLASS_AUC_POSITIVES}+ test positives)"] = all(
             auc[ours][c] is not None and auc[ours][c] >= CLASS_AUC for c in common)
         for other in (o for o in others if o in final):
-            interval = _bootstrap_margin(y_test, probs[ours], probs[other], seed, resamples)
+            interval = bootstrap_margin(y_test, probs[ours], probs[other], seed, resamples)
             check[f"margin over '{other}'"] = final[ours] - final[other]
             check[f"95% interval of the margin over '{other}'"] = interval
             check[f"beats '{other}' (interval above 0)"] = interval is not None and interval[0] > 0

@@ -18,14 +18,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..labels import LABELS
-from ..metrics import odir_score, per_class_scores
+from ..metrics import bootstrap_margin, odir_score, per_class_scores
 from .config import TrainConfig
 
 RESULT = "result.json"
+PROBABILITIES = "val_probabilities.npy"  # kept so rows can be compared patient by patient
+BOOTSTRAP = 500
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,19 @@ def run_row(prep_dir: Path, out_dir: Path, base: TrainConfig, name: str, view: s
     from .train import MODEL_NAME, train_view
 
     folder = out_dir / name
-    if (folder / RESULT).is_file():
-        return json.loads((folder / RESULT).read_text())
     config = lever_config(base, name)
     lever = LEVERS[name]
     val = load_manifest(prep_dir / view / "manifest.csv").select("val")
+
+    def predict(model) -> np.ndarray:
+        if lever.plain:
+            return predict_eye_average(model, val, config.size)
+        return predict_patients(model, val, config.size, config.batch_size)
+
+    if (folder / RESULT).is_file():
+        if not (folder / PROBABILITIES).is_file():  # a row finished before probabilities were kept
+            np.save(folder / PROBABILITIES, predict(keras.saving.load_model(str(folder / MODEL_NAME), compile=False)))
+        return json.loads((folder / RESULT).read_text())
     start = time.perf_counter()
     if lever.plain:
         if folder.exists():  # the plain model cannot resume: start the row over
@@ -86,14 +98,12 @@ def run_row(prep_dir: Path, out_dir: Path, base: TrainConfig, name: str, view: s
         info = train_plain_baseline(prep_dir / view, folder, plain)
         train_s = time.perf_counter() - start
         images_per_s = info["epochs_run"] * info["train_images_per_epoch"] / train_s
-        model = keras.saving.load_model(str(folder / MODEL_NAME), compile=False)
-        probs = predict_eye_average(model, val, config.size)
+        probs = predict(keras.saving.load_model(str(folder / MODEL_NAME), compile=False))
         best_epoch = info["best_epoch"]
     else:
         card = train_view(prep_dir / view, folder, config, view, resume=True)
         train_s, images_per_s = card["train_wall_s"], card["train_images_per_s"]
-        model = keras.saving.load_model(str(folder / MODEL_NAME), compile=False)
-        probs = predict_patients(model, val, config.size, config.batch_size)
+        probs = predict(keras.saving.load_model(str(folder / MODEL_NAME), compile=False))
         best_epoch = card["best_val"]["epoch"]
     y = val.label_matrix()
     score = odir_score(y, probs)
@@ -105,8 +115,20 @@ def run_row(prep_dir: Path, out_dir: Path, base: TrainConfig, name: str, view: s
         "train_images_per_s": round(float(images_per_s), 2) if images_per_s else None,
         "wall_s": round(time.perf_counter() - start, 1), "config": dataclasses.asdict(config),
     }
+    np.save(folder / PROBABILITIES, probs)
     atomic_write_json(folder / RESULT, result)
     return result
+
+
+def add_margins(results: list[dict], out_dir: Path, y_val: np.ndarray, reference: str = "library", seed: int = 0,
+                resamples: int = BOOTSTRAP) -> None:
+    """Each row's val final minus the reference row's, with the 95% paired bootstrap interval
+    over val patients: a lever counts only when its interval lies above zero."""
+    probs = {r["row"]: np.load(out_dir / r["row"] / PROBABILITIES) for r in results}
+    for r in results:
+        if reference in probs and r["row"] != reference:
+            r["margin"] = float(odir_score(y_val, probs[r["row"]])["final"] - odir_score(y_val, probs[reference])["final"])
+            r["margin_interval"] = bootstrap_margin(y_val, probs[r["row"]], probs[reference], seed, resamples)
 
 
 def run_levers(prep_dir: str | os.PathLike, out_dir: str | os.PathLike, base: TrainConfig, rows: list[str],
@@ -116,18 +138,20 @@ def run_levers(prep_dir: str | os.PathLike, out_dir: str | os.PathLike, base: Tr
     for name in rows:
         lever_config(base, name)  # refuse a bad row list before hours of training
     out.mkdir(parents=True, exist_ok=True)
+    y_val = load_manifest(prep / view / "manifest.csv").select("val").label_matrix()
     results = []
     for name in rows:
         print(f"[levers] row {name}: {LEVERS[name].what}", flush=True)
         results.append(run_row(prep, out, base, name, view))
+        add_margins(results, out, y_val, seed=base.seed)
         atomic_write_json(out / "levers.json", {"base": dataclasses.asdict(base), "rows": results})
         atomic_write_text(out / "levers.md", format_levers(results, base))
     return results
 
 
 def format_levers(results: list[dict], base: TrainConfig) -> str:
-    head = ("| row | what changed | val final | kappa | F1 | AUC | " + " | ".join(f"AUC {c}" for c in LABELS)
-            + " | best epoch | train img/s | wall s |")
+    head = ("| row | what changed | val final | vs library (95% interval) | kappa | F1 | AUC | "
+            + " | ".join(f"AUC {c}" for c in LABELS) + " | best epoch | train img/s | wall s |")
     lines = [
         f"{base.backbone} at {base.size} px, {base.epochs} + {base.fine_tune_epochs} epochs, batch {base.batch_size}, "
         f"seed {base.seed}, one view; scored on val.", "", head, "|" + "---|" * (head.count("|") - 1),
@@ -135,7 +159,15 @@ def format_levers(results: list[dict], base: TrainConfig) -> str:
     for r in results:
         aucs = " | ".join("n/a" if r["auc_per_class"][c] is None else f"{r['auc_per_class'][c]:.2f}" for c in LABELS)
         lines.append(
-            f"| {r['row']} | {r['what']} | **{r['final']:.3f}** | {r['kappa']:.3f} | {r['f1']:.3f} | {r['auc']:.3f} | {aucs} | "
+            f"| {r['row']} | {r['what']} | **{r['final']:.3f}** | {_margin(r)} | {r['kappa']:.3f} | {r['f1']:.3f} | {r['auc']:.3f} | {aucs} | "
             f"{r['best_epoch']} | {r['train_images_per_s'] if r['train_images_per_s'] is not None else 'n/a'} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _margin(row: dict) -> str:
+    if "margin" not in row:
+        return "-"
+    interval = row.get("margin_interval")
+    span = f" [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
+    return f"{row['margin']:+.3f}{span}"
