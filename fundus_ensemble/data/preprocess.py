@@ -240,7 +240,8 @@ def preprocess_manifest(
 
     failures: dict[str, str] = {}
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not progress or not todo)
+    # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws)
+    bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=None if progress and todo else True)
     if workers == 1:
         for relative, reason in map(_process_one, todo):
             _tally(relative, reason, failures, summary, bar)

@@ -151,7 +151,7 @@ def predict_photos(
     results: list[tuple[PatientPhotos, dict | None, str]] = []
     start, images = time.perf_counter(), 0
     bar = tqdm(total=sum((p.left is not None) + (p.right is not None) for p in patients), desc="predict", unit="img",
-               disable=not progress)
+               disable=None if progress else True)  # None: no bar when not on a terminal
     for first in range(0, len(patients), batch_size):
         chunk = patients[first : first + batch_size]
         inputs, usable, one_eyed = {v: {"left": [], "right": []} for v in views}, [], []
