@@ -68,3 +68,22 @@ def test_synthetic_keywords_explain_the_synthetic_labels(small_dataset):
 def test_single_findings_are_not_normal(text):
     labels = eye_labels(text)
     assert labels[LABELS.index("N")] == 0 and labels.sum() == 1
+
+
+def test_eye_label_targets_follow_the_photo_each_input_gets():
+    from pathlib import Path
+
+    from fundus_ensemble.data.batches import manifest_eye_labels
+    from fundus_ensemble.data.manifest import Manifest, Patient
+
+    zeros = (0,) * 8
+    patients = (
+        Patient("both", "a.jpg", "b.jpg", zeros, "train", {"left_keywords": "cataract", "right_keywords": ""}),
+        Patient("left only", "c.jpg", None, zeros, "train", {"left_keywords": "glaucoma"}),
+        Patient("right only", None, "d.jpg", zeros, "train", {"right_keywords": "normal fundus"}),
+    )
+    targets = manifest_eye_labels(Manifest(patients, Path(".")))
+    c, g, n = (eye_labels(k).tolist() for k in ("cataract", "glaucoma", "normal fundus"))
+    assert targets[0, 0].tolist() == c and (targets[0, 1] == -1).all()  # an eye without keywords is unknown
+    assert targets[1].tolist() == [g, g]  # the missing right input is fed the left photo
+    assert targets[2].tolist() == [n, n]

@@ -187,10 +187,10 @@ def manifest_eye_labels(manifest: Manifest) -> np.ndarray:
 
     out = np.full((len(manifest), 2, 8), -1.0, np.float32)
     for row, p in enumerate(manifest.patients):
-        found = {eye: eye_labels(p.extra.get(f"{eye}_keywords", "")) if image else None
-                 for eye, image in (("left", p.left_image), ("right", p.right_image))}
-        for k, (eye, other) in enumerate((("left", "right"), ("right", "left"))):
-            labels = found[eye] if found[eye] is not None else (None if (p.left_image and p.right_image) else found[other])
+        left = eye_labels(p.extra.get("left_keywords", "")) if p.left_image else None
+        right = eye_labels(p.extra.get("right_keywords", "")) if p.right_image else None
+        left, right = (left if p.left_image else right), (right if p.right_image else left)
+        for k, labels in enumerate((left, right)):
             if labels is not None:
                 out[row, k] = labels
     return out
