@@ -9,7 +9,7 @@ import pytest
 from fundus_ensemble.data.manifest import load_manifest
 from fundus_ensemble.data.synthetic import write_synthetic_dataset
 from fundus_ensemble.errors import FundusError
-from fundus_ensemble.evaluation.benchmark import Budget, format_results_markdown, run_benchmark
+from fundus_ensemble.evaluation.benchmark import Budget, format_results_markdown, run_benchmark, view_weight_on_val
 from fundus_ensemble.labels import LABELS
 
 # runs again under KERAS_BACKEND=jax in CI (README, tests)
@@ -42,7 +42,7 @@ def test_every_row_is_scored_on_the_held_out_patients(benchmark_run):
     root, out, results = benchmark_run
     names = [r["name"] for r in results["rows"]]
     assert names[:7] == ["all-zero", "class prior", "class prior + calibration", "plain baseline", "color", "gray_eq", "ensemble"]
-    assert "ensemble + TTA + calibration" in names
+    assert "ensemble + TTA + calibration" in names and names[-1] == "ensemble, view weight chosen on val"
     manifest = load_manifest(out / "manifest.csv", image_root=root)
     assert results["held_out_patients"] == sum(p.split == "test" for p in manifest.patients)
     zero = results["rows"][0]
@@ -119,3 +119,12 @@ def test_a_bad_table_stops_before_any_output(tmp_path):
     with pytest.raises(FundusError, match="label table not found"):
         run_benchmark(tmp_path / "labels.csv", tmp_path, tmp_path / "out", TINY)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_view_weight_follows_the_view_that_scores_on_val():
+    rng = np.random.default_rng(0)
+    y = (rng.random((150, 8)) < 0.3).astype(int)
+    informed, noise = np.clip(0.5 * y + 0.5 * rng.random(y.shape), 0, 1), rng.random(y.shape)
+    assert view_weight_on_val(y, informed, noise) == 1.0
+    assert view_weight_on_val(y, noise, informed) == 0.0
+    assert view_weight_on_val(y, informed, informed) == 0.5  # every weight ties: the paper's 1:1

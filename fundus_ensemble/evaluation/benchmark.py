@@ -345,8 +345,30 @@ def _rows(labels: dict[str, np.ndarray], p: _Predictions, training: dict[str, di
         row("color + TTA + calibration", "the same levers on one view", "color", True, True),
         row("gray_eq + TTA + calibration", "the same levers on one view", "gray_eq", True, True),
     ]
+    if set(VIEWS) <= set(models):
+        rows.append(_weighted_ensemble_row(y_fit, y_test, p, training))
     rows = [r for r in rows if r is not None]
     return rows, {r["name"]: r.pop("_probs") for r in rows}
+
+
+def view_weight_on_val(y_val: np.ndarray, color: np.ndarray, gray: np.ndarray, steps: int = 11) -> float:
+    """The colour view's weight w in w * color + (1 - w) * gray_eq with the best val final,
+    on a grid of ``steps`` from 0 to 1; ties go to the weight nearest the paper's 0.5."""
+    from ..metrics import odir_score
+
+    grid = np.linspace(0.0, 1.0, steps)
+    scores = [odir_score(y_val, w * color + (1 - w) * gray)["final"] for w in grid]
+    return float(max(zip(scores, -abs(grid - 0.5), grid))[2])
+
+
+def _weighted_ensemble_row(y_fit: np.ndarray, y_test: np.ndarray, p: _Predictions, training: dict[str, dict]) -> dict:
+    """The ensemble with the views weighted as val prefers: what the gray view is worth, measured."""
+    color, gray = (p.key(v, FIT, False) for v in VIEWS)
+    w = view_weight_on_val(y_fit, p.probs[color], p.probs[gray])
+    test = w * p.probs[p.key("color", HELD_OUT, False)] + (1 - w) * p.probs[p.key("gray_eq", HELD_OUT, False)]
+    cost = [(p.seconds[p.key(v, HELD_OUT, False)], p.images[p.key(v, HELD_OUT, False)]) for v in VIEWS]
+    return _row("ensemble, view weight chosen on val", f"{w:.1f} x color + {1 - w:.1f} x gray_eq, the weight chosen on val",
+                y_test, test, [training[v] for v in VIEWS], cost)
 
 
 def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, seed: int, resamples: int,
