@@ -154,3 +154,21 @@ def test_lever_table_shows_each_margin_with_its_interval():
     library = {k: v for k, v in result.items() if not k.startswith("margin")} | {"row": "library"}
     table = format_levers([library, result], TrainConfig(size=96, epochs=3))
     assert "| +0.012 [-0.010, +0.030] |" in table and "| **0.600** | - |" in table
+
+
+@pytest.mark.slow
+def test_a_lever_row_runs_once_and_keeps_its_val_probabilities(view_manifest, tmp_path):
+    """The fresh path and the read-back path of a row (margins between rows are tested above)."""
+    from fundus_ensemble.metrics import odir_score
+    from fundus_ensemble.training.levers import PROBABILITIES, run_levers
+
+    base = TrainConfig(backbone="mobilenet", size=48, batch_size=4, epochs=1, fine_tune_epochs=0, bn_recalibration_patients=0)
+    [result] = run_levers(_prep_of(view_manifest), tmp_path, base, ["library"])
+    val = view_manifest.select("val")
+    probs = np.load(tmp_path / "library" / PROBABILITIES)
+    assert result["final"] == pytest.approx(odir_score(val.label_matrix(), probs)["final"])
+    assert "| library |" in (tmp_path / "levers.md").read_text()
+    (tmp_path / "library" / PROBABILITIES).unlink()  # as for a row finished before probabilities were kept
+    [again] = run_levers(_prep_of(view_manifest), tmp_path, base, ["library"])
+    assert again == result  # read back, not trained again
+    np.testing.assert_allclose(np.load(tmp_path / "library" / PROBABILITIES), probs, atol=1e-6)
