@@ -1,6 +1,7 @@
 """The benchmark end to end on synthetic photos, with a tiny budget (the real one is a script)."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -116,6 +117,15 @@ def test_a_budget_carries_its_levers_into_the_training_config():
     budget = Budget("b", size=32, epochs=2, fine_tune_epochs=0, changes={"schedule": "cosine", "output_bias": "prior"})
     config = budget.train_config(None, seed=3)
     assert (config.schedule, config.output_bias, config.size, config.seed) == ("cosine", "prior", 32, 3)
+
+
+def test_the_asymmetric_budget_is_the_default_budget_but_for_the_loss():
+    from fundus_ensemble.evaluation.benchmark import BUDGETS, DEFAULT_BUDGET
+
+    default = BUDGETS[DEFAULT_BUDGET].train_config(None, seed=0)
+    asl = BUDGETS["cpu128-5+2-asl"].train_config(None, seed=0)
+    assert asl.loss == "asymmetric" and default.loss == "weighted_bce"
+    assert dataclasses.replace(asl, loss=default.loss) == default
 
 
 def test_a_bad_table_stops_before_any_output(tmp_path):
