@@ -167,6 +167,8 @@ def test_a_lever_row_runs_once_and_keeps_its_val_probabilities(view_manifest, tm
     val = view_manifest.select("val")
     probs = np.load(tmp_path / "library" / PROBABILITIES)
     assert result["final"] == pytest.approx(odir_score(val.label_matrix(), probs)["final"])
+    constant = np.tile(probs.mean(axis=0), (len(val), 1))  # what the images are worth, beyond the threshold
+    assert result["vs_constant"] == pytest.approx(result["final"] - odir_score(val.label_matrix(), constant)["final"])
     assert "| library |" in (tmp_path / "levers.md").read_text()
     (tmp_path / "library" / PROBABILITIES).unlink()  # as for a row finished before probabilities were kept
     [again] = run_levers(_prep_of(view_manifest), tmp_path, base, ["library"])

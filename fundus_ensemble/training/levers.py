@@ -123,9 +123,16 @@ def run_row(prep_dir: Path, out_dir: Path, base: TrainConfig, name: str, view: s
 def add_margins(results: list[dict], out_dir: Path, y_val: np.ndarray, reference: str = "library", seed: int = 0,
                 resamples: int = BOOTSTRAP) -> None:
     """Each row's val final minus the reference row's, with the 95% paired bootstrap interval
-    over val patients: a lever counts only when its interval lies above zero."""
+    over val patients: a lever counts only when its interval lies above zero.
+
+    Also each row's val final minus its own image-blind constant (its mean probability per
+    class for every patient): the score thresholds at 0.5, so a lever that only moves outputs
+    across 0.5 for everyone gains final without reading more from the images
+    (docs/RESULTS.md, "Seed sweep")."""
     probs = {r["row"]: np.load(out_dir / r["row"] / PROBABILITIES) for r in results}
     for r in results:
+        constant = np.tile(probs[r["row"]].mean(axis=0), (len(y_val), 1))
+        r["vs_constant"] = float(odir_score(y_val, probs[r["row"]])["final"] - odir_score(y_val, constant)["final"])
         if reference in probs and r["row"] != reference:
             r["margin"] = float(odir_score(y_val, probs[r["row"]])["final"] - odir_score(y_val, probs[reference])["final"])
             r["margin_interval"] = bootstrap_margin(y_val, probs[r["row"]], probs[reference], seed, resamples)
@@ -150,7 +157,7 @@ def run_levers(prep_dir: str | os.PathLike, out_dir: str | os.PathLike, base: Tr
 
 
 def format_levers(results: list[dict], base: TrainConfig) -> str:
-    head = ("| row | what changed | val final | vs library (95% interval) | kappa | F1 | AUC | "
+    head = ("| row | what changed | val final | vs library (95% interval) | vs own constant | kappa | F1 | AUC | "
             + " | ".join(f"AUC {c}" for c in LABELS) + " | best epoch | train img/s | wall s |")
     lines = [
         f"{base.backbone} at {base.size} px, {base.epochs} + {base.fine_tune_epochs} epochs, batch {base.batch_size}, "
@@ -159,10 +166,14 @@ def format_levers(results: list[dict], base: TrainConfig) -> str:
     for r in results:
         aucs = " | ".join("n/a" if r["auc_per_class"][c] is None else f"{r['auc_per_class'][c]:.2f}" for c in LABELS)
         lines.append(
-            f"| {r['row']} | {r['what']} | **{r['final']:.3f}** | {_margin(r)} | {r['kappa']:.3f} | {r['f1']:.3f} | {r['auc']:.3f} | {aucs} | "
+            f"| {r['row']} | {r['what']} | **{r['final']:.3f}** | {_margin(r)} | {_vs_constant(r)} | {r['kappa']:.3f} | {r['f1']:.3f} | {r['auc']:.3f} | {aucs} | "
             f"{r['best_epoch']} | {r['train_images_per_s'] if r['train_images_per_s'] is not None else 'n/a'} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _vs_constant(row: dict) -> str:
+    return f"{row['vs_constant']:+.3f}" if "vs_constant" in row else "n/a"
 
 
 def _margin(row: dict) -> str:
