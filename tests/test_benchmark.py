@@ -128,6 +128,19 @@ def test_the_asymmetric_budget_is_the_default_budget_but_for_the_loss():
     assert dataclasses.replace(asl, loss=default.loss) == default
 
 
+def test_every_cpu_budget_is_named_for_its_size_and_epochs():
+    import re
+
+    from fundus_ensemble.evaluation.benchmark import BUDGETS
+
+    for name, budget in BUDGETS.items():
+        assert budget.name == name
+        match = re.fullmatch(r"cpu(\d+)-(\d+)\+(\d+)(-\w+)?", name)
+        if name.startswith("cpu"):
+            assert match, name
+            assert tuple(map(int, match.groups()[:3])) == (budget.size, budget.epochs, budget.fine_tune_epochs), name
+
+
 def test_a_bad_table_stops_before_any_output(tmp_path):
     with pytest.raises(FundusError, match="label table not found"):
         run_benchmark(tmp_path / "labels.csv", tmp_path, tmp_path / "out", TINY)

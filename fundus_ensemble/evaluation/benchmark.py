@@ -84,6 +84,11 @@ BUDGETS: dict[str, Budget] = {
     "cpu128-5+2": Budget("cpu128-5+2", size=128, epochs=5, fine_tune_epochs=2, target_final=0.66,
                          note="the CPU budget: three B3 models, 121 min measured end to end on 2 CPU cores where B3 "
                               "trains at 13.5 images/s at 128 px (docs/RESULTS.md)"),
+    # B3 trains 1.7 times as fast at 96 px as at 128 (scripts/speed.py, model step 58.5 against 34.0 images/s),
+    # so 12 epochs at 96 px cost about what 7 at 128 do; at 96 px the lever screen's AUC rose from 4 to 8 epochs
+    "cpu96-10+2": Budget("cpu96-10+2", size=96, epochs=10, fine_tune_epochs=2, target_final=0.66,
+                         note="more epochs at a smaller size: about the time of cpu128-5+2 (estimated, "
+                              "docs/RESULTS.md)"),
     "cpu64-2+1": Budget("cpu64-2+1", size=64, epochs=2, fine_tune_epochs=1,
                         note="the first CPU budget (formerly cpu60): 48 min on 2 CPU cores, where no model learned "
                              "more than the class prior (docs/RESULTS.md)"),
