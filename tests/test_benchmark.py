@@ -171,3 +171,42 @@ def test_the_image_blind_twin_is_the_ensembles_val_mean_for_every_test_patient(b
     checks = results["checks"]["ensemble"]
     assert checks["margin over 'ensemble's image-blind twin'"] == pytest.approx(rows["ensemble"]["final"] - twin["final"])
     assert "beats 'ensemble's image-blind twin' (interval above 0)" in checks
+
+
+@pytest.mark.slow
+def test_two_runs_are_compared_row_by_row_on_the_same_test_patients(benchmark_run, tmp_path):
+    import shutil
+
+    from fundus_ensemble.evaluation.benchmark import compare_runs
+
+    root, out, results = benchmark_run
+    same = compare_runs(out, out, resamples=20)
+    assert [r["row"] for r in same] == [r["name"] for r in results["rows"]]
+    assert all(r["margin"] == 0 and r["interval"] == [0.0, 0.0] for r in same)
+    # a second run whose colour model knows the test labels: its ensemble must gain, the prior not move
+    better = tmp_path / "better"
+    shutil.copytree(out, better)
+    y_test = load_manifest(out / "prep" / "color" / "manifest.csv").select("test").label_matrix()
+    with np.load(out / "predictions.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["color/test/plain"] = y_test.astype(float)
+    np.savez(better / "predictions.npz", **arrays)
+    rows = {r["row"]: r for r in compare_runs(out, better, rows=("class prior", "ensemble", "color"), resamples=50)}
+    assert rows["class prior"]["margin"] == 0
+    ensemble = next(r for r in results["rows"] if r["name"] == "ensemble")
+    assert rows["ensemble"]["final"][0] == pytest.approx(ensemble["final"])
+    assert rows["ensemble"]["margin"] == pytest.approx(rows["ensemble"]["final"][1] - ensemble["final"]) and rows["ensemble"]["margin"] > 0
+    assert rows["color"]["interval"][0] > 0
+    with pytest.raises(FundusError, match="rows not in both runs: colour"):
+        compare_runs(out, better, rows=("colour",))
+    # another split: not the same test patients, so no paired interval
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    manifest = other / "prep" / "color" / "manifest.csv"
+    lines = manifest.read_text().splitlines(keepends=True)
+    first_test = next(i for i, line in enumerate(lines) if ",test," in line)
+    manifest.write_text("".join(lines[:first_test] + [lines[first_test].replace(",test,", ",train,")] + lines[first_test + 1:]))
+    with pytest.raises(FundusError, match="do not hold the same test patients"):
+        compare_runs(out, other)
+    with pytest.raises(FundusError, match="no finished benchmark"):
+        compare_runs(out, tmp_path)

@@ -195,22 +195,16 @@ def run_benchmark(
 
     if "baseline" in models_run:
         _stage(timings, timings_path, "train baseline", resume and baseline_info.is_file(), train_baseline)
-    cards = {}
     for view in (v for v in VIEWS if v in models_run):
         def train(view=view):
-            cards[view] = train_view(prep / view, model_dir / view, config, view, resume=resume)
+            train_view(prep / view, model_dir / view, config, view, resume=resume)
         _stage(timings, timings_path, f"train {view}", resume and (model_dir / view / "card.json").is_file(), train)
-        cards[view] = json.loads((model_dir / view / "card.json").read_text())
 
     cache = out / "predictions.npz"
     _stage(timings, timings_path, "predict", resume and set(models_run) <= _cached_models(cache),
            lambda: _predict_all(prep, model_dir, config, cache, models_run))
-    predictions = _load_predictions(cache)
-    labels = {s: load_manifest(prep / "color" / "manifest.csv").select(s).label_matrix() for s in ("train", FIT, HELD_OUT)}
-    baseline_summary = json.loads(baseline_info.read_text()) if "baseline" in models_run else None
-    training = _training_throughput(timings, cards, baseline_summary, config.batch_size)
     score_start = time.perf_counter()
-    rows, test_probs = _rows(labels, predictions, training, models_run)
+    labels, rows, test_probs = _score_folder(out, models_run, timings, config.batch_size)
     checks = _checks(rows, test_probs, labels[HELD_OUT], seed, bootstrap, budget.target_final)
     # scoring (calibration fits, bootstrap intervals) takes minutes at 500 resamples: count it in the total
     timings = {**timings, "score": time.perf_counter() - score_start}
@@ -236,6 +230,70 @@ def run_benchmark(
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", format_results_markdown(results))
     return results
+
+
+def _score_folder(out: Path, models: tuple[str, ...], timings: dict, batch_size: int):
+    """The labels per split, the rows and each row's test probabilities of the trained benchmark in ``out``."""
+    from ..data.manifest import load_manifest
+
+    manifest = load_manifest(out / "prep" / "color" / "manifest.csv")
+    labels = {s: manifest.select(s).label_matrix() for s in ("train", FIT, HELD_OUT)}
+    baseline_info = out / "models" / "baseline" / "summary.json"
+    baseline_summary = json.loads(baseline_info.read_text()) if "baseline" in models else None
+    cards = {v: json.loads((out / "models" / v / "card.json").read_text()) for v in VIEWS if v in models}
+    training = _training_throughput(timings, cards, baseline_summary, batch_size)
+    rows, test_probs = _rows(labels, _load_predictions(out / "predictions.npz"), training, models)
+    return labels, rows, test_probs
+
+
+def compare_runs(first: str | os.PathLike, second: str | os.PathLike, rows: tuple[str, ...] | None = None,
+                 seed: int = 0, resamples: int = BOOTSTRAP) -> list[dict]:
+    """Every row two finished benchmarks share, scored on their common test patients, with the
+    second's final minus the first's and its 95% paired bootstrap interval.
+
+    Both runs must hold the same test patients in the same order (the same label table and
+    split seed): only then is the interval paired, so other runs are refused.
+    """
+    from ..data.manifest import load_manifest
+    from ..metrics import bootstrap_margin
+
+    if resamples < 1:
+        raise FundusError(f"resamples must be 1 or more, got {resamples}")
+    folders = [Path(first), Path(second)]
+    runs = []
+    for folder in folders:
+        if not (folder / "results.json").is_file():
+            raise FundusError(f"{folder} holds no finished benchmark (no results.json); run scripts/benchmark.py first")
+        manifest = load_manifest(folder / "prep" / "color" / "manifest.csv").select(HELD_OUT)
+        runs.append((json.loads((folder / "results.json").read_text()), [p.patient_id for p in manifest.patients]))
+    (results_a, ids_a), (results_b, ids_b) = runs
+    a, b = folders
+    if ids_a != ids_b:
+        differ = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+        raise FundusError(f"{a} and {b} do not hold the same test patients ({len(ids_a)} and {len(ids_b)}; they first "
+                          f"differ at position {differ + 1}): compare runs of one label table and split seed")
+    scored = []
+    for folder, (results, _) in zip(folders, runs):
+        models = check_models(_cached_models(folder / "predictions.npz"))
+        timings = json.loads((folder / "timings.json").read_text())
+        labels, table, probs = _score_folder(folder, models, timings, results["budget"]["batch_size"])
+        scored.append((results["budget"]["name"], labels[HELD_OUT], {r["name"]: r for r in table}, probs))
+    (name_a, y_a, rows_a, probs_a), (name_b, y_b, rows_b, probs_b) = scored
+    if not np.array_equal(y_a, y_b):
+        raise FundusError(f"{a} and {b} hold the same test patients with different labels: not one label table")
+    names = [n for n in rows_a if n in rows_b] if rows is None else list(rows)
+    missing = [n for n in names if n not in rows_a or n not in rows_b]
+    if missing:
+        raise FundusError(f"rows not in both runs: {', '.join(missing)}; shared rows: {', '.join(n for n in rows_a if n in rows_b)}")
+    out = []
+    for n in names:
+        out.append({
+            "row": n, "budgets": (name_a, name_b), "final": (rows_a[n]["final"], rows_b[n]["final"]),
+            "kappa": (rows_a[n]["kappa"], rows_b[n]["kappa"]), "auc": (rows_a[n]["auc"], rows_b[n]["auc"]),
+            "margin": rows_b[n]["final"] - rows_a[n]["final"],
+            "interval": bootstrap_margin(y_a, probs_b[n], probs_a[n], seed, resamples),
+        })
+    return out
 
 
 def _load_predictions(path: Path) -> _Predictions:
