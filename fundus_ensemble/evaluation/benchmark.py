@@ -87,8 +87,8 @@ BUDGETS: dict[str, Budget] = {
     # B3 trains 1.7 times as fast at 96 px as at 128 (scripts/speed.py, model step 58.5 against 34.0 images/s),
     # so 12 epochs at 96 px cost about what 7 at 128 do; at 96 px the lever screen's AUC rose from 4 to 8 epochs
     "cpu96-10+2": Budget("cpu96-10+2", size=96, epochs=10, fine_tune_epochs=2, target_final=0.66,
-                         note="more epochs at a smaller size: about the time of cpu128-5+2 (estimated, "
-                              "docs/RESULTS.md)"),
+                         note="more epochs at a smaller size: 45.9 min on 2 CPU cores where cpu128-5+2 took 46.0, "
+                              "with test scores a little but not significantly higher (docs/RESULTS.md)"),
     "cpu64-2+1": Budget("cpu64-2+1", size=64, epochs=2, fine_tune_epochs=1,
                         note="the first CPU budget (formerly cpu60): 48 min on 2 CPU cores, where no model learned "
                              "more than the class prior (docs/RESULTS.md)"),
