@@ -130,11 +130,12 @@ def add_margins(results: list[dict], out_dir: Path, y_val: np.ndarray, reference
     across 0.5 for everyone gains final without reading more from the images
     (docs/RESULTS.md, "Seed sweep")."""
     probs = {r["row"]: np.load(out_dir / r["row"] / PROBABILITIES) for r in results}
+    finals = {name: odir_score(y_val, p)["final"] for name, p in probs.items()}
     for r in results:
         constant = np.tile(probs[r["row"]].mean(axis=0), (len(y_val), 1))
-        r["vs_constant"] = float(odir_score(y_val, probs[r["row"]])["final"] - odir_score(y_val, constant)["final"])
+        r["vs_constant"] = float(finals[r["row"]] - odir_score(y_val, constant)["final"])
         if reference in probs and r["row"] != reference:
-            r["margin"] = float(odir_score(y_val, probs[r["row"]])["final"] - odir_score(y_val, probs[reference])["final"])
+            r["margin"] = float(finals[r["row"]] - finals[reference])
             r["margin_interval"] = bootstrap_margin(y_val, probs[r["row"]], probs[reference], seed, resamples)
 
 
