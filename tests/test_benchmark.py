@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,13 +120,23 @@ def test_a_budget_carries_its_levers_into_the_training_config():
     assert (config.schedule, config.output_bias, config.size, config.seed) == ("cosine", "prior", 32, 3)
 
 
-def test_the_asymmetric_budget_is_the_default_budget_but_for_the_loss():
-    from fundus_ensemble.evaluation.benchmark import BUDGETS, DEFAULT_BUDGET
+def test_the_asymmetric_budget_is_cpu128_but_for_the_loss():
+    from fundus_ensemble.evaluation.benchmark import BUDGETS
 
-    default = BUDGETS[DEFAULT_BUDGET].train_config(None, seed=0)
+    default = BUDGETS["cpu128-5+2"].train_config(None, seed=0)
     asl = BUDGETS["cpu128-5+2-asl"].train_config(None, seed=0)
     assert asl.loss == "asymmetric" and default.loss == "weighted_bce"
     assert dataclasses.replace(asl, loss=default.loss) == default
+
+
+def test_the_readme_names_the_default_budget():
+    import re
+
+    from fundus_ensemble.evaluation.benchmark import DEFAULT_BUDGET
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`([\w+-]+)` \(default\)", readme)) | set(re.findall(r"# default budget ([\w+-]+)", readme))
+    assert named == {DEFAULT_BUDGET}, f"README calls {sorted(named)} the default budget; the library's is {DEFAULT_BUDGET}"
 
 
 def test_every_cpu_budget_is_named_for_its_size_and_epochs():
