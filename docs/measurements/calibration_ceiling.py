@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.evaluation.benchmark import _load_predictions
 from fundus_ensemble.evaluation.calibration import fit_calibration
 from fundus_ensemble.metrics import odir_score
 
@@ -33,18 +34,17 @@ def main(folders: list[str]) -> None:
           "| ceiling minus 0.66 |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for folder in map(Path, folders):
-        budget = json.loads((folder / "results.json").read_text())["budget"]["name"]
+        results = json.loads((folder / "results.json").read_text())
+        budget, seed = results["budget"]["name"], results.get("seed", "?")
         manifest = load_manifest(folder / "prep" / "color" / "manifest.csv")
         y = {s: manifest.select(s).label_matrix() for s in ("train", "val", "test")}
-        with np.load(folder / "predictions.npz") as data:
-            stored = {k: data[k] for k in data.files if k != "meta"}
-        seed = json.loads((folder / "results.json").read_text()).get("seed", "?")
+        stored = _load_predictions(folder / "predictions.npz")
         for name, members in MEMBERS.items():
             for tta in (False, True) if name == "ensemble" else (False,):
                 def probs(split: str) -> np.ndarray:
                     if not members:
                         return np.tile(y["train"].mean(axis=0), (len(y[split]), 1))
-                    return np.mean([stored[f"{m}/{split}/{'flip' if tta else 'plain'}"] for m in members], axis=0)
+                    return np.mean([stored.probs[stored.key(m, split, tta)] for m in members], axis=0)
 
                 test = probs("test")
                 on_val = fit_calibration(y["val"], probs("val")).apply(test)
