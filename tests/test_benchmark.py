@@ -221,3 +221,47 @@ def test_two_runs_are_compared_row_by_row_on_the_same_test_patients(benchmark_ru
         compare_runs(out, other)
     with pytest.raises(FundusError, match="no finished benchmark"):
         compare_runs(out, tmp_path)
+
+
+# --- pretrained: the linear probe rows and the ensemble's margins over them ------------------------------
+
+LITE_TINY = Budget("lite-tiny", size=48, epochs=2, fine_tune_epochs=1, backbone="efficientnet_lite0", batch_size=4,
+                   bn_recalibration_patients=8, weights="imagenet", baseline_epochs=1, changes={"fine_tune_fraction": 0.2})
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_lite_data")
+    write_image_table(write_synthetic_dataset(root, 40, seed=5, diameter=80), root / "labels.csv")
+    out = tmp_path_factory.mktemp("bench_lite") / "run"
+    return root, out, run_benchmark(root / "labels.csv", root, out, LITE_TINY, seed=0, bootstrap=20)
+
+
+def test_fuse_is_max_then_mean_of_the_eyes():
+    from fundus_ensemble.evaluation.probe import fuse
+
+    eyes = np.array([[[1.0, -2.0], [3.0, 0.0]]])  # one patient: left (1, -2), right (3, 0)
+    np.testing.assert_array_equal(fuse(eyes), [[3.0, 0.0, 2.0, -1.0]])
+
+
+@pytest.mark.slow
+def test_a_pretrained_run_has_probe_rows_fitted_on_train_and_chosen_on_val(pretrained_run):
+    from fundus_ensemble.evaluation.probe import fit_linear_probe
+
+    root, out, results = pretrained_run
+    assert results["weights"] == "imagenet"
+    names = [r["name"] for r in results["rows"]]
+    for name in ("linear probe (color)", "linear probe (gray_eq)", "linear probe (mean of views)",
+                 "linear probe (mean of views) + calibration"):
+        assert name in names
+    assert "margin over 'linear probe (color)'" in results["checks"]["ensemble"]
+    # the probe's val and test predictions are those of a probe fitted on train, C chosen on val
+    manifest = load_manifest(out / "prep" / "color" / "manifest.csv")
+    feats = {s: np.load(out / "models" / "color" / f"features_{s}.npy") for s in ("train", "val", "test")}
+    y = {s: manifest.select(s).label_matrix() for s in ("train", "val", "test")}
+    probe = fit_linear_probe(feats["train"], y["train"], feats["val"], y["val"])
+    with np.load(out / "probe.npz") as saved:
+        np.testing.assert_allclose(saved["color/val"], probe.predict(feats["val"]), atol=1e-9)
+        np.testing.assert_allclose(saved["color/test"], probe.predict(feats["test"]), atol=1e-9)
+    baseline = json.loads((out / "models" / "baseline" / "summary.json").read_text())
+    assert baseline["epochs_run"] == 1 and baseline["learning_rate"] == pytest.approx(1e-4)

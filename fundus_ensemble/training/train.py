@@ -3,10 +3,15 @@
 Two phases, both on the ``train`` split, both validated on ``val`` each epoch:
 
 1. **train** (``epochs``, Adam at ``learning_rate``): with pretrained weights the backbone is
-   frozen and only the fusion head learns (the backbone's features are already useful and
-   a fresh head's large gradients would wreck them); from scratch every layer learns.
-2. **fine-tune** (``fine_tune_epochs``): starting from phase 1's best checkpoint, every layer
-   learns at ``learning_rate * fine_tune_lr_factor``.
+   frozen (BatchNorm in inference mode) and only the fusion head learns (the backbone's
+   features are already useful and a fresh head's large gradients would wreck them); since
+   frozen features do not change, they are computed once, without augmentation, and the
+   head learns on them in seconds per epoch (:mod:`.features`; ``frozen_features``). From
+   scratch every layer learns, on augmented images.
+2. **fine-tune** (``fine_tune_epochs``): starting from phase 1's best checkpoint, the layers
+   learn at ``learning_rate * fine_tune_lr_factor``: all of them from scratch; with
+   pretrained weights the top ``fine_tune_fraction`` of the backbone's weighted layers,
+   its BatchNorm kept in inference mode unless ``freeze_batchnorm`` is off.
 
 Callbacks: ReduceLROnPlateau on ``val_final_score`` (factor 0.2, patience 4, min_delta 0.001,
 mode max; or, with ``schedule="cosine"``, one cosine decay over both phases instead), EarlyStopping on ``val_loss`` (patience 5, per phase), ModelCheckpoint keeping the
@@ -33,13 +38,13 @@ import numpy as np
 
 from .. import __version__
 from ..data.augment import training_augmentation
-from ..data.batches import FastMalloc, PatientBatches
+from ..data.batches import FastMalloc, FeatureBatches, PatientBatches
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text, claim_folder, remove_owned, sha256_file
 from ..labels import LABELS, VIEWS
 from ..models import build_patient_model
-from ..models.backbone import check_backbone
+from ..models.backbone import check_backbone, weighted_layers
 from ..models.losses import AsymmetricLoss, MaskedBinaryCrossentropy, WeightedBinaryCrossentropy, positive_weights
 from ..models.patient_classifier import patient_output_only
 from .callbacks import (
@@ -52,6 +57,7 @@ from .callbacks import (
     read_history,
 )
 from .config import TrainConfig
+from .features import cached_eye_features, features_key, head_model
 from .hardware import data_parallel, precision, resolve_jit_compile, synchronize_batch_norm
 
 CARD_NAME = "card.json"
@@ -210,25 +216,65 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
     model.compile(keras.optimizers.Adam(config.learning_rate), **_losses(loss, config), jit_compile=jit)
 
     two_phases = config.fine_tune_epochs > 0
+    on_features = pretrained and config.frozen_features and config.eye_head_weight <= 0
     if "phase1_end" in state:
         end = state["phase1_end"]
     else:
         print(f"[{view}] {'phase 1/2 (train): ' if two_phases else ''}{len(train)} train / {len(val)} val patients, "
-              f"{config.backbone} at {config.size} px, {'backbone frozen' if pretrained else 'all layers'}", flush=True)
-        end = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
+              f"{config.backbone} at {config.size} px, "
+              f"{'backbone frozen' + (', head on frozen features' if on_features else '') if pretrained else 'all layers'}", flush=True)
+        if on_features:
+            end = _fit_head_on_features(model, out, view, train, val, loss, config, jit)
+        else:
+            end = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
         atomic_write_json(out / STATE, {"phase1_end": end})
 
     if config.fine_tune_epochs > 0:
-        print(f"[{view}] phase 2/2 (fine-tune): all layers at lr x {config.fine_tune_lr_factor}", flush=True)
         model.load_weights(str(out / BEST_WEIGHTS))
         fine_lr = config.learning_rate * config.fine_tune_lr_factor
         if pretrained:
-            model.get_layer("eye_encoder").trainable = True
+            learning = unfreeze_top(model.get_layer("eye_encoder"), config.fine_tune_fraction, config.freeze_batchnorm)
+            print(f"[{view}] phase 2/2 (fine-tune): {learning} at lr x {config.fine_tune_lr_factor}", flush=True)
             model.compile(keras.optimizers.Adam(fine_lr), **_losses(loss, config), jit_compile=jit)
         elif config.schedule == "plateau":  # same trainable set: keep the compiled step (a minute or more to trace)
             model.optimizer.learning_rate.assign(min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
         end = _fit_phase(model, "fine_tune", out, train_batches, val_batches, loss, config, end, end + config.fine_tune_epochs)
     return end
+
+
+def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, loss, config: TrainConfig, jit) -> int:
+    """Phase 1 on a frozen backbone: the head learns on each eye's features, computed once
+    (kept in ``out`` for a resumed run); the best head goes into the patient model's checkpoint."""
+    encoder = model.get_layer("eye_encoder")
+    features = {}
+    for split, manifest in (("train", train), ("val", val)):
+        key = features_key(manifest, config.backbone, config.size, config.weights)
+        print(f"[{view}] frozen features of {len(manifest)} {split} patients ...", flush=True)
+        features[split] = cached_eye_features(out / f"features_{split}.npy", encoder, manifest, config.size,
+                                              2 * config.batch_size, key, cache=False)
+    head = head_model(model)
+    head.compile(keras.optimizers.Adam(config.learning_rate), loss=loss, jit_compile=jit)
+    train_batches = FeatureBatches(features["train"], train.label_matrix(), config.batch_size, shuffle=True,
+                                   seed=config.seed, ragged_last="drop")
+    val_batches = FeatureBatches(features["val"], val.label_matrix(), config.batch_size)
+    end = _fit_phase(head, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
+    head.load_weights(str(out / BEST_WEIGHTS))  # the best head, into the patient model's shared layers
+    model.save_weights(str(out / BEST_WEIGHTS))
+    return end
+
+
+def unfreeze_top(encoder: keras.Model, fraction: float, freeze_batchnorm: bool) -> str:
+    """Make the top ``fraction`` of ``encoder``'s weighted layers trainable (BatchNorm excepted
+    when ``freeze_batchnorm``: a frozen BatchNorm runs in inference mode); returns what learns."""
+    encoder.trainable = True
+    layers = weighted_layers(encoder)
+    first = len(layers) - max(1, round(fraction * len(layers)))
+    for index, layer in enumerate(layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = index >= first and not (freeze_batchnorm and is_bn)
+    learning = sum(layer.trainable for layer in layers)
+    return (f"{learning} of the backbone's {len(layers)} weighted layers"
+            f"{', BatchNorm frozen' if freeze_batchnorm else ''}")
 
 
 def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig, view: str, resume: bool = False) -> dict:

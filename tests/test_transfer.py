@@ -1,0 +1,138 @@
+"""Transfer learning from a pretrained backbone: phase 1 on frozen features computed once,
+phase 2 on the top layers only, BatchNorm statistics kept."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from fundus_ensemble.data.batches import FeatureBatches, PatientBatches, predict_batches
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.data.preprocess import preprocess_manifest
+from fundus_ensemble.data.synthetic import write_synthetic_dataset
+from fundus_ensemble.models import build_backbone, build_patient_model
+from fundus_ensemble.training import features as feats
+from fundus_ensemble.training.train import TrainConfig, train_pair, unfreeze_top
+
+# runs again under KERAS_BACKEND=jax in CI (README, tests)
+pytestmark = pytest.mark.backend
+
+SIZE = 64
+
+
+def _weights(layer) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(w) for w in layer.weights]
+
+
+def test_the_head_on_frozen_features_is_the_patient_model_on_images(view_manifest):
+    manifest = view_manifest
+    size = 48
+    model = build_patient_model("efficientnet_lite0", size, "imagenet", dropout=0.0)
+    rng = np.random.default_rng(0)
+    dense = model.get_layer("labels")
+    dense.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in dense.get_weights()])
+    features = feats.eye_features(model.get_layer("eye_encoder"), manifest, size, 5)
+    assert features.shape == (len(manifest), 2, 1280)
+    on_features = predict_batches(feats.head_model(model), FeatureBatches(features, manifest.label_matrix(), 5))
+    on_images = predict_batches(model, PatientBatches(manifest, size, 5))
+    np.testing.assert_allclose(on_features, on_images, atol=2e-5)
+    # the features are the unaugmented eyes, left first: the left eye's own encoding
+    first = manifest.patients[0]
+    left = PatientBatches(manifest, size, 1)[0][0]["left_eye"]
+    np.testing.assert_allclose(features[0, 0], model.get_layer("eye_encoder").predict(left, verbose=0)[0], rtol=1e-4, atol=1e-5)
+    assert first.left_image
+
+
+def test_features_are_cached_by_key_and_recomputed_when_it_changes(view_manifest, tmp_path, monkeypatch):
+    encoder = build_backbone("efficientnet_lite0", 48, None)
+    calls = []
+    real = feats.eye_features
+    monkeypatch.setattr(feats, "eye_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = tmp_path / "features_val.npy"
+    first = feats.cached_eye_features(path, encoder, view_manifest, 48, 8, key="a")
+    again = feats.cached_eye_features(path, encoder, view_manifest, 48, 8, key="a")
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first, again)
+    feats.cached_eye_features(path, encoder, view_manifest, 48, 8, key="b")
+    assert len(calls) == 2
+    assert feats.features_key(view_manifest, "efficientnet_lite0", 48, "imagenet") != \
+        feats.features_key(view_manifest, "efficientnet_lite0", 64, "imagenet")
+
+
+def test_unfreeze_top_makes_the_top_share_trainable_and_keeps_batchnorm_frozen():
+    encoder = build_backbone("efficientnet_lite0", 48, None)
+    encoder.trainable = False
+    layers = [layer for layer in encoder.layers[-1].layers if layer.weights]  # Lite is one flat model
+    assert layers[0].name == "conv_stem"
+    unfreeze_top(encoder, 0.25, freeze_batchnorm=True)
+    top = len(layers) - round(0.25 * len(layers))
+    for index, layer in enumerate(layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        assert layer.trainable == (index >= top and not is_bn), (index, layer.name)
+    assert layers[-2].name == "conv_head" and layers[-2].trainable and not layers[0].trainable
+    unfreeze_top(encoder, 1.0, freeze_batchnorm=False)
+    assert all(layer.trainable for layer in layers)
+
+
+class _Snapshot(keras.callbacks.Callback):
+    """The backbone's weights at the end of the last epoch of a phase (whatever the checkpoint keeps)."""
+
+    taken: dict = {}
+
+    def __init__(self, phase):
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        if "eye_encoder" in [layer.name for layer in self.model.layers]:
+            net = self.model.get_layer("eye_encoder").layers[-1]
+            _Snapshot.taken[self.phase] = {l.name: _weights(l) for l in net.layers if l.weights}
+
+
+@pytest.fixture(scope="module")
+def transfer_run(tmp_path_factory):
+    from fundus_ensemble.training import train as train_module
+
+    real = train_module._callbacks
+    patch = pytest.MonkeyPatch()
+    patch.setattr(train_module, "_callbacks", lambda *args: real(*args) + [_Snapshot(args[-1])])
+    root = tmp_path_factory.mktemp("transfer")
+    manifest_path = write_synthetic_dataset(root / "data", 60, seed=3, diameter=90, fractions={"train": 0.6, "val": 0.2, "test": 0.2})
+    preprocess_manifest(load_manifest(manifest_path), root / "prep", size=SIZE, progress=False)
+    config = TrainConfig(backbone="efficientnet_lite0", size=SIZE, weights="imagenet", batch_size=6, epochs=3,
+                         fine_tune_epochs=1, fine_tune_fraction=0.3, bn_recalibration_patients=12, seed=0)
+    try:
+        train_pair(root / "prep", root / "run", config, views=("color",))
+    finally:
+        patch.undo()
+    return root, config
+
+
+@pytest.mark.slow
+def test_a_pretrained_run_learns_the_head_on_features_then_only_the_top(transfer_run):
+    root, config = transfer_run
+    view = root / "run" / "color"
+    assert (view / "features_train.npy").is_file() and (view / "features_val.npy").is_file()
+    history = [line.split(",") for line in (view / "history.csv").read_text().splitlines()]
+    phases = [row[history[0].index("phase")] for row in history[1:]]
+    assert phases.count("train") >= 1 and phases[-1] == "fine_tune"
+
+    # the backbone at the end of fine-tuning, against the pretrained one
+    tuned = _Snapshot.taken["fine_tune"]
+    assert "train" not in _Snapshot.taken  # phase 1 never ran the patient model: it learned on features
+    pretrained = [l for l in build_backbone("efficientnet_lite0", SIZE, "imagenet").layers[-1].layers if l.weights]
+    top = len(pretrained) - round(config.fine_tune_fraction * len(pretrained))
+    changed = []
+    for index, layer in enumerate(pretrained):
+        same = all(np.array_equal(x, y) for x, y in zip(tuned[layer.name], _weights(layer)))
+        if isinstance(layer, keras.layers.BatchNormalization) or index < top:
+            assert same, f"{layer.name} changed, but it was frozen"
+        elif not same:
+            changed.append(layer.name)
+    assert "conv_head" in changed and "blocks_15_project_conv" in changed
+    # the saved model is the best checkpoint of either phase: its frozen part is the pretrained one
+    saved = keras.saving.load_model(str(view / "model.keras"), compile=False).get_layer("eye_encoder").layers[-1]
+    np.testing.assert_array_equal(_weights(saved.get_layer("conv_stem"))[0], _weights(pretrained[0])[0])
+    card = json.loads((view / "card.json").read_text())
+    assert card["weights_init"] == "imagenet" and card["config"]["fine_tune_fraction"] == 0.3
