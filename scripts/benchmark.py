@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", default="images", help="sub-folder of --image-root with the images")
     p.add_argument("--out", required=True, help="benchmark folder (manifest, views, models, predictions, results)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default=DEFAULT_BUDGET,
-                   help="; ".join(f"{b.name}: {b.size} px, {b.epochs}+{b.fine_tune_epochs} epochs ({b.note})" for b in BUDGETS.values()))
+                   help="; ".join(f"{b.name}: {b.size} px, {b.epochs}+{b.fine_tune_epochs} epochs ({b.note})"
+                                  for b in BUDGETS.values()).replace("%", "%%"))  # argparse formats help with %
     p.add_argument("--paper", action="store_const", const="paper", dest="budget", help="same as --budget paper")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                    metavar="MODEL", help="train and score only these of baseline, color, gray_eq (the ensemble rows need both views)")

