@@ -9,17 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from fundus_ensemble.evaluation.benchmark import _fmt_check as _cell
 from fundus_ensemble.labels import LABELS
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, list):
-        return "[" + ", ".join(f"{v:+.3f}" for v in value) + "]"
-    return f"{value:+.3f}"
 
 
 def main(first: Path, second: Path) -> None:

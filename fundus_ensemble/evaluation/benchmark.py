@@ -286,7 +286,7 @@ def _linear_probes(prep: Path, models: Path, config, path: Path, views: tuple[st
     """Fit a linear probe per view on its frozen features (train), choose C on val, predict val and test."""
     from ..data.manifest import load_manifest
     from ..models import build_backbone
-    from ..training.features import cached_eye_features, features_key
+    from ..training.features import split_features
     from .probe import fit_linear_probe
 
     encoder = build_backbone(config.backbone, config.size, config.weights)
@@ -296,10 +296,9 @@ def _linear_probes(prep: Path, models: Path, config, path: Path, views: tuple[st
         feats, labels = {}, {}
         for split in ("train", FIT, HELD_OUT):
             part = manifest.select(split)
-            key = features_key(part, config.backbone, config.size, config.weights)
-            # the view model's phase 1 kept its train and val features under these names: read, not recomputed
-            feats[split] = cached_eye_features(models / view / f"features_{split}.npy", encoder, part, config.size,
-                                               2 * config.batch_size, key, cache=False)
+            # the view model's phase 1 kept its train and val features there: read, not recomputed
+            feats[split] = split_features(models / view, split, encoder, part, config.backbone, config.size,
+                                          config.weights, 2 * config.batch_size)
             labels[split] = part.label_matrix()
         probe = fit_linear_probe(feats["train"], labels["train"], feats[FIT], labels[FIT], seed=config.seed)
         for split in (FIT, HELD_OUT):

@@ -74,6 +74,14 @@ def cached_eye_features(path: str | os.PathLike, encoder: keras.Model, manifest:
     return features
 
 
+def split_features(folder: str | os.PathLike, split: str, encoder: keras.Model, manifest: Manifest, backbone: str,
+                   size: int, weights: str | None, batch_size: int) -> np.ndarray:
+    """The frozen features of one split's patients, kept as ``folder/features_<split>.npy``: the
+    name and key that a view model's phase 1 and the benchmark's linear probe share."""
+    key = features_key(manifest, backbone, size, weights)
+    return cached_eye_features(Path(folder) / f"features_{split}.npy", encoder, manifest, size, batch_size, key, cache=False)
+
+
 def head_model(model: keras.Model) -> keras.Model:
     """The patient model's head on frozen features: ``{left_features, right_features}`` through the
     model's own fusion, dropout and output layers (shared: training it trains the patient model)."""

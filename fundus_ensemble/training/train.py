@@ -58,7 +58,7 @@ from .callbacks import (
     read_history,
 )
 from .config import TrainConfig
-from .features import cached_eye_features, features_key, head_model
+from .features import head_model, split_features
 from .hardware import data_parallel, precision, resolve_jit_compile, synchronize_batch_norm
 
 CARD_NAME = "card.json"
@@ -258,17 +258,17 @@ def trained_images(phases: list[str], batch_size: int, train_patients: int, val_
     return image_epochs * per_epoch + (2 * (train_patients + val_patients) if on_features else 0)
 
 
-def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, loss, config: TrainConfig, jit) -> int:
+def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, loss, config: TrainConfig,
+                          jit) -> tuple[int, float]:
     """Phase 1 on a frozen backbone: the head learns on each eye's features, computed once
     (kept in ``out`` for a resumed run); the best head goes into the patient model's checkpoint.
     Returns the end epoch and the seconds the features took."""
     encoder = model.get_layer("eye_encoder")
     features, start = {}, time.perf_counter()
     for split, manifest in (("train", train), ("val", val)):
-        key = features_key(manifest, config.backbone, config.size, config.weights)
         print(f"[{view}] frozen features of {len(manifest)} {split} patients ...", flush=True)
-        features[split] = cached_eye_features(out / f"features_{split}.npy", encoder, manifest, config.size,
-                                              2 * config.batch_size, key, cache=False)
+        features[split] = split_features(out, split, encoder, manifest, config.backbone, config.size, config.weights,
+                                         2 * config.batch_size)
     features_s = time.perf_counter() - start
     head = head_model(model)
     head.compile(keras.optimizers.Adam(config.learning_rate), loss=loss, jit_compile=jit)
