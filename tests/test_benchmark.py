@@ -146,9 +146,9 @@ def test_every_cpu_budget_is_named_for_its_size_and_epochs():
 
     for name, budget in BUDGETS.items():
         assert budget.name == name
-        # cpu[-BACKBONE]-SIZE-EPOCHS+FINE_TUNE_EPOCHS[-LEVER]; no backbone named: B3
-        match = re.fullmatch(r"cpu(?:-([a-z]+\d*)-)?(\d+)-(\d+)\+(\d+)(-\w+)?", name)
-        if name.startswith("cpu"):
+        # (cpu|gpu)[-BACKBONE]-SIZE-EPOCHS+FINE_TUNE_EPOCHS[-LEVER]; no backbone named: B3
+        match = re.fullmatch(r"[cg]pu(?:-([a-z]+\d*)-)?(\d+)-(\d+)\+(\d+)(-\w+)?", name)
+        if name.startswith("cpu") or "+" in name:
             assert match, name
             assert tuple(map(int, match.groups()[1:4])) == (budget.size, budget.epochs, budget.fine_tune_epochs), name
             assert budget.backbone == (f"efficientnet_{match.group(1)}" if match.group(1) else "efficientnet_b3"), name
