@@ -73,6 +73,18 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         return 130
 
 
+def check_run_folder(run_dir: str | os.PathLike) -> None:
+    """Refuse a run folder that does not exist, before Keras starts (which takes seconds to minutes)."""
+    from pathlib import Path
+
+    path = Path(run_dir)
+    if path.is_file():
+        raise FundusError(f"{path} is a file; give the run folder of scripts/train_pair.py")
+    if not path.is_dir():
+        raise FundusError(f"{path}: no such folder, so no trained view model; run scripts/train_pair.py first "
+                          "or give its run folder")
+
+
 def parse_fractions(values: list[float]) -> dict[str, float]:
     """``--fractions TRAIN VAL TEST`` to a split-fraction mapping."""
     if len(values) != 3:

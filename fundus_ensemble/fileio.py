@@ -11,6 +11,7 @@ user's photos.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -21,11 +22,12 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import FundusError
 
 OWNER_MARK = ".fundus-ensemble"
+LOCK_NAME = ".fundus-ensemble.lock"
 _UMASK_LOCK = threading.Lock()
 
 
@@ -99,17 +101,35 @@ def csv_for_people(header: list[str], rows: list[list[object]]) -> str:
     return out.getvalue()
 
 
+_MARK_TEXT = re.compile(r"made by fundus-ensemble for (.+?); the project may delete this folder")
+
+
+def folder_owner(path: str | os.PathLike) -> str | None:
+    """What the project made ``path`` for (the purpose its marker records), or None when it did not."""
+    mark = Path(path) / OWNER_MARK
+    if Path(path).is_symlink() or not mark.is_file():
+        return None
+    found = _MARK_TEXT.search(mark.read_text(encoding="utf-8", errors="replace"))
+    return found.group(1) if found else "an unknown purpose"
+
+
 def claim_folder(path: str | os.PathLike, purpose: str, adopt_if: tuple[str, ...] = ()) -> Path:
-    """Create ``path`` as a folder the project owns, or accept it if it already is one.
+    """Create ``path`` as a folder the project owns for ``purpose``, or accept it if it already is one.
 
     An empty folder is adopted. A non-empty folder without the marker is refused, unless it
     holds one of ``adopt_if`` (files only this project writes, from before markers existed).
+    A folder the project made for another purpose (preprocessed views given as a run's
+    ``--out``) is refused too: replacing it would destroy another stage's output.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FundusError(f"{path} is a file; {purpose} needs a folder")
     mark = path / OWNER_MARK
-    if path.is_dir() and not mark.is_file():
+    owner = folder_owner(path)
+    if owner is not None and owner != purpose:
+        raise FundusError(f"{path} holds {owner}, made by fundus-ensemble; {purpose} needs a folder of its own: "
+                          "choose another")
+    if path.is_dir() and owner is None:
         entries = [p.name for p in path.iterdir()]
         if entries and not any(name in entries for name in adopt_if):
             shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
@@ -123,16 +143,20 @@ def claim_folder(path: str | os.PathLike, purpose: str, adopt_if: tuple[str, ...
     return path
 
 
-def remove_owned(path: str | os.PathLike) -> None:
-    """Delete a folder the project created (it holds :data:`OWNER_MARK`); refuse any other."""
+def remove_owned(path: str | os.PathLike, purpose: str | None = None) -> None:
+    """Delete a folder the project created (it holds :data:`OWNER_MARK`), for ``purpose`` when
+    given; refuse any other."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
-    if path.is_symlink() or not (path / OWNER_MARK).is_file():
+    owner = folder_owner(path)
+    if owner is None:
         raise FundusError(
             f"refusing to delete {path}: fundus-ensemble did not create it (no {OWNER_MARK} marker inside); "
             "move or delete it yourself, or choose another output folder"
         )
+    if purpose is not None and owner != purpose:
+        raise FundusError(f"refusing to delete {path}: it holds {owner}, not {purpose}; choose another output folder")
     shutil.rmtree(path)
 
 
@@ -158,3 +182,29 @@ def check_output_file(out: str | os.PathLike, inputs: list[str | os.PathLike], f
         raise FundusError(f"--out {out} is a folder; give a file name")
     if out.exists() and not force:
         raise FundusError(f"{out} already exists; pass --force to replace it or choose another --out")
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike, purpose: str) -> Iterator[None]:
+    """Hold ``path``'s write lock while writing ``purpose`` there; a second writer is refused at
+    once (two runs into one folder would mix their outputs). The operating system drops the
+    lock when the process ends, however it ends, so a killed run never leaves it stuck."""
+    path = Path(path)
+    handle = open(path / LOCK_NAME, "a+b")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        handle.close()
+        raise FundusError(f"{path} is being written by another run right now ({purpose}); wait for it to finish or "
+                          "choose another output folder") from None
+    try:
+        yield
+    finally:
+        handle.close()

@@ -41,7 +41,7 @@ def main(argv=None):
 
     from fundus_ensemble.data.imaging import crop_to_fov, decode_image
     from fundus_ensemble.data.manifest import load_manifest
-    from fundus_ensemble.inference.export import build_ensemble_model, export_run, load_exported
+    from fundus_ensemble.inference.export import build_ensemble_model, decision_changes, export_run, load_exported
     from fundus_ensemble.inference.predict import patients_in_manifest, predict_photos
     from fundus_ensemble.labels import INPUT_NAMES, LABELS
     from fundus_ensemble.metrics import odir_score
@@ -82,6 +82,7 @@ def main(argv=None):
             joint = probs
         diff_joint = float(np.abs(probs - joint).max())
         auc = odir_score(y_split, probs[in_split])["auc"] if len(in_split) else float("nan")
+        changes = decision_changes(joint[in_split], probs[in_split]) if len(in_split) else None
         left, right = eyes[ids[0]]
         for _ in range(3):
             fn(left, right)
@@ -92,18 +93,22 @@ def main(argv=None):
             times.append(time.perf_counter() - start)
         table.append({"format": name, "megabytes": size_bytes / 1e6, "latency_ms_median": 1e3 * float(np.median(times)),
                       "max_abs_diff_vs_predict": diff,
-                      "max_abs_diff_vs_keras_joint": diff_joint, f"pooled_auc_{args.split}": auc})
+                      "max_abs_diff_vs_keras_joint": diff_joint, f"pooled_auc_{args.split}": auc,
+                      f"decisions_changed_{args.split}": changes})
         print(f"{name}: done", file=sys.stderr)
     keras_auc = table[0][f"pooled_auc_{args.split}"]
     print(f"run {args.run_dir}, {size} px, {len(ids)} patients ({len(in_split)} in {args.split}); latency: one patient "
           f"(two eyes), median of {args.repeats}, 1 CPU thread\n")
     print(f"| format | size (MB) | latency (ms) | max abs diff vs predict.py | vs Keras joint model | pooled AUC {args.split} "
-          f"(Keras {keras_auc:.4f}) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"(Keras {keras_auc:.4f}) | decisions changed vs Keras joint, {args.split} (cells / patients) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for row in table:
+        changed = row[f"decisions_changed_{args.split}"]
+        changed_text = "n/a" if changed is None else f"{changed['cells']} / {changed['patients']}"
         print(f"| {row['format']} | {row['megabytes']:.1f} | {row['latency_ms_median']:.1f} | "
               f"{row['max_abs_diff_vs_predict']:.1e} | {row['max_abs_diff_vs_keras_joint']:.1e} | "
-              f"{row[f'pooled_auc_{args.split}']:.4f} |")
+              f"{row[f'pooled_auc_{args.split}']:.4f} | "
+              f"{changed_text} |")
     (out / "bench_export.json").write_text(json.dumps({"run": args.run_dir, "input_size": size, "labels": list(LABELS),
                                                        "patients": len(ids), "rows": table}, indent=2))
     print(f"\nwrote {out / 'bench_export.json'}")

@@ -20,6 +20,9 @@ def main(argv=None):
     parser.add_argument("--ensemble-weights", type=float, nargs="+", metavar="W",
                         help="weight of each view model, in the order color gray_eq (default: equal)")
     parser.add_argument("--force", action="store_true", help="replace an earlier export at --out")
+    parser.add_argument("--check-on", metavar="PREP_DIR",
+                        help="after exporting, run the export and the Keras ensemble on the val split's colour views of "
+                             "this preprocessing folder and report how many decisions (p > 0.5) the export changes")
     args = parser.parse_args(argv)
     if args.format == "tflite" and not args.out.endswith(".tflite"):
         raise FundusError(f"--out {args.out}: a TFLite model's file name ends in .tflite")
@@ -42,6 +45,16 @@ def main(argv=None):
     print(f"wrote {args.out} ({record['bytes'] / 1e6:.1f} MB, {args.format}, weights {args.quantize}); inputs left_eye and "
           f"right_eye: uint8 RGB (1, {record['input_size']}, {record['input_size']}, 3), the eye cropped by "
           "fundus_ensemble.data.imaging.crop_to_fov; output: 8 probabilities N,D,G,C,A,H,M,O")
+    if args.check_on:
+        from fundus_ensemble.inference.export import check_export_on_split
+
+        check = check_export_on_split(args.run_dir, args.out, args.check_on)
+        print(f"check on {check['of_patients']} {check['split']} patients: largest probability difference from Keras "
+              f"{check['max_abs_diff']:.1e}; {check['cells']} of {check['of_cells']} decisions changed "
+              f"({check['patients']} patients)")
+        if check["cells"]:
+            print(f"warning: this export decides {check['cells']} class(es) differently from the Keras model on "
+                  f"{check['split']}; prefer a float export if that matters", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import sys
 from fundus_ensemble.cli import HelpFormatter, run
 from fundus_ensemble.errors import FundusError
 
+SHOWN = 5  # rejected patients named on the console; decisions.csv has them all
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -41,33 +43,51 @@ def main(argv=None):
         raise FundusError(f"--batch-size must be at least 1, got {args.batch_size}")
     from pathlib import Path
 
-    from fundus_ensemble.cli import import_keras
+    from fundus_ensemble.cli import check_run_folder, import_keras
     from fundus_ensemble.labels import parse_classes
 
-    explain_classes = parse_classes(args.explain, "--explain")  # checked before Keras starts
+    explain_classes = parse_classes(args.explain, "--explain")
+    # paths and the calibration are checked before Keras starts (which takes seconds to minutes)
+    check_run_folder(args.run_dir)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FundusError(f"--out {args.out} is a file; predictions need a folder")
+    photos = {eye: Path(p) for eye, p in (("left", args.left), ("right", args.right)) if p}
+    for eye, path in photos.items():
+        if not path.is_file():
+            raise FundusError(f"--{eye} {path}: {'is a folder' if path.is_dir() else 'file not found'}")
+    if args.input is not None and not Path(args.input).exists():
+        raise FundusError(f"{args.input}: no such folder or manifest")
+    if args.calibration is not None:
+        from fundus_ensemble.evaluation.calibration import load_calibration_file
+
+        load_calibration_file(args.calibration)
     import_keras()
     from fundus_ensemble.inference.predict import PatientPhotos, patients_in_folder, patients_in_manifest, predict_photos
 
     if args.input is None:
-        photos = {eye: Path(p) for eye, p in (("left", args.left), ("right", args.right)) if p}
-        for eye, path in photos.items():
-            if not path.is_file():
-                raise FundusError(f"--{eye} {path}: {'is a folder' if path.is_dir() else 'file not found'}")
         patients = [PatientPhotos(args.id, photos.get("left"), photos.get("right"))]
     elif Path(args.input).is_dir():
         patients = patients_in_folder(args.input, args.pattern)
-    elif Path(args.input).is_file():
-        patients = patients_in_manifest(args.input, args.image_root)
     else:
-        raise FundusError(f"{args.input}: no such folder or manifest")
+        patients = patients_in_manifest(args.input, args.image_root)
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
     summary = predict_photos(args.run_dir, patients, args.out, args.batch_size, args.force, max_pixels,
                              calibration=args.calibration, explain=args.explain is not None,
                              explain_classes=explain_classes, report=args.report)
-    print(f"{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} rejected; "
-          f"{summary['images']} photos in {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} images/s at "
-          f"{summary['input_size']} px)")
+    one_eyed = summary["eyes_rejected"]
+    print(f"{summary['predicted']} of {summary['patients']} patients predicted"
+          f"{f' ({len(one_eyed)} from one eye: the other photo unusable)' if one_eyed else ''}, "
+          f"{summary['rejected']} rejected; {summary['images']} photos in {summary['seconds']:.1f} s "
+          f"({summary['images_per_s'] or 0:.1f} images/s at {summary['input_size']} px)")
+    for what, cases in (("rejected", summary["rejections"]), ("predicted from one eye", one_eyed)):
+        for patient_id, note in cases[:SHOWN]:
+            print(f"  {what}: {patient_id}: {note}")
+        if len(cases) > SHOWN:
+            print(f"  ... and {len(cases) - SHOWN} more {what} (decisions.csv gives every reason)")
     print(f"wrote {summary['out_dir']}/predictions.csv and decisions.csv")
+    if not summary["predicted"]:
+        raise FundusError(f"none of the {summary['patients']} patients could be predicted (reasons above and in "
+                          f"{summary['out_dir']}/decisions.csv)")
     if args.report:
         print(f"wrote {summary['out_dir']}/report.html")
     if args.explain is not None or args.report:

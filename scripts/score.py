@@ -4,7 +4,7 @@
 import argparse
 import sys
 
-from fundus_ensemble.cli import run
+from fundus_ensemble.cli import check_run_folder, import_keras, run
 from fundus_ensemble.errors import FundusError
 
 
@@ -27,8 +27,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.gallery < 0:
         raise FundusError(f"--gallery must be 0 or more, got {args.gallery}")
-    from fundus_ensemble.cli import import_keras
+    from pathlib import Path
 
+    # before Keras starts (seconds to minutes): the folders exist, --out is not a file
+    check_run_folder(args.run_dir)
+    if not Path(args.prep_dir).is_dir():
+        raise FundusError(f"{args.prep_dir}: {'is a file' if Path(args.prep_dir).exists() else 'no such folder'}; give "
+                          "the output folder of scripts/preprocess.py")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FundusError(f"--out {args.out} is a file; a score needs a folder")
     import_keras()
     from fundus_ensemble.evaluation.ensemble import format_score_table, run_views, score_run
 

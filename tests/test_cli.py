@@ -38,13 +38,17 @@ def test_help_imports_no_tensorflow(name):
 
 
 def test_a_missing_keras_backend_is_one_error_line(tmp_path):
+    (tmp_path / "run").mkdir()  # folders that exist: score gets as far as loading Keras
+    (tmp_path / "prep").mkdir()
     result = script("score.py", tmp_path / "run", tmp_path / "prep", env={"KERAS_BACKEND": "no_such_backend"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load Keras with the 'no_such_backend' backend"), result.stderr
 
 
 def test_keras_loads_without_start_up_noise(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "prep").mkdir()
     result = script("score.py", tmp_path / "run", tmp_path / "prep")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

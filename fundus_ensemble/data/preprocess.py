@@ -217,7 +217,7 @@ def preprocess_manifest(
     for view in VIEWS:
         if not same_settings and (out / view).exists():  # views made with other settings must not pass as up to date
             claim_folder(out / view, f"the {view} views", adopt_if=("manifest.csv",))
-            remove_owned(out / view)
+            remove_owned(out / view, f"the {view} views")
         claim_folder(out / view, f"the {view} views")
         for stale in (out / view).rglob(".*.tmp"):
             stale.unlink(missing_ok=True)  # temporaries of a killed run (fileio's ".<name>.<random>.tmp")
@@ -359,7 +359,7 @@ def merge_shards(manifest: Manifest, out_dir: str | os.PathLike, count: int, siz
     summary.rejected.sort()
     record = {k: v for k, v in records[0].items() if k != "summary"}
     _write_outputs(manifest, out, summary, record)
-    remove_owned(out / SHARDS)
+    remove_owned(out / SHARDS, "preprocessing shards")
     return summary
 
 

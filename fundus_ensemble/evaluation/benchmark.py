@@ -204,7 +204,7 @@ def run_benchmark(
     refuse_overlap(out, {"image root": image_root, "label table": table})
     claim_folder(out, "a benchmark", adopt_if=("timings.json", "results.json"))
     if used and force:
-        remove_owned(out)
+        remove_owned(out, "a benchmark")
         claim_folder(out, "a benchmark")
     timings_path = out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
@@ -221,7 +221,7 @@ def run_benchmark(
     baseline_info = out / "models" / "baseline" / "summary.json"
 
     def train_baseline():
-        remove_owned(model_dir / "baseline")
+        remove_owned(model_dir / "baseline", "the plain baseline")
         claim_folder(model_dir / "baseline", "the plain baseline")
         atomic_write_json(baseline_info, train_plain_baseline(prep / "color", model_dir / "baseline", config,
                                                               epochs=budget.baseline_epochs))

@@ -16,7 +16,10 @@ Fit it on validation predictions, never on the patients you report.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -68,7 +71,34 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
-        return cls(tuple(ClassCalibration(**c) for c in data["classes"]))
+        """Read :meth:`to_dict`'s form, checked: every class needs a finite ``slope`` above 0 (a
+        calibration keeps each class's order), a finite ``intercept`` and a ``threshold`` in (0, 1)."""
+        classes = data.get("classes") if isinstance(data, dict) else None
+        if not isinstance(classes, list) or not classes:
+            raise FundusError("no list of per-class calibrations under 'classes'")
+        out = []
+        for j, entry in enumerate(classes):
+            name = f"class {LABELS[j] if j < len(LABELS) else j}"
+            if not isinstance(entry, dict):
+                raise FundusError(f"{name}: expected an object with slope, intercept and threshold, got {entry!r}")
+            unknown = sorted(set(entry) - {"slope", "intercept", "threshold"})
+            if unknown:
+                raise FundusError(f"{name}: unknown key(s) {', '.join(map(repr, unknown))}")
+            values = {}
+            for key in ("slope", "intercept", "threshold"):
+                if key not in entry:
+                    raise FundusError(f"{name}: {key!r} is missing")
+                value = entry[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                    raise FundusError(f"{name}: {key!r} is {value!r}; expected a finite number")
+                values[key] = float(value)
+            if values["slope"] <= 0:
+                raise FundusError(f"{name}: 'slope' is {values['slope']!r}; it must be above 0 (a calibration keeps the "
+                                  "order of a class's probabilities)")
+            if not 0 < values["threshold"] < 1:
+                raise FundusError(f"{name}: 'threshold' is {values['threshold']!r}; expected a number in (0, 1)")
+            out.append(ClassCalibration(**values))
+        return cls(tuple(out))
 
 
 def _platt(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -81,22 +111,34 @@ def fit_calibration(y_true: np.ndarray, y_prob: np.ndarray, grid: tuple[float, .
     """Fit Platt scaling, then per-class thresholds by coordinate ascent on the ODIR final score.
 
     A class with only one value among these patients is left as it is (with a warning):
-    there is nothing to fit it on.
+    there is nothing to fit it on. So is a class whose Platt fit comes out reversed (slope
+    not above 0: the model ranks these patients the wrong way round): such a map would turn
+    the decision rule upside down, so the class keeps its raw probability and threshold 0.5.
     """
     y_true, y_prob = check_prediction_arrays(y_true, y_prob)
     classes = []
-    skipped = []
+    skipped, reversed_ = [], []
     for j in range(y_true.shape[1]):
         column = y_true[:, j]
         if column.min() == column.max():
             skipped.append(j)
             classes.append(ClassCalibration())
+            continue
+        slope, intercept = _platt(column, y_prob[:, j])
+        if not (np.isfinite(slope) and np.isfinite(intercept) and slope > 0):
+            skipped.append(j)
+            reversed_.append(j)
+            classes.append(ClassCalibration())
         else:
-            classes.append(ClassCalibration(*_platt(column, y_prob[:, j])))
-    if skipped:
-        names = [LABELS[j] if j < len(LABELS) else str(j) for j in skipped]
+            classes.append(ClassCalibration(slope, intercept))
+    names = [LABELS[j] if j < len(LABELS) else str(j) for j in skipped if j not in reversed_]
+    if names:
         warn_once(f"calibration: class(es) {', '.join(names)} have a single value on the fitting patients; "
                   "left uncalibrated")
+    if reversed_:
+        names = [LABELS[j] if j < len(LABELS) else str(j) for j in reversed_]
+        warn_once(f"calibration: class(es) {', '.join(names)} fitted a reversed slope on the fitting patients (the "
+                  "model ranks them the wrong way round there); left uncalibrated, at the raw threshold 0.5")
     calibration = Calibration(tuple(classes))
     best = odir_score(y_true, calibration.apply(y_prob))["final"]
     for _ in range(passes):
@@ -112,3 +154,32 @@ def fit_calibration(y_true: np.ndarray, y_prob: np.ndarray, grid: tuple[float, .
         if not improved:
             break
     return calibration
+
+
+def load_calibration_file(path: str | os.PathLike, option: str = "--calibration") -> tuple[Calibration, str]:
+    """The ensemble's calibration from a ``calibration.json`` of ``score.py --calibrate-on``,
+    checked (:meth:`Calibration.from_dict`), and words saying where it came from.
+
+    Refuses one fitted on flip-TTA predictions: predict does not flip, so its thresholds
+    would not fit."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FundusError(f"{option} {path}: file not found") from None
+    except IsADirectoryError:
+        raise FundusError(f"{option} {path}: is a folder; give the calibration.json in it") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FundusError(f"{option} {path}: not a calibration.json of score.py --calibrate-on ({exc})") from None
+    if not isinstance(data, dict) or "ensemble" not in data:
+        raise FundusError(f"{option} {path}: no 'ensemble' calibration; not a calibration.json of score.py --calibrate-on")
+    try:
+        fitted = Calibration.from_dict(data["ensemble"])
+    except FundusError as exc:
+        raise FundusError(f"{option} {path}, ensemble, {exc}") from None
+    if data.get("flip_tta"):
+        raise FundusError(f"{option} {path} was fitted on flip-TTA predictions; predict does not flip, so its "
+                          "thresholds would not fit: calibrate with score.py --calibrate-on val without --flip-tta")
+    if len(fitted.classes) != len(LABELS):
+        raise FundusError(f"{option} {path}: {len(fitted.classes)} classes, expected {len(LABELS)}")
+    return fitted, f"{path.name} (fitted on {data.get('fitted_on', '?')})"

@@ -13,11 +13,20 @@ import numpy as np
 from ..data.batches import predict_patients
 from ..data.manifest import load_manifest
 from ..errors import FundusError, ModelCardError
-from ..fileio import atomic_write_json, atomic_write_text, csv_for_people
+from ..fileio import atomic_write_json, atomic_write_text, claim_folder, csv_for_people, refuse_overlap
 from ..labels import LABELS, VIEWS
 from ..metrics import odir_score, per_class_scores
 from ..training.train import CARD_NAME, MODEL_NAME
 from .calibration import fit_calibration
+
+# files an earlier score in the folder may hold that this one might not rewrite
+STALE_SCORE_FILES = ("calibration.json", "report.html")
+
+
+def exact(p: float) -> str:
+    """A probability as the shortest text that reads back as the same float: rounding to a few
+    decimals ties patients whose order the model kept, and changes an AUC computed from the file."""
+    return repr(float(p))
 
 
 def load_view_model(run_dir: str | os.PathLike, view: str) -> tuple[keras.Model, dict]:
@@ -26,16 +35,33 @@ def load_view_model(run_dir: str | os.PathLike, view: str) -> tuple[keras.Model,
     card_path, model_path = folder / CARD_NAME, folder / MODEL_NAME
     if not model_path.is_file() or not card_path.is_file():
         raise ModelCardError(f"{folder}: no trained {view} model ({MODEL_NAME} and {CARD_NAME}); run scripts/train_pair.py first")
-    card = json.loads(card_path.read_text())
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelCardError(f"{card_path}: not a readable model card ({exc})") from None
+    if not isinstance(card, dict):
+        raise ModelCardError(f"{card_path}: not a model card (a JSON object)")
     if card.get("view") != view:
         raise ModelCardError(f"{card_path}: card says view {card.get('view')!r}, but it was loaded as the {view!r} model")
     if card.get("labels") != list(LABELS):
         raise ModelCardError(f"{card_path}: card labels {card.get('labels')} differ from this library's {list(LABELS)}")
-    model = keras.saving.load_model(str(model_path), compile=False, safe_mode=True)
+    model = load_keras_file(model_path)
     size = int(model.inputs[0].shape[1])
     if size != card.get("input_size"):
         raise ModelCardError(f"{model_path}: model input is {size} px but its card says {card.get('input_size')}")
     return model, card
+
+
+def load_keras_file(path: str | os.PathLike) -> keras.Model:
+    """Load a ``.keras`` file in Keras' safe mode (no code in it runs); a truncated, foreign or
+    code-carrying file is one line naming the file, not a Keras traceback."""
+    try:
+        return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises ValueError, OSError, zipfile and h5py errors, TypeError...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "safe_mode" in str(exc) or "lambda" in str(exc).lower():
+            reason = "it holds code (a Lambda layer or custom function) that safe mode refuses to run"
+        raise ModelCardError(f"{path}: cannot load this model file: {reason[:300]}") from None
 
 
 def check_views_match_card(card: dict, prep_dir: str | os.PathLike) -> None:
@@ -81,7 +107,7 @@ def predictions_csv(ids: list[str], probs: np.ndarray) -> str:
 
     Ids that a spreadsheet would run as a formula are neutralised; numeric ODIR ids are unchanged.
     """
-    return csv_for_people(["ID", *LABELS], [[pid, *(f"{p:.6f}" for p in row)] for pid, row in zip(ids, probs)])
+    return csv_for_people(["ID", *LABELS], [[pid, *(exact(p) for p in row)] for pid, row in zip(ids, probs)])
 
 
 def run_views(run_dir: str | os.PathLike) -> tuple[str, ...]:
@@ -113,7 +139,7 @@ def predictions_detail_csv(ids: list[str], probs: dict[str, np.ndarray], labels:
         header += [f"label_{c}" for c in LABELS]
     rows = []
     for i, pid in enumerate(ids):
-        row = [pid, *(f"{p[i, j]:.6f}" for p in probs.values() for j in range(len(LABELS)))]
+        row = [pid, *(exact(p[i, j]) for p in probs.values() for j in range(len(LABELS)))]
         rows.append(row + ([str(int(v)) for v in labels[i]] if labels is not None else []))
     return csv_for_people(header, rows)
 
@@ -143,6 +169,9 @@ def score_run(
     if calibrate_on == split:
         raise FundusError(f"calibrating on the scored split {split!r} would grade patients the calibration has seen; "
                           "calibrate on another split (val when scoring test)")
+    # before the models run: a folder of the user's files (or a file) is refused at once, not after predicting
+    refuse_overlap(out, {"run": run_dir, "preprocessed views": prep_dir})
+    claim_folder(out, "a score", adopt_if=("score.json",))
     splits = (split,) if calibrate_on is None else (split, calibrate_on)
     probs: dict[str, dict[str, np.ndarray]] = {s: {} for s in splits}
     ids: dict[str, list[str]] = {}
@@ -173,6 +202,9 @@ def score_run(
         "models": {view: _scores(y_true[split], scored[view]) for view in views},
         "trivial": trivial_rows(train_labels, y_true[split]),
     }
+    for stale in STALE_SCORE_FILES:  # an earlier score's calibration or page must not pass for this one's
+        if stale != "calibration.json" or calibrate_on is None:
+            (out / stale).unlink(missing_ok=True)
     atomic_write_text(out / "predictions.csv", predictions_csv(ids[split], scored["ensemble"]))
     detail = {"ensemble": scored["ensemble"], **{v: scored[v] for v in views}}
     atomic_write_text(out / "predictions_detail.csv", predictions_detail_csv(ids[split], detail, y_true[split]))

@@ -15,23 +15,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 
 from ..errors import FundusError
 from ..evaluation.ensemble import load_view_model, run_views
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import OWNER_MARK, atomic_write_bytes, atomic_write_json, atomic_write_text, folder_owner
 from ..labels import INPUT_NAMES, LABELS
 from ..models.views import ColorView, EqualizedGray, WeightedAverage
 
 FORMATS: tuple[str, ...] = ("saved_model", "tflite")
 QUANTIZATIONS: tuple[str, ...] = ("none", "float16", "int8")
 VIEW_LAYERS = {"color": ColorView, "gray_eq": EqualizedGray}
+SAVED_MODEL_PURPOSE = "a SavedModel export"
+SAVED_MODEL_FILES = {"saved_model.pb", "variables", "assets", "fingerprint.pb", OWNER_MARK}
 
 
 def build_ensemble_model(run_dir: str | os.PathLike, weights: dict[str, float] | None = None) -> tuple[keras.Model, dict]:
@@ -73,25 +75,95 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "t
     if keras.backend.backend() != "tensorflow":
         raise FundusError(f"exporting writes TensorFlow formats and needs KERAS_BACKEND=tensorflow (now {keras.backend.backend()!r})")
     out = Path(out)
-    if out.exists() and not force:
-        raise FundusError(f"{out} exists; pass --force to replace it")
-    if out.is_dir() and fmt == "saved_model" and not (out / "saved_model.pb").is_file():
-        raise FundusError(f"{out} is a folder but not a SavedModel; refusing to replace it")
+    check_export_target(out, fmt, force)
     model, info = build_ensemble_model(run_dir, weights)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         saved = Path(work) / "saved_model"
         _save_saved_model(model, saved, info["input_size"])
         if fmt == "saved_model":
-            if out.exists():
-                shutil.rmtree(out)
-            saved.rename(out)
+            atomic_write_text(saved / OWNER_MARK, f"made by fundus-ensemble for {SAVED_MODEL_PURPOSE}; "
+                                                  "the project may delete this folder\n")
+            if out.exists():  # swap: the old export leaves only once the new one is complete beside it
+                os.replace(out, Path(work) / "old")
+            os.replace(saved, out)
         else:
             atomic_write_bytes(out, _convert_tflite(saved, quantize))
     size_bytes = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     record = {"format": fmt, "quantize": quantize, "path": out.name, "bytes": size_bytes, **info}
-    atomic_write_json(out.with_name(out.name + ".json"), record)
+    atomic_write_json(_record_path(out), record)
     return record
+
+
+def _record_path(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def check_export_target(out: Path, fmt: str, force: bool) -> None:
+    """Refuse an ``--out`` the export may not write: an existing export without ``force``, a file
+    where a folder goes or the reverse, a folder or a ``.json`` beside it that the project did not write."""
+    record = _record_path(out)
+    if fmt == "saved_model" and out.exists() and not out.is_dir():
+        raise FundusError(f"--out {out} is a file; a SavedModel is a folder")
+    if fmt == "tflite" and out.is_dir():
+        raise FundusError(f"--out {out} is a folder; a TFLite model is a file")
+    for path in (out, record):
+        if path.exists() and not force:
+            raise FundusError(f"{path} exists; pass --force to replace it")
+    if fmt == "saved_model" and out.is_dir() and folder_owner(out) != SAVED_MODEL_PURPOSE:
+        entries = {p.name for p in out.iterdir()}
+        # an export made before ownership marks holds the SavedModel's own files and nothing else
+        if not (entries and entries <= SAVED_MODEL_FILES and record.is_file()):
+            raise FundusError(f"{out} is a folder fundus-ensemble did not export (it holds "
+                              f"{', '.join(sorted(entries)[:3]) or 'nothing'}); refusing to replace it: choose another --out")
+    if record.exists():
+        try:
+            previous = json.loads(record.read_text(encoding="utf-8"))
+            ours = isinstance(previous, dict) and previous.get("path") == out.name and "format" in previous
+        except (OSError, UnicodeDecodeError, ValueError):
+            ours = False
+        if not ours:
+            raise FundusError(f"{record} exists and is not the record of an export to {out.name}; refusing to "
+                              "replace it: move it or choose another --out")
+
+
+def decision_changes(reference: np.ndarray, probs: np.ndarray, thresholds: float | np.ndarray = 0.5) -> dict:
+    """How many decisions an export changes against the model it came from: (patients, classes)
+    probabilities of both, each cell decided ``p > threshold``. A small probability difference
+    (int8 weights: 0.1) can still move a patient's decision across the threshold, which AUC hides."""
+    reference, probs = np.asarray(reference, np.float64), np.asarray(probs, np.float64)
+    if reference.shape != probs.shape or reference.ndim != 2:
+        raise FundusError(f"need two (patients, classes) arrays of one shape, got {reference.shape} and {probs.shape}")
+    changed = (reference > thresholds) != (probs > thresholds)
+    return {"cells": int(changed.sum()), "of_cells": int(changed.size), "patients": int(changed.any(axis=1).sum()),
+            "of_patients": int(changed.shape[0]), "agreement": float(1 - changed.mean()) if changed.size else 1.0}
+
+
+def check_export_on_split(run_dir: str | os.PathLike, exported: str | os.PathLike, prep_dir: str | os.PathLike,
+                          split: str = "val") -> dict:
+    """Run the Keras ensemble and the export on the colour views of ``split`` in a preprocessing
+    folder and compare them: the largest probability difference and :func:`decision_changes`."""
+    from ..data.manifest import load_manifest
+
+    model, info = build_ensemble_model(run_dir)
+    manifest = load_manifest(Path(prep_dir) / "color" / "manifest.csv").select(split)
+    if not len(manifest):
+        raise FundusError(f"{prep_dir}: no {split} patients to check the export on")
+    run = load_exported(exported)
+    keras_probs, export_probs = [], []
+    for patient in manifest.patients:
+        paths = [patient.left_image or patient.right_image, patient.right_image or patient.left_image]
+        eyes = []
+        for path in paths:
+            image = cv2.imread(str(manifest.image_path(path)), cv2.IMREAD_COLOR)
+            if image is None or image.shape[:2] != (info["input_size"],) * 2:
+                raise FundusError(f"{manifest.image_path(path)}: not a {info['input_size']} px colour view of this run")
+            eyes.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        keras_probs.append(np.asarray(model.predict_on_batch({INPUT_NAMES[0]: eyes[0][None], INPUT_NAMES[1]: eyes[1][None]}))[0])
+        export_probs.append(run(*eyes))
+    keras_probs, export_probs = np.array(keras_probs), np.array(export_probs)
+    return {"split": split, "max_abs_diff": float(np.abs(keras_probs - export_probs).max()),
+            **decision_changes(keras_probs, export_probs)}
 
 
 def _save_saved_model(model: keras.Model, path: Path, size: int) -> None:

@@ -10,8 +10,8 @@ streamed in batches, so memory does not grow with the folder.
 
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import os
 import re
 import time
@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from ..data.imaging import DEFAULT_MAX_PIXELS, encode_png, make_views, view_to_model_input
 from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
 from ..errors import FundusError, ImageError
-from ..evaluation.calibration import Calibration, ClassCalibration
-from ..evaluation.ensemble import average_probabilities, load_view_model, predictions_csv, run_views
-from ..fileio import atomic_write_bytes, atomic_write_text, claim_folder, csv_for_people, remove_owned
+from ..evaluation.calibration import ClassCalibration, load_calibration_file
+from ..evaluation.ensemble import average_probabilities, exact, load_view_model, predictions_csv, run_views
+from ..fileio import atomic_write_bytes, atomic_write_text, claim_folder, csv_for_people, folder_lock, remove_owned
 from ..labels import INPUT_NAMES, LABELS
 from .explain import GradCam, ensemble_heatmaps, overlay
 
@@ -35,6 +35,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 DEFAULT_PATTERN = r"(?P<id>.+)_(?P<eye>left|right)"
 THRESHOLD = 0.5
 HEATMAP_DIR = "heatmaps"
+OUTPUT_FILES = ("report.html", "decisions.csv", "predictions.csv")  # moved in in this order
+STAGING_PREFIX = ".unfinished-"
 DISPLAY_SIZE = 256  # overlays are drawn on a crop of the photo at least this large, to be readable
 REPORT_MAX_PATIENTS = 200
 REPORT_THUMB = 160
@@ -129,9 +131,29 @@ def predict_photos(
     """
     explain = explain or report
     out = Path(out_dir)
-    fitted, source = _load_calibration(calibration)
+    fitted, source = load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
     if (out / "predictions.csv").exists() and not force:
         raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
+    claim_folder(out, "predictions")
+    with folder_lock(out, "predictions"):
+        if (out / "predictions.csv").exists() and not force:  # again, now that no other run can write here
+            raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
+        for leftover in out.glob(f"{STAGING_PREFIX}*"):  # a killed run's: the lock says it is not running
+            remove_owned(leftover, "unfinished predictions")
+        staging = claim_folder(out / f"{STAGING_PREFIX}{os.getpid()}", "unfinished predictions")
+        try:
+            summary = _predict_into(staging, run_dir, patients, batch_size, max_pixels, progress, fitted, source,
+                                    explain, explain_classes, report)
+            _move_in(staging, out)
+        finally:
+            remove_owned(staging, "unfinished predictions")
+    summary["out_dir"] = str(out)
+    return summary
+
+
+def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress, fitted, source, explain,
+                  explain_classes, report) -> dict:
+    """predict_photos' work, every output written into ``out`` (the staging folder)."""
     views = run_views(run_dir)
     models = {view: load_view_model(run_dir, view) for view in views}
     sizes = {card["input_size"] for _, card in models.values()}
@@ -140,12 +162,10 @@ def predict_photos(
     size = sizes.pop()
     thresholds = [_raw_threshold(c) for c in fitted.classes] if fitted is not None else [THRESHOLD] * len(LABELS)
     cams = {view: GradCam(model) for view, (model, _) in models.items()} if explain else {}
-    claim_folder(out, "predictions")
     if explain:
-        if force:
-            remove_owned(out / HEATMAP_DIR)  # no heatmap of an earlier run may pass for this one's
         claim_folder(out / HEATMAP_DIR, "heatmaps")
     explained: list[list[str]] = []
+    stems: dict[str, str] = {}  # heatmap file stem (lower case) -> the patient id that has it
     cards: dict[str, dict] = {}
 
     results: list[tuple[PatientPhotos, dict | None, str]] = []
@@ -188,7 +208,7 @@ def predict_photos(
         if explain:
             collect = cards if report and len(cards) < REPORT_MAX_PATIENTS else None
             explained += _explain_chunk(cams, inputs, np.array(one_eyed), usable, ensemble, thresholds, explain_classes,
-                                        size, out / HEATMAP_DIR, max_pixels, collect)
+                                        size, out / HEATMAP_DIR, max_pixels, stems, collect)
         for k, (patient, present, note) in enumerate(usable):
             results.append((patient, {
                 "ensemble": ensemble[k], "views": {v: per_view[v][k] for v in views},
@@ -216,17 +236,42 @@ def predict_photos(
                 shown.append({"patient_id": patient.patient_id, "status": "rejected", "note": note})
             elif patient.patient_id in cards:
                 probability = [float(v) for v in result["ensemble"]]
-                decision = [bool(np.isfinite(t) and p > t) for p, t in zip(probability, thresholds)]
+                decision = [p > t for p, t in zip(probability, thresholds)]  # as decisions.csv decides
                 shown.append({"patient_id": patient.patient_id, "status": "ok", "note": note, **cards[patient.patient_id],
-                              "probability": probability, "decision": decision})
-        write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary)
+                              "probability": probability, "threshold": list(thresholds), "decision": decision})
+        provenance = {"run": str(run_dir), "calibrated": fitted is not None,
+                      "models": {view: card for view, (_, card) in models.items()}}
+        write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary, provenance)
     return {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok), "images": images,
-            "seconds": seconds, "images_per_s": images / seconds if seconds else None, "out_dir": str(out), "input_size": size,
-            "heatmaps": len(explained)}
+            "seconds": seconds, "images_per_s": images / seconds if seconds else None, "input_size": size,
+            "heatmaps": len(explained),
+            "rejections": [(p.patient_id, note) for p, r, note in results if r is None],
+            "eyes_rejected": [(p.patient_id, note) for p, r, note in results if r is not None and note]}
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    """Move a finished run's outputs from ``staging`` into ``out``: each file replaced atomically,
+    the heatmap folder swapped whole, predictions.csv last; an earlier run's output this run did
+    not make (a report, heatmaps) is removed, so the folder holds one run's outputs only."""
+    for name in (HEATMAP_DIR, *OUTPUT_FILES):
+        if not (staging / name).exists():
+            if (out / name).is_dir():
+                remove_owned(out / name, "heatmaps")
+            else:
+                (out / name).unlink(missing_ok=True)
+    if (staging / HEATMAP_DIR).is_dir():
+        old = staging / f"old-{HEATMAP_DIR}"
+        if (out / HEATMAP_DIR).exists():
+            claim_folder(out / HEATMAP_DIR, "heatmaps")  # never swap out a folder the project did not make
+            os.replace(out / HEATMAP_DIR, old)
+        os.replace(staging / HEATMAP_DIR, out / HEATMAP_DIR)
+    for name in OUTPUT_FILES:
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
 
 
 def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes, size, folder: Path, max_pixels,
-                   collect: dict | None = None) -> list[list[str]]:
+                   stems: dict[str, str], collect: dict | None = None) -> list[list[str]]:
     """Grad-CAM of one batch of patients, averaged over the view models; writes PNG overlays and .npy arrays.
 
     ``collect`` receives, per patient, the eye photos and heatmaps a report card shows.
@@ -253,7 +298,7 @@ def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes
                 card["eyes"][eye] = cv2.resize(photo, (REPORT_THUMB, REPORT_THUMB), interpolation=cv2.INTER_AREA)
             for c in wanted[k]:
                 j = needed.index(c)
-                stem = f"{_safe_name(patient.patient_id)}_{eye}_{LABELS[c]}"
+                stem = f"{_file_stem(patient.patient_id, stems)}_{eye}_{LABELS[c]}"
                 buffer = io.BytesIO()
                 np.save(buffer, heat[j, k, eye_index])
                 atomic_write_bytes(folder / f"{stem}.npy", buffer.getvalue())
@@ -270,34 +315,27 @@ def _safe_name(patient_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", patient_id).lstrip(".") or "patient"
 
 
+def _file_stem(patient_id: str, taken: dict[str, str]) -> str:
+    """A file name part for ``patient_id`` that no other patient of the run has: ids that differ
+    only in characters a file name cannot hold (``a/b``, ``a_b``), or in case, never share one."""
+    base = _safe_name(patient_id)
+    if base != patient_id:
+        base += "-" + hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:8]
+    stem, n = base, 1
+    while taken.setdefault(stem.lower(), patient_id) != patient_id:
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
 def _predict(model, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     batch = {INPUT_NAMES[0]: left.astype(np.float32), INPUT_NAMES[1]: right.astype(np.float32)}
     return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
 
 
-def _load_calibration(path: str | os.PathLike | None) -> tuple[Calibration | None, str]:
-    if path is None:
-        return None, "default 0.5"
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        fitted = Calibration.from_dict(data["ensemble"])
-    except FileNotFoundError:
-        raise FundusError(f"--calibration {path}: file not found") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FundusError(f"--calibration {path}: not a calibration.json of score.py --calibrate-on ({exc})") from None
-    if data.get("flip_tta"):
-        raise FundusError(f"--calibration {path} was fitted on flip-TTA predictions; predict does not flip, so its "
-                          "thresholds would not fit: calibrate with score.py --calibrate-on val without --flip-tta")
-    if len(fitted.classes) != len(LABELS):
-        raise FundusError(f"--calibration {path}: {len(fitted.classes)} classes, expected {len(LABELS)}")
-    return fitted, f"{path.name} (fitted on {data.get('fitted_on', '?')})"
-
-
 def _raw_threshold(c: ClassCalibration) -> float:
-    """The ensemble probability at which the calibrated one crosses 0.5 (the calibration is monotone)."""
-    if c.slope <= 0:
-        return float("nan")  # a reversed or flat fit has no such threshold; the calibrated value decides
+    """The ensemble probability at which the calibrated one crosses 0.5 (the calibration is
+    increasing: :meth:`Calibration.from_dict` and the fit allow no other)."""
     z = (np.log(c.threshold) - np.log1p(-c.threshold) - c.intercept) / c.slope
     return float(1.0 / (1.0 + np.exp(-z)))
 
@@ -312,8 +350,7 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
             continue
         for j, label in enumerate(LABELS):
             p = float(result["ensemble"][j])
-            eyes = [f"{result['eyes'][(v, eye)][j]:.6f}" if (v, eye) in result["eyes"] else "" for v in views for eye in ("left", "right")]
+            eyes = [exact(result["eyes"][(v, eye)][j]) if (v, eye) in result["eyes"] else "" for v in views for eye in ("left", "right")]
             threshold = thresholds[j]
-            decision = int(p > threshold) if np.isfinite(threshold) else ""
-            rows.append([patient.patient_id, "ok", note, label, f"{p:.6f}", f"{threshold:.6f}", source, decision, *eyes])
+            rows.append([patient.patient_id, "ok", note, label, exact(p), exact(threshold), source, int(p > threshold), *eyes])
     return csv_for_people(header, rows)

@@ -35,8 +35,9 @@ table{border-collapse:collapse;margin:8px 0;font-size:0.9em}td,th{border:1px sol
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.trivial td{color:#777;font-style:italic}
 img{max-width:100%%}.note{color:#555;font-size:0.9em;max-width:900px}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}.case{border:1px solid #ddd;padding:6px;font-size:0.8em;width:max-content}
-.case img{width:%dpx;height:%dpx;margin-right:2px}.pos{color:#b00;font-weight:bold}
-""" % (THUMB, THUMB)
+.case img{width:%dpx;height:auto;max-width:none;margin-right:2px}.pos{color:#b00;font-weight:bold}
+.card{width:auto;margin-bottom:10px}.photos{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;text-align:center}
+""" % (THUMB,)
 
 
 def _plt():
@@ -95,7 +96,7 @@ def _score_table(report: dict) -> str:
 
 
 def _curves(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[str, str]:
-    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+    from sklearn.metrics import auc, roc_curve
 
     plt = _plt()
     figures = []
@@ -112,8 +113,8 @@ def _curves(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[str, str]:
                 ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
                 ax.text(0.97, 0.05, f"AUC {auc(fpr, tpr):.3f}", ha="right")
             else:
-                precision, recall, _ = precision_recall_curve(y_true[:, j], y_prob[:, j])
-                ax.plot(recall, precision, color="C1")
+                recall, precision = pr_points(y_true[:, j], y_prob[:, j])
+                ax.plot(recall, precision, color="C1", drawstyle="steps-pre")
                 ax.axhline(positives / len(y_true), color="0.7", lw=0.8, ls="--")
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.02)
@@ -123,6 +124,17 @@ def _curves(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[str, str]:
         fig.tight_layout()
         figures.append(_figure_uri(fig))
     return figures[0], figures[1]
+
+
+def pr_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) of each threshold, from the highest recall down; the points at recall 0
+    are left out: there no positive is found yet and precision says nothing (scikit-learn adds
+    (0, 1) by convention, and a top-ranked negative gives (0, 0))."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(y, p)
+    keep = recall > 0
+    return recall[keep], precision[keep]
 
 
 def _reliability(y_true: np.ndarray, y_prob: np.ndarray, bins: int = 10) -> str:
@@ -179,14 +191,27 @@ def _history(run_dir: Path, views: tuple[str, ...]) -> str:
         fine = [e for e, r in zip(epochs, rows) if r.get("phase") == "fine_tune"]
         if fine:
             for ax in axes:
-                ax.axvline(fine[0] - 0.5, color=f"C{k}", lw=0.6, ls=":")
+                ax.axvline(fine[0] - 0.5, color=f"C{k}", lw=1.2, ls=(0, (1, 3)))
+        kept = _kept_epoch(run_dir / view)
+        if kept in epochs:
+            score = column("val_final_score")[epochs.index(kept)]
+            axes[1].plot([kept], [score], marker="*", ms=13, color=f"C{k}", mec="black", ls="none",
+                         label=f"{view}: kept checkpoint (epoch {kept})")
     axes[0].set_title("loss (weighted BCE)")
     axes[1].set_title("validation ODIR final score")
     for ax in axes:
-        ax.set_xlabel("epoch (dotted: fine-tune phase starts)")
+        ax.set_xlabel("epoch (dotted line: fine-tune phase starts)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _figure_uri(fig)
+
+
+def _kept_epoch(view_dir: Path) -> int | None:
+    """The epoch of the checkpoint the run kept (its card's best validation row), if the card says."""
+    try:
+        return int(json.loads((view_dir / "card.json").read_text())["best_val"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _gallery(run_dir: Path, prep_dir: Path, split: str, ids: list[str], y_true: np.ndarray, y_prob: np.ndarray,
@@ -238,8 +263,9 @@ def _gallery(run_dir: Path, prep_dir: Path, split: str, ids: list[str], y_true: 
                 for e, eye in enumerate(("left", "right")):
                     images.append(_img(_image_uri(thumbs[i][e]), f"{ids[i]} {eye} eye"))
                     images.append(_img(_image_uri(overlay(thumbs[i][e], heat[i][j, e])), f"{ids[i]} {eye} eye, {c} heatmap"))
-                cases.append(f'<div class="case">{"".join(images)}<br>{html.escape(ids[i])}: p({c}) = {y_prob[i, j]:.3f}, '
-                             f"label {int(y_true[i, j])} &middot; left eye, its heatmap, right eye, its heatmap</div>")
+                cases.append(f'<div class="case">{"".join(images)}<br>{html.escape(ids[i])}: p({c}) = '
+                             f"{probability_text(y_prob[i, j], threshold)} against {threshold}, label {int(y_true[i, j])} "
+                             "&middot; left eye, its heatmap, right eye, its heatmap</div>")
             parts.append(f"<p>{title}</p><div class=gallery>{''.join(cases)}</div>")
     return "\n".join(parts)
 
@@ -287,34 +313,80 @@ def write_score_report(run_dir: str | os.PathLike, prep_dir: str | os.PathLike, 
 
 # --- predictions on new photos ------------------------------------------------------------------
 
-def write_prediction_report(cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict) -> Path:
+def probability_text(p: float, other: float) -> str:
+    """``p`` with three decimals, or as many more (up to six) as it takes to differ from ``other``:
+    a page must never show "0.500" for a probability and the threshold it was decided against."""
+    digits = 3
+    while digits < 6 and round(p, digits) == round(other, digits):
+        digits += 1
+    return f"{p:.{digits}f}"
+
+
+def _provenance(provenance: dict) -> str:
+    """Which model made the page's numbers: the run, and per view model its backbone, input size,
+    initial weights, training data and best validation score."""
+    rows = []
+    for view, card in provenance["models"].items():
+        best = card.get("best_val") or {}
+        score = best.get("val_final_score")
+        shown = "n/a" if score is None else f"{score:.3f} (epoch {best.get('epoch', '?')})"
+        rows.append(
+            f"<tr><td>{html.escape(view)}</td><td>{html.escape(str(card.get('backbone', '?')))}</td>"
+            f"<td>{html.escape(str(card.get('input_size', '?')))} px</td>"
+            f"<td>{html.escape(str(card.get('weights_init') or 'none (from scratch)'))}</td>"
+            f"<td>{html.escape(str(card.get('train_patients', '?')))} patients of "
+            f"<code>{html.escape(str(card.get('data_manifest', '?')))}</code></td>"
+            f"<td>{shown}</td></tr>")
+    return (f"<h2>Model</h2><p class=note>Run <code>{html.escape(provenance['run'])}</code>; the ensemble averages "
+            f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.</p>"
+            "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
+            f"<th>best validation final</th></tr>{''.join(rows)}</table>")
+
+
+def write_prediction_report(cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict,
+                            provenance: dict | None = None) -> Path:
     """One card per patient: both eyes, the heatmaps of the explained classes, and the decisions.
 
     ``cards`` items hold ``patient_id``, ``status``, ``note``, ``eyes`` ({eye: BGR photo}),
     ``heatmaps`` ({(eye, class): [0, 1] array}), ``probability``, ``threshold`` and ``decision``
     (per class lists, absent for a rejected patient).
     """
+    size = next(iter(provenance["models"].values())).get("input_size") if provenance else None
+    coarse = (f" Each heatmap has about {max(1, size // 32)} x {max(1, size // 32)} cells (the backbone's last feature "
+              f"map at {size} px): it shows a region, not a lesion's outline; it is drawn inside the retina only."
+              if size else "")
+    calibrated = ("; with a calibration, that probability is the raw ensemble's and the threshold is where the calibrated "
+                  "one (in predictions.csv) reaches 0.5" if provenance and provenance.get("calibrated") else "")
     parts = [f"<p class=note>{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} "
-             f"rejected; thresholds: {html.escape(source)}. Heatmaps: Grad-CAM of the classes decided positive (or those "
-             "asked for), averaged over the view models, red = most evidence. A screening aid, not a diagnosis.</p>"]
+             f"rejected. Each class is decided by the ensemble's probability against the class threshold "
+             f"({html.escape(source)}); the page shows both{calibrated}. Heatmaps: Grad-CAM of the classes decided positive (or "
+             f"those asked for), averaged over the view models, red = most evidence.{coarse} "
+             "<b>A screening aid, not a diagnosis.</b></p>"]
+    if provenance is not None:
+        parts.append(_provenance(provenance))
+        parts.append("<h2>Patients</h2>")
     for card in cards:
-        pid = html.escape(card["patient_id"])
+        raw_id = card["patient_id"]
+        pid = html.escape(raw_id)
         if card["status"] != "ok":
             parts.append(f'<div class="case"><b>{pid}</b>: rejected &middot; {html.escape(card["note"])}</div>')
             continue
         images = []
         for eye, photo in card["eyes"].items():
             thumb = cv2.resize(photo, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
-            images.append(f"<td>{_img(_image_uri(thumb), f'{pid} {eye} eye')}<br>{eye}</td>")
+            images.append(f"<figure>{_img(_image_uri(thumb), f'{raw_id} {eye} eye')}<figcaption>{eye}</figcaption></figure>")
             for (heat_eye, c), heat in card["heatmaps"].items():
                 if heat_eye == eye:
-                    images.append(f"<td>{_img(_image_uri(overlay(thumb, heat)), f'{pid} {eye} {c} heatmap')}<br>{eye}, {c}</td>")
+                    images.append(f"<figure>{_img(_image_uri(overlay(thumb, heat)), f'{raw_id} {eye} {c} heatmap')}"
+                                  f"<figcaption>{eye}, {c}</figcaption></figure>")
         decisions = "".join(
-            f"<td class={'pos' if d else ''}>{c} {p:.2f}{' &#10003;' if d else ''}</td>"
-            for c, p, d in zip(LABELS, card["probability"], card["decision"]))
+            f"<td class={'pos' if d else ''}>{c} {probability_text(p, t)} {'&gt;' if d else '&le;'} "
+            f"{probability_text(t, p)}{' &#10003;' if d else ''}</td>"
+            for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"]))
         note = f"<br><span class=note>{html.escape(card['note'])}</span>" if card["note"] else ""
-        parts.append(f'<div class="case" style="width:auto;margin-bottom:10px"><b>{pid}</b>{note}<table><tr>{"".join(images)}'
-                     f"</tr></table><table><tr>{decisions}</tr></table></div>")
+        parts.append(f'<div class="case card"><b>{pid}</b>{note}<div class=photos>{"".join(images)}</div>'
+                     f"<table><tr><th colspan=8>probability &gt; threshold: decided positive (&#10003;)</th></tr>"
+                     f"<tr>{decisions}</tr></table></div>")
     out = Path(out_path)
     atomic_write_text(out, _page("fundus-ensemble: predictions", parts))
     return out

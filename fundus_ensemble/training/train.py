@@ -42,7 +42,7 @@ from ..data.augment import training_augmentation
 from ..data.batches import FastMalloc, FeatureBatches, PatientBatches
 from ..data.manifest import load_manifest
 from ..errors import FundusError
-from ..fileio import atomic_write_json, atomic_write_text, claim_folder, remove_owned, sha256_file
+from ..fileio import atomic_write_json, atomic_write_text, claim_folder, refuse_overlap, remove_owned, sha256_file
 from ..labels import LABELS, VIEWS
 from ..models import build_patient_model
 from ..models.backbone import check_backbone, weighted_layers
@@ -426,13 +426,14 @@ def train_pair(
     config = with_views_size(config, prep)
     config.check()
     check_backbone(config.backbone, config.size, config.weights)
+    refuse_overlap(out, {"preprocessed views": prep})
     used = [str(out / v) for v in views if (out / v).is_dir() and any((out / v).iterdir())]
     created = not out.exists()
     claim_folder(out, "a training run", adopt_if=RUN_FILES)
     if used and force:
         for view in views:
             claim_folder(out / view, f"the {view} model", adopt_if=RUN_FILES)  # runs from before ownership marks
-            remove_owned(out / view)
+            remove_owned(out / view, f"the {view} model")
     elif used and not resume:
         raise FundusError(
             f"{out} already holds a run ({', '.join(used)}); pass --resume to continue it, "
@@ -444,7 +445,7 @@ def train_pair(
         cards = {view: train_view(prep / view, out / view, config, view, resume=resume) for view in views}
     except BaseException:
         if created and not any(out.rglob(HISTORY)):  # failed before any epoch: leave nothing a retry trips over
-            remove_owned(out)
+            remove_owned(out, "a training run")
         raise
     atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
     return cards
