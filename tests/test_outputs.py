@@ -41,13 +41,19 @@ def script(name: str, *args, env: dict | None = None) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def run_and_prep(small_dataset, tmp_path_factory):
-    """An untrained color model at 32 px and the small dataset's views at 32 px: the plumbing."""
+    """An untrained color model at 32 px (a random head) and the small dataset's views at 32 px: the plumbing."""
+    import keras
+
     from fundus_ensemble.models import build_patient_model
 
     root = tmp_path_factory.mktemp("outputs")
     preprocess_manifest(load_manifest(small_dataset), root / "prep", size=32, workers=1, progress=False)
     (root / "run" / "color").mkdir(parents=True)
-    build_patient_model("mobilenet", 32, None, 0.5).save(str(root / "run" / "color" / "model.keras"))
+    model = build_patient_model("mobilenet", 32, None, 0.5)
+    head = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense)][-1]
+    rng = np.random.default_rng(5)  # an untrained head says 0.5 for everyone: give it opinions
+    head.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in head.get_weights()])
+    model.save(str(root / "run" / "color" / "model.keras"))
     (root / "run" / "color" / "card.json").write_text(json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32}))
     return root
 
@@ -154,6 +160,7 @@ def test_patients_whose_ids_collide_as_file_names_keep_their_own_heatmaps(run_an
         predict_photos(run_and_prep / "run", [patients[k]], alone, progress=False, explain=True, explain_classes=["D"])
         [row] = list(csv.DictReader(open(alone / "heatmaps" / "heatmaps.csv")))
         np.testing.assert_allclose(arrays[k], np.load(alone / "heatmaps" / row["array"]), atol=1e-6, err_msg=pid)
+        assert row["array"] == names[k], f"{pid}: its file name depends on the other patients of the run"
 
 
 def test_predict_fails_when_nothing_could_be_predicted_and_says_why(run_and_prep, tmp_path):
@@ -272,6 +279,12 @@ def test_export_never_replaces_a_folder_or_file_it_did_not_make(tmp_path):
     (theirs / "NOTES.txt").write_text("my notes")
     with pytest.raises(FundusError, match="did not export"):
         check_export_target(theirs, "saved_model", force=True)
+    (tmp_path / "served.json").write_text('{"path": "served", "format": "saved_model"}')  # as an export made before markers
+    with pytest.raises(FundusError, match="did not export"):  # its record is there, but so are the user's notes
+        check_export_target(theirs, "saved_model", force=True)
+    (theirs / "NOTES.txt").unlink()
+    check_export_target(theirs, "saved_model", force=True)  # an old export of ours, nothing else inside: replaced
+    (theirs / "NOTES.txt").write_text("my notes")
     (tmp_path / "model.bin").write_bytes(b"x")
     with pytest.raises(FundusError, match="is a file; a SavedModel is a folder"):
         check_export_target(tmp_path / "model.bin", "saved_model", force=True)
@@ -438,10 +451,10 @@ def test_the_training_curves_mark_the_kept_checkpoint_and_a_visible_fine_tune_li
 def test_decision_changes_counts_cells_and_patients_across_the_threshold():
     from fundus_ensemble.inference.export import decision_changes
 
-    reference = np.array([[0.49, 0.9, 0.1], [0.51, 0.2, 0.6], [0.3, 0.3, 0.3]])
-    moved = np.array([[0.52, 0.8, 0.1], [0.49, 0.2, 0.6], [0.3, 0.3, 0.3]])  # two cells cross 0.5, one only moves
+    reference = np.array([[0.49, 0.9, 0.1], [0.51, 0.2, 0.6], [0.3, 0.5, 0.3]])
+    moved = np.array([[0.52, 0.8, 0.1], [0.49, 0.2, 0.6], [0.3, 0.5, 0.3]])  # two cells cross 0.5, one only moves
     assert decision_changes(reference, moved) == {"cells": 2, "of_cells": 9, "patients": 2, "of_patients": 3,
-                                                  "agreement": pytest.approx(7 / 9)}
+                                                  "agreement": pytest.approx(7 / 9)}  # 0.5 is negative in both
     assert decision_changes(reference, reference)["cells"] == 0
 
 

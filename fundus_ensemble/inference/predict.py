@@ -317,9 +317,11 @@ def _safe_name(patient_id: str) -> str:
 
 def _file_stem(patient_id: str, taken: dict[str, str]) -> str:
     """A file name part for ``patient_id`` that no other patient of the run has: ids that differ
-    only in characters a file name cannot hold (``a/b``, ``a_b``), or in case, never share one."""
+    only in characters a file name cannot hold (``a/b``, ``a_b``), or in case (``x``, ``X`` on a
+    case-blind disk), never share one. An id changed to be file-safe, or holding capitals, gets a
+    short hash of itself, so its name is the same whichever patients it is predicted with."""
     base = _safe_name(patient_id)
-    if base != patient_id:
+    if base != patient_id or base != base.lower():
         base += "-" + hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:8]
     stem, n = base, 1
     while taken.setdefault(stem.lower(), patient_id) != patient_id:
