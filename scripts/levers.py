@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Screen training levers: one view, one cheap budget, one change per row, scored on val (docs/RESULTS.md)."""
+"""Screen training levers: one view, one cheap budget, one change per row, scored on val (docs/results-history.md)."""
 
 import argparse
 import sys

@@ -13,10 +13,9 @@ import pytest
 
 from fundus_ensemble.labels import LABELS
 
-# runs again under KERAS_BACKEND=jax in CI (README, tests)
-pytestmark = pytest.mark.backend
 
 
+@pytest.mark.backend  # runs again under KERAS_BACKEND=jax in CI
 def test_eye_fusion_is_the_elementwise_max_then_the_mean_of_the_two_eyes():
     """Slips caught: max turned min; the mean replaced by the left (or right) eye; halves swapped."""
     from fundus_ensemble.models.patient_classifier import EyeFusion
@@ -29,6 +28,7 @@ def test_eye_fusion_is_the_elementwise_max_then_the_mean_of_the_two_eyes():
     np.testing.assert_array_equal(fused, swapped)  # which eye comes first changes nothing
 
 
+@pytest.mark.backend  # runs again under KERAS_BACKEND=jax in CI
 def test_the_patient_model_fuses_its_eyes_with_eye_fusion_and_ignores_their_order():
     """Slip caught: the model built without the fusion layer, or with an order-dependent one."""
     import keras
@@ -46,6 +46,7 @@ def test_the_patient_model_fuses_its_eyes_with_eye_fusion_and_ignores_their_orde
     keras.backend.clear_session()
 
 
+@pytest.mark.backend  # runs again under KERAS_BACKEND=jax in CI
 def test_the_ensemble_is_the_weighted_mean_of_the_views_with_weights_normalised():
     """Slips caught: the weights ignored (a plain mean); the division by their sum dropped."""
     from fundus_ensemble.evaluation.ensemble import average_probabilities

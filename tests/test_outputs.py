@@ -22,8 +22,8 @@ from fundus_ensemble.inference.predict import PatientPhotos, predict_photos
 from fundus_ensemble.labels import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
-# runs again under KERAS_BACKEND=jax in CI (README, tests)
-pytestmark = pytest.mark.backend
+# file handling, not backend arithmetic: these run once, under TensorFlow (the JAX pass runs
+# predict and score end to end in tests/test_backends.py)
 
 
 def photo(path: Path, seed: int = 0) -> Path:

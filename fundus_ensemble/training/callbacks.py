@@ -109,7 +109,7 @@ class EpochProgress(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if getattr(self.model, "_fundus_traced", None) is not self.model.train_function:
-            print(f"{self.label} compiling the training step (about 1-2 min for B3 on 2 CPU cores) ...", flush=True)
+            print(f"{self.label} compiling the training step (its time counts in the first epoch: over a minute for B3 on 2 CPU cores) ...", flush=True)
 
     def on_epoch_begin(self, epoch, logs=None):
         from tqdm.auto import tqdm

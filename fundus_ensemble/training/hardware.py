@@ -5,7 +5,7 @@ the same options on every Keras backend.
   layers compute in 16 bits and keep float32 weights; the output layer stays float32 and
   Keras scales the loss for float16 (:meth:`keras.Model.compile` wraps the optimizer).
 - XLA: JAX always compiles with XLA; TensorFlow does when ``jit_compile`` is on (``None``:
-  on for a GPU, off on the CPU, where it was not faster; docs/RESULTS.md has the numbers).
+  on for a GPU, off on the CPU, where it was not faster; docs/results-history.md has the numbers).
 - devices: one process driving N devices of one machine, data-parallel, with the global
   batch split across them: ``keras.distribution.DataParallel`` under JAX,
   ``tf.distribute.MirroredStrategy`` under TensorFlow. Several machines use each engine's own

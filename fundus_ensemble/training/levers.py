@@ -128,7 +128,7 @@ def add_margins(results: list[dict], out_dir: Path, y_val: np.ndarray, reference
     Also each row's val final minus its own image-blind constant (its mean probability per
     class for every patient): the score thresholds at 0.5, so a lever that only moves outputs
     across 0.5 for everyone gains final without reading more from the images
-    (docs/RESULTS.md, "Seed sweep")."""
+    (docs/results-history.md, "Seed sweep")."""
     probs = {r["row"]: np.load(out_dir / r["row"] / PROBABILITIES) for r in results}
     finals = {name: odir_score(y_val, p)["final"] for name, p in probs.items()}
     for r in results:
