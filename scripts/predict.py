@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write OUT/report.html: one card per patient with both eyes, heatmaps and decisions "
                         "(implies --explain; the first 200 patients)")
     p.add_argument("--force", action="store_true", help="replace earlier predictions in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run of the same job in --out from its last finished batch")
+    p.add_argument("--shard", metavar="I/N", help="predict only shard I of N (1 <= I <= N, as preprocess.py --shard; by a hash of the patient id); "
+                                                  "join the N outputs with scripts/merge_predictions.py")
     return p
 
 
@@ -44,9 +48,11 @@ def main(argv=None):
     from pathlib import Path
 
     from fundus_ensemble.cli import check_run_folder, import_keras
+    from fundus_ensemble.data.preprocess import parse_shard
     from fundus_ensemble.labels import parse_classes
 
     explain_classes = parse_classes(args.explain, "--explain")
+    shard = parse_shard(args.shard) if args.shard else None
     # paths and the calibration are checked before Keras starts (which takes seconds to minutes)
     check_run_folder(args.run_dir)
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -73,7 +79,7 @@ def main(argv=None):
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
     summary = predict_photos(args.run_dir, patients, args.out, args.batch_size, args.force, max_pixels,
                              calibration=args.calibration, explain=args.explain is not None,
-                             explain_classes=explain_classes, report=args.report)
+                             explain_classes=explain_classes, report=args.report, resume=args.resume, shard=shard)
     one_eyed = summary["eyes_rejected"]
     print(f"{summary['predicted']} of {summary['patients']} patients predicted"
           f"{f' ({len(one_eyed)} from one eye: the other photo unusable)' if one_eyed else ''}, "

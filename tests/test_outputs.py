@@ -127,11 +127,11 @@ def test_a_forced_predict_leaves_no_page_or_heatmap_of_the_earlier_run(run_and_p
     second = [PatientPhotos("new", photo(tmp_path / "in" / "new_left.jpg", 1), None)]
     predict_photos(run_and_prep / "run", second, tmp_path / "out", progress=False, force=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [
-        "decisions.csv", "predictions.csv"]
+        "decisions.csv", "predict.json", "predictions.csv"]
     predict_photos(run_and_prep / "run", second, tmp_path / "out", progress=False, force=True, explain_classes=["G"],
                    explain=True)
     assert {p.name.split("_")[0] for p in (tmp_path / "out" / "heatmaps").glob("*.png")} == {"new"}
-    assert not list((tmp_path / "out").glob(".unfinished-*")), "the staging folder was left behind"
+    assert not list((tmp_path / "out").glob(".unfinished*")), "the staging folder was left behind"
 
 
 def test_a_second_predict_into_a_folder_being_written_is_refused(run_and_prep, tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import shutil
 import os
 import re
 import time
@@ -27,7 +29,9 @@ from ..data.manifest import check_image_file, check_relative_path, read_csv_rows
 from ..errors import FundusError, ImageError
 from ..evaluation.calibration import ClassCalibration, load_calibration_file
 from ..evaluation.ensemble import average_probabilities, exact, load_view_model, predictions_csv, run_views
-from ..fileio import atomic_write_bytes, atomic_write_text, claim_folder, csv_for_people, folder_lock, remove_owned
+from ..training.train import CARD_NAME
+from ..fileio import (atomic_write_bytes, atomic_write_json, atomic_write_text, claim_folder, csv_for_people,
+                      folder_lock, remove_owned)
 from ..labels import INPUT_NAMES, LABELS
 from .explain import GradCam, ensemble_heatmaps, overlay
 
@@ -35,8 +39,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 DEFAULT_PATTERN = r"(?P<id>.+)_(?P<eye>left|right)"
 THRESHOLD = 0.5
 HEATMAP_DIR = "heatmaps"
-OUTPUT_FILES = ("report.html", "decisions.csv", "predictions.csv")  # moved in in this order
-STAGING_PREFIX = ".unfinished-"
+RECORD_FILE = "predict.json"  # the job (run, cards, patients, shard) and its counts: what merging checks
+OUTPUT_FILES = ("report.html", RECORD_FILE, "decisions.csv", "predictions.csv")  # moved in in this order
+STAGING = ".unfinished"  # the run in progress: its job, finished batches and heatmaps
+JOB_FILE = "job.json"
+BATCH_DIR = "batches"
 DISPLAY_SIZE = 256  # overlays are drawn on a crop of the photo at least this large, to be readable
 REPORT_MAX_PATIENTS = 200
 REPORT_THUMB = 160
@@ -117,6 +124,8 @@ def predict_photos(
     explain: bool = False,
     explain_classes: list[str] | None = None,
     report: bool = False,
+    resume: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Predict every patient; write ``predictions.csv`` and ``decisions.csv`` to ``out_dir``.
 
@@ -128,9 +137,18 @@ def predict_photos(
     ``explain_classes``, or for each patient's classes decided positive when it is None.
     ``report`` (implies ``explain``) writes ``report.html``, one card per patient (the first
     :data:`REPORT_MAX_PATIENTS`, so the page stays readable and memory bounded).
+
+    Each batch's results are kept in ``out_dir`` as it finishes; ``resume`` continues a killed
+    run of the same job from its last finished batch (no patient predicted twice, none lost).
+    ``shard`` ``(i, n)`` predicts only the patients whose id hashes to shard ``i`` (from 1) of ``n``, so
+    ``n`` machines split a folder without talking to each other; :mod:`.merge` joins them.
     """
     explain = explain or report
     out = Path(out_dir)
+    if resume and report:
+        raise FundusError("--report is made in one pass; run without --resume (or without --report)")
+    if shard is not None:
+        patients = [p for p in patients if in_shard(p.patient_id, *shard)]
     fitted, source = load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
     if (out / "predictions.csv").exists() and not force:
         raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
@@ -138,17 +156,46 @@ def predict_photos(
     with folder_lock(out, "predictions"):
         if (out / "predictions.csv").exists() and not force:  # again, now that no other run can write here
             raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
-        for leftover in out.glob(f"{STAGING_PREFIX}*"):  # a killed run's: the lock says it is not running
-            remove_owned(leftover, "unfinished predictions")
-        staging = claim_folder(out / f"{STAGING_PREFIX}{os.getpid()}", "unfinished predictions")
-        try:
-            summary = _predict_into(staging, run_dir, patients, batch_size, max_pixels, progress, fitted, source,
-                                    explain, explain_classes, report)
-            _move_in(staging, out)
-        finally:
-            remove_owned(staging, "unfinished predictions")
+        job = _job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard)
+        staging = out / STAGING
+        if resume and (staging / JOB_FILE).is_file():
+            earlier = json.loads((staging / JOB_FILE).read_text(encoding="utf-8"))
+            if earlier != job:
+                differ = sorted(k for k in job if job[k] != earlier.get(k))
+                raise FundusError(f"{out} holds an unfinished run of another job (it differs in {', '.join(differ)}); "
+                                  "run it as it was, or without --resume to start over")
+        else:
+            for leftover in out.glob(f"{STAGING}*"):  # a killed run's: the lock says it is not running
+                remove_owned(leftover, "unfinished predictions")
+        claim_folder(staging, "unfinished predictions")
+        atomic_write_json(staging / JOB_FILE, job)
+        summary = _predict_into(staging, run_dir, patients, batch_size, max_pixels, progress, fitted, source,
+                                explain, explain_classes, report)
+        atomic_write_json(staging / RECORD_FILE, {**job, "predicted": summary["predicted"], "rejected": summary["rejected"]})
+        _move_in(staging, out)
+        remove_owned(staging, "unfinished predictions")
     summary["out_dir"] = str(out)
     return summary
+
+
+def in_shard(patient_id: str, index: int, count: int) -> bool:
+    """Whether ``patient_id`` belongs to shard ``index`` (from 1) of ``count``: by a hash of the id,
+    so the split is the same on every machine whatever order it lists the photos in."""
+    if not 1 <= index <= count:
+        raise FundusError(f"--shard {index}/{count}: need 1 <= i <= n")
+    return int(hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:12], 16) % count == index - 1
+
+
+def _job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard) -> dict:
+    """What decides a prediction run's outputs: a resumed run must be the same job."""
+    listing = hashlib.sha256("\n".join(f"{p.patient_id}\t{p.left}\t{p.right}" for p in patients).encode()).hexdigest()
+    cards = {}
+    for view in run_views(run_dir):
+        card_path = Path(run_dir) / view / CARD_NAME
+        cards[view] = hashlib.sha256(card_path.read_bytes()).hexdigest() if card_path.is_file() else None
+    return {"run": str(Path(run_dir).resolve()), "cards_sha256": cards, "patients": len(patients),
+            "patients_sha256": listing, "batch_size": batch_size, "max_pixels": max_pixels, "thresholds": source,
+            "explain": bool(explain), "explain_classes": explain_classes, "shard": list(shard) if shard else None}
 
 
 def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress, fitted, source, explain,
@@ -164,16 +211,28 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
     cams = {view: GradCam(model) for view, (model, _) in models.items()} if explain else {}
     if explain:
         claim_folder(out / HEATMAP_DIR, "heatmaps")
-    explained: list[list[str]] = []
     stems: dict[str, str] = {}  # heatmap file stem (lower case) -> the patient id that has it
     cards: dict[str, dict] = {}
+    batches = out / BATCH_DIR
+    batches.mkdir(exist_ok=True)
+    done = {int(f.stem) for f in batches.glob("*.json")}  # a resumed run's finished batches
+    for f in sorted(batches.glob("*.json")):
+        stems.update(json.loads(f.read_text(encoding="utf-8"))["stems"])
+    earlier = sum(len(patients[first:first + batch_size]) for first in done)
+    if earlier:
+        print(f"resuming: {earlier} of {len(patients)} patients were predicted before", flush=True)
 
-    results: list[tuple[PatientPhotos, dict | None, str]] = []
     start, images = time.perf_counter(), 0
     bar = tqdm(total=sum((p.left is not None) + (p.right is not None) for p in patients), desc="predict", unit="img",
                disable=None if progress else True)  # None: no bar when not on a terminal
+    bar.update(sum((p.left is not None) + (p.right is not None) for first in done for p in patients[first:first + batch_size]))
     for first in range(0, len(patients), batch_size):
+        if first in done:
+            continue
         chunk = patients[first : first + batch_size]
+        results: list[tuple[PatientPhotos, dict | None, str]] = []
+        explained: list[list[str]] = []
+        before = dict(stems)
         inputs, usable, one_eyed = {v: {"left": [], "right": []} for v in views}, [], []
         for patient in chunk:
             made, reasons = {}, []
@@ -197,6 +256,7 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
             usable.append((patient, sorted(made), "; ".join(reasons)))
             one_eyed.append(len(made) == 1)
         if not usable:
+            _save_batch(batches / f"{first:09d}.json", results, [], {}, views)
             continue
         per_view, per_eye = {}, {}
         for v, (model, _) in models.items():
@@ -214,9 +274,18 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
                 "ensemble": ensemble[k], "views": {v: per_view[v][k] for v in views},
                 "eyes": {(v, eye): per_eye[v][eye][k] for v in views for eye in present},
             }, note))
+        order = {p.patient_id: i for i, p in enumerate(chunk)}  # rejected first above: back to the input's order
+        results.sort(key=lambda r: order[r[0].patient_id])
+        _save_batch(batches / f"{first:09d}.json", results, explained, {k: v for k, v in stems.items() if k not in before},
+                    views)
     bar.close()
     seconds = time.perf_counter() - start
 
+    results, explained = [], []
+    for f in sorted(batches.glob("*.json")):
+        batch_results, batch_explained = _load_batch(f)
+        results += batch_results
+        explained += batch_explained
     ok = [(p, r) for p, r, _ in results if r is not None]
     probs = np.array([r["ensemble"] for _, r in ok]).reshape(-1, len(LABELS))
     if fitted is not None:
@@ -226,6 +295,7 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
     if explain:
         header = ["patient_id", "eye", "class", "probability", "decision", "overlay", "array"]
         atomic_write_text(out / HEATMAP_DIR / "heatmaps.csv", csv_for_people(header, explained))
+    shutil.rmtree(batches)  # inside the staging folder: every batch is in the outputs now
     summary = {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok)}
     if report:
         from .report import write_prediction_report  # matplotlib and the page code only when asked for
@@ -243,10 +313,39 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
                       "models": {view: card for view, (_, card) in models.items()}}
         write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary, provenance)
     return {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok), "images": images,
+            "resumed": earlier,
             "seconds": seconds, "images_per_s": images / seconds if seconds else None, "input_size": size,
             "heatmaps": len(explained),
             "rejections": [(p.patient_id, note) for p, r, note in results if r is None],
             "eyes_rejected": [(p.patient_id, note) for p, r, note in results if r is not None and note]}
+
+
+def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str, str], views) -> None:
+    """One finished batch, written atomically: what a resumed run reads instead of predicting it again."""
+    rows = []
+    for patient, result, note in results:
+        row = {"patient_id": patient.patient_id, "note": note}
+        if result is not None:
+            row.update(ensemble=[float(x) for x in result["ensemble"]],
+                       views={v: [float(x) for x in result["views"][v]] for v in views},
+                       eyes={f"{v}/{eye}": [float(x) for x in p] for (v, eye), p in result["eyes"].items()})
+        rows.append(row)
+    atomic_write_json(path, {"patients": rows, "explained": explained, "stems": stems})
+
+
+def _load_batch(path: Path) -> tuple[list, list[list[str]]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    results = []
+    for row in data["patients"]:
+        patient = PatientPhotos(row["patient_id"], None, None)
+        if "ensemble" not in row:
+            results.append((patient, None, row["note"]))
+            continue
+        results.append((patient, {
+            "ensemble": np.array(row["ensemble"]), "views": {v: np.array(p) for v, p in row["views"].items()},
+            "eyes": {tuple(k.split("/")): np.array(p) for k, p in row["eyes"].items()},
+        }, row["note"]))
+    return results, data["explained"]
 
 
 def _move_in(staging: Path, out: Path) -> None:
