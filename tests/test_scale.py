@@ -88,6 +88,14 @@ def test_the_merge_refuses_a_missing_a_doubled_or_a_foreign_shard(run_and_photos
     with pytest.raises(FundusError, match="another job .* batch_size"):
         merge_predictions([tmp_path / "s1", tmp_path / "other"], tmp_path / "m")
     assert not (tmp_path / "m").exists()
+    script = [sys.executable, str(ROOT / "scripts" / "merge_predictions.py")]
+    missing = subprocess.run([*script, str(tmp_path / "s2"), "--out", str(tmp_path / "m")], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: shard(s) 1/2 missing: give all 2"
+    merged = subprocess.run([*script, str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")],
+                            capture_output=True, text=True, timeout=120)
+    assert merged.returncode == 0, merged.stderr
+    assert "merged 2 shards: 12 of 12 patients predicted, 0 rejected" in merged.stdout
 
 
 def test_a_killed_predict_resumes_without_predicting_a_patient_twice_or_losing_one(run_and_photos, tmp_path):
