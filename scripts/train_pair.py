@@ -85,10 +85,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from fundus_ensemble.cli import import_keras
 
-    import_keras()
+    keras = import_keras()
+    from fundus_ensemble.training.hardware import accelerator_count, cpu_backend_advice
     from fundus_ensemble.training.train import train_pair
 
     config = config_from_args(args)
+    advice = cpu_backend_advice(keras.backend.backend(), accelerator_count(), config.backbone)
+    if advice:
+        print(advice, file=sys.stderr)
     cards = train_pair(args.prep_dir, args.out, config, tuple(args.views), force=args.force, resume=args.resume)
     for view, card in cards.items():
         best = card["best_val"]

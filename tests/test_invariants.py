@@ -191,3 +191,14 @@ def test_training_augments_its_train_batches_only_and_fine_tunes_at_the_lower_ra
         rows = list(csv.DictReader(handle))
     rates = {r["phase"]: float(r["learning_rate"]) for r in rows}
     assert rates == {"train": pytest.approx(2e-3), "fine_tune": pytest.approx(5e-4)}
+
+
+def test_jax_on_a_cpu_with_a_depthwise_backbone_gets_a_note_and_nothing_else_does():
+    """Slips caught: the note for every backend, or on a GPU, or for backbones without depthwise convolutions."""
+    from fundus_ensemble.training.hardware import cpu_backend_advice
+
+    assert "KERAS_BACKEND=tensorflow" in cpu_backend_advice("jax", 0, "efficientnet_lite2")
+    assert cpu_backend_advice("jax", 0, "mobilenet") is not None
+    for backend, accelerators, backbone in (("tensorflow", 0, "efficientnet_b3"), ("jax", 1, "efficientnet_b3"),
+                                            ("jax", 0, "resnet50"), ("torch", 0, "efficientnet_b0")):
+        assert cpu_backend_advice(backend, accelerators, backbone) is None, (backend, accelerators, backbone)

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from ..data.imaging import DEFAULT_MAX_PIXELS, encode_png, make_views, view_to_model_input
 from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
-from ..errors import FundusError, ImageError
+from ..errors import FundusError, ImageError, warn_once
 from ..evaluation.calibration import ClassCalibration, load_calibration_file
 from ..evaluation.ensemble import average_probabilities, exact, load_view_model, predictions_csv, run_views
+from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.train import CARD_NAME
 from ..fileio import (atomic_write_bytes, atomic_write_json, atomic_write_text, claim_folder, csv_for_people,
                       folder_lock, remove_owned)
@@ -207,6 +208,11 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
     if len(sizes) != 1:
         raise FundusError(f"{run_dir}: the view models take different sizes {sorted(sizes)}")
     size = sizes.pop()
+    import keras
+
+    advice = cpu_backend_advice(keras.backend.backend(), accelerator_count(), str(models[views[0]][1].get("backbone", "")))
+    if advice:
+        warn_once(advice)
     thresholds = [_raw_threshold(c) for c in fitted.classes] if fitted is not None else [THRESHOLD] * len(LABELS)
     cams = {view: GradCam(model) for view, (model, _) in models.items()} if explain else {}
     if explain:

@@ -57,6 +57,16 @@ def accelerator_count() -> int:
     return 0
 
 
+def cpu_backend_advice(backend: str, accelerators: int, backbone: str) -> str | None:
+    """A note when JAX runs a depthwise-convolution backbone (EfficientNet, MobileNet) on a CPU:
+    XLA's CPU code for those convolutions is far slower than TensorFlow's CPU kernels (predict
+    with the Lite2 pair: 0.6 against 7.2 images/s, docs/backends.md). None otherwise."""
+    if backend == "jax" and accelerators == 0 and backbone.startswith(("efficientnet", "mobilenet")):
+        return (f"note: {backbone} under JAX on a CPU runs its depthwise convolutions more than 10 times slower than "
+                "under TensorFlow (docs/backends.md); on a CPU, KERAS_BACKEND=tensorflow is the faster choice")
+    return None
+
+
 def resolve_jit_compile(jit_compile: bool | None) -> bool:
     """The ``jit_compile`` for :meth:`keras.Model.compile` (see the module doc)."""
     if keras.backend.backend() == "jax":
