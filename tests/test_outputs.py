@@ -391,10 +391,11 @@ def test_a_probability_is_shown_with_the_digits_that_tell_it_from_its_threshold(
 
 
 def test_heatmaps_are_drawn_inside_the_retina_only():
+    from fundus_ensemble.data.imaging import BORDER_LEVEL
     from fundus_ensemble.inference.explain import overlay
 
     eye = render_eye(EyeSpec(frozenset(), "left", 0), 64)
-    border = eye.max(axis=2) <= 12
+    border = eye.max(axis=2) <= BORDER_LEVEL
     assert border.any() and (~border).any()
     drawn = overlay(eye, np.ones((2, 2), np.float32))
     assert (drawn[border] == eye[border]).all(), "heat painted on the black border"

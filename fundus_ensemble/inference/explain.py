@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from ..data.imaging import BORDER_LEVEL
 from ..errors import FundusError
 from ..labels import INPUT_NAMES
 
@@ -123,14 +124,11 @@ def ensemble_heatmaps(per_view: dict[str, np.ndarray], size: int, weights: dict[
     return (total / sum(weights.values())).astype(np.float32)
 
 
-FOV_LEVEL = 12  # a pixel darker than this in every channel lies outside the retina (crop_to_fov's black border)
-
-
 def overlay(photo_bgr: np.ndarray, heatmap: np.ndarray, strength: float = 0.45) -> np.ndarray:
     """The heatmap ([0, 1]) in the JET colours over a BGR photo, weighted by the heat itself, and
     only inside the retina: the black border around it is no evidence, whatever the coarse map says."""
     heat = cv2.resize(heatmap, photo_bgr.shape[1::-1], interpolation=cv2.INTER_LINEAR)
-    heat = heat * (photo_bgr.max(axis=2) > FOV_LEVEL)
+    heat = heat * (photo_bgr.max(axis=2) > BORDER_LEVEL)  # crop_to_fov's own test for the retina
     colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET).astype(np.float32)
     weight = strength * np.clip(heat, 0, 1)[..., None]
     return np.uint8(np.clip(photo_bgr.astype(np.float32) * (1 - weight) + colour * weight, 0, 255))

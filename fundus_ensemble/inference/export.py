@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import FundusError
 from ..evaluation.ensemble import load_view_model, run_views
-from ..fileio import OWNER_MARK, atomic_write_bytes, atomic_write_json, atomic_write_text, folder_owner
+from ..fileio import OWNER_MARK, atomic_write_bytes, atomic_write_json, claim_folder, folder_owner
 from ..labels import INPUT_NAMES, LABELS
 from ..models.views import ColorView, EqualizedGray, WeightedAverage
 
@@ -82,8 +82,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "t
         saved = Path(work) / "saved_model"
         _save_saved_model(model, saved, info["input_size"])
         if fmt == "saved_model":
-            atomic_write_text(saved / OWNER_MARK, f"made by fundus-ensemble for {SAVED_MODEL_PURPOSE}; "
-                                                  "the project may delete this folder\n")
+            claim_folder(saved, SAVED_MODEL_PURPOSE, adopt_if=("saved_model.pb",))  # the marker, written as every folder's
             if out.exists():  # swap: the old export leaves only once the new one is complete beside it
                 os.replace(out, Path(work) / "old")
             os.replace(saved, out)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import keras
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -29,11 +30,11 @@ from ..data.manifest import check_image_file, check_relative_path, read_csv_rows
 from ..errors import FundusError, ImageError, warn_once
 from ..evaluation.calibration import ClassCalibration, load_calibration_file
 from ..evaluation.ensemble import average_probabilities, exact, load_view_model, predictions_csv, run_views
-from ..training.hardware import accelerator_count, cpu_backend_advice
-from ..training.train import CARD_NAME
 from ..fileio import (atomic_write_bytes, atomic_write_json, atomic_write_text, claim_folder, csv_for_people,
                       folder_lock, remove_owned)
 from ..labels import INPUT_NAMES, LABELS
+from ..training.hardware import accelerator_count, cpu_backend_advice
+from ..training.train import CARD_NAME
 from .explain import GradCam, ensemble_heatmaps, overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -151,11 +152,9 @@ def predict_photos(
     if shard is not None:
         patients = [p for p in patients if in_shard(p.patient_id, *shard)]
     fitted, source = load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
-    if (out / "predictions.csv").exists() and not force:
-        raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
     claim_folder(out, "predictions")
     with folder_lock(out, "predictions"):
-        if (out / "predictions.csv").exists() and not force:  # again, now that no other run can write here
+        if (out / "predictions.csv").exists() and not force:  # under the lock: no other run can write here now
             raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
         job = _job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard)
         staging = out / STAGING
@@ -208,8 +207,6 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
     if len(sizes) != 1:
         raise FundusError(f"{run_dir}: the view models take different sizes {sorted(sizes)}")
     size = sizes.pop()
-    import keras
-
     advice = cpu_backend_advice(keras.backend.backend(), accelerator_count(), str(models[views[0]][1].get("backbone", "")))
     if advice:
         warn_once(advice)
@@ -381,7 +378,7 @@ def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes
 
     ``collect`` receives, per patient, the eye photos and heatmaps a report card shows.
     """
-    decided = np.array([[p > t if np.isfinite(t) else False for p, t in zip(row, thresholds)] for row in ensemble])
+    decided = ensemble > np.asarray(thresholds)  # thresholds are finite: the calibration allows no other
     wanted = [[LABELS.index(c) for c in classes] if classes is not None else list(np.flatnonzero(row)) for row in decided]
     needed = sorted({c for w in wanted for c in w})
     heat = None
