@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
+from .dicom import decode_dicom, is_dicom
 
 # Below this share of the frame a "retina" is noise, a label or a reflection.
 MIN_FOV_FRACTION = 0.05
@@ -33,13 +34,15 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_P
     """Read an image file as 8-bit BGR, upright, or raise :class:`ImageError` with the reason.
 
     Accepts what clinics export: 8/16-bit, grayscale, RGBA (composited on black, the
-    colour of the camera surround). Applies the EXIF orientation, as every image viewer does.
+    colour of the camera surround), and DICOM photos (:mod:`.dicom`), known by their content. Applies the EXIF orientation, as every image viewer does.
     Truncated JPEGs are refused (OpenCV would silently fill the missing part with grey), and
     so are images of more than ``max_pixels`` pixels, from the header, before decoding.
     """
     path = Path(path)
     if path.is_dir():
         raise ImageError("is a folder, not an image file")
+    if is_dicom(path):
+        return decode_dicom(path, max_pixels)
     width_height, orientation = _header(path)
     if max_pixels is not None and width_height and width_height[0] * width_height[1] > max_pixels:
         w, h = width_height

@@ -49,6 +49,7 @@ from ..fileio import (
     sha256_file,
 )
 from ..labels import VIEWS
+from .dicom import is_dicom, read_dicom_header
 from .imaging import DEFAULT_MAX_PIXELS, encode_png, make_views
 from .manifest import Manifest, write_manifest
 
@@ -97,9 +98,14 @@ def view_relative_path(image: str) -> str:
 WORKER_DIED = "the process working on this image died (killed by the system, e.g. out of memory)"
 
 
-def _process_one(task: tuple[str, str, dict[str, str], int, int | None]) -> tuple[str, str | None]:
-    relative, source, targets, size, max_pixels = task
+def _process_one(task: tuple[str, str, dict[str, str], int, int | None, str | None]) -> tuple[str, str | None]:
+    relative, source, targets, size, max_pixels, eye = task
     try:
+        if eye is not None and is_dicom(source):
+            said = read_dicom_header(source).laterality
+            if said is not None and said != eye:
+                return relative, (f"the manifest has it as a {eye} image but its DICOM header (ImageLaterality) "
+                                  f"says the {said} eye")
         for view, image in make_views(source, size, tuple(targets), max_pixels).items():
             atomic_write_bytes(targets[view], encode_png(image))
     except ImageError as exc:
@@ -231,12 +237,18 @@ def preprocess_manifest(
 
     summary = PreprocessSummary(images=len(images), out_dir=str(out))
     todo = []
+    eye_of = {}
+    for p in manifest.patients:
+        for eye in ("left", "right"):
+            image = getattr(p, f"{eye}_image")
+            if image:
+                eye_of[image] = None if eye_of.get(image, eye) != eye else eye  # one file as both eyes: no check
     for img in images:
         source = manifest.image_path(img)
         if same_settings and _is_fresh(source, targets[img]):
             summary.up_to_date += 1
         else:
-            todo.append((img, str(source), targets[img], size, max_pixels))
+            todo.append((img, str(source), targets[img], size, max_pixels, eye_of[img]))
 
     failures: dict[str, str] = {}
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))

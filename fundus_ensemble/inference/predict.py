@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..data.dicom import DICOM_SUFFIXES, DicomHeader, is_dicom, read_dicom_header
 from ..data.imaging import DEFAULT_MAX_PIXELS, encode_png, make_views, view_to_model_input
 from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
 from ..errors import FundusError, ImageError, warn_once
@@ -37,7 +38,7 @@ from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.train import CARD_NAME
 from .explain import GradCam, ensemble_heatmaps, overlay
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", *DICOM_SUFFIXES)
 DEFAULT_PATTERN = r"(?P<id>.+)_(?P<eye>left|right)"
 THRESHOLD = 0.5
 HEATMAP_DIR = "heatmaps"
@@ -61,7 +62,11 @@ class PatientPhotos:
 
 
 def patients_in_folder(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN) -> list[PatientPhotos]:
-    """Pair the photos of a folder by ``pattern`` (a regex on the file stem with groups ``id`` and ``eye``)."""
+    """Pair the photos of a folder by ``pattern`` (a regex on the file stem with groups ``id`` and ``eye``).
+
+    A DICOM photo whose name does not match is paired by its header (PatientID and
+    ImageLaterality); one whose name matches must not contradict its header's laterality.
+    """
     folder = Path(folder)
     try:
         regex = re.compile(pattern, re.IGNORECASE)
@@ -75,6 +80,13 @@ def patients_in_folder(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN
         pid, eye = (match["id"], match["eye"].lower()) if match else (path.stem, "left")
         if eye not in ("left", "right"):
             raise FundusError(f"{path}: --pattern matched eye {match['eye']!r}; expected left or right")
+        header = _dicom_header(path)
+        if header is not None and header.laterality is not None:
+            if match and header.laterality != eye:
+                raise FundusError(f"{path}: its name says the {eye} eye but its DICOM header (ImageLaterality) the "
+                                  f"{header.laterality}; rename it or fix the header")
+            if not match:  # a camera's file: its header says whose and which eye
+                pid, eye = header.patient_id or path.stem, header.laterality
         slot = eyes.setdefault(pid, {})
         if eye in slot:
             raise FundusError(f"{folder}: patient {pid!r} has two {eye} photos ({slot[eye].name} and {path.name})")
@@ -82,6 +94,17 @@ def patients_in_folder(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN
     if not eyes:
         raise FundusError(f"{folder}: no photos ({', '.join(IMAGE_SUFFIXES)})")
     return [PatientPhotos(pid, e.get("left"), e.get("right")) for pid, e in eyes.items()]
+
+
+def _dicom_header(path: Path) -> DicomHeader | None:
+    """The header of a DICOM photo; None for other photos and for a damaged DICOM (whose decoding
+    rejects it later with the reason, as for any unreadable photo)."""
+    if not is_dicom(path):
+        return None
+    try:
+        return read_dicom_header(path)
+    except ImageError:
+        return None
 
 
 def patients_in_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[PatientPhotos]:
@@ -151,7 +174,7 @@ def predict_photos(
         raise FundusError("--report is made in one pass; run without --resume (or without --report)")
     if shard is not None:
         patients = [p for p in patients if in_shard(p.patient_id, *shard)]
-    fitted, source = load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
+    _, source = load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
     claim_folder(out, "predictions")
     with folder_lock(out, "predictions"):
         if (out / "predictions.csv").exists() and not force:  # under the lock: no other run can write here now
@@ -169,7 +192,7 @@ def predict_photos(
                 remove_owned(leftover, "unfinished predictions")
         claim_folder(staging, "unfinished predictions")
         atomic_write_json(staging / JOB_FILE, job)
-        summary = _predict_into(staging, run_dir, patients, batch_size, max_pixels, progress, fitted, source,
+        summary = _predict_into(staging, run_dir, patients, batch_size, max_pixels, progress, calibration,
                                 explain, explain_classes, report)
         atomic_write_json(staging / RECORD_FILE, {**job, "predicted": summary["predicted"], "rejected": summary["rejected"]})
         _move_in(staging, out)
@@ -198,20 +221,108 @@ def _job(run_dir, patients, batch_size, max_pixels, source, explain, explain_cla
             "explain": bool(explain), "explain_classes": explain_classes, "shard": list(shard) if shard else None}
 
 
-def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress, fitted, source, explain,
+class Predictor:
+    """A run's view models, loaded once, with the thresholds its decisions are made against: the
+    one path from photos to decisions, for :func:`predict_photos` and the web app (:mod:`..serve`).
+
+    ``calibration`` is a ``calibration.json`` of ``score.py --calibrate-on`` (None: 0.5 for
+    every class). ``explain`` readies Grad-CAM for :meth:`predict_chunk`'s heatmaps.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, calibration: str | os.PathLike | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, explain: bool = False):
+        self.run_dir = run_dir
+        self.max_pixels = max_pixels
+        self.fitted, self.source = (load_calibration_file(calibration) if calibration is not None
+                                    else (None, "default 0.5"))
+        self.views = run_views(run_dir)
+        self.models = {view: load_view_model(run_dir, view) for view in self.views}
+        sizes = {card["input_size"] for _, card in self.models.values()}
+        if len(sizes) != 1:
+            raise FundusError(f"{run_dir}: the view models take different sizes {sorted(sizes)}")
+        self.size = sizes.pop()
+        advice = cpu_backend_advice(keras.backend.backend(), accelerator_count(),
+                                    str(self.models[self.views[0]][1].get("backbone", "")))
+        if advice:
+            warn_once(advice)
+        self.thresholds = ([_raw_threshold(c) for c in self.fitted.classes] if self.fitted is not None
+                           else [THRESHOLD] * len(LABELS))
+        self.cams = {view: GradCam(model) for view, (model, _) in self.models.items()} if explain else {}
+
+    @property
+    def provenance(self) -> dict:
+        """Which model makes the numbers: the run, whether calibrated, and each view model's card."""
+        return {"run": str(self.run_dir), "calibrated": self.fitted is not None,
+                "models": {view: card for view, (_, card) in self.models.items()}}
+
+    def calibrated(self, ensemble: np.ndarray) -> np.ndarray:
+        """The probabilities predictions.csv holds: the ensemble's, through the calibration if any."""
+        return self.fitted.apply(ensemble) if self.fitted is not None else ensemble
+
+    def predict_chunk(self, chunk: list[PatientPhotos], explain_classes: list[str] | None = None,
+                      heatmap_folder: Path | None = None, stems: dict[str, str] | None = None,
+                      collect: dict | None = None) -> tuple[list, list[list[str]], int]:
+        """One batch of patients: ``(results, heatmap rows, photos read)``.
+
+        ``results`` holds ``(patient, result, note)`` in ``chunk``'s order, ``result`` None for a
+        patient with no usable photo (``note`` says why), else the ensemble's, each view's and each
+        eye's probabilities. With Grad-CAM readied, heatmaps of ``explain_classes`` (None: the
+        classes decided positive) are made: written to ``heatmap_folder`` when given, and with
+        the eyes' photos put in ``collect`` per patient when given.
+        """
+        views, size = self.views, self.size
+        results: list[tuple[PatientPhotos, dict | None, str]] = []
+        explained: list[list[str]] = []
+        images = 0
+        inputs, usable, one_eyed = {v: {"left": [], "right": []} for v in views}, [], []
+        for patient in chunk:
+            made, reasons = {}, []
+            for eye in ("left", "right"):
+                photo = getattr(patient, eye)
+                if photo is None:
+                    continue
+                try:
+                    made[eye] = {v: view_to_model_input(a) for v, a in make_views(photo, size, views, self.max_pixels).items()}
+                except ImageError as exc:
+                    reasons.append(f"{eye}: {exc}")
+                images += 1
+            if not made:
+                results.append((patient, None, "; ".join(reasons) or "no photo"))
+                continue
+            left, right = made.get("left", made.get("right")), made.get("right", made.get("left"))
+            for v in views:
+                inputs[v]["left"].append(left[v])
+                inputs[v]["right"].append(right[v])
+            usable.append((patient, sorted(made), "; ".join(reasons)))
+            one_eyed.append(len(made) == 1)
+        if not usable:
+            return results, explained, images
+        per_view, per_eye = {}, {}
+        for v, (model, _) in self.models.items():
+            left, right = np.stack(inputs[v]["left"]), np.stack(inputs[v]["right"])
+            per_view[v] = _predict(model, left, right)
+            # each eye alone: the same eye in both inputs is exactly that eye's features (max = mean)
+            per_eye[v] = {"left": _predict(model, left, left), "right": _predict(model, right, right)}
+        ensemble = average_probabilities(per_view)
+        if self.cams:
+            explained += _explain_chunk(self.cams, inputs, np.array(one_eyed), usable, ensemble, self.thresholds,
+                                        explain_classes, size, heatmap_folder, self.max_pixels,
+                                        stems if stems is not None else {}, collect)
+        for k, (patient, present, note) in enumerate(usable):
+            results.append((patient, {
+                "ensemble": ensemble[k], "views": {v: per_view[v][k] for v in views},
+                "eyes": {(v, eye): per_eye[v][eye][k] for v in views for eye in present},
+            }, note))
+        order = {id(p): i for i, p in enumerate(chunk)}  # rejected first above: back to the input's order
+        results.sort(key=lambda r: order[id(r[0])])
+        return results, explained, images
+
+
+def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress, calibration, explain,
                   explain_classes, report) -> dict:
     """predict_photos' work, every output written into ``out`` (the staging folder)."""
-    views = run_views(run_dir)
-    models = {view: load_view_model(run_dir, view) for view in views}
-    sizes = {card["input_size"] for _, card in models.values()}
-    if len(sizes) != 1:
-        raise FundusError(f"{run_dir}: the view models take different sizes {sorted(sizes)}")
-    size = sizes.pop()
-    advice = cpu_backend_advice(keras.backend.backend(), accelerator_count(), str(models[views[0]][1].get("backbone", "")))
-    if advice:
-        warn_once(advice)
-    thresholds = [_raw_threshold(c) for c in fitted.classes] if fitted is not None else [THRESHOLD] * len(LABELS)
-    cams = {view: GradCam(model) for view, (model, _) in models.items()} if explain else {}
+    predictor = Predictor(run_dir, calibration, max_pixels, explain)
+    views, thresholds, source = predictor.views, predictor.thresholds, predictor.source
     if explain:
         claim_folder(out / HEATMAP_DIR, "heatmaps")
     stems: dict[str, str] = {}  # heatmap file stem (lower case) -> the patient id that has it
@@ -232,53 +343,12 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
     for first in range(0, len(patients), batch_size):
         if first in done:
             continue
-        chunk = patients[first : first + batch_size]
-        results: list[tuple[PatientPhotos, dict | None, str]] = []
-        explained: list[list[str]] = []
         before = dict(stems)
-        inputs, usable, one_eyed = {v: {"left": [], "right": []} for v in views}, [], []
-        for patient in chunk:
-            made, reasons = {}, []
-            for eye in ("left", "right"):
-                photo = getattr(patient, eye)
-                if photo is None:
-                    continue
-                try:
-                    made[eye] = {v: view_to_model_input(a) for v, a in make_views(photo, size, views, max_pixels).items()}
-                except ImageError as exc:
-                    reasons.append(f"{eye}: {exc}")
-                images += 1
-                bar.update(1)
-            if not made:
-                results.append((patient, None, "; ".join(reasons) or "no photo"))
-                continue
-            left, right = made.get("left", made.get("right")), made.get("right", made.get("left"))
-            for v in views:
-                inputs[v]["left"].append(left[v])
-                inputs[v]["right"].append(right[v])
-            usable.append((patient, sorted(made), "; ".join(reasons)))
-            one_eyed.append(len(made) == 1)
-        if not usable:
-            _save_batch(batches / f"{first:09d}.json", results, [], {}, views)
-            continue
-        per_view, per_eye = {}, {}
-        for v, (model, _) in models.items():
-            left, right = np.stack(inputs[v]["left"]), np.stack(inputs[v]["right"])
-            per_view[v] = _predict(model, left, right)
-            # each eye alone: the same eye in both inputs is exactly that eye's features (max = mean)
-            per_eye[v] = {"left": _predict(model, left, left), "right": _predict(model, right, right)}
-        ensemble = average_probabilities(per_view)
-        if explain:
-            collect = cards if report and len(cards) < REPORT_MAX_PATIENTS else None
-            explained += _explain_chunk(cams, inputs, np.array(one_eyed), usable, ensemble, thresholds, explain_classes,
-                                        size, out / HEATMAP_DIR, max_pixels, stems, collect)
-        for k, (patient, present, note) in enumerate(usable):
-            results.append((patient, {
-                "ensemble": ensemble[k], "views": {v: per_view[v][k] for v in views},
-                "eyes": {(v, eye): per_eye[v][eye][k] for v in views for eye in present},
-            }, note))
-        order = {p.patient_id: i for i, p in enumerate(chunk)}  # rejected first above: back to the input's order
-        results.sort(key=lambda r: order[r[0].patient_id])
+        collect = cards if report and len(cards) < REPORT_MAX_PATIENTS else None
+        results, explained, read = predictor.predict_chunk(patients[first : first + batch_size], explain_classes,
+                                                           out / HEATMAP_DIR, stems, collect)
+        images += read
+        bar.update(read)
         _save_batch(batches / f"{first:09d}.json", results, explained, {k: v for k, v in stems.items() if k not in before},
                     views)
     bar.close()
@@ -291,8 +361,7 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
         explained += batch_explained
     ok = [(p, r) for p, r, _ in results if r is not None]
     probs = np.array([r["ensemble"] for _, r in ok]).reshape(-1, len(LABELS))
-    if fitted is not None:
-        probs = fitted.apply(probs)
+    probs = predictor.calibrated(probs)
     atomic_write_text(out / "predictions.csv", predictions_csv([p.patient_id for p, _ in ok], probs))
     atomic_write_text(out / "decisions.csv", _decisions_csv(results, views, thresholds, source))
     if explain:
@@ -303,24 +372,27 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
     if report:
         from .report import write_prediction_report  # matplotlib and the page code only when asked for
 
-        shown = []
-        for patient, result, note in results:
-            if result is None:
-                shown.append({"patient_id": patient.patient_id, "status": "rejected", "note": note})
-            elif patient.patient_id in cards:
-                probability = [float(v) for v in result["ensemble"]]
-                decision = [p > t for p, t in zip(probability, thresholds)]  # as decisions.csv decides
-                shown.append({"patient_id": patient.patient_id, "status": "ok", "note": note, **cards[patient.patient_id],
-                              "probability": probability, "threshold": list(thresholds), "decision": decision})
-        provenance = {"run": str(run_dir), "calibrated": fitted is not None,
-                      "models": {view: card for view, (_, card) in models.items()}}
-        write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary, provenance)
+        shown = [card_of(patient, result, note, thresholds, cards.get(patient.patient_id))
+                 for patient, result, note in results if result is None or patient.patient_id in cards]
+        write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary, predictor.provenance)
     return {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok), "images": images,
             "resumed": earlier,
-            "seconds": seconds, "images_per_s": images / seconds if seconds else None, "input_size": size,
+            "seconds": seconds, "images_per_s": images / seconds if seconds else None, "input_size": predictor.size,
             "heatmaps": len(explained),
             "rejections": [(p.patient_id, note) for p, r, note in results if r is None],
             "eyes_rejected": [(p.patient_id, note) for p, r, note in results if r is not None and note]}
+
+
+def card_of(patient: PatientPhotos, result: dict | None, note: str, thresholds: list[float],
+            shown: dict | None) -> dict:
+    """What a page shows of one patient (:func:`.report.prediction_cards`): its decisions, and the
+    eyes and heatmaps ``shown`` holds (the ``collect`` of :meth:`Predictor.predict_chunk`)."""
+    if result is None:
+        return {"patient_id": patient.patient_id, "status": "rejected", "note": note}
+    probability = [float(v) for v in result["ensemble"]]
+    decision = [p > t for p, t in zip(probability, thresholds)]  # as decisions.csv decides
+    return {"patient_id": patient.patient_id, "status": "ok", "note": note, **(shown or {"eyes": {}, "heatmaps": {}}),
+            "probability": probability, "threshold": list(thresholds), "decision": decision}
 
 
 def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str, str], views) -> None:
@@ -372,11 +444,12 @@ def _move_in(staging: Path, out: Path) -> None:
             os.replace(staging / name, out / name)
 
 
-def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes, size, folder: Path, max_pixels,
+def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes, size, folder: Path | None, max_pixels,
                    stems: dict[str, str], collect: dict | None = None) -> list[list[str]]:
     """Grad-CAM of one batch of patients, averaged over the view models; writes PNG overlays and .npy arrays.
 
-    ``collect`` receives, per patient, the eye photos and heatmaps a report card shows.
+    ``collect`` receives, per patient, the eye photos and heatmaps a report card shows; with
+    ``folder`` None nothing is written (the web app answers from memory).
     """
     decided = ensemble > np.asarray(thresholds)  # thresholds are finite: the calibration allows no other
     wanted = [[LABELS.index(c) for c in classes] if classes is not None else list(np.flatnonzero(row)) for row in decided]
@@ -400,13 +473,15 @@ def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes
                 card["eyes"][eye] = cv2.resize(photo, (REPORT_THUMB, REPORT_THUMB), interpolation=cv2.INTER_AREA)
             for c in wanted[k]:
                 j = needed.index(c)
+                if card is not None:
+                    card["heatmaps"][(eye, LABELS[c])] = heat[j, k, eye_index]
+                if folder is None:
+                    continue
                 stem = f"{_file_stem(patient.patient_id, stems)}_{eye}_{LABELS[c]}"
                 buffer = io.BytesIO()
                 np.save(buffer, heat[j, k, eye_index])
                 atomic_write_bytes(folder / f"{stem}.npy", buffer.getvalue())
                 atomic_write_bytes(folder / f"{stem}.png", encode_png(overlay(photo, heat[j, k, eye_index])))
-                if card is not None:
-                    card["heatmaps"][(eye, LABELS[c])] = heat[j, k, eye_index]
                 rows.append([patient.patient_id, eye, LABELS[c], f"{ensemble[k, c]:.6f}", str(int(decided[k, c])),
                              f"{stem}.png", f"{stem}.npy"])
     return rows

@@ -71,9 +71,10 @@ def _img(uri: str, alt: str, extra: str = "") -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}" {extra}>'
 
 
-def _page(title: str, sections: list[str]) -> str:
+def page(title: str, sections: list[str], head: str = "") -> str:
+    """A whole self-contained page: the project's style, ``head`` (more ``<head>`` markup), the sections."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style>{head}</head><body>\n"
             f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
 
 
@@ -307,7 +308,7 @@ def write_score_report(run_dir: str | os.PathLike, prep_dir: str | os.PathLike, 
                         "view models, red = most evidence).</p>")
         sections.append(_gallery(run, prep, report["split"], ids, y_true, y_prob, gallery, THRESHOLD))
     out = Path(out_path) if out_path is not None else score / "report.html"
-    atomic_write_text(out, _page(f"fundus-ensemble report: {report['split']} split", sections))
+    atomic_write_text(out, page(f"fundus-ensemble report: {report['split']} split", sections))
     return out
 
 
@@ -351,6 +352,18 @@ def write_prediction_report(cards: list[dict], out_path: str | os.PathLike, sour
     ``heatmaps`` ({(eye, class): [0, 1] array}), ``probability``, ``threshold`` and ``decision``
     (per class lists, absent for a rejected patient).
     """
+    out = Path(out_path)
+    atomic_write_text(out, page("fundus-ensemble: predictions", prediction_sections(cards, source, summary, provenance)))
+    return out
+
+
+def prediction_sections(cards: list[dict], source: str, summary: dict, provenance: dict | None = None,
+                        thumb: int = THUMB) -> list[str]:
+    """The prediction page's body (:func:`write_prediction_report`), for the web app's answer too.
+
+    Each decision cell carries ``data-class``, ``data-probability`` and ``data-decision``, so a
+    program reads the page's decisions as a person does.
+    """
     size = next(iter(provenance["models"].values())).get("input_size") if provenance else None
     coarse = (f" Each heatmap has about {max(1, size // 32)} x {max(1, size // 32)} cells (the backbone's last feature "
               f"map at {size} px): it shows a region, not a lesion's outline; it is drawn inside the retina only."
@@ -372,22 +385,21 @@ def write_prediction_report(cards: list[dict], out_path: str | os.PathLike, sour
             parts.append(f'<div class="case"><b>{pid}</b>: rejected &middot; {html.escape(card["note"])}</div>')
             continue
         images = []
+        img_size = f'style="width:{thumb}px"' if thumb != THUMB else ""
         for eye, photo in card["eyes"].items():
-            thumb = cv2.resize(photo, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
-            images.append(f"<figure>{_img(_image_uri(thumb), f'{raw_id} {eye} eye')}<figcaption>{eye}</figcaption></figure>")
+            small = cv2.resize(photo, (thumb, thumb), interpolation=cv2.INTER_AREA)
+            images.append(f"<figure>{_img(_image_uri(small), f'{raw_id} {eye} eye', img_size)}<figcaption>{eye}</figcaption></figure>")
             for (heat_eye, c), heat in card["heatmaps"].items():
                 if heat_eye == eye:
-                    images.append(f"<figure>{_img(_image_uri(overlay(thumb, heat)), f'{raw_id} {eye} {c} heatmap')}"
+                    images.append(f"<figure>{_img(_image_uri(overlay(small, heat)), f'{raw_id} {eye} {c} heatmap', img_size)}"
                                   f"<figcaption>{eye}, {c}</figcaption></figure>")
         decisions = "".join(
-            f"<td class={'pos' if d else ''}>{c} {probability_text(p, t)} {'&gt;' if d else '&le;'} "
-            f"{probability_text(t, p)}{' &#10003;' if d else ''}</td>"
+            f'<td class="{"pos" if d else ""}" data-class="{c}" data-probability="{p!r}" data-decision="{int(d)}">'
+            f"{c} {probability_text(p, t)} {'&gt;' if d else '&le;'} {probability_text(t, p)}{' &#10003;' if d else ''}</td>"
             for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"]))
         note = f"<br><span class=note>{html.escape(card['note'])}</span>" if card["note"] else ""
-        parts.append(f'<div class="case card"><b>{pid}</b>{note}<div class=photos>{"".join(images)}</div>'
+        parts.append(f'<div class="case card" data-patient="{pid}"><b>{pid}</b>{note}<div class=photos>{"".join(images)}</div>'
                      f"<table><tr><th colspan=8>probability &gt; threshold: decided positive (&#10003;)</th></tr>"
                      f"<tr>{decisions}</tr></table></div>")
-    out = Path(out_path)
-    atomic_write_text(out, _page("fundus-ensemble: predictions", parts))
-    return out
+    return parts
 
