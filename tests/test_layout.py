@@ -7,7 +7,7 @@ import fundus_ensemble
 
 PACKAGE = Path(fundus_ensemble.__file__).parent
 # Lower stages first; the root modules (labels, errors, fileio, metrics) serve every stage.
-STAGES = ("data", "models", "training", "evaluation", "inference")
+STAGES = ("data", "models", "training", "evaluation", "inference", "serve")
 ROOT_SHARED = {"labels", "errors", "fileio", "metrics"}
 
 

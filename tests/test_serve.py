@@ -1,0 +1,249 @@
+"""The screening station (scripts/serve.py): a real server started by the test, its API called
+over HTTP and its page driven in headless Chromium, each answer compared with predict.py's."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from fundus_ensemble.data.dicom import write_dicom_photo
+from fundus_ensemble.data.synthetic import EyeSpec, render_eye
+from fundus_ensemble.labels import LABELS
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "serve.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def photo(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), render_eye(EyeSpec(frozenset({"D"} if seed % 2 else set()), "left", seed), 120))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """An untrained colour + gray pair at 32 px with random heads: the plumbing, not accuracy."""
+    import keras
+
+    from fundus_ensemble.models import build_patient_model
+
+    run = tmp_path_factory.mktemp("run")
+    for k, view in enumerate(("color", "gray_eq")):
+        (run / view).mkdir()
+        keras.utils.set_random_seed(k)
+        model = build_patient_model("mobilenet", 32, None, 0.5)
+        head = [layer for layer in model.layers if layer.get_weights()][-1]
+        head.set_weights([w + np.random.default_rng(k).normal(0, 0.5, w.shape) for w in head.get_weights()])
+        model.save(str(run / view / "model.keras"))
+        (run / view / "card.json").write_text(json.dumps({"view": view, "labels": list(LABELS), "input_size": 32,
+                                                           "backbone": "mobilenet", "train_patients": 0}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1"],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("server did not start in 240 s")
+    yield url, log
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    return {"left": photo(folder / "p1_left.jpg", 1), "right": photo(folder / "p1_right.jpg", 2)}
+
+
+@pytest.fixture(scope="module")
+def predicted(run_dir, photos, tmp_path_factory):
+    """predict.py's decisions for the same photos: what the server must answer."""
+    out = tmp_path_factory.mktemp("predict") / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), str(run_dir), "--left", str(photos["left"]),
+                             "--right", str(photos["right"]), "--id", "p1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return {r["class"]: r for r in csv.DictReader(open(out / "decisions.csv"))}
+
+
+def post(url, files: dict, **data):
+    opened = {k: (Path(v).name, Path(v).read_bytes()) for k, v in files.items()}
+    return httpx.post(f"{url}/predict", files=opened, data=data, timeout=120)
+
+
+def test_the_api_answers_what_predict_answers(server, photos, predicted):
+    url, log = server
+    answer = post(url, photos, patient_id="p1")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert [c["class"] for c in body["classes"]] == list(LABELS) and body["eyes"] == ["left", "right"]
+    for c in body["classes"]:
+        row = predicted[c["class"]]
+        assert c["probability"] == pytest.approx(float(row["probability"]), abs=1e-6)
+        assert c["threshold"] == float(row["threshold"]) and c["decision"] == (row["decision"] == "1")
+    assert {c["decision"] for c in body["classes"]} == {True, False}, "the random heads decide both ways here"
+    assert body["disclaimer"] == "A screening aid, not a diagnosis." and body["model"]["views"]["color"]["input_size"] == 32
+    with_maps = httpx.post(f"{url}/predict?heatmaps=true", timeout=120,
+                           files={k: (Path(v).name, Path(v).read_bytes()) for k, v in photos.items()}).json()
+    positives = sum(c["decision"] for c in with_maps["classes"])
+    assert len(with_maps["heatmaps"]) == 2 * positives and with_maps["heatmaps"][0]["overlay_png"]
+    assert "p1" not in log.read_text(), "no patient data in the log"
+    schema = httpx.get(f"{url}/openapi.json").json()
+    assert "/predict" in schema["paths"] and "/health" in schema["paths"]
+
+
+def test_bad_requests_are_one_line_4xx_and_the_server_stays_up(server, photos, tmp_path):
+    url, _ = server
+    (tmp_path / "broken.jpg").write_bytes(b"not a photo")
+    write_dicom_photo(tmp_path / "r.dcm", cv2.imread(str(photos["right"])), "P", "right", compression="jpeg")
+    (tmp_path / "big.jpg").write_bytes(b"\xff" * 1_200_000)
+    cases = [
+        ({"left": tmp_path / "broken.jpg"}, 422, "not a readable image"),
+        ({}, 422, "no photo"),
+        ({"left": tmp_path / "r.dcm"}, 422, "the left photo is a DICOM of the right eye"),
+        ({"left": tmp_path / "big.jpg"}, 413, "upload too large"),
+    ]
+    for files, status, reason in cases:
+        answer = post(url, files)
+        assert answer.status_code == status and reason in answer.json()["detail"], answer.text
+        assert "\n" not in answer.json()["detail"] and "Traceback" not in answer.text
+    dicom = post(url, {"right": tmp_path / "r.dcm", "left": photos["left"]})
+    assert dicom.status_code == 200 and dicom.json()["eyes"] == ["left", "right"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_another_interface_needs_a_token(run_dir):
+    result = subprocess.run([sys.executable, str(SCRIPT), str(run_dir), "--host", "0.0.0.0"], capture_output=True,
+                            text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "FUNDUS_SERVE_TOKEN"})
+    assert result.returncode == 2 and "give a --token" in result.stderr
+
+
+class SlowPredictor:
+    """Stands in for a Predictor: blocks until released, so the queue can be filled."""
+
+    thresholds, source, views, size = [0.5] * 8, "default 0.5", ("color",), 32
+    provenance = {"run": "r", "calibrated": False, "models": {"color": {"input_size": 32}}}
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def calibrated(self, p):
+        return p
+
+    def predict_chunk(self, chunk, **_):
+        self.release.wait(30)
+        result = {"ensemble": np.full(8, 0.7), "views": {}, "eyes": {("color", "left"): np.full(8, 0.7)}}
+        return [(p, result, "") for p in chunk], [], len(chunk)
+
+
+def test_token_and_a_full_queue(photos):
+    from fastapi.testclient import TestClient
+
+    from fundus_ensemble.serve.app import create_app
+
+    slow = SlowPredictor()
+    client = TestClient(create_app(slow, token="s3cret-token-0123456", queue_size=2, batch_size=1))
+    files = {"left": ("a.jpg", photos["left"].read_bytes())}
+    assert client.post("/predict", files=files).status_code == 401
+    assert client.post("/predict", files=files, headers={"Authorization": "Bearer wrong-token-0123456"}).status_code == 401
+    auth = {"Authorization": "Bearer s3cret-token-0123456"}
+    statuses = []
+    threads = [threading.Thread(target=lambda: statuses.append(client.post("/predict", files=files, headers=auth).status_code))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    slow.release.set()
+    for t in threads:
+        t.join(60)
+    # one in the worker, two queued: the other three are refused at once, then all the rest answered
+    assert sorted(statuses) == [200, 200, 200, 503, 503, 503], statuses
+    assert client.get("/health").json()["answered"] == 3
+
+
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and its driver; installed here when missing (the test command's setup)."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")) and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver",
+                       shell=True, capture_output=True, timeout=900)
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        if os.environ.get("CI"):
+            pytest.fail("no chromium/chromedriver and they could not be installed")
+        pytest.skip("needs chromium and chromedriver (apt install chromium chromium-driver)")
+    return browser, driver
+
+
+def read_page_decisions(driver) -> dict[str, bool]:
+    from selenium.webdriver.common.by import By
+
+    cells = driver.find_elements(By.CSS_SELECTOR, "td[data-class]")
+    return {c.get_attribute("data-class"): c.get_attribute("data-decision") == "1" and "\u2713" in c.text for c in cells}
+
+
+def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, predicted, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    browser, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--window-size=1280,1600", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        url, _ = server
+        driver.get(url + "/")
+        assert "A screening aid, not a diagnosis." in driver.page_source
+        driver.find_element(By.NAME, "left").send_keys(str(photos["left"]))
+        driver.find_element(By.NAME, "right").send_keys(str(photos["right"]))
+        driver.find_element(By.ID, "submit").click()
+        decisions = read_page_decisions(driver)
+        assert decisions == {c: row["decision"] == "1" for c, row in predicted.items()}
+        heatmaps = driver.find_elements(By.CSS_SELECTOR, "img[alt$='heatmap']")
+        assert len(heatmaps) == 2 * sum(decisions.values())
+        if os.environ.get("FUNDUS_SCREENSHOT"):
+            driver.save_screenshot(os.environ["FUNDUS_SCREENSHOT"])
+        driver.get(url + "/")
+        driver.find_element(By.NAME, "left").send_keys(str(photos["left"]))
+        (tmp_path / "bad.jpg").write_bytes(b"x")
+        driver.find_element(By.NAME, "right").send_keys(str(tmp_path / "bad.jpg"))
+        driver.find_element(By.ID, "submit").click()
+        assert "right: not a readable image" in driver.page_source  # one bad eye: predicted from the other, said
+    finally:
+        driver.quit()
