@@ -84,17 +84,22 @@ def _png_b64(bgr) -> str:
     return base64.b64encode(encode_png(bgr)).decode("ascii")
 
 
-def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> dict:
-    """The API's answer for one patient: per class the probability, threshold and decision."""
+def answered_card(predictor, patient_id: str, result: tuple) -> tuple[dict, dict]:
+    """The page's card of one answered request and its outcome; ImageError when no photo was usable."""
     (_, outcome, note), shown = result
     if outcome is None:
         raise ImageError(note)
-    card = card_of(PatientPhotos(patient_id, None, None), outcome, note, predictor.thresholds, shown)
+    return card_of(PatientPhotos(patient_id, None, None), outcome, note, predictor.thresholds, shown), outcome
+
+
+def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> dict:
+    """The API's answer for one patient: per class the probability, threshold and decision."""
+    card, outcome = answered_card(predictor, patient_id, result)
     calibrated = predictor.calibrated(outcome["ensemble"][None])[0]
     classes = [{"class": c, "name": LABEL_NAMES[c], "probability": p, "threshold": t, "decision": bool(d),
                 "calibrated_probability": float(q)}
                for c, p, t, d, q in zip(LABELS, card["probability"], card["threshold"], card["decision"], calibrated)]
-    body = {"patient_id": patient_id, "classes": classes, "eyes": sorted({e for _, e in outcome["eyes"]}), "note": note,
+    body = {"patient_id": patient_id, "classes": classes, "eyes": sorted({e for _, e in outcome["eyes"]}), "note": card["note"],
             "thresholds": predictor.source, "model": _model_summary(predictor), "disclaimer": AID}
     if heatmaps:
         body["heatmaps"] = [{"eye": eye, "class": c, "overlay_png": _png_b64(overlay(card["eyes"][eye], heat))}
@@ -213,9 +218,7 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
     @app.post("/", response_class=HTMLResponse)
     async def form_answer(request: Request):
         try:
-            patient_id, ((_, outcome, note), shown) = await predict_upload(request)
-            if outcome is None:
-                raise ImageError(note)
+            card, _ = answered_card(predictor, *await predict_upload(request))
         except _Refused as exc:
             return HTMLResponse(_page(predictor, token is not None, error=exc.reason), status_code=exc.status)
         except FundusError as exc:
@@ -224,7 +227,6 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
             log.error("prediction failed: %s", type(exc).__name__)
             return HTMLResponse(_page(predictor, token is not None, error="internal error while predicting"),
                                 status_code=500)
-        card = card_of(PatientPhotos(patient_id, None, None), outcome, note, predictor.thresholds, shown)
         summary = {"patients": 1, "predicted": 1, "rejected": 0}
         return HTMLResponse(_page(predictor, token is not None,
                                   result=prediction_sections([card], predictor.source, summary, predictor.provenance,
