@@ -207,6 +207,19 @@ def chromium() -> tuple[str, str]:
     return browser, driver
 
 
+def submit_and_wait(driver, timeout: float = 180) -> None:
+    """Click the form's submit and wait for the answer page: the click returns before the browser
+    has left the page, so reading at once reads the old page (CI saw an empty table)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old_page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.ID, "submit").click()
+    WebDriverWait(driver, timeout).until(expected_conditions.staleness_of(old_page))
+    WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def read_page_decisions(driver) -> dict[str, bool]:
     from selenium.webdriver.common.by import By
 
@@ -227,14 +240,15 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
-        url, _ = server
+        url, log = server
         driver.get(url + "/")
         assert "A screening aid, not a diagnosis." in driver.page_source
         driver.find_element(By.NAME, "left").send_keys(str(photos["left"]))
         driver.find_element(By.NAME, "right").send_keys(str(photos["right"]))
-        driver.find_element(By.ID, "submit").click()
+        submit_and_wait(driver)
         decisions = read_page_decisions(driver)
-        assert decisions == {c: row["decision"] == "1" for c, row in predicted.items()}
+        assert decisions == {c: row["decision"] == "1" for c, row in predicted.items()}, (
+            f"the page said: {driver.find_element(By.TAG_NAME, 'body').text[:800]!r}; server log: {log.read_text()[-1500:]}")
         heatmaps = driver.find_elements(By.CSS_SELECTOR, "img[alt$='heatmap']")
         assert len(heatmaps) == 2 * sum(decisions.values())
         if os.environ.get("FUNDUS_SCREENSHOT"):
@@ -243,7 +257,7 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
         driver.find_element(By.NAME, "left").send_keys(str(photos["left"]))
         (tmp_path / "bad.jpg").write_bytes(b"x")
         driver.find_element(By.NAME, "right").send_keys(str(tmp_path / "bad.jpg"))
-        driver.find_element(By.ID, "submit").click()
+        submit_and_wait(driver)
         assert "right: not a readable image" in driver.page_source  # one bad eye: predicted from the other, said
     finally:
         driver.quit()
