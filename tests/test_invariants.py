@@ -202,3 +202,26 @@ def test_jax_on_a_cpu_with_a_depthwise_backbone_gets_a_note_and_nothing_else_doe
     for backend, accelerators, backbone in (("tensorflow", 0, "efficientnet_b3"), ("jax", 1, "efficientnet_b3"),
                                             ("jax", 0, "resnet50"), ("torch", 0, "efficientnet_b0")):
         assert cpu_backend_advice(backend, accelerators, backbone) is None, (backend, accelerators, backbone)
+
+
+def test_each_patient_gets_its_own_flips_whatever_the_worker_or_process(view_manifest):
+    """Slips caught: seeding every transform alike (albumentations' Compose.set_random_seed gives each
+    transform the same stream, so the two flips always agree and a mirror never comes alone); a
+    process's rows drawn from another place in the batch than the single process draws them."""
+    from fundus_ensemble.data.augment import training_augmentation
+    from fundus_ensemble.data.batches import PatientBatches
+
+    image = np.arange(48, dtype=np.float32).reshape(4, 4, 3)
+    outcomes = {"none": image, "h": image[:, ::-1], "v": image[::-1], "hv": image[::-1, ::-1]}
+    batches = PatientBatches(view_manifest, 48, 8, training_augmentation(0, seed=5), shuffle=True, seed=5)
+    seen = []
+    for index in range(4):
+        for row in range(8):
+            out = batches._augmenter(index, row)(image=image)["image"]
+            seen.append(next(name for name, want in outcomes.items() if np.array_equal(out, want)))
+    assert set(seen) == set(outcomes), seen  # a horizontal or a vertical mirror alone, too
+    whole = [b[0]["left_eye"] for b in (batches[0], batches[1])]
+    for process in (0, 1):
+        batches.shard(process, 2)
+        for index in (0, 1):
+            np.testing.assert_array_equal(batches[index][0]["left_eye"], whole[index][4 * process: 4 * process + 4])

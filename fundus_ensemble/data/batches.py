@@ -7,8 +7,14 @@ A patient with one eye gets that eye in both inputs (see :mod:`.models.patient_c
 
 Batches may be made by several threads at once (``workers``, Keras's ``PyDataset`` workers):
 threads, not processes, so the decoded images are held once, and OpenCV, which does the
-work, runs outside Python's lock. Each batch's augmentation draws from its own seed
-(the run's seed, the epoch, the batch), so a run is the same whatever the number of workers.
+work, runs outside Python's lock. Each epoch's order comes from the run's seed and the epoch,
+and each patient's augmentation from its own seed (the run's seed, the epoch, the batch, its
+place in the batch), so a run is the same whatever the number of workers, whichever process
+of a multi-process run makes which rows, and whether it was resumed.
+
+In a run over several processes each process makes its share of every batch
+(:meth:`_FixedShapeBatches.shard`): the same global batches in the same order, split in
+contiguous rows, which Keras puts together again as one global batch.
 
 Every batch has the same shape: a batch of another size makes TensorFlow retrace the step
 (over a minute for B3 on two CPU cores). Training therefore drops the ragged last batch (it
@@ -21,6 +27,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import math
+import random
 import sys
 import threading
 
@@ -105,34 +112,59 @@ class _FixedShapeBatches(keras.utils.PyDataset):
         self.augment = augment
         self.shuffle = shuffle
         self.seed = seed
-        self._epoch = 0
         self._local = threading.local()  # one copy of the augmentation per worker thread
-        self._rng = np.random.default_rng(seed)
-        self._order = self._rng.permutation(n_items) if shuffle else np.arange(n_items)
+        self.process_index, self.process_count = 0, 1
+        self.set_epoch(0)
+
+    def shard(self, process_index: int, process_count: int) -> None:
+        """Make only process ``process_index``'s rows of every batch (``batch_size / process_count``
+        contiguous rows; the order, shuffling and augmentation stay the global batch's)."""
+        if self.batch_size % process_count or not 0 <= process_index < process_count:
+            raise ValueError(f"batches of {self.batch_size} cannot be split into {process_count} equal shares "
+                             f"(process {process_index})")
+        self.process_index, self.process_count = process_index, process_count
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.process_count
 
     def __len__(self) -> int:
         if self.ragged_last == "drop":
             return self.n_items // self.batch_size
         return math.ceil(self.n_items / self.batch_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the batches of epoch ``epoch`` (from 0). Their order and augmentation depend on the
+        seed and the epoch alone, so a resumed run makes what the uninterrupted run made."""
+        self._epoch = epoch
+        self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_items) if self.shuffle \
+            else np.arange(self.n_items)
+
     def on_epoch_end(self) -> None:
-        self._epoch += 1
-        if self.shuffle:
-            self._order = self._rng.permutation(self.n_items)
+        self.set_epoch(self._epoch + 1)
 
     def _batch_items(self, index: int) -> np.ndarray:
-        """Item indices of batch ``index``, the last one padded by repeating its last item."""
+        """Item indices of this process's rows of batch ``index``, the last batch padded by
+        repeating its last item."""
         items = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        return np.concatenate([items, np.repeat(items[-1:], self.batch_size - len(items))])
+        items = np.concatenate([items, np.repeat(items[-1:], self.batch_size - len(items))])
+        first = self.process_index * self.local_batch_size
+        return items[first : first + self.local_batch_size]
 
-    def _augmenter(self, index: int) -> A.Compose | None:
-        """This thread's augmentation, seeded for batch ``index`` of the current epoch."""
+    def _augmenter(self, index: int, row: int) -> A.Compose | None:
+        """This thread's augmentation, seeded for row ``row`` (of this process's rows) of batch
+        ``index`` of the current epoch."""
         if self.augment is None:
             return None
         compose = getattr(self._local, "compose", None)
         if compose is None:
             compose = self._local.compose = copy.deepcopy(self.augment)
-        compose.set_random_seed(int(np.random.SeedSequence([self.seed, self._epoch, index]).generate_state(1)[0]))
+        place = self.process_index * self.local_batch_size + row
+        seed = int(np.random.SeedSequence([self.seed, self._epoch, index, place]).generate_state(1)[0])
+        # One generator pair shared by all the transforms: Compose.set_random_seed gives each
+        # transform its own generators from the same seed, so equal draws (the two flips' coins)
+        # come out equal and a mirror never happens without the other flip.
+        compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
         return compose
 
     @staticmethod
@@ -165,12 +197,12 @@ class PatientBatches(_FixedShapeBatches):
 
     def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         rows = self._batch_items(index)
-        augmenter = self._augmenter(index)
         batch = {name: np.empty((len(rows), self.size, self.size, 3), np.float32) for name in INPUT_NAMES}
         for k, row in enumerate(rows):
             patient = self.manifest.patients[row]
             left = patient.left_image or patient.right_image
             right = patient.right_image or patient.left_image
+            augmenter = self._augmenter(index, k)
             for name, relative in zip(INPUT_NAMES, (left, right)):
                 batch[name][k] = self._augmented(self._image(relative), augmenter)
         if self.eye_labels is not None:
@@ -249,10 +281,9 @@ class EyeBatches(_FixedShapeBatches):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         items = self._batch_items(index)
-        augmenter = self._augmenter(index)
         images = np.empty((len(items), self.size, self.size, 3), np.float32)
         for k, item in enumerate(items):
-            images[k] = self._augmented(self._image(self.eyes[item]), augmenter)
+            images[k] = self._augmented(self._image(self.eyes[item]), self._augmenter(index, k))
         return images, self.patient_labels[self.eye_patient[items]]
 
 
