@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="XLA under TensorFlow (auto: on for a GPU); JAX always compiles")
     hw.add_argument("--devices", type=int, default=d.devices,
                     help="data-parallel devices of this machine; the global --batch-size is split across them")
+    mp = p.add_argument_group("several processes or hosts, data-parallel (KERAS_BACKEND=jax; docs/backends.md)")
+    mp.add_argument("--num-processes", type=int, default=None,
+                    help="processes in the job, each running this command (default: $KERAS_DISTRIBUTION_NUM_PROCESSES, else 1)")
+    mp.add_argument("--process-id", type=int, default=None,
+                    help="this process's number, 0 to N-1; 0 writes the run (default: $KERAS_DISTRIBUTION_PROCESS_ID)")
+    mp.add_argument("--coordinator", default=None,
+                    help="HOST:PORT of process 0, the same for all (default: $KERAS_DISTRIBUTION_JOB_ADDRESSES)")
+    mp.add_argument("--heartbeat-timeout", type=int, default=30,
+                    help="seconds a process may go silent before the others end the job (a killed or lost process)")
     return p
 
 
@@ -86,6 +95,10 @@ def main(argv=None):
     from fundus_ensemble.cli import import_keras
 
     keras = import_keras()
+    from fundus_ensemble.training import distributed
+
+    distributed.initialize(distributed.process_group(args.num_processes, args.process_id, args.coordinator,
+                                                     args.heartbeat_timeout))
     from fundus_ensemble.training.hardware import accelerator_count, cpu_backend_advice
     from fundus_ensemble.training.train import train_pair
 
@@ -94,6 +107,8 @@ def main(argv=None):
     if advice:
         print(advice, file=sys.stderr)
     cards = train_pair(args.prep_dir, args.out, config, tuple(args.views), force=args.force, resume=args.resume)
+    if not distributed.is_chief():
+        return
     for view, card in cards.items():
         best = card["best_val"]
         print(f"{view}: best val final_score {best['val_final_score']:.4f} at epoch {best['epoch']} -> {args.out}/{view}/model.keras")

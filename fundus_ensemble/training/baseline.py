@@ -60,7 +60,7 @@ def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike
         print(f"[baseline] {len(train_eyes.eyes)} train eyes / {len(val_eyes.eyes)} val eyes, "
               f"{config.backbone} at {config.size} px, {epochs} epochs at lr {learning_rate:g}", flush=True)
         history = model.fit(
-            train_eyes, validation_data=val_eyes, epochs=epochs, verbose=0,
+            train_eyes, validation_data=val_eyes, epochs=epochs, verbose=0, shuffle=False,  # the batches shuffle themselves
             callbacks=[
                 FastMalloc(),
                 EpochProgress("[baseline]", epochs, len(train_eyes)),

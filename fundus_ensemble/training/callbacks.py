@@ -13,8 +13,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ..data.batches import PatientBatches, predict_batches
+from ..data.batches import PatientBatches
 from ..metrics import odir_score
+from . import distributed
 
 
 class ValidationScore(keras.callbacks.Callback):
@@ -34,7 +35,7 @@ class ValidationScore(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None:
             return
-        probs = predict_batches(self.model, self.batches)
+        probs = distributed.predict(self.model, self.batches)  # every process gets every patient's
         logs["val_loss"] = float(keras.ops.convert_to_numpy(self.loss(self.labels, probs)))
         if not np.isfinite(probs).all():  # diverged: let TerminateOnNaN and the trainer report it
             logs.update(val_kappa=float("nan"), val_f1=float("nan"), val_auc=float("nan"), val_final_score=float("nan"))
@@ -44,6 +45,25 @@ class ValidationScore(keras.callbacks.Callback):
             return
         score = odir_score(self.labels, probs)
         logs.update(val_kappa=score["kappa"], val_f1=score["f1"], val_auc=score["auc"], val_final_score=score["final"])
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """At each epoch's start, put the training batches at that epoch and seed the model's random
+    layers (dropout) from the run's seed and the epoch number: what an epoch draws does not
+    depend on the epochs run before it in this process, so a resumed run (whose dropout seeds
+    Keras does not save) continues exactly as the uninterrupted run would have."""
+
+    def __init__(self, batches, seed: int):
+        super().__init__()
+        self.batches, self.seed = batches, seed
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.batches.set_epoch(epoch)
+        generators = [g for layer in self.model._flatten_layers(include_self=True, recursive=True)
+                      for g in getattr(layer, "_seed_generators", [])]
+        for k, generator in enumerate(generators):
+            seed = int(np.random.SeedSequence([self.seed, epoch, k]).generate_state(1)[0]) >> 1  # fits int32
+            generator.state.assign(np.array([seed, 0]).astype(generator.state.dtype))
 
 
 class RecalibrateBatchNorm(keras.callbacks.Callback):
@@ -78,8 +98,8 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
             for step in range(self.steps):
                 for layer in layers:  # a running mean: batch k gets weight 1/k
                     layer.momentum = step / (step + 1)
-                inputs, _ = self.batches[step]
-                self.model(inputs, training=True)  # eager: reads the momentum set above
+                inputs, _ = self.batches[step]  # this process's rows: the statistics are the global batch's
+                self.model(distributed.to_global(inputs), training=True)  # eager: reads the momentum set above
         finally:
             for layer, momentum in zip(layers, saved):
                 layer.momentum = momentum

@@ -23,6 +23,7 @@ from ..data.manifest import Manifest
 from ..fileio import atomic_write_json
 from ..labels import INPUT_NAMES
 from ..models.patient_classifier import SplitEyes
+from . import distributed
 
 FEATURES_FORMAT = "fundus-ensemble frozen features 1"
 
@@ -37,10 +38,8 @@ def pair_encoder(encoder: keras.Model, size: int) -> keras.Model:
 def eye_features(encoder: keras.Model, manifest: Manifest, size: int, batch_size: int, cache: bool = False,
                  flip: bool = False) -> np.ndarray:
     """Pooled features ``(patients, 2, F)`` of every patient's two eyes (a one-eyed patient's eye twice)."""
-    from ..data.batches import predict_batches
-
     batches = PatientBatches(manifest, size, batch_size, FLIP if flip else None, cache=cache)
-    return predict_batches(pair_encoder(encoder, size), batches).astype(np.float32)
+    return distributed.predict(pair_encoder(encoder, size), batches).astype(np.float32)
 
 
 def features_key(manifest: Manifest, backbone: str, size: int, weights: str | None) -> str:
@@ -67,6 +66,8 @@ def cached_eye_features(path: str | os.PathLike, encoder: keras.Model, manifest:
         except (OSError, ValueError):
             pass
     features = eye_features(encoder, manifest, size, batch_size, cache=cache)
+    if not distributed.is_chief():  # every process has them; process 0 keeps them
+        return features
     tmp = path.with_name(f".{path.stem}.tmp.npy")
     np.save(tmp, features)
     os.replace(tmp, path)

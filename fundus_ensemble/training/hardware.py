@@ -8,9 +8,8 @@ the same options on every Keras backend.
   on for a GPU, off on the CPU, where it was not faster; docs/results-history.md has the numbers).
 - devices: one process driving N devices of one machine, data-parallel, with the global
   batch split across them: ``keras.distribution.DataParallel`` under JAX,
-  ``tf.distribute.MirroredStrategy`` under TensorFlow. Several machines use each engine's own
-  launch (``jax.distributed.initialize`` before this; ``MultiWorkerMirroredStrategy`` with
-  ``TF_CONFIG``), see README.
+  ``tf.distribute.MirroredStrategy`` under TensorFlow. A run over several processes (hosts)
+  uses every device of every process, under JAX (:mod:`.distributed`).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 import keras
 
 from ..errors import FundusError
+from .distributed import process_count
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -100,6 +100,10 @@ def data_parallel(devices: int, batch_size: int) -> Iterator[None]:
     ``batch_size / devices`` patients of every batch; ``devices`` 1 changes nothing."""
     if devices < 1:
         raise FundusError(f"--devices must be at least 1, got {devices}")
+    if process_count() > 1:
+        with _every_process(devices, batch_size):
+            yield
+        return
     if devices == 1:
         yield
         return
@@ -119,6 +123,27 @@ def data_parallel(devices: int, batch_size: int) -> Iterator[None]:
 
         with tf.distribute.MirroredStrategy([d.name for d in found]).scope():
             yield
+
+
+@contextlib.contextmanager
+def _every_process(devices: int, batch_size: int) -> Iterator[None]:
+    """Data-parallel over every device of every process of a multi-process run (JAX)."""
+    import jax
+
+    found = jax.devices()
+    if devices not in (1, len(found)):
+        raise FundusError(f"--devices {devices}: a run over {process_count()} processes uses all their {len(found)} "
+                          "devices; leave --devices at 1")
+    if batch_size % len(found):
+        raise FundusError(f"--batch-size {batch_size} does not split over the {len(found)} devices of {process_count()} "
+                          f"processes; choose a multiple of {len(found)}")
+    previous = keras.distribution.distribution()
+    # each process makes its own rows of every batch (distributed.shard), so Keras must not shard again
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=found, auto_shard_dataset=False))
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
 
 
 def synchronize_batch_norm(model: keras.Model, devices: int) -> None:

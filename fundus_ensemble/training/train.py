@@ -50,6 +50,7 @@ from ..models.losses import AsymmetricLoss, MaskedBinaryCrossentropy, WeightedBi
 from ..models.patient_classifier import patient_output_only
 from .callbacks import (
     EpochProgress,
+    EpochSeeds,
     HistoryLog,
     RecalibrateBatchNorm,
     TensorBoardScalars,
@@ -57,6 +58,7 @@ from .callbacks import (
     cosine_learning_rate,
     read_history,
 )
+from . import distributed
 from .config import TrainConfig
 from .features import head_model, split_features
 from .hardware import data_parallel, precision, resolve_jit_compile, synchronize_batch_norm
@@ -109,23 +111,63 @@ def _git_commit() -> str | None:
 
 
 def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, config: TrainConfig, best: float | None, phase: str) -> list:
-    return [
+    chief = distributed.is_chief()  # in a multi-process run only process 0 writes; every process decides alike
+    backup = str(out / f"backup_{phase}")
+    callbacks = [
         FastMalloc(),
+        EpochSeeds(train, config.seed),
         RecalibrateBatchNorm(train, config.bn_recalibration_patients),  # before anything evaluates or saves
         ValidationScore(val, loss),  # before the callbacks that read what it adds
-        EpochProgress(f"[{out.name}]", config.epochs + config.fine_tune_epochs, len(train)),
+        EpochProgress(f"[{out.name}]", config.epochs + config.fine_tune_epochs, len(train)) if chief else None,
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(
+        ChiefCheckpoint(
             str(out / BEST_WEIGHTS), monitor="val_final_score", mode="max",
             save_best_only=True, save_weights_only=True, initial_value_threshold=best,
-        ),
+        ) if chief else None,
         _schedule(config),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, verbose=1),
-        HistoryLog(out / HISTORY, phase),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, verbose=1 if chief else 0),
+        HistoryLog(out / HISTORY, phase) if chief else None,
         # after the CSV row: a kill between the two repeats that row, which resuming drops
-        keras.callbacks.BackupAndRestore(str(out / f"backup_{phase}"), double_checkpoint=True),
-        TensorBoardScalars(out / "tensorboard"),
+        ChiefBackup(backup, double_checkpoint=True) if chief else RestoreOnly(backup, double_checkpoint=True),
+        TensorBoardScalars(out / "tensorboard") if chief else None,
+        EpochBarrier(),  # last: no process reads what process 0 writes at this epoch's end before it is written
     ]
+    return [c for c in callbacks if c is not None]
+
+
+class ChiefCheckpoint(keras.callbacks.ModelCheckpoint):
+    def _save_model(self, *args, **kwargs):
+        with distributed.local_writes():
+            super()._save_model(*args, **kwargs)
+
+
+class ChiefBackup(keras.callbacks.BackupAndRestore):
+    def _save_model(self, *args, **kwargs):
+        with distributed.local_writes():
+            super()._save_model(*args, **kwargs)
+
+
+class RestoreOnly(keras.callbacks.BackupAndRestore):
+    """The other processes of a multi-process run: restore from process 0's backup, never write or delete it."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass
+
+
+class EpochBarrier(keras.callbacks.Callback):
+    """Every process waits at each epoch's end (and the fit's) until all are there."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        distributed.barrier(f"epoch end {epoch}")
+
+    def on_train_end(self, logs=None):
+        distributed.barrier("fit end")
 
 
 def _schedule(config: TrainConfig) -> keras.callbacks.Callback:
@@ -190,15 +232,20 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
     first = json.loads(metadata.read_text())["epoch"] if metadata.is_file() else start
     if first > start:
         print(f"resuming phase {phase!r} at epoch {first + 1}", flush=True)
-    kept = _keep_history_of_first(out / HISTORY, first)
+    kept = _keep_history_of_first(out / HISTORY, first) if distributed.is_chief() else read_history(out / HISTORY)
+    distributed.barrier(f"history kept {phase}")
     scores = [float(r["val_final_score"]) for r in kept if r.get("val_final_score")]
     best = max(scores) if scores and (out / BEST_WEIGHTS).is_file() else None
+    train.set_epoch(first)  # its order and augmentation, before Keras asks for a batch
     # BackupAndRestore sets this on restore and Keras (3.15) never clears it: a later fit in
     # the same process would start at the restored epoch of an earlier phase.
     model._initial_epoch = None
     history = model.fit(
         train, initial_epoch=start, epochs=stop, callbacks=_callbacks(out, train, val, loss, config, best, phase),
         verbose=0,  # EpochProgress prints one line per epoch instead
+        # The batches shuffle themselves, by seed and epoch; Keras' shuffle would reorder them again
+        # from Python's global random state, which a resumed run does not have.
+        shuffle=False,
     )
     check_finite_history(history)
     return first + len(history.history.get("loss", []))
@@ -228,7 +275,8 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
             end, features_s = _fit_head_on_features(model, out, view, train, val, loss, config, jit)
         else:
             end, features_s = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs), 0.0
-        atomic_write_json(out / STATE, {"phase1_end": end, "features_s": round(features_s, 2)})
+        if distributed.is_chief():
+            atomic_write_json(out / STATE, {"phase1_end": end, "features_s": round(features_s, 2)})
 
     if config.fine_tune_epochs > 0:
         model.load_weights(str(out / BEST_WEIGHTS))
@@ -240,6 +288,7 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
         elif config.schedule == "plateau":  # same trainable set: keep the compiled step (a minute or more to trace)
             model.optimizer.learning_rate.assign(min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
         end = _fit_phase(model, "fine_tune", out, train_batches, val_batches, loss, config, end, end + config.fine_tune_epochs)
+    distributed.check_replicas_agree(model, f"[{view}]")
     return end
 
 
@@ -274,10 +323,15 @@ def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, 
     head.compile(keras.optimizers.Adam(config.learning_rate), loss=loss, jit_compile=jit)
     train_batches = FeatureBatches(features["train"], train.label_matrix(), config.batch_size, shuffle=True,
                                    seed=config.seed, ragged_last="drop")
+    distributed.shard(train_batches)
     val_batches = FeatureBatches(features["val"], val.label_matrix(), config.batch_size)
     end = _fit_phase(head, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
     head.load_weights(str(out / BEST_WEIGHTS))  # the best head, into the patient model's shared layers
-    model.save_weights(str(out / BEST_WEIGHTS))
+    distributed.barrier("best head read")  # before process 0 overwrites the file
+    if distributed.is_chief():
+        with distributed.local_writes():
+            model.save_weights(str(out / BEST_WEIGHTS))
+    distributed.barrier("best model written")
     return end, features_s
 
 
@@ -309,7 +363,8 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     manifest_path = view_dir / "manifest.csv"
     manifest = load_manifest(manifest_path)
     train, val = manifest.select("train"), manifest.select("val")
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_chief():
+        out.mkdir(parents=True, exist_ok=True)
     state = json.loads((out / STATE).read_text()) if resume and (out / STATE).is_file() else {}
 
     keras.utils.set_random_seed(config.seed)
@@ -319,12 +374,16 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
         shuffle=True, seed=config.seed, cache=config.cache_images, ragged_last="drop", workers=config.workers,
         eye_labels=config.eye_head_weight > 0,
     )
+    distributed.shard(train_batches)
     if train_batches.eye_labels is not None and (train_batches.eye_labels < 0).all():
         raise FundusError(f"eye_head_weight {config.eye_head_weight} needs per-eye keywords, but no training patient in "
                           f"{manifest_path} has left_keywords/right_keywords")
     val_batches = PatientBatches(val, config.size, config.batch_size, cache=config.cache_images, workers=config.workers)
     with data_parallel(config.devices, config.batch_size), precision(config.precision):
         end = _train_phases(out, view, config, state, train, val, train_batches, val_batches, loss)
+    if not distributed.is_chief():  # process 0 saves the model and its card
+        distributed.barrier(f"{view} saved")
+        return json.loads((out / CARD_NAME).read_text())
 
     # A fresh, never-compiled model carries no optimizer state into the saved file.
     final = build_patient_model(config.backbone, config.size, None, config.dropout, eye_head=config.eye_head_weight > 0)
@@ -351,6 +410,7 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
         "train_patients": len(train),
         "val_patients": len(val),
         "epochs_run": end,
+        "processes": distributed.process_count(),
         "best_val": _best_history_row(out / HISTORY),
         "train_wall_s": round(train_seconds, 1),
         "train_images_per_s": round(images / train_seconds, 2) if train_seconds else None,
@@ -361,6 +421,7 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     atomic_write_json(out / CARD_NAME, card)
     # model.keras now holds the best weights; this copy (with optimizer state) only served resuming
     (out / BEST_WEIGHTS).unlink(missing_ok=True)
+    distributed.barrier(f"{view} saved")
     return card
 
 
@@ -429,23 +490,29 @@ def train_pair(
     refuse_overlap(out, {"preprocessed views": prep})
     used = [str(out / v) for v in views if (out / v).is_dir() and any((out / v).iterdir())]
     created = not out.exists()
-    claim_folder(out, "a training run", adopt_if=RUN_FILES)
-    if used and force:
+    chief = distributed.is_chief()
+    distributed.barrier("run folder seen")  # by every process before process 0 claims it
+    if chief:
+        claim_folder(out, "a training run", adopt_if=RUN_FILES)
+    if used and force and chief:
         for view in views:
             claim_folder(out / view, f"the {view} model", adopt_if=RUN_FILES)  # runs from before ownership marks
             remove_owned(out / view, f"the {view} model")
-    elif used and not resume:
+    elif used and not (resume or force):
         raise FundusError(
             f"{out} already holds a run ({', '.join(used)}); pass --resume to continue it, "
             "--force to delete it and start over, or choose a new --out"
         )
-    for view in views:
-        claim_folder(out / view, f"the {view} model", adopt_if=RUN_FILES)
+    if chief:
+        for view in views:
+            claim_folder(out / view, f"the {view} model", adopt_if=RUN_FILES)
+    distributed.barrier("run folder claimed")
     try:
         cards = {view: train_view(prep / view, out / view, config, view, resume=resume) for view in views}
     except BaseException:
-        if created and not any(out.rglob(HISTORY)):  # failed before any epoch: leave nothing a retry trips over
+        if chief and created and not any(out.rglob(HISTORY)):  # failed before any epoch: leave nothing a retry trips over
             remove_owned(out, "a training run")
         raise
-    atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
+    if chief:
+        atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
     return cards
