@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--no-frozen-features", action="store_true",
                     help="phase 1 on augmented images through the frozen backbone, instead of features computed once")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-cache", action="store_true", help="decode images every epoch instead of keeping them in memory")
+    p.add_argument("--cache", choices=["auto", "on", "off"], default="auto",
+                   help="keep the decoded views in memory (on), decode them from disk for every batch (off), or keep them "
+                        "when they take at most half the available memory (auto)")
+    p.add_argument("--no-cache", action="store_true", help="the same as --cache off")
     hw = p.add_argument_group("hardware (README: backends, devices, precision)")
     hw.add_argument("--workers", type=int, default=d.workers, help="threads making batches (scripts/speed.py measures the best)")
     hw.add_argument("--precision", default=d.precision, choices=["float32", "mixed_float16", "mixed_bfloat16"],
@@ -83,7 +86,7 @@ def config_from_args(args: argparse.Namespace):
         fine_tune_lr_factor=args.fine_tune_lr_factor, dropout=args.dropout, rotation=args.rotation,
         pos_weight_power=args.pos_weight_power, loss=args.loss, output_bias=args.output_bias, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, eye_head_weight=args.eye_head_weight, bn_recalibration_patients=args.bn_recalibration_patients,
-        seed=args.seed, cache_images=not args.no_cache, workers=args.workers, precision=args.precision,
+        seed=args.seed, cache_images=False if args.no_cache else {"auto": None, "on": True, "off": False}[args.cache], workers=args.workers, precision=args.precision,
         jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile], devices=args.devices,
         fine_tune_fraction=args.fine_tune_fraction, freeze_batchnorm=not args.train_batchnorm,
         frozen_features=not args.no_frozen_features,

@@ -162,7 +162,7 @@ def test_augmentation_rotates_within_its_limit_as_well_as_flipping():
 
 def test_training_augments_its_train_batches_only_and_fine_tunes_at_the_lower_rate(small_dataset, tmp_path, monkeypatch):
     """Slips caught: augmentation given to the validation batches; the rotation not passed on from
-    the config; the fine-tune phase's learning-rate factor ignored."""
+    the config; the fine-tune phase's learning-rate factor ignored; the views cached whatever the memory."""
     import albumentations as A
 
     from fundus_ensemble.data.manifest import load_manifest
@@ -176,14 +176,17 @@ def test_training_augments_its_train_batches_only_and_fine_tunes_at_the_lower_ra
 
     def spy(manifest, *args, **kwargs):
         batches = real(manifest, *args, **kwargs)
-        made.append(({p.split for p in manifest.patients}, batches.augment))
+        made.append(({p.split for p in manifest.patients}, batches.augment, batches._image._cache))
         return batches
 
     monkeypatch.setattr(train, "PatientBatches", spy)
+    # the training and validation views at 32 px take over 50 kB, more than half of 100 kB: they stream from disk
+    monkeypatch.setattr("fundus_ensemble.data.batches.memory_available", lambda: 100_000)
     config = TrainConfig(backbone="mobilenet", size=32, batch_size=4, epochs=1, fine_tune_epochs=1, learning_rate=2e-3,
                          fine_tune_lr_factor=0.25, rotation=17.0, early_stopping_patience=5)
-    train.train_view(tmp_path / "prep" / "color", tmp_path / "run", config, "color")
-    by_split = {frozenset(splits): augment for splits, augment in made}
+    card = train.train_view(tmp_path / "prep" / "color", tmp_path / "run", config, "color")
+    assert card["images_cached"] is False and [cache for *_, cache in made] == [None, None], "both splits stream"
+    by_split = {frozenset(splits): augment for splits, augment, _ in made}
     assert by_split[frozenset({"val"})] is None, "validation batches must not be augmented"
     [rotate] = [t for t in by_split[frozenset({"train"})].transforms if isinstance(t, A.Rotate)]
     assert tuple(rotate.limit) == (-17, 17)
@@ -225,3 +228,17 @@ def test_each_patient_gets_its_own_flips_whatever_the_worker_or_process(view_man
         batches.shard(process, 2)
         for index in (0, 1):
             np.testing.assert_array_equal(batches[index][0]["left_eye"], whole[index][4 * process: 4 * process + 4])
+
+
+def test_the_views_are_cached_only_when_they_fit_in_half_the_available_memory(monkeypatch):
+    """Slips caught: the share ignored (cache whenever the views fit at all), the image count or size misread."""
+    from fundus_ensemble.data.batches import CACHE_SHARE, cached_bytes, choose_cache
+
+    need = cached_bytes(1000, 128)
+    assert need == 1000 * 128 * 128 * 3 and CACHE_SHARE == 0.5
+    assert choose_cache(1000, 128, available=2 * need)[0] is True
+    keep, why = choose_cache(1000, 128, available=2 * need - 1)
+    assert keep is False and "--cache on" in why and "0.05 GB" in why
+    assert choose_cache(1001, 128, available=2 * need)[0] is False and choose_cache(1000, 129, available=2 * need)[0] is False
+    monkeypatch.setattr("fundus_ensemble.data.batches.memory_available", lambda: None)
+    assert choose_cache(10**9, 448)[0] is True  # unknown memory: kept, as before the choice existed

@@ -1,8 +1,9 @@
 """Batches for Keras: patients ``({"left_eye", "right_eye"}, labels)`` for the library's
 model, and single eyes ``(images, patient labels)`` for the per-eye baseline.
 
-Images are preprocessed views (see :mod:`fundus_ensemble.preprocess`), decoded once and
-kept in memory by default: a 448 px ODIR-5K view set is about 3 GB, a 128 px one 250 MB.
+Images are preprocessed views (see :mod:`fundus_ensemble.preprocess`), decoded once and kept in
+memory as 8-bit RGB when they fit (:func:`choose_cache`; a 448 px ODIR-5K view set is about
+4 GB, a 128 px one 350 MB), else decoded from disk for every batch.
 A patient with one eye gets that eye in both inputs (see :mod:`.models.patient_classifier`).
 
 Batches may be made by several threads at once (``workers``, Keras's ``PyDataset`` workers):
@@ -30,6 +31,7 @@ import math
 import random
 import sys
 import threading
+from pathlib import Path
 
 import albumentations as A
 import keras
@@ -76,8 +78,50 @@ class FastMalloc(keras.callbacks.Callback):
     on_predict_batch_begin = on_train_batch_begin
 
 
+CACHE_SHARE = 0.5  # the decoded views may take this share of the memory available when training starts
+
+
+def memory_available() -> int | None:
+    """Bytes this process can still take: the machine's available memory (``MemAvailable``), or
+    its control group's limit less its usage when that is smaller; None where neither is known."""
+    found = []
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v2: a container's own limit
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def cached_bytes(images: int, size: int) -> int:
+    """Memory the decoded views of ``images`` images take at ``size`` px (8-bit RGB)."""
+    return images * size * size * 3
+
+
+def choose_cache(images: int, size: int, available: int | None = None) -> tuple[bool, str]:
+    """Whether to keep ``images`` decoded views in memory: when they take at most
+    :data:`CACHE_SHARE` of the memory available (the rest is the model's, the batches' and the
+    framework's); else they are decoded from disk for every batch. Returns the choice and why."""
+    need = cached_bytes(images, size)
+    available = memory_available() if available is None else available
+    if available is None:
+        return True, f"keeping the decoded views in memory ({need / 1e9:.2f} GB; available memory unknown)"
+    if need <= CACHE_SHARE * available:
+        return True, (f"keeping the decoded views in memory: {need / 1e9:.2f} GB of {available / 1e9:.1f} GB available")
+    return False, (f"decoding the views from disk for every batch: keeping them would take {need / 1e9:.2f} GB, over "
+                   f"{CACHE_SHARE:.0%} of the {available / 1e9:.1f} GB available (--cache on keeps them anyway)")
+
+
 class ImageStore:
-    """Views of a manifest as float32 RGB arrays, decoded once and kept when ``cache``."""
+    """Views of a manifest as 8-bit RGB arrays, decoded once and kept when ``cache``."""
 
     def __init__(self, manifest: Manifest, size: int, cache: bool = True):
         self.manifest = manifest

@@ -37,7 +37,7 @@ class TrainConfig:
     early_stopping_patience: int = 5
     bn_recalibration_patients: int = 128
     seed: int = 0
-    cache_images: bool = True
+    cache_images: bool | None = None  # keep decoded views in memory; None: when they fit (data.batches.choose_cache)
     workers: int = 1  # threads making batches (data.batches); the run is the same for any number
     precision: str = "float32"  # training.hardware.PRECISIONS
     jit_compile: bool | None = None  # XLA under TensorFlow; None: on for a GPU (JAX always compiles)

@@ -2,8 +2,8 @@
 
 Four numbers, all in eye images per second (a patient is two images):
 
-- **input pipeline**: batches made (decode from the cache, augment, stack) by ``w`` threads,
-  the model not running, for each worker count asked;
+- **input pipeline**: batches made (take from the cache, or with ``cache=False`` decode from
+  disk, then augment, stack) by ``w`` threads, the model not running, for each worker count asked;
 - **model step**: ``model.fit`` on batches already in memory: the most training can reach;
 - **training**: ``model.fit`` on the real, augmented :class:`~..data.batches.PatientBatches`
   with ``w`` workers; **training / model step** is the share of the model's speed the input
@@ -11,7 +11,8 @@ Four numbers, all in eye images per second (a patient is two images):
 - **prediction**: ``model.predict`` on unaugmented batches.
 
 Each timing is the fastest of ``PASSES`` passes over the same batches, after compilation and
-after the images are cached; the model step is timed with ``train_on_batch`` on one batch
+after the images are cached (unless ``cache=False``: then every pass decodes every view again,
+from the operating system's file cache once read); the model step is timed with ``train_on_batch`` on one batch
 already in memory, the same compiled step that ``fit`` runs.
 """
 
@@ -55,6 +56,7 @@ class SpeedReport:
         s = self.settings
         lines = [
             f"{s['backbone']} at {s['size']} px, batch {s['batch_size']} patients, {s['precision']}, "
+            f"views {'kept in memory' if s.get('cache', True) else 'decoded from disk every batch'}, "
             f"{s['devices']} device(s), XLA {'on' if s['jit_compile'] else 'off'}; Keras {s['backend']} backend; "
             f"{self.machine['cpus']} CPU cores, {self.machine['accelerators']} accelerator(s)",
             "",
@@ -102,6 +104,7 @@ def measure_speed(
     jit_compile: bool | None = None,
     devices: int = 1,
     progress: bool = True,
+    cache: bool = True,
 ) -> SpeedReport:
     """Measure the four speeds (module doc) on ``manifest``'s views (synthetic ones when None)."""
 
@@ -120,21 +123,24 @@ def measure_speed(
         jit = resolve_jit_compile(jit_compile)
         report = SpeedReport(
             settings={"backbone": backbone, "size": size, "batch_size": batch_size, "steps": steps, "precision": precision_name,
-                      "jit_compile": jit, "devices": devices, "backend": keras.backend.backend(), "patients": len(manifest)},
+                      "jit_compile": jit, "devices": devices, "backend": keras.backend.backend(), "patients": len(manifest),
+                      "cache": cache},
             machine={"cpus": os.cpu_count(), "accelerators": accelerator_count(), "processor": platform.processor() or platform.machine()},
         )
         augment = training_augmentation()
 
         def batches(w: int, augmented: bool = True) -> PatientBatches:
-            return PatientBatches(manifest, size, batch_size, augment if augmented else None, shuffle=augmented, workers=w,
-                                  ragged_last="drop")
+            made = PatientBatches(manifest, size, batch_size, augment if augmented else None, shuffle=augmented, workers=w,
+                                  ragged_last="drop", cache=cache)
+            if cache:
+                made._image = cached._image
+            return made
 
-        cached = batches(1)
+        cached = PatientBatches(manifest, size, batch_size, ragged_last="drop")
         for i in range(len(cached)):  # decode once: training keeps the decoded views in memory too
             cached[i]
         for w in workers:
             source = batches(w)
-            source._image = cached._image
             with ThreadPoolExecutor(w) as pool:  # what PyDataset's worker threads do
                 list(pool.map(source.__getitem__, range(len(source))))  # warm each thread's augmentation copy
                 start = time.perf_counter()
@@ -160,14 +166,12 @@ def measure_speed(
             say(f"model step alone: {report.model_step:.1f} images/s (first step {report.compile_s:.0f} s)")
             for w in workers:
                 source = batches(w)
-                source._image = cached._image
                 timer = _EpochTimes()
                 model.fit(source, epochs=1 + PASSES, verbose=0, callbacks=[FastMalloc(), timer])
                 report.training[w] = len(source) * images_per_batch / min(timer.seconds[1:])
                 say(f"training, {w} worker(s): {report.training[w]:.1f} images/s ({report.ratio(w):.2f} of the model step)")
             best = max(report.training, key=report.training.get)
             source = batches(best, augmented=False)
-            source._image = cached._image
             model.predict(source, verbose=0, callbacks=[FastMalloc()])
             start = time.perf_counter()
             model.predict(source, verbose=0, callbacks=[FastMalloc()])

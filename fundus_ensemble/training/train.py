@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import __version__
 from ..data.augment import training_augmentation
-from ..data.batches import FastMalloc, FeatureBatches, PatientBatches
+from ..data.batches import FastMalloc, FeatureBatches, PatientBatches, choose_cache
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text, claim_folder, refuse_overlap, remove_owned, sha256_file
@@ -369,16 +369,22 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
 
     keras.utils.set_random_seed(config.seed)
     loss, pos_weight = build_loss(config, train.label_matrix())
+    cache = config.cache_images
+    if cache is None:
+        cache, why = choose_cache(sum(bool(p.left_image) + bool(p.right_image) for p in train.patients + val.patients),
+                                  config.size)
+        if distributed.is_chief():
+            print(f"[{view}] {why}", flush=True)
     train_batches = PatientBatches(
         train, config.size, config.batch_size, training_augmentation(config.rotation, config.seed),
-        shuffle=True, seed=config.seed, cache=config.cache_images, ragged_last="drop", workers=config.workers,
+        shuffle=True, seed=config.seed, cache=cache, ragged_last="drop", workers=config.workers,
         eye_labels=config.eye_head_weight > 0,
     )
     distributed.shard(train_batches)
     if train_batches.eye_labels is not None and (train_batches.eye_labels < 0).all():
         raise FundusError(f"eye_head_weight {config.eye_head_weight} needs per-eye keywords, but no training patient in "
                           f"{manifest_path} has left_keywords/right_keywords")
-    val_batches = PatientBatches(val, config.size, config.batch_size, cache=config.cache_images, workers=config.workers)
+    val_batches = PatientBatches(val, config.size, config.batch_size, cache=cache, workers=config.workers)
     with data_parallel(config.devices, config.batch_size), precision(config.precision):
         end = _train_phases(out, view, config, state, train, val, train_batches, val_batches, loss)
     if not distributed.is_chief():  # process 0 saves the model and its card
@@ -411,6 +417,7 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
         "val_patients": len(val),
         "epochs_run": end,
         "processes": distributed.process_count(),
+        "images_cached": cache,
         "best_val": _best_history_row(out / HISTORY),
         "train_wall_s": round(train_seconds, 1),
         "train_images_per_s": round(images / train_seconds, 2) if train_seconds else None,
