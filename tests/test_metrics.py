@@ -19,6 +19,33 @@ def test_second_hand_worked_case():
     assert score == pytest.approx({"kappa": 0.0, "f1": 0.5, "auc": 0.75, "final": 1.25 / 3})
 
 
+def test_the_closed_form_equals_the_challenges_sklearn_calls():
+    """odir_score computes the official evaluation's three sklearn calls itself (they were its time);
+    on many matrices, tied probabilities, one-valued predictions and a threshold other than 0.5 among them,
+    it must give their numbers. Slips caught: ordinal ranks for ties, a count of the wrong side of the
+    threshold in kappa's chance agreement, F1 of the positive class instead of micro."""
+    from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        patients = int(rng.integers(1, 40))
+        y = (rng.random((patients, 8)) < rng.uniform(0.05, 0.6)).astype(int)
+        if y.min() == y.max():
+            continue
+        prob = rng.random(y.shape)
+        if trial % 3 == 0:
+            prob = np.round(prob, 1)  # many ties, within and across classes
+        if trial % 7 == 0:
+            prob = np.full(y.shape, rng.choice([0.2, 0.9]))  # every cell called the same way
+        threshold = 0.5 if trial % 2 else float(rng.choice([0.3, 0.5, 0.7]))
+        gt, predicted = y.ravel(), (prob.ravel() > threshold).astype(int)
+        score = odir_score(y, prob, threshold)
+        expected = {"kappa": cohen_kappa_score(gt, predicted), "f1": f1_score(gt, predicted, average="micro"),
+                    "auc": roc_auc_score(gt, prob.ravel())}
+        for name, value in expected.items():
+            assert score[name] == pytest.approx(value, abs=1e-12), (trial, name)
+
+
 def test_threshold_is_strict():
     y = np.array([[1, 0]])
     assert odir_score(y, np.array([[0.5, 0.2]]))["f1"] == pytest.approx(0.5)  # 0.5 is not > 0.5
