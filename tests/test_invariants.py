@@ -238,7 +238,8 @@ def test_the_views_are_cached_only_when_they_fit_in_half_the_available_memory(mo
     assert need == 1000 * 128 * 128 * 3 and CACHE_SHARE == 0.5
     assert choose_cache(1000, 128, available=2 * need)[0] is True
     keep, why = choose_cache(1000, 128, available=2 * need - 1)
-    assert keep is False and "--cache on" in why and "0.05 GB" in why
+    assert keep is False and "--cache on" in why and "49.2 MB" in why
+    assert "2.95 GB of 6.30 GB" in choose_cache(60_000, 128, available=6_300_000_000)[1]
     assert choose_cache(1001, 128, available=2 * need)[0] is False and choose_cache(1000, 129, available=2 * need)[0] is False
     monkeypatch.setattr("fundus_ensemble.data.batches.memory_available", lambda: None)
     assert choose_cache(10**9, 448)[0] is True  # unknown memory: kept, as before the choice existed

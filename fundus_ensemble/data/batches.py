@@ -106,6 +106,11 @@ def cached_bytes(images: int, size: int) -> int:
     return images * size * size * 3
 
 
+def _amount(n: int) -> str:
+    """Bytes as a person reads them: MB under a gigabyte (a small run's 0.00 GB says nothing), GB above."""
+    return f"{n / 1e6:.3g} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
 def choose_cache(images: int, size: int, available: int | None = None) -> tuple[bool, str]:
     """Whether to keep ``images`` decoded views in memory: when they take at most
     :data:`CACHE_SHARE` of the memory available (the rest is the model's, the batches' and the
@@ -113,11 +118,11 @@ def choose_cache(images: int, size: int, available: int | None = None) -> tuple[
     need = cached_bytes(images, size)
     available = memory_available() if available is None else available
     if available is None:
-        return True, f"keeping the decoded views in memory ({need / 1e9:.2f} GB; available memory unknown)"
+        return True, f"keeping the decoded views in memory ({_amount(need)}; available memory unknown)"
     if need <= CACHE_SHARE * available:
-        return True, (f"keeping the decoded views in memory: {need / 1e9:.2f} GB of {available / 1e9:.1f} GB available")
-    return False, (f"decoding the views from disk for every batch: keeping them would take {need / 1e9:.2f} GB, over "
-                   f"{CACHE_SHARE:.0%} of the {available / 1e9:.1f} GB available (--cache on keeps them anyway)")
+        return True, (f"keeping the decoded views in memory: {_amount(need)} of {_amount(available)} available")
+    return False, (f"decoding the views from disk for every batch: keeping them would take {_amount(need)}, over "
+                   f"{CACHE_SHARE:.0%} of the {_amount(available)} available (--cache on keeps them anyway)")
 
 
 class ImageStore:
