@@ -135,16 +135,21 @@ def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, conf
     return [c for c in callbacks if c is not None]
 
 
-class ChiefCheckpoint(keras.callbacks.ModelCheckpoint):
+class _LocalSaves:
+    """Saves without the distribution: only process 0 saves, and Keras' saving would otherwise
+    make a variable every process has to join (a collective the others never reach)."""
+
     def _save_model(self, *args, **kwargs):
         with distributed.local_writes():
             super()._save_model(*args, **kwargs)
 
 
-class ChiefBackup(keras.callbacks.BackupAndRestore):
-    def _save_model(self, *args, **kwargs):
-        with distributed.local_writes():
-            super()._save_model(*args, **kwargs)
+class ChiefCheckpoint(_LocalSaves, keras.callbacks.ModelCheckpoint):
+    pass
+
+
+class ChiefBackup(_LocalSaves, keras.callbacks.BackupAndRestore):
+    pass
 
 
 class RestoreOnly(keras.callbacks.BackupAndRestore):
@@ -232,7 +237,8 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
     first = json.loads(metadata.read_text())["epoch"] if metadata.is_file() else start
     if first > start:
         print(f"resuming phase {phase!r} at epoch {first + 1}", flush=True)
-    kept = _keep_history_of_first(out / HISTORY, first) if distributed.is_chief() else read_history(out / HISTORY)
+    # Only process 0 keeps the best checkpoint, so only it needs the best score so far.
+    kept = _keep_history_of_first(out / HISTORY, first) if distributed.is_chief() else []
     distributed.barrier(f"history kept {phase}")
     scores = [float(r["val_final_score"]) for r in kept if r.get("val_final_score")]
     best = max(scores) if scores and (out / BEST_WEIGHTS).is_file() else None
