@@ -23,7 +23,7 @@ pytestmark = pytest.mark.backend
 
 # A small backbone keeps this test to a couple of minutes on 2 CPU cores; the B3 patient model
 # itself is covered in test_models.py, and every other line of the pipeline runs here.
-CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=6, fine_tune_epochs=1, seed=0, bn_recalibration_patients=48)
+CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=4, fine_tune_epochs=1, seed=0, bn_recalibration_patients=48)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def test_ensemble_beats_constant_prior(trained):
     prior_auc = odir_score(test_labels, np.tile(prior, (len(test_labels), 1)))["auc"]
     ensemble_auc = report["ensemble"]["auc"]
     print(format_score_table(report), f"\nconstant class-prior pooled AUC {prior_auc:.4f}")
+    # measured with 4 + 1 epochs: 0.737 against the prior's 0.611 (6 + 1 epochs gave 0.737 too, in 20% more time)
     assert ensemble_auc > prior_auc + 0.05
 
 
