@@ -22,6 +22,10 @@ _STARTUP_NOISE = re.compile(
 )
 
 
+# An --option auto|on|off as the library takes it: None lets the library decide.
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
+
+
 def import_keras():
     """Import Keras (and its backend) with TensorFlow's start-up noise dropped; other lines pass through.
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from fundus_ensemble.cli import HelpFormatter, run
+from fundus_ensemble.cli import AUTO_ON_OFF, HelpFormatter, run
 
 
 def main(argv=None):
@@ -18,7 +18,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="batches per timed pass")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker threads to try")
     p.add_argument("--precision", default="float32", choices=["float32", "mixed_float16", "mixed_bfloat16"])
-    p.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"], help="XLA under TensorFlow")
+    p.add_argument("--jit-compile", default="auto", choices=list(AUTO_ON_OFF), help="XLA under TensorFlow")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--no-cache", action="store_true",
                    help="decode the views from disk for every batch, as training does when they do not fit in memory")
@@ -32,7 +32,7 @@ def main(argv=None):
 
     manifest = load_manifest(f"{args.prep}/manifest.csv") if args.prep else None
     report = measure_speed(manifest, args.size, args.backbone, args.batch_size, args.steps, tuple(args.workers), args.precision,
-                           {"auto": None, "on": True, "off": False}[args.jit_compile], args.devices, cache=not args.no_cache)
+                           AUTO_ON_OFF[args.jit_compile], args.devices, cache=not args.no_cache)
     print(report.table())
     if args.json:
         with open(args.json, "w") as handle:

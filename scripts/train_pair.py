@@ -4,7 +4,7 @@
 import argparse
 import sys
 
-from fundus_ensemble.cli import HelpFormatter, run
+from fundus_ensemble.cli import AUTO_ON_OFF, HelpFormatter, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--no-frozen-features", action="store_true",
                     help="phase 1 on augmented images through the frozen backbone, instead of features computed once")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--cache", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--cache", choices=list(AUTO_ON_OFF), default="auto",
                    help="keep the decoded views in memory (on), decode them from disk for every batch (off), or keep them "
                         "when they take at most half the available memory (auto)")
     p.add_argument("--no-cache", action="store_true", help="the same as --cache off")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--workers", type=int, default=d.workers, help="threads making batches (scripts/speed.py measures the best)")
     hw.add_argument("--precision", default=d.precision, choices=["float32", "mixed_float16", "mixed_bfloat16"],
                     help="mixed: 16-bit compute, float32 weights (for GPUs)")
-    hw.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"],
+    hw.add_argument("--jit-compile", default="auto", choices=list(AUTO_ON_OFF),
                     help="XLA under TensorFlow (auto: on for a GPU); JAX always compiles")
     hw.add_argument("--devices", type=int, default=d.devices,
                     help="data-parallel devices of this machine; the global --batch-size is split across them")
@@ -86,8 +86,8 @@ def config_from_args(args: argparse.Namespace):
         fine_tune_lr_factor=args.fine_tune_lr_factor, dropout=args.dropout, rotation=args.rotation,
         pos_weight_power=args.pos_weight_power, loss=args.loss, output_bias=args.output_bias, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, eye_head_weight=args.eye_head_weight, bn_recalibration_patients=args.bn_recalibration_patients,
-        seed=args.seed, cache_images=False if args.no_cache else {"auto": None, "on": True, "off": False}[args.cache], workers=args.workers, precision=args.precision,
-        jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile], devices=args.devices,
+        seed=args.seed, cache_images=False if args.no_cache else AUTO_ON_OFF[args.cache], workers=args.workers, precision=args.precision,
+        jit_compile=AUTO_ON_OFF[args.jit_compile], devices=args.devices,
         fine_tune_fraction=args.fine_tune_fraction, freeze_batchnorm=not args.train_batchnorm,
         frozen_features=not args.no_frozen_features,
     )
