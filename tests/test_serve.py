@@ -209,15 +209,18 @@ def chromium() -> tuple[str, str]:
 
 def submit_and_wait(driver, timeout: float = 180) -> None:
     """Click the form's submit and wait for the answer page: the click returns before the browser
-    has left the page, so reading at once reads the old page (CI saw an empty table)."""
+    has left the page, so reading at once reads the old page (CI saw an empty table). The old
+    page is marked by a script variable the answer page does not have; while the browser is
+    between the two, the driver's calls may fail (an element's node already gone: a fresh
+    clone's run saw that from staleness_of), so those failures are waited through."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old_page = driver.find_element(By.TAG_NAME, "html")
+    driver.execute_script("window.fundusOldPage = true;")
     driver.find_element(By.ID, "submit").click()
-    WebDriverWait(driver, timeout).until(expected_conditions.staleness_of(old_page))
-    WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, timeout, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return !window.fundusOldPage && document.readyState === 'complete';"))
 
 
 def read_page_decisions(driver) -> dict[str, bool]:
