@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="let the backbone's BatchNorm layers learn and update their statistics in phase 2 (default: frozen)")
     tl.add_argument("--no-frozen-features", action="store_true",
                     help="phase 1 on augmented images through the frozen backbone, instead of features computed once")
+    tl.add_argument("--feature-store", default=None,
+                    help="folder keeping each photo's frozen features for every later run (default: PREP_DIR/features)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--cache", choices=list(AUTO_ON_OFF), default="auto",
                    help="keep the decoded views in memory (on), decode them from disk for every batch (off), or keep them "
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed, cache_images=False if args.no_cache else AUTO_ON_OFF[args.cache], workers=args.workers, precision=args.precision,
         jit_compile=AUTO_ON_OFF[args.jit_compile], devices=args.devices,
         fine_tune_fraction=args.fine_tune_fraction, freeze_batchnorm=not args.train_batchnorm,
-        frozen_features=not args.no_frozen_features,
+        frozen_features=not args.no_frozen_features, feature_store=args.feature_store,
     )
 
 

@@ -3,11 +3,13 @@ phase 2 on the top layers only, BatchNorm statistics kept."""
 
 import json
 
+import cv2
 import keras
 import numpy as np
 import pytest
 
 from fundus_ensemble.data.batches import FeatureBatches, PatientBatches, predict_batches
+from fundus_ensemble.data.imaging import load_view
 from fundus_ensemble.data.manifest import load_manifest
 from fundus_ensemble.data.preprocess import preprocess_manifest
 from fundus_ensemble.data.synthetic import write_synthetic_dataset
@@ -25,14 +27,15 @@ def _weights(layer) -> list[np.ndarray]:
     return [keras.ops.convert_to_numpy(w) for w in layer.weights]
 
 
-def test_the_head_on_frozen_features_is_the_patient_model_on_images(view_manifest):
+def test_the_head_on_frozen_features_is_the_patient_model_on_images(view_manifest, tmp_path):
     manifest = view_manifest
     size = 48
     model = build_patient_model("efficientnet_lite0", size, "imagenet", dropout=0.0)
     rng = np.random.default_rng(0)
     dense = model.get_layer("labels")
     dense.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in dense.get_weights()])
-    features = feats.eye_features(model.get_layer("eye_encoder"), manifest, size, 5)
+    features = feats.eye_features(model.get_layer("eye_encoder"), manifest, size, 5, tmp_path / "store",
+                                  "efficientnet_lite0", "imagenet", "color")
     assert features.shape == (len(manifest), 2, 1280)
     on_features = predict_batches(feats.head_model(model), FeatureBatches(features, manifest.label_matrix(), 5))
     on_images = predict_batches(model, PatientBatches(manifest, size, 5))
@@ -44,20 +47,79 @@ def test_the_head_on_frozen_features_is_the_patient_model_on_images(view_manifes
     assert first.left_image
 
 
-def test_features_are_cached_by_key_and_recomputed_when_it_changes(view_manifest, tmp_path, monkeypatch):
-    encoder = build_backbone("efficientnet_lite0", 48, None)
-    calls = []
-    real = feats.eye_features
-    monkeypatch.setattr(feats, "eye_features", lambda *a, **k: calls.append(1) or real(*a, **k))
-    path = tmp_path / "features_val.npy"
-    first = feats.cached_eye_features(path, encoder, view_manifest, 48, 8, key="a")
-    again = feats.cached_eye_features(path, encoder, view_manifest, 48, 8, key="a")
-    assert len(calls) == 1
-    np.testing.assert_array_equal(first, again)
-    feats.cached_eye_features(path, encoder, view_manifest, 48, 8, key="b")
-    assert len(calls) == 2
-    assert feats.features_key(view_manifest, "efficientnet_lite0", 48, "imagenet") != \
-        feats.features_key(view_manifest, "efficientnet_lite0", 64, "imagenet")
+def _photos(manifest) -> list:
+    return sorted({manifest.image_path(i) for p in manifest.patients for i in (p.left_image, p.right_image) if i})
+
+
+def test_the_feature_store_computes_each_photo_once_and_only_what_changed(view_manifest, tmp_path, monkeypatch):
+    encoder = build_backbone("efficientnet_lite0", 48, "imagenet")
+    computed, built = [], []
+    real = feats.distributed.predict
+    monkeypatch.setattr(feats.distributed, "predict", lambda m, b: computed.append(b.n_items) or real(m, b))
+
+    def factory():
+        built.append(1)
+        return encoder
+
+    store, spec = feats.FeatureStore(tmp_path / "store"), feats.FeatureSpec("efficientnet_lite0", "imagenet", 48)
+    photos = _photos(view_manifest)
+    first = store.photo_features(spec, "color", photos, factory, 8, progress=False)
+    assert sum(computed) == len(photos) and len(built) == 1
+    np.testing.assert_allclose(first[0], encoder.predict(load_view(photos[0], 48)[None], verbose=0)[0], rtol=1e-4, atol=1e-5)
+    again = store.photo_features(spec, "color", photos[::-1], factory, 8, progress=False)
+    assert sum(computed) == len(photos) and len(built) == 1, "all in the store: the backbone is not even built"
+    np.testing.assert_array_equal(again, first[::-1])
+    # one view changed on disk: that photo alone is computed again
+    changed = photos[3]
+    image = cv2.imread(str(changed))
+    image[0, 0] = 255 - image[0, 0]
+    cv2.imwrite(str(changed), image)
+    store.photo_features(spec, "color", photos, factory, 8, progress=False)
+    assert sum(computed) == len(photos) + 1
+    # another size, another flip, another view: entries of their own
+    for other, view in ((feats.FeatureSpec("efficientnet_lite0", "imagenet", 40), "color"),
+                        (feats.FeatureSpec("efficientnet_lite0", "imagenet", 48, flip=True), "color"),
+                        (spec, "gray_eq")):
+        before = sum(computed)
+        store.photo_features(other, view, photos[:2], factory, 8, progress=False)
+        assert sum(computed) == before + 2, (other, view)
+    before = sum(computed)
+    store.photo_features(spec, "color", photos, factory, 8, progress=False)
+    assert sum(computed) == before, "the first entry was kept beside the others"
+    flipped = store.photo_features(feats.FeatureSpec("efficientnet_lite0", "imagenet", 48, flip=True), "color", photos[:1],
+                                   factory, 8, progress=False)
+    mirrored = encoder.predict(load_view(photos[0], 48)[None, :, ::-1], verbose=0)[0]
+    np.testing.assert_allclose(flipped[0], mirrored, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stale_entry_is_said_and_rebuilt_and_a_killed_extraction_resumes(view_manifest, tmp_path, monkeypatch, capsys):
+    encoder = build_backbone("efficientnet_lite0", 48, "imagenet")
+    store, spec = feats.FeatureStore(tmp_path / "store"), feats.FeatureSpec("efficientnet_lite0", "imagenet", 48)
+    photos = _photos(view_manifest)
+    computed = []
+    real = feats.distributed.predict
+    monkeypatch.setattr(feats, "CHUNK", 4)
+
+    def dies_on_third_chunk(model, batches):
+        if len(computed) == 2:
+            raise KeyboardInterrupt
+        computed.append(batches.n_items)
+        return real(model, batches)
+
+    monkeypatch.setattr(feats.distributed, "predict", dies_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        store.photo_features(spec, "color", photos, encoder, 8, progress=False)
+    monkeypatch.setattr(feats.distributed, "predict", lambda m, b: computed.append(b.n_items) or real(m, b))
+    store.photo_features(spec, "color", photos, encoder, 8, progress=False)
+    assert sum(computed) == len(photos), "the two saved chunks were not computed again"
+    # made from views of other preprocessing settings: stale, said, rebuilt
+    store.photo_features(spec, "color", photos, encoder, 8, preprocessing={"crop": "another"}, progress=False)
+    assert sum(computed) == 2 * len(photos)
+    assert "stale (made with another preprocessing)" in capsys.readouterr().err
+    # the weights' hash is part of the provenance: another file is another entry
+    weights = tmp_path / "lite0.weights.h5"
+    encoder.layers[-1].save_weights(weights)
+    assert store.entry(feats.FeatureSpec("efficientnet_lite0", str(weights), 48), "color") != store.entry(spec, "color")
 
 
 def test_unfreeze_top_makes_the_top_share_trainable_and_keeps_batchnorm_frozen():
@@ -113,7 +175,8 @@ def transfer_run(tmp_path_factory):
 def test_a_pretrained_run_learns_the_head_on_features_then_only_the_top(transfer_run):
     root, config = transfer_run
     view = root / "run" / "color"
-    assert (view / "features_train.npy").is_file() and (view / "features_val.npy").is_file()
+    kept = list((root / "prep" / "features" / "color").glob("efficientnet_lite0-*/64px-plain/features.npy"))
+    assert len(kept) == 1 and np.load(kept[0]).shape[1] == 1280, "phase 1's features are in the store beside the views"
     history = [line.split(",") for line in (view / "history.csv").read_text().splitlines()]
     phases = [row[history[0].index("phase")] for row in history[1:]]
     assert phases.count("train") >= 1 and phases[-1] == "fine_tune"

@@ -366,3 +366,19 @@ class FeatureBatches(_FixedShapeBatches):
     def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         rows = self._batch_items(index)
         return {"left_features": self.features[rows, 0], "right_features": self.features[rows, 1]}, self.labels[rows]
+
+
+class PhotoBatches(_FixedShapeBatches):
+    """Keras dataset of photos named by path, ``(images, zeros)``, in order: the input of a
+    frozen backbone computing each photo's features once (:mod:`..training.features`)."""
+
+    def __init__(self, paths: list[Path], size: int, batch_size: int, augment: A.Compose | None = None, workers: int = 1):
+        super().__init__(len(paths), size, batch_size, augment, False, 0, "pad", workers)
+        self.paths = [Path(p) for p in paths]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        items = self._batch_items(index)
+        images = np.empty((len(items), self.size, self.size, 3), np.float32)
+        for k, item in enumerate(items):
+            images[k] = self._augmented(load_view(self.paths[item], self.size), self._augmenter(index, k))
+        return images, np.zeros((len(items), 1), np.float32)

@@ -294,19 +294,22 @@ def _linear_probes(prep: Path, models: Path, config, path: Path, views: tuple[st
     """Fit a linear probe per view on its frozen features (train), choose C on val, predict val and test."""
     from ..data.manifest import load_manifest
     from ..models import build_backbone
-    from ..training.features import split_features
+    from ..training.features import default_store, eye_features, preprocessing_settings
     from .probe import fit_linear_probe
 
-    encoder = build_backbone(config.backbone, config.size, config.weights)
+    def encoder():  # built only if some photo's features are not in the store yet
+        return build_backbone(config.backbone, config.size, config.weights)
+
     out, meta = {}, {}
     for view in views:
         manifest = load_manifest(prep / view / "manifest.csv")
         feats, labels = {}, {}
         for split in ("train", FIT, HELD_OUT):
             part = manifest.select(split)
-            # the view model's phase 1 kept its train and val features there: read, not recomputed
-            feats[split] = split_features(models / view, split, encoder, part, config.backbone, config.size,
-                                          config.weights, 2 * config.batch_size)
+            # the view model's phase 1 put its train and val features in the same store: read, not recomputed
+            feats[split] = eye_features(encoder, part, config.size, 2 * config.batch_size,
+                                        config.feature_store or default_store(prep / view), config.backbone,
+                                        config.weights, view, preprocessing=preprocessing_settings(prep / view))
             labels[split] = part.label_matrix()
         probe = fit_linear_probe(feats["train"], labels["train"], feats[FIT], labels[FIT], seed=config.seed)
         for split in (FIT, HELD_OUT):

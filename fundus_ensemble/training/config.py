@@ -44,6 +44,7 @@ class TrainConfig:
     devices: int = 1  # data-parallel devices of this machine (training.hardware.data_parallel)
     # pretrained backbones (weights not None) only:
     frozen_features: bool = True  # phase 1 learns the head on features computed once (training.features)
+    feature_store: str | None = None  # where frozen features are kept (training.features.FeatureStore); None: beside the views
     fine_tune_fraction: float = 1.0  # share of the backbone's weighted layers, from the top, that learn in phase 2
     freeze_batchnorm: bool = True  # phase 2 keeps the backbone's BatchNorm in inference mode, its statistics fixed
 

@@ -60,7 +60,7 @@ from .callbacks import (
 )
 from . import distributed
 from .config import TrainConfig
-from .features import head_model, split_features
+from .features import default_store, eye_features, head_model, preprocessing_settings
 from .hardware import data_parallel, precision, resolve_jit_compile, synchronize_batch_norm
 
 CARD_NAME = "card.json"
@@ -258,7 +258,7 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
 
 
 def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train, val, train_batches: PatientBatches,
-                  val_batches: PatientBatches, loss) -> int:
+                  val_batches: PatientBatches, loss, view_dir: Path) -> int:
     """Both training phases (see the module doc), resuming where ``state`` says; returns the end epoch."""
     jit = resolve_jit_compile(config.jit_compile)
     model = build_patient_model(config.backbone, config.size, config.weights, config.dropout, eye_head=config.eye_head_weight > 0)
@@ -278,7 +278,7 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
               f"{config.backbone} at {config.size} px, "
               f"{'backbone frozen' + (', head on frozen features' if on_features else '') if pretrained else 'all layers'}", flush=True)
         if on_features:
-            end, features_s = _fit_head_on_features(model, out, view, train, val, loss, config, jit)
+            end, features_s = _fit_head_on_features(model, out, view, train, val, loss, config, jit, view_dir)
         else:
             end, features_s = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs), 0.0
         if distributed.is_chief():
@@ -314,16 +314,18 @@ def trained_images(phases: list[str], batch_size: int, train_patients: int, val_
 
 
 def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, loss, config: TrainConfig,
-                          jit) -> tuple[int, float]:
-    """Phase 1 on a frozen backbone: the head learns on each eye's features, computed once
-    (kept in ``out`` for a resumed run); the best head goes into the patient model's checkpoint.
-    Returns the end epoch and the seconds the features took."""
+                          jit, view_dir: Path) -> tuple[int, float]:
+    """Phase 1 on a frozen backbone: the head learns on each eye's features, computed once and
+    kept in the feature store (``config.feature_store``, else beside the views) for every later
+    run; the best head goes into the patient model's checkpoint. Returns the end epoch and the
+    seconds the features took."""
     encoder = model.get_layer("eye_encoder")
+    store = config.feature_store or default_store(view_dir)
     features, start = {}, time.perf_counter()
     for split, manifest in (("train", train), ("val", val)):
-        print(f"[{view}] frozen features of {len(manifest)} {split} patients ...", flush=True)
-        features[split] = split_features(out, split, encoder, manifest, config.backbone, config.size, config.weights,
-                                         2 * config.batch_size)
+        print(f"[{view}] frozen features of {len(manifest)} {split} patients (store {store}) ...", flush=True)
+        features[split] = eye_features(encoder, manifest, config.size, 2 * config.batch_size, store, config.backbone,
+                                       config.weights, view, preprocessing=preprocessing_settings(view_dir))
     features_s = time.perf_counter() - start
     head = head_model(model)
     head.compile(keras.optimizers.Adam(config.learning_rate), loss=loss, jit_compile=jit)
@@ -392,7 +394,7 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
                           f"{manifest_path} has left_keywords/right_keywords")
     val_batches = PatientBatches(val, config.size, config.batch_size, cache=cache, workers=config.workers)
     with data_parallel(config.devices, config.batch_size), precision(config.precision):
-        end = _train_phases(out, view, config, state, train, val, train_batches, val_batches, loss)
+        end = _train_phases(out, view, config, state, train, val, train_batches, val_batches, loss, view_dir)
     if not distributed.is_chief():  # process 0 saves the model and its card
         distributed.barrier(f"{view} saved")
         return json.loads((out / CARD_NAME).read_text())
