@@ -3,6 +3,7 @@ checked against the manifest's eye, and refused clearly when damaged."""
 
 import csv
 import json
+import re
 
 import cv2
 import numpy as np
@@ -79,8 +80,32 @@ def test_a_camera_folder_is_paired_by_header_and_a_contradiction_is_refused(tmp_
     assert (patients["P7"].left.name, patients["P7"].right.name) == ("IMG0001.dcm", "IMG0002.dcm")
     assert patients["P8"].left is None and patients["P8"].right.name == "IMG0003.dcm"
     write_dicom_photo(tmp_path / "5_left.dcm", eye_photo(5), "P5", "right")
-    with pytest.raises(FundusError, match=r"5_left\.dcm: its name says the left eye but its DICOM header"):
+    with pytest.raises(FundusError, match=r"5_left\.dcm: given as the left eye, but it is a DICOM of the right eye"):
         patients_in_folder(tmp_path)
+
+
+def test_a_dicom_given_as_the_other_eye_is_refused_the_same_way_everywhere(tmp_path):
+    """--left/--right, a manifest's column and a file name: one rule, the station's (test_serve)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fundus_ensemble.inference.predict import PatientPhotos, check_sides, patients_in_manifest
+
+    left = write_dicom_photo(tmp_path / "a.dcm", eye_photo(1), "A", "left")
+    said = f"{left}: given as the right eye, but it is a DICOM of the left eye (ImageLaterality)"
+    with pytest.raises(FundusError, match=re.escape(said)):
+        check_sides([PatientPhotos("A", None, left)])
+    (tmp_path / "m.csv").write_text("patient_id,left_image,right_image\nA,,a.dcm\n")
+    with pytest.raises(FundusError, match=re.escape(said)):
+        patients_in_manifest(tmp_path / "m.csv")
+    assert check_sides([PatientPhotos("A", left, None)])[0].left == left  # the eye it is: fine
+    script = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
+    (tmp_path / "run" / "color").mkdir(parents=True)
+    (tmp_path / "run" / "color" / "model.keras").write_bytes(b"x")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "--right", str(left), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == f"error: {said}; give it as the left eye or fix its header", done.stderr[-800:]
 
 
 def test_preprocess_reads_dicom_and_rejects_a_wrong_eye_or_a_damaged_file_alone(tmp_path):
@@ -97,7 +122,7 @@ def test_preprocess_reads_dicom_and_rejects_a_wrong_eye_or_a_damaged_file_alone(
                                   progress=False)
     reasons = dict(summary.rejected)
     assert set(reasons) == {"a_r.dcm", "b_r.dcm"}
-    assert "manifest has it as a right image but its DICOM header (ImageLaterality) says the left eye" in reasons["a_r.dcm"]
+    assert "given as the right eye, but it is a DICOM of the left eye (ImageLaterality)" in reasons["a_r.dcm"]
     assert "DICOM" in reasons["b_r.dcm"]
     view = cv2.imread(str(tmp_path / "prep" / "color" / "b_l.png"))
     assert view.shape == (48, 48, 3)
@@ -124,3 +149,87 @@ def test_predict_gives_a_dicom_the_probabilities_of_the_same_photo_as_png(tmp_pa
     predict_photos(run, [PatientPhotos("D1", tmp_path / "l.png", tmp_path / "r.png")], tmp_path / "out_png", progress=False)
     dcm = (tmp_path / "out_dcm" / "decisions.csv").read_text()
     assert dcm == (tmp_path / "out_png" / "decisions.csv").read_text() and "D1,ok" in dcm
+
+
+# --- small files that must not take the machine down (each bound measured, not only the error) ---------
+
+def _deflated(path, source, extra: bytes = b""):
+    """``source`` re-saved as Deflated Explicit VR Little Endian, with ``extra`` bytes in a private tag."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(source)
+    if extra:
+        ds.add_new((0x0009, 0x0010), "LO", "BOMB")
+        ds.add_new((0x0009, 0x1001), "OB", extra)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _peak_bytes(work) -> int:
+    """Peak bytes Python and numpy allocate while ``work`` runs (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        work()
+    except ImageError:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_a_deflated_dicom_is_read_and_a_deflate_bomb_refused_within_its_bound(tmp_path):
+    from fundus_ensemble.data.dicom import decode_dicom, inflate_limit
+
+    photo = eye_photo()
+    plain = write_dicom_photo(tmp_path / "plain.dcm", photo, "P1", "left")
+    small = _deflated(tmp_path / "small.dcm", plain)
+    assert np.array_equal(decode_image(small), photo) and read_dicom_header(small).laterality == "left"
+    bomb = _deflated(tmp_path / "bomb.dcm", plain, b"\0" * 200_000_000)
+    assert bomb.stat().st_size < 400_000  # 500:1 and more
+    max_pixels = 1_000_000
+    limit = inflate_limit(max_pixels)
+    for read in (lambda: decode_dicom(bomb, max_pixels), lambda: read_dicom_header(bomb, max_pixels)):
+        with pytest.raises(ImageError, match=r"inflates past 19 MB \(0\.\d\d MB compressed\); refused"):
+            read()
+        assert _peak_bytes(read) < 3 * limit, "inflating stopped at the limit"
+
+
+def _rss_growth_mb(code: str) -> tuple[float, str]:
+    """Run ``code`` (which sets ``answer``) in a fresh interpreter; the growth of its peak RSS, and ``answer``."""
+    import subprocess
+    import sys
+
+    script = ("import resource, numpy, pydicom, PIL.Image\nfrom fundus_ensemble.data import dicom, imaging\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n" + code +
+              "\nprint((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\nprint(answer)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    growth, answer = done.stdout.strip().splitlines()[-2:]
+    return float(growth), answer
+
+
+def test_a_jpeg_stream_larger_than_its_header_is_refused_before_decoding(tmp_path):
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    from fundus_ensemble.data.dicom import compressed_frame_size
+
+    path = write_dicom_photo(tmp_path / "liar.dcm", eye_photo(), "P1", "left", compression="jpeg")
+    ds = pydicom.dcmread(path)
+    ok, huge = cv2.imencode(".jpg", np.zeros((8000, 6000, 3), np.uint8))  # 144 MB decoded, under 1 MB here
+    assert ok and compressed_frame_size(huge.tobytes()) == (6000, 8000)
+    ds.PixelData = encapsulate([huge.tobytes()])
+    ds.save_as(path, enforce_file_format=True)
+    growth, answer = _rss_growth_mb(
+        f"try:\n    imaging.decode_image({str(path)!r}, max_pixels=100_000_000)\n    answer = 'decoded'\n"
+        "except imaging.ImageError as exc:\n    answer = str(exc)")
+    assert answer == ("the DICOM's compressed frame holds a 6000 x 8000 image but its header says 120 x 83; refused "
+                      "before decoding"), answer
+    assert growth < 50, f"{growth:.0f} MB taken: the frame was decoded"
+    ok, jp2 = cv2.imencode(".jp2", np.zeros((70, 50, 3), np.uint8))  # JPEG 2000's size, from its SIZ marker
+    assert ok and compressed_frame_size(jp2.tobytes()) == (50, 70)
+    assert compressed_frame_size(b"\xff\xd8\xff\xda\x00\x02") is None  # scan data before a frame header

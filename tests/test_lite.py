@@ -149,6 +149,92 @@ def test_truncated_and_foreign_files_fail_in_one_line(tmp_path, fake_torch):
         read_state_dict(tmp_path / "missing.pth")
 
 
+def _peak_bytes(work) -> int:
+    """Peak bytes Python and numpy allocate while ``work`` runs (tracemalloc), the WeightsError it raises let go."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        work()
+    except WeightsError:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_a_tiny_checkpoint_cannot_claim_memory_through_a_zero_stride(tmp_path, fake_torch):
+    storage = _Storage(fake_torch["FloatStorage"], "0", np.ones(1, np.float32))
+    state = collections.OrderedDict(w=_Tensor(storage, 0, (10_000, 10_000), (0, 0)))  # 400 MB of one float
+    buffer = io.BytesIO()
+    for header in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"protocol_version": LEGACY_PROTOCOL, "little_endian": True}):
+        pickle.dump(header, buffer, protocol=2)
+    _TorchPickler(buffer, protocol=2).dump(state)
+    pickle.dump(["0"], buffer, protocol=2)
+    buffer.write(struct.pack("<q", 1) + np.ones(1, np.float32).tobytes())
+    path = tmp_path / "stride0.pth"
+    path.write_bytes(buffer.getvalue())
+    assert path.stat().st_size < 1000
+    with pytest.raises(WeightsError, match=r"stride0\.pth: tensor 'w' \(10000, 10000\) has 100000000 elements, more than its storage's 1"):
+        read_state_dict(path)
+    assert _peak_bytes(lambda: read_state_dict(path)) < 1_000_000
+
+
+def test_a_zip_checkpoint_is_read_only_as_torch_writes_it(tmp_path, fake_torch):
+    state, storages = _tensors(fake_torch, {"w": np.ones(4, np.float32)})
+    buffer = io.BytesIO()
+    _TorchPickler(buffer, protocol=2).dump(state)
+    key = storages[0].key
+    # a compressed storage member: 200 MB of zeros in a file of a few hundred KB
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(bomb, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr(f"archive/data/{key}", b"\0" * 200_000_000, compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 400_000
+    with pytest.raises(WeightsError, match=rf"bomb\.pth: archive/data/{key} is compressed; torch stores"):
+        read_state_dict(bomb)
+    assert _peak_bytes(lambda: read_state_dict(bomb)) < 1_000_000
+    # a stored member of another size than its tensors' record says
+    longer = tmp_path / "longer.pth"
+    with zipfile.ZipFile(longer, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr(f"archive/data/{key}", np.ones(5, np.float32).tobytes())
+    with pytest.raises(WeightsError, match=rf"longer\.pth: archive/data/{key} holds 20 bytes where its tensors' record says 16"):
+        read_state_dict(longer)
+    # damaged: the project's one line naming the file, not zipfile's BadZipFile
+    good = tmp_path / "good.pth"
+    write_zip(good, fake_torch, {"w": np.arange(64, dtype=np.float32)})
+    data = bytearray(good.read_bytes())
+    at = data.index(np.arange(64, dtype=np.float32).tobytes())
+    data[at + 8] ^= 0xFF  # inside the stored member: its CRC no longer matches
+    (tmp_path / "crc.pth").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"crc\.pth: not a torch state dict \(BadZipFile: Bad CRC-32") as info:
+        read_state_dict(tmp_path / "crc.pth")
+    assert "\n" not in str(info.value)
+
+
+def test_train_pair_names_a_damaged_weights_file_in_one_line(tmp_path, fake_torch):
+    import subprocess
+
+    from fundus_ensemble.data.synthetic import write_synthetic_dataset
+
+    path = tmp_path / "bad.pth"
+    write_zip(path, fake_torch, {"w": np.arange(64, dtype=np.float32)})
+    data = bytearray(path.read_bytes())
+    at = data.index(np.arange(64, dtype=np.float32).tobytes())
+    data[at + 8] ^= 0xFF
+    path.write_bytes(bytes(data))
+    manifest = write_synthetic_dataset(tmp_path / "data", n_patients=6, seed=0, diameter=64)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "preprocess.py"), str(manifest), "--out", str(tmp_path / "prep"),
+                    "--size", "32"], check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "train_pair.py"), str(tmp_path / "prep"), "--out",
+                           str(tmp_path / "run"), "--backbone", "efficientnet_lite0", "--weights", str(path), "--epochs", "1",
+                           "--fine-tune-epochs", "0", "--views", "color"], capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert errors == [f"error: {path}: not a torch state dict (BadZipFile: Bad CRC-32 for file 'archive/data/100')"], errors
+
+
 class _Payload:
     def __init__(self, marker: Path):
         self.marker = marker

@@ -9,8 +9,11 @@ Laterality) and whose (PatientID): what a folder of a camera's files is paired b
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,9 @@ from ..errors import ImageError
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128
 _EYES = {"L": "left", "R": "right"}
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is one deflate stream
+HEADER_ALLOWANCE = 16_000_000  # bytes a dataset may hold beside its pixels (header, overlays, private tags)
+NO_LIMIT_INFLATE = 1_000_000_000  # the most a deflated dataset may inflate to when no pixel limit is set
 
 
 @dataclass(frozen=True)
@@ -41,15 +47,55 @@ def is_dicom(path: str | os.PathLike) -> bool:
         return False
 
 
-def _read(path: Path, stop_before_pixels: bool):
+def inflate_limit(max_pixels: int | None) -> int:
+    """The most bytes a deflated dataset may inflate to: its pixels at the limit (3 bytes each:
+    8-bit colour, or 16-bit gray with room) and :data:`HEADER_ALLOWANCE` beside them."""
+    return NO_LIMIT_INFLATE if max_pixels is None else 3 * max_pixels + HEADER_ALLOWANCE
+
+
+def _read(path: Path, stop_before_pixels: bool, max_pixels: int | None):
     import pydicom  # only photos that are DICOM pay for the import
 
     try:
         with warnings.catch_warnings():  # a damaged file's warnings: the ImageError below says it once
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            meta = pydicom.filereader.read_file_meta_info(path)
+            source = _inflated(path, meta, inflate_limit(max_pixels)) if meta.get("TransferSyntaxUID") == DEFLATED else path
+            return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
+    except ImageError:
+        raise
     except Exception as exc:  # pydicom raises many types for a damaged file; each is the file's fault
         raise ImageError(f"not a readable DICOM file ({_reason(exc)})") from None
+
+
+def _inflated(path: Path, meta, limit: int) -> io.BytesIO:
+    """A deflated file as the same dataset uncompressed, in memory, or ImageError past ``limit``
+    bytes: pydicom inflates the whole stream at once, and deflate reaches 1000:1, so a file
+    within any upload limit could take tens of GB before a single check."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if not isinstance(group_length, int) or group_length <= 0:
+        raise ImageError("deflated DICOM file without a File Meta Information Group Length")
+    with open(path, "rb") as f:
+        f.seek(_MAGIC_OFFSET + 4 + 12 + group_length)  # preamble, DICM, the (0002,0000) element, the group
+        compressed = f.read()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        dataset = inflater.decompress(compressed, limit + 1)  # never more than this, whatever the ratio
+    except zlib.error as exc:
+        raise ImageError(f"damaged deflated DICOM dataset ({exc})") from None
+    if len(dataset) > limit or inflater.unconsumed_tail:
+        raise ImageError(f"deflated DICOM dataset inflates past {limit / 1e6:.0f} MB ({len(compressed) / 1e6:.2f} MB "
+                         "compressed); refused before reading it (the limit follows --max-megapixels)")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.write(b"\0" * _MAGIC_OFFSET + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    out.write(dataset)
+    return io.BytesIO(out.getvalue())
 
 
 def _reason(exc: Exception) -> str:
@@ -57,21 +103,39 @@ def _reason(exc: Exception) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def read_dicom_header(path: str | os.PathLike) -> DicomHeader:
-    """PatientID and laterality, read without the pixel data."""
-    ds = _read(Path(path), stop_before_pixels=True)
+def read_dicom_header(path: str | os.PathLike, max_pixels: int | None = None) -> DicomHeader:
+    """PatientID and laterality, read without the pixel data (a deflated dataset is inflated up
+    to :func:`inflate_limit` of ``max_pixels``; None: the default pixel limit's)."""
+    from .imaging import DEFAULT_MAX_PIXELS
+
+    ds = _read(Path(path), stop_before_pixels=True, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     code = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
     patient = str(ds.get("PatientID", "") or "").strip() or None
     return DicomHeader(patient, _EYES.get(code))
 
 
+def check_laterality(path: str | os.PathLike, eye: str, max_pixels: int | None = None) -> None:
+    """The one rule for every way a photo reaches the project as ``eye`` (a form slot, --left or
+    --right, a manifest column, a file name): a DICOM whose header says the other eye is refused
+    with :class:`ImageError`. Other photos, and a DICOM that does not say, pass."""
+    if not is_dicom(path):
+        return
+    said = read_dicom_header(path, max_pixels).laterality
+    if said is not None and said != eye:
+        raise ImageError(f"given as the {eye} eye, but it is a DICOM of the {said} eye (ImageLaterality); give it as "
+                         f"the {said} eye or fix its header")
+
+
 def decode_dicom(path: str | os.PathLike, max_pixels: int | None) -> np.ndarray:
     """A DICOM photo as 8-bit BGR (OpenCV's order), or :class:`ImageError` with the reason.
 
-    The pixel count is checked against ``max_pixels`` from the header, before decoding.
+    The pixel count is checked against ``max_pixels`` before decoding: the header's, and a
+    compressed frame's own (a JPEG stream may hold a larger image than the header says; the
+    decoder would allocate what the stream says). A deflated dataset inflates only up to
+    :func:`inflate_limit`.
     """
     path = Path(path)
-    ds = _read(path, stop_before_pixels=False)
+    ds = _read(path, stop_before_pixels=False, max_pixels=max_pixels)
     if "PixelData" not in ds:
         raise ImageError("DICOM file without pixel data (not a photo: a report or a structured document?)")
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -81,6 +145,8 @@ def decode_dicom(path: str | os.PathLike, max_pixels: int | None) -> np.ndarray:
                          f"megapixels; the limit is {max_pixels / 1e6:.0f}, set by --max-megapixels)")
     if frames > 1:
         raise ImageError(f"multi-frame DICOM ({frames} frames); export the one photo of each eye as its own file")
+    if ds.file_meta.get("TransferSyntaxUID") is not None and ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        _check_frame_size(ds, rows, columns)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric.startswith("PALETTE"):
         raise ImageError("palette-colour DICOM is not supported; export the photo as RGB")
@@ -106,6 +172,59 @@ def decode_dicom(path: str | os.PathLike, max_pixels: int | None) -> np.ndarray:
     import cv2
 
     return cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
+
+
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"  # no size in the stream: pydicom decodes into the header's Rows x Columns
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # JPEG, and JPEG-LS's SOF55
+
+
+def compressed_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(columns, rows) a JPEG, JPEG-LS or JPEG 2000 codestream says it holds, from its frame header
+    (SOFn, or SIZ), without decoding; None when no such header is found."""
+    if frame[:2] == b"\xff\xd8":  # JPEG family: walk the marker segments up to the frame header
+        at = 2
+        while at + 4 <= len(frame):
+            if frame[at] != 0xFF:
+                return None
+            marker = frame[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            (length,) = struct.unpack(">H", frame[at + 2:at + 4])
+            if marker in _SOF:
+                if at + 9 > len(frame):
+                    return None
+                rows, columns = struct.unpack(">HH", frame[at + 5:at + 9])
+                return columns, rows
+            if marker == 0xDA or length < 2:  # scan data before any frame header
+                return None
+            at += 2 + length
+        return None
+    siz = frame.find(b"\xff\x4f\xff\x51")  # JPEG 2000 codestream (raw, or inside a JP2 file's box)
+    if siz >= 0 and siz + 24 <= len(frame):
+        x, y, x0, y0 = struct.unpack(">IIII", frame[siz + 8:siz + 24])
+        return x - x0, y - y0
+    return None
+
+
+def _check_frame_size(ds, rows: int, columns: int) -> None:
+    """Refuse a compressed frame whose own size is not the header's (checked against the limit)."""
+    from pydicom.encaps import generate_frames
+
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax == RLE_LOSSLESS:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as exc:
+        raise ImageError(f"cannot read the DICOM's compressed frame ({syntax.name}: {_reason(exc)})") from None
+    size = compressed_frame_size(frame)
+    if size is None:
+        raise ImageError(f"cannot find the image size in the DICOM's compressed frame ({syntax.name}); refused "
+                         "before decoding")
+    if size != (columns, rows):
+        raise ImageError(f"the DICOM's compressed frame holds a {size[0]} x {size[1]} image but its header says "
+                         f"{columns} x {rows}; refused before decoding")
 
 
 def write_dicom_photo(path: str | os.PathLike, bgr: np.ndarray, patient_id: str = "", laterality: str | None = None,

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import WeightsError
 
+MAX_SHARING = 4  # tensors may view one storage (tied weights); all of them together at most this many storages' bytes
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
@@ -110,12 +111,24 @@ def _materialize(state, storages: dict[str, np.ndarray], source: str) -> dict[st
     if not isinstance(state, dict):
         raise WeightsError(f"{source}: holds a {type(state).__name__}, not a state dict")
     out: dict[str, np.ndarray] = {}
+    # Every tensor is copied out of its storage: bound the copies by the bytes the file holds, so a
+    # few hundred bytes of pickle cannot ask for any amount of memory (a zero stride repeats one element).
+    budget = MAX_SHARING * sum(data.nbytes for data in storages.values())
     for name, ref in state.items():
         if not isinstance(ref, _TensorRef):
             raise WeightsError(f"{source}: entry {name!r} is a {type(ref).__name__}, not a tensor")
         data = storages.get(ref.storage.key)
         if data is None:
             raise WeightsError(f"{source}: storage {ref.storage.key} of {name!r} is missing")
+        if any(n < 0 for n in ref.shape):
+            raise WeightsError(f"{source}: tensor {name!r} has a negative size {ref.shape}")
+        elements = int(np.prod(ref.shape, dtype=object))
+        if elements > data.size:
+            raise WeightsError(f"{source}: tensor {name!r} {ref.shape} has {elements} elements, more than its storage's "
+                               f"{data.size} (a state dict's tensors never repeat their storage's elements)")
+        budget -= elements * data.itemsize
+        if budget < 0:
+            raise WeightsError(f"{source}: its tensors take more than {MAX_SHARING} times the bytes of its storages")
         extent = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) + 1 if all(ref.shape) else 0
         if ref.offset < 0 or extent > data.size or any(s < 0 for s in ref.stride):
             raise WeightsError(f"{source}: tensor {name!r} {ref.shape} reaches past its storage of {data.size}")
@@ -143,11 +156,24 @@ def _read_legacy(file, source: str) -> dict[str, np.ndarray]:
         if ref is None or len(raw) != 8:
             raise WeightsError(f"{source}: storage {key} is {'unknown' if ref is None else 'truncated'}")
         (count,) = struct.unpack("<q", raw)
+        if count < 0 or count != ref.numel:
+            raise WeightsError(f"{source}: storage {key} holds {count} elements where its tensors' record says {ref.numel}")
         data = file.read(count * ref.dtype.itemsize)
         if count < 0 or len(data) != count * ref.dtype.itemsize:
             raise WeightsError(f"{source}: storage {key} is truncated ({len(data)} of {count * ref.dtype.itemsize} bytes)")
         storages[str(key)] = np.frombuffer(data, ref.dtype)
     return _materialize(state, storages, source)
+
+
+def _stored_member(archive: zipfile.ZipFile, name: str, source: str, size: int | None = None) -> bytes:
+    """A member's bytes, read only when torch could have written it: stored, not compressed (a
+    compressed member inflates to what it likes), and of ``size`` bytes when that is known."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise WeightsError(f"{source}: {name} is compressed; torch stores a checkpoint's members uncompressed")
+    if size is not None and info.file_size != size:
+        raise WeightsError(f"{source}: {name} holds {info.file_size} bytes where its tensors' record says {size}")
+    return archive.read(name)
 
 
 def _read_zip(path: Path, source: str) -> dict[str, np.ndarray]:
@@ -157,14 +183,15 @@ def _read_zip(path: Path, source: str) -> dict[str, np.ndarray]:
         if len(pickles) != 1:
             raise WeightsError(f"{source}: a torch zip file has one data.pkl, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
-        state = _load_pickle(io.BytesIO(archive.read(pickles[0])), source)
+        state = _load_pickle(io.BytesIO(_stored_member(archive, pickles[0], source)), source)
         storages = {}
         for ref in (state.values() if isinstance(state, dict) else ()):
             if isinstance(ref, _TensorRef) and ref.storage.key not in storages:
                 member = f"{prefix}data/{ref.storage.key}"
                 if member not in names:
                     raise WeightsError(f"{source}: storage file {member} is missing")
-                storages[ref.storage.key] = np.frombuffer(archive.read(member), ref.storage.dtype)
+                size = ref.storage.numel * ref.storage.dtype.itemsize
+                storages[ref.storage.key] = np.frombuffer(_stored_member(archive, member, source, size), ref.storage.dtype)
     return _materialize(state, storages, source)
 
 
@@ -173,12 +200,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"state dict file not found: {path}")
-    if zipfile.is_zipfile(path):
-        return _read_zip(path, str(path))
-    with open(path, "rb") as file:
-        try:
+    try:
+        if zipfile.is_zipfile(path):
+            return _read_zip(path, str(path))
+        with open(path, "rb") as file:
             return _read_legacy(file, str(path))
-        except (UnsafePickleError, WeightsError):
-            raise
-        except Exception as exc:
-            raise WeightsError(f"{path}: not a torch state dict ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    except (UnsafePickleError, WeightsError):
+        raise
+    except Exception as exc:  # a damaged zip or storage (BadZipFile, ValueError, ...): the file's fault, one line
+        raise WeightsError(f"{path}: not a torch state dict ({type(exc).__name__}: {str(exc)[:120]})") from exc
