@@ -133,7 +133,7 @@ def test_bad_requests_are_one_line_4xx_and_the_server_stays_up(server, photos, t
     cases = [
         ({"left": tmp_path / "broken.jpg"}, 422, "not a readable image"),
         ({}, 422, "no photo"),
-        ({"left": tmp_path / "r.dcm"}, 422, "the left photo is a DICOM of the right eye"),
+        ({"left": tmp_path / "r.dcm"}, 422, "left photo: given as the left eye, but it is a DICOM of the right eye"),
         ({"left": tmp_path / "big.jpg"}, 413, "upload too large"),
     ]
     for files, status, reason in cases:
@@ -264,3 +264,151 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
         assert "right: not a readable image" in driver.page_source  # one bad eye: predicted from the other, said
     finally:
         driver.quit()
+
+
+# --- limits before trust (hidden round four) -------------------------------------------------------------
+
+TOKEN = "s3cret-token-0123456"
+
+
+def _released() -> "SlowPredictor":
+    slow = SlowPredictor()
+    slow.release.set()
+    return slow
+
+
+def _raw_request(port: int, head: str, body: bytes = b"", wait: float = 10) -> tuple[int, str]:
+    """Send ``head`` (and ``body``) on a raw socket; the status and text of the answer, read
+    without sending more: an answer that needs the rest of the body never comes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + 20:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except socket.timeout:
+            pass
+    if not data:
+        return 0, ""
+    return int(data.split(b" ", 2)[1]), data.decode("latin-1")
+
+
+@pytest.fixture(scope="module")
+def token_server(run_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "token-server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1",
+                                    "--token", TOKEN], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield port
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_the_token_and_the_size_are_checked_before_any_body_is_read(token_server):
+    port = token_server
+    # headers only, a 900 KB body announced and never sent: the answer comes anyway
+    head = (f"POST /predict HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=b\nContent-Length: 900000\n")
+    status, text = _raw_request(port, head)
+    assert status == 401 and "a valid token is needed" in text, text[:300]
+    status, text = _raw_request(port, head.replace("POST / ", "POST / ").replace("/predict", "/"))
+    assert status == 401 and "Sign in" in text, "the page's upload too: the token comes first"
+    # chunked beside a small Content-Length: refused at the headers, nothing streamed in
+    status, text = _raw_request(port, head.replace("900000", "10") + "Transfer-Encoding: chunked\n"
+                                + f"Authorization: Bearer {TOKEN}\n")
+    assert status == 400 and "Content-Length, not a Transfer-Encoding" in text, text[:300]
+    status, text = _raw_request(port, head.replace("Content-Length: 900000\n", "Transfer-Encoding: chunked\n"))
+    assert status == 411, text[:300]
+    status, text = _raw_request(port, head.replace("900000", "5000000") + f"authorization: bearer {TOKEN}\n")
+    assert status == 413 and "upload too large" in text, "a lower-case scheme is a bearer token too (RFC 7235)"
+    assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+
+
+def test_the_bytes_received_are_counted_whatever_the_headers_said():
+    import asyncio
+
+    from fundus_ensemble.serve.app import create_app
+
+    app = create_app(_released(), token=TOKEN, max_upload_mb=1)
+    received, sent = [], []
+
+    async def receive():  # 64 KB chunks up to 5 MB, after headers that said 100 bytes
+        received.append(65536)
+        return {"type": "http.request", "body": b"-" * 65536, "more_body": sum(received) < 5_000_000}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", b"100"),
+               (b"authorization", f"Bearer {TOKEN}".encode())]
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers, "query_string": b"",
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
+             "root_path": "", "raw_path": b"/predict"}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413 and b"larger than its Content-Length" in sent[1]["body"]
+    assert sum(received) <= 65536, f"{sum(received)} bytes read past a 100-byte Content-Length"
+    received.clear()
+    sent.clear()
+    headers[1] = (b"content-length", b"999999")
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413 and sum(received) <= 1_000_000 + 65536, sum(received)
+
+
+def test_malformed_or_mistyped_requests_are_one_line_4xx(photos):
+    from fastapi.testclient import TestClient
+
+    from fundus_ensemble.serve.app import create_app
+
+    client = TestClient(create_app(_released(), max_upload_mb=1))
+    left = photos["left"].read_bytes()
+    cases = [
+        (dict(content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}), 400, "malformed form"),
+        (dict(data={f"f{i}": "v" for i in range(12)}, files={"left": ("a.jpg", left)}), 400, "malformed form: Too many fields"),
+        (dict(data={"patient_id": "x" * 5000}, files={"left": ("a.jpg", left)}), 400, "malformed form: Part exceeded"),
+        (dict(files={"left": ("a.jpg", left), "patient_id": ("id.txt", b"p7")}), 422, "patient_id was sent as a file"),
+        (dict(data={"left": "not a file"}), 422, "the left photo was sent as a text field"),
+        (dict(data={"side": "x"}, files={"left": ("a.jpg", left)}), 422, "unknown form field(s) 'side'"),
+    ]
+    for kwargs, status, reason in cases:
+        answer = client.post("/predict", **kwargs)
+        assert answer.status_code == status and reason in answer.json()["detail"], (reason, answer.text)
+        assert isinstance(answer.json()["detail"], str) and "\n" not in answer.json()["detail"]
+    answer = client.post("/predict?heatmaps=maybe", files={"left": ("a.jpg", left)})
+    assert answer.status_code == 422 and answer.json() == {
+        "detail": "query heatmaps: Input should be a valid boolean, unable to interpret input"}, answer.text
+    ok = client.post("/predict", data={"patient_id": "p7"}, files={"left": ("a.jpg", left)})
+    assert ok.status_code == 200 and ok.json()["patient_id"] == "p7"
+
+
+def test_the_page_signs_in_with_the_token_and_shows_no_server_path(photos, run_dir, server):
+    from fastapi.testclient import TestClient
+
+    from fundus_ensemble.serve.app import create_app
+
+    client = TestClient(create_app(_released(), token=TOKEN))
+    files = {"left": ("a.jpg", photos["left"].read_bytes())}
+    assert client.post("/", files=files).status_code == 401
+    assert 'action="/login"' in client.get("/").text
+    assert client.post("/login", data={"token": "wrong-token-0123456"}).status_code == 401
+    signed = client.post("/login", data={"token": TOKEN}, follow_redirects=False)
+    assert signed.status_code == 303 and TOKEN not in signed.headers["set-cookie"], "the cookie is not the token"
+    answer = client.post("/", files=files)  # the session cookie, in the headers the gate reads
+    assert answer.status_code == 200 and "data-class" in answer.text and 'action="/login"' not in answer.text
+    # the real station's page and API name no folder of the server
+    url, _ = server
+    page = httpx.get(url + "/").text
+    body = httpx.post(f"{url}/predict", files={"left": ("a.jpg", photos["left"].read_bytes())}, timeout=120).text
+    for shown in (page, body):
+        assert str(run_dir) not in shown and str(run_dir.parent) not in shown

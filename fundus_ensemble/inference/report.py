@@ -335,10 +335,11 @@ def _provenance(provenance: dict) -> str:
             f"<tr><td>{html.escape(view)}</td><td>{html.escape(str(card.get('backbone', '?')))}</td>"
             f"<td>{html.escape(str(card.get('input_size', '?')))} px</td>"
             f"<td>{html.escape(str(card.get('weights_init') or 'none (from scratch)'))}</td>"
-            f"<td>{html.escape(str(card.get('train_patients', '?')))} patients of "
-            f"<code>{html.escape(str(card.get('data_manifest', '?')))}</code></td>"
-            f"<td>{shown}</td></tr>")
-    return (f"<h2>Model</h2><p class=note>Run <code>{html.escape(provenance['run'])}</code>; the ensemble averages "
+            f"<td>{html.escape(str(card.get('train_patients', '?')))} patients"
+            + (f" of <code>{html.escape(str(card['data_manifest']))}</code>" if card.get("data_manifest") else "")
+            + f"</td><td>{shown}</td></tr>")
+    run = f"Run <code>{html.escape(provenance['run'])}</code>; the" if provenance.get("run") else "The"
+    return (f"<h2>Model</h2><p class=note>{run} ensemble averages "
             f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.</p>"
             "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
             f"<th>best validation final</th></tr>{''.join(rows)}</table>")

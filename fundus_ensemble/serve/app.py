@@ -11,7 +11,10 @@ one request. Nothing about a patient is logged unless ``log_patients``.
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import html
+import json
 import logging
 import queue
 import resource
@@ -23,7 +26,7 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from ..data.dicom import is_dicom, read_dicom_header
+from ..data.dicom import check_laterality
 from ..errors import FundusError, ImageError
 from ..inference.explain import overlay
 from ..inference.predict import PatientPhotos, Predictor, card_of
@@ -35,6 +38,9 @@ DEFAULT_MAX_UPLOAD_MB = 40.0  # a request, both photos together: a 24-megapixel 
 DEFAULT_QUEUE = 16
 DEFAULT_BATCH = 8
 AID = "A screening aid, not a diagnosis."
+LOGIN_LIMIT = 4096  # bytes of a token form
+SESSION_COOKIE = "fundus_session"
+PUBLIC_CARD_KEYS = ("backbone", "input_size", "weights_init", "train_patients", "best_val")
 
 
 class Busy(Exception):
@@ -107,12 +113,81 @@ def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> di
     return body
 
 
+def public_provenance(provenance: dict) -> dict:
+    """What a client may see of the model: no server paths (the run folder, the training manifest)."""
+    return {"calibrated": provenance["calibrated"],
+            "models": {v: {k: card.get(k) for k in PUBLIC_CARD_KEYS} for v, card in provenance["models"].items()}}
+
+
 def _model_summary(predictor) -> dict:
-    prov = predictor.provenance
-    return {"run": prov["run"], "calibrated": prov["calibrated"],
-            "views": {v: {k: card.get(k) for k in ("backbone", "input_size", "weights_init", "train_patients",
-                                                     "data_manifest", "best_val")}
-                      for v, card in prov["models"].items()}}
+    prov = public_provenance(predictor.provenance)
+    return {"calibrated": prov["calibrated"], "views": prov["models"]}
+
+
+def bearer_token(header: str) -> str | None:
+    """The credentials of an ``Authorization: Bearer ...`` header (the scheme in any case, RFC 7235)."""
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+class _Gate:
+    """Pure ASGI, in front of the app: every POST is refused before its body is read unless it
+    carries the token (when the station has one; as a bearer header, or the page's session
+    cookie) and a Content-Length within the limit, without a Transfer-Encoding beside it; then the
+    body's bytes are counted as they arrive, and past the limit (or past what Content-Length
+    said) the request ends with 413, whatever the headers said."""
+
+    def __init__(self, app, limit: int, token: str | None, session: str | None, refuse):
+        self.app, self.limit, self.token, self.session, self.refuse = app, limit, token, session, refuse
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        given = bearer_token(headers.get("authorization", ""))
+        if given is not None and secrets.compare_digest(given.encode(), self.token.encode()):
+            return True
+        cookies = [c.strip().partition("=") for c in headers.get("cookie", "").split(";")]
+        session = next((value for name, _, value in cookies if name == SESSION_COOKIE), "")
+        return bool(session) and secrets.compare_digest(session.encode(), self.session.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        length = headers.get("content-length", "").strip()
+        limit = LOGIN_LIMIT if path == "/login" else self.limit
+        if "transfer-encoding" in headers:
+            return await self.refuse(scope, send, 400 if length else 411,
+                                     "a request body needs a Content-Length, not a Transfer-Encoding")
+        if not length.isdigit():
+            return await self.refuse(scope, send, 411, "a request needs its Content-Length")
+        if self.token is not None and path != "/login" and not self._authorised(headers):
+            return await self.refuse(scope, send, 401, "a valid token is needed (Authorization: Bearer TOKEN)")
+        if int(length) > limit:
+            return await self.refuse(scope, send, 413, f"upload too large ({int(length) / 1e6:.1f} MB; the limit is "
+                                                       f"{limit / 1e6:g} MB)")
+        declared, received, over, started = int(length), 0, False, False
+
+        async def counted():
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > min(limit, declared):
+                    over = True
+                    return {"type": "http.disconnect"}  # the app stops reading; the answer below replaces its own
+            return message
+
+        async def guarded(message):
+            nonlocal started
+            if over:
+                return
+            started = True
+            await send(message)
+
+        await self.app(scope, counted, guarded)
+        if over and not started:
+            await self.refuse(scope, send, 413, f"the body is larger than its Content-Length or the limit of "
+                                                f"{limit / 1e6:g} MB")
 
 
 def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
@@ -122,23 +197,37 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
     ``token``: every prediction needs it (``Authorization: Bearer``, or the page's token field).
     """
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     worker = Worker(predictor, queue_size, batch_size)
     limit = int(max_upload_mb * 1e6)
+    # the page's session: a cookie derived from the token, so the token itself is never stored in a browser
+    session = hmac.new(token.encode(), b"fundus-ensemble station session", hashlib.sha256).hexdigest() if token else None
     app = FastAPI(title="fundus-ensemble screening station", version="1",
                   description=f"Eight ODIR classes from a patient's fundus photos. {AID}")
     app.state.worker = worker
+    shown = public_provenance(predictor.provenance)
 
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.method == "POST" and (length is None or not length.isdigit()):
-            return JSONResponse({"detail": "a request needs its Content-Length"}, status_code=411)
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse({"detail": f"upload too large ({int(length) / 1e6:.1f} MB; the limit is "
-                                           f"{max_upload_mb:g} MB)"}, status_code=413)
-        return await call_next(request)
+    async def refuse(scope, send, status: int, reason: str) -> None:
+        """The gate's answer: the page again with the reason for the page, else ``{"detail": one line}``."""
+        if scope["path"] in ("/", "/login"):
+            body, kind = _page(predictor, token is not None, error=reason, logged_in=False).encode(), b"text/html; charset=utf-8"
+        else:
+            body, kind = json.dumps({"detail": reason}).encode(), b"application/json"
+        headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    app.add_middleware(_Gate, limit=limit, token=token, session=session, refuse=refuse)
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line_validation(request: Request, exc: RequestValidationError):
+        problems = [f"{' '.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+        return JSONResponse({"detail": _one_line("; ".join(problems) or "invalid request")}, status_code=422)
 
     @app.get("/health")
     def health() -> dict:
@@ -146,34 +235,45 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
         return {"status": "ok", "queued": worker.jobs.qsize(), "queue_size": queue_size, "answered": worker.answered,
                 "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
+    async def read_form(request: Request, **limits):
+        """The request's form, or a one-line 4xx: a malformed body is the client's fault."""
+        try:
+            return await request.form(**limits)
+        except HTTPException as exc:  # starlette's answer to a malformed multipart or urlencoded body
+            raise _Refused(400, f"malformed form: {exc.detail}") from None
+        except ClientDisconnect:  # the gate ended an oversized body; its 413 replaces this answer
+            raise _Refused(413, "the body was cut off") from None
+        except Exception as exc:  # the form parser's own errors on a garbled body
+            raise _Refused(400, f"malformed form ({type(exc).__name__})") from None
+
     async def predict_upload(request: Request) -> tuple[str, tuple]:
-        form = await request.form(max_files=3, max_fields=10)
-        if token is not None:
-            given = request.headers.get("authorization", "")
-            supplied = given[len("Bearer "):] if given.startswith("Bearer ") else str(form.get("token") or "")
-            if not secrets.compare_digest(supplied.encode(), token.encode()):
-                raise _Refused(401, "a valid token is needed (Authorization: Bearer TOKEN)")
-        patient_id = str(form.get("patient_id") or "patient").strip()[:128] or "patient"
+        # the gate has checked the token and the size before any of this body was read
+        form = await read_form(request, max_files=3, max_fields=10, max_part_size=4096)
+        unknown = sorted(set(form.keys()) - {"patient_id", "left", "right", "token"})
+        if unknown:
+            raise _Refused(422, f"unknown form field(s) {', '.join(map(repr, unknown[:5]))}; expected patient_id, left, right")
+        patient_id = form.get("patient_id") or "patient"
+        if not isinstance(patient_id, str):
+            raise _Refused(422, "patient_id was sent as a file; send it as a text field")
+        patient_id = patient_id.strip()[:128] or "patient"
         folder = Path(tempfile.mkdtemp(prefix="fundus-upload-"))  # mode 0700: this user's alone
         try:
             photos: dict[str, Path] = {}
             for eye in ("left", "right"):
                 upload = form.get(eye)
-                if upload is None or isinstance(upload, str) or not upload.filename:
+                if isinstance(upload, str) and upload:
+                    raise _Refused(422, f"the {eye} photo was sent as a text field; send it as a file")
+                if not isinstance(upload, UploadFile) or not upload.filename:
                     continue
                 data = await upload.read()
                 if not data:
                     continue
                 path = folder / eye
                 path.write_bytes(data)
-                if is_dicom(path):
-                    try:
-                        said = read_dicom_header(path).laterality
-                    except ImageError as exc:
-                        raise _Refused(422, f"{eye} photo: {exc}") from None
-                    if said is not None and said != eye:
-                        raise _Refused(422, f"the {eye} photo is a DICOM of the {said} eye (ImageLaterality); "
-                                            "upload it as the other eye")
+                try:
+                    check_laterality(path, eye, predictor.max_pixels)
+                except ImageError as exc:
+                    raise _Refused(422, f"{eye} photo: {exc}") from None
                 photos[eye] = path
             if not photos:
                 raise _Refused(422, "no photo: upload a left or a right photo (or both)")
@@ -211,26 +311,43 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
         body["seconds"] = round(time.perf_counter() - started, 3)
         return body
 
+    def logged_in(request: Request) -> bool:
+        return token is None or secrets.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), session.encode())
+
     @app.get("/", response_class=HTMLResponse)
-    def form_page():
-        return HTMLResponse(_page(predictor, token is not None))
+    def form_page(request: Request):
+        return HTMLResponse(_page(predictor, token is not None, logged_in=logged_in(request)))
+
+    @app.post("/login", response_class=HTMLResponse)
+    async def login(request: Request):
+        """The page's token, exchanged for a session cookie that later uploads carry in their headers."""
+        try:
+            given = (await read_form(request, max_fields=2, max_part_size=LOGIN_LIMIT)).get("token")
+        except _Refused as exc:
+            return HTMLResponse(_page(predictor, True, error=exc.reason, logged_in=False), status_code=exc.status)
+        if token is None:
+            return RedirectResponse("/", status_code=303)
+        if not isinstance(given, str) or not secrets.compare_digest(given.encode(), token.encode()):
+            return HTMLResponse(_page(predictor, True, error="wrong token", logged_in=False), status_code=401)
+        answer = RedirectResponse("/", status_code=303)
+        answer.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="strict")
+        return answer
 
     @app.post("/", response_class=HTMLResponse)
     async def form_answer(request: Request):
+        needs = token is not None
         try:
             card, _ = answered_card(predictor, *await predict_upload(request))
         except _Refused as exc:
-            return HTMLResponse(_page(predictor, token is not None, error=exc.reason), status_code=exc.status)
+            return HTMLResponse(_page(predictor, needs, error=exc.reason), status_code=exc.status)
         except FundusError as exc:
-            return HTMLResponse(_page(predictor, token is not None, error=_one_line(exc)), status_code=422)
+            return HTMLResponse(_page(predictor, needs, error=_one_line(exc)), status_code=422)
         except Exception as exc:
             log.error("prediction failed: %s", type(exc).__name__)
-            return HTMLResponse(_page(predictor, token is not None, error="internal error while predicting"),
-                                status_code=500)
+            return HTMLResponse(_page(predictor, needs, error="internal error while predicting"), status_code=500)
         summary = {"patients": 1, "predicted": 1, "rejected": 0}
-        return HTMLResponse(_page(predictor, token is not None,
-                                  result=prediction_sections([card], predictor.source, summary, predictor.provenance,
-                                                             thumb=224)))
+        return HTMLResponse(_page(predictor, needs, result=prediction_sections([card], predictor.source, summary, shown,
+                                                                               thumb=224)))
 
     return app
 
@@ -245,20 +362,23 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def _page(predictor, needs_token: bool, result: list[str] | None = None, error: str | None = None) -> str:
-    token = '<label>Token <input type="password" name="token" autocomplete="off"></label> ' if needs_token else ""
+def _page(predictor, needs_token: bool, result: list[str] | None = None, error: str | None = None,
+          logged_in: bool = True) -> str:
     parts = [f"<p><b>{AID}</b> Upload a patient's left and right fundus photos (JPEG, PNG or the camera's DICOM; "
-             "either may be missing).</p>",
-             '<form method="post" enctype="multipart/form-data" id="upload">'
-             '<label>Patient <input name="patient_id" value="patient"></label> '
-             '<label>Left eye <input type="file" name="left" accept="image/*,.dcm,application/dicom"></label> '
-             '<label>Right eye <input type="file" name="right" accept="image/*,.dcm,application/dicom"></label> '
-             f'{token}<button type="submit" id="submit">Screen</button></form>']
+             "either may be missing).</p>"]
+    if needs_token and not logged_in:  # the token goes in a small form of its own, never beside the photos
+        parts.append('<form method="post" action="/login" id="login"><label>Token <input type="password" name="token" '
+                     'autocomplete="off"></label> <button type="submit">Sign in</button></form>')
+    parts.append('<form method="post" enctype="multipart/form-data" id="upload">'
+                 '<label>Patient <input name="patient_id" value="patient"></label> '
+                 '<label>Left eye <input type="file" name="left" accept="image/*,.dcm,application/dicom"></label> '
+                 '<label>Right eye <input type="file" name="right" accept="image/*,.dcm,application/dicom"></label> '
+                 '<button type="submit" id="submit">Screen</button></form>')
     if error:
         parts.append(f'<p class="error" id="error" style="color:#b00"><b>Could not screen:</b> {html.escape(error)}</p>')
     if result is None:
         parts.append(prediction_sections([], predictor.source, {"patients": 0, "predicted": 0, "rejected": 0},
-                                         predictor.provenance)[1])  # the model's provenance table
+                                         public_provenance(predictor.provenance))[1])  # the model's provenance table
     else:
         parts += result
     return page("fundus-ensemble screening station", parts)
