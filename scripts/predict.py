@@ -68,10 +68,11 @@ def main(argv=None):
 
         load_calibration_file(args.calibration)
     import_keras()
-    from fundus_ensemble.inference.predict import PatientPhotos, patients_in_folder, patients_in_manifest, predict_photos
+    from fundus_ensemble.inference.predict import (PatientPhotos, check_sides, patients_in_folder, patients_in_manifest,
+                                                   predict_photos)
 
     if args.input is None:
-        patients = [PatientPhotos(args.id, photos.get("left"), photos.get("right"))]
+        patients = check_sides([PatientPhotos(args.id, photos.get("left"), photos.get("right"))])
     elif Path(args.input).is_dir():
         patients = patients_in_folder(args.input, args.pattern)
     else:

@@ -49,7 +49,7 @@ from ..fileio import (
     sha256_file,
 )
 from ..labels import VIEWS
-from .dicom import is_dicom, read_dicom_header
+from .dicom import check_laterality
 from .imaging import DEFAULT_MAX_PIXELS, encode_png, make_views
 from .manifest import Manifest, write_manifest
 
@@ -101,11 +101,8 @@ WORKER_DIED = "the process working on this image died (killed by the system, e.g
 def _process_one(task: tuple[str, str, dict[str, str], int, int | None, str | None]) -> tuple[str, str | None]:
     relative, source, targets, size, max_pixels, eye = task
     try:
-        if eye is not None and is_dicom(source):
-            said = read_dicom_header(source).laterality
-            if said is not None and said != eye:
-                return relative, (f"the manifest has it as a {eye} image but its DICOM header (ImageLaterality) "
-                                  f"says the {said} eye")
+        if eye is not None:
+            check_laterality(source, eye, max_pixels)
         for view, image in make_views(source, size, tuple(targets), max_pixels).items():
             atomic_write_bytes(targets[view], encode_png(image))
     except ImageError as exc:

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.dicom import DICOM_SUFFIXES, DicomHeader, is_dicom, read_dicom_header
+from ..data.dicom import DICOM_SUFFIXES, DicomHeader, check_laterality, is_dicom, read_dicom_header
 from ..data.imaging import DEFAULT_MAX_PIXELS, encode_png, make_views, view_to_model_input
 from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
 from ..errors import FundusError, ImageError, warn_once
@@ -81,19 +81,32 @@ def patients_in_folder(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN
         if eye not in ("left", "right"):
             raise FundusError(f"{path}: --pattern matched eye {match['eye']!r}; expected left or right")
         header = _dicom_header(path)
-        if header is not None and header.laterality is not None:
-            if match and header.laterality != eye:
-                raise FundusError(f"{path}: its name says the {eye} eye but its DICOM header (ImageLaterality) the "
-                                  f"{header.laterality}; rename it or fix the header")
-            if not match:  # a camera's file: its header says whose and which eye
-                pid, eye = header.patient_id or path.stem, header.laterality
+        if header is not None and header.laterality is not None and not match:
+            pid, eye = header.patient_id or path.stem, header.laterality  # a camera's file: its header says whose and which eye
         slot = eyes.setdefault(pid, {})
         if eye in slot:
             raise FundusError(f"{folder}: patient {pid!r} has two {eye} photos ({slot[eye].name} and {path.name})")
         slot[eye] = path
     if not eyes:
         raise FundusError(f"{folder}: no photos ({', '.join(IMAGE_SUFFIXES)})")
-    return [PatientPhotos(pid, e.get("left"), e.get("right")) for pid, e in eyes.items()]
+    return check_sides([PatientPhotos(pid, e.get("left"), e.get("right")) for pid, e in eyes.items()])
+
+
+def check_sides(patients: list[PatientPhotos], max_pixels: int | None = None) -> list[PatientPhotos]:
+    """``patients``, once every DICOM agrees with the eye it is given as (:func:`..data.dicom.check_laterality`):
+    the job is refused, naming the file, as the station refuses the request and preprocess the photo.
+    A damaged DICOM passes here and is rejected with its reason when decoded."""
+    for patient in patients:
+        for eye in ("left", "right"):
+            path = getattr(patient, eye)
+            if path is None:
+                continue
+            try:
+                check_laterality(path, eye, max_pixels)
+            except ImageError as exc:
+                if "ImageLaterality" in str(exc):
+                    raise FundusError(f"{path}: {exc}") from None
+    return patients
 
 
 def _dicom_header(path: Path) -> DicomHeader | None:
@@ -134,7 +147,7 @@ def patients_in_manifest(path: str | os.PathLike, image_root: str | os.PathLike 
         if not eyes:
             raise FundusError(f"{path}, row {index}: patient {pid!r} has neither a left nor a right image")
         patients.append(PatientPhotos(pid, eyes.get("left"), eyes.get("right")))
-    return patients
+    return check_sides(patients)
 
 
 def predict_photos(
