@@ -23,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for predictions.csv and decisions.csv")
     p.add_argument("--batch-size", type=int, default=16, help="patients per batch (memory stays bounded by it)")
     p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding (0: no limit)")
-    p.add_argument("--calibration", help="calibration.json written by score.py --calibrate-on: per-class thresholds "
-                                          "(default: 0.5 for every class)")
+    p.add_argument("--calibration", help="calibration.json of score.py --calibrate-on or a cross-fitted run: per-class "
+                                          "thresholds (default: the run's own, RUN/calibration.json or "
+                                          "RUN/score_*/calibration.json, as the station; else 0.5 for every class)")
+    p.add_argument("--no-calibration", action="store_true", help="decide at 0.5 even if the run has a calibration")
     p.add_argument("--explain", nargs="?", const="", metavar="CLASSES",
                    help="write Grad-CAM heatmaps (PNG overlays and .npy) to OUT/heatmaps: for the comma-separated CLASSES "
                         "(e.g. D,G; 'all'), or without a value for each patient's classes decided positive")
@@ -63,9 +65,15 @@ def main(argv=None):
             raise FundusError(f"--{eye} {path}: {'is a folder' if path.is_dir() else 'file not found'}")
     if args.input is not None and not Path(args.input).exists():
         raise FundusError(f"{args.input}: no such folder or manifest")
-    if args.calibration is not None:
-        from fundus_ensemble.evaluation.calibration import load_calibration_file
+    from fundus_ensemble.evaluation.calibration import load_calibration_file, run_calibration
 
+    if args.calibration is not None and args.no_calibration:
+        raise FundusError("--calibration and --no-calibration: choose one")
+    if not args.no_calibration and args.calibration is None:
+        args.calibration = run_calibration(args.run_dir)
+        if args.calibration is not None:
+            print(f"deciding with the run's calibration {args.calibration} (--no-calibration: at 0.5)", flush=True)
+    if args.calibration is not None:
         load_calibration_file(args.calibration)
     import_keras()
     from fundus_ensemble.inference.predict import (PatientPhotos, check_sides, patients_in_folder, patients_in_manifest,

@@ -18,8 +18,9 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for predictions.csv and score.json (default: RUN_DIR/score_SPLIT)")
     parser.add_argument("--force", action="store_true", help="replace an earlier score in that folder")
     parser.add_argument("--flip-tta", action="store_true", help="also predict the mirrored eyes and average")
-    parser.add_argument("--calibrate-on", choices=["train", "val", "test"],
-                        help="fit per-class calibration on this split's predictions (not the scored split; usually val)")
+    parser.add_argument("--calibrate-on", choices=["train", "val", "test", "out-of-fold"],
+                        help="fit per-class calibration on this split's predictions (not the scored split; usually val); "
+                             "out-of-fold: a cross-fitted run's own calibration, fitted on every train and val patient")
     parser.add_argument("--report", action="store_true",
                         help="also write report.html there: curves, calibration, training curves, a gallery with heatmaps")
     parser.add_argument("--gallery", type=int, default=3, metavar="N",

@@ -9,7 +9,6 @@ import argparse
 import ipaddress
 import os
 import sys
-from pathlib import Path
 
 from fundus_ensemble.cli import HelpFormatter, run
 from fundus_ensemble.errors import FundusError
@@ -21,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but loopback needs a token")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--token", help="bearer token every prediction must carry (default: $FUNDUS_SERVE_TOKEN)")
-    p.add_argument("--calibration", help="calibration.json of score.py --calibrate-on (default: the run's one "
-                                          "RUN/score_*/calibration.json, if it has exactly one)")
+    p.add_argument("--calibration", help="calibration.json of score.py --calibrate-on (default: the run's own, "
+                                          "RUN/calibration.json or RUN/score_*/calibration.json, as predict.py)")
     p.add_argument("--no-calibration", action="store_true", help="decide at 0.5 even if the run has a calibration")
     p.add_argument("--max-upload-mb", type=float, default=40.0, help="largest request (both photos) in MB")
     p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding")
@@ -30,15 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="queued requests predicted together")
     p.add_argument("--log-patients", action="store_true", help="log patient ids (off: no patient data in logs)")
     return p
-
-
-def find_calibration(run_dir: Path) -> Path | None:
-    """The run's calibration when it has exactly one; several are refused as ambiguous."""
-    found = sorted(run_dir.glob("score_*/calibration.json"))
-    if len(found) > 1:
-        raise FundusError(f"{run_dir} has {len(found)} calibrations ({', '.join(str(f) for f in found)}); "
-                          "choose one with --calibration, or --no-calibration")
-    return found[0] if found else None
 
 
 def main(argv=None):
@@ -59,10 +49,10 @@ def main(argv=None):
     from fundus_ensemble.cli import check_run_folder, import_keras
 
     check_run_folder(args.run_dir)
-    calibration = None if args.no_calibration else (args.calibration or find_calibration(Path(args.run_dir)))
-    if calibration is not None:
-        from fundus_ensemble.evaluation.calibration import load_calibration_file
+    from fundus_ensemble.evaluation.calibration import load_calibration_file, run_calibration
 
+    calibration = None if args.no_calibration else (args.calibration or run_calibration(args.run_dir))
+    if calibration is not None:
         load_calibration_file(calibration)
     import_keras()
     import uvicorn

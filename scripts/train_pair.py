@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="let the backbone's BatchNorm layers learn and update their statistics in phase 2 (default: frozen)")
     tl.add_argument("--no-frozen-features", action="store_true",
                     help="phase 1 on augmented images through the frozen backbone, instead of features computed once")
+    tl.add_argument("--head-fit", choices=["epochs", "cross-fit"], default=d.head_fit.replace("_", "-"),
+                    help="epochs: the head learns by epochs on train (checkpoint chosen on val), then --fine-tune-epochs; "
+                         "cross-fit: logistic heads on the frozen features of every train and val patient, --folds of "
+                         "them bagged, and the run's calibration fitted on their out-of-fold predictions (needs "
+                         "--fine-tune-epochs 0)")
+    tl.add_argument("--folds", type=int, default=d.folds, help="folds of --head-fit cross-fit")
     tl.add_argument("--feature-store", default=None,
                     help="folder keeping each photo's frozen features for every later run (default: PREP_DIR/features)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -92,6 +98,7 @@ def config_from_args(args: argparse.Namespace):
         jit_compile=AUTO_ON_OFF[args.jit_compile], devices=args.devices,
         fine_tune_fraction=args.fine_tune_fraction, freeze_batchnorm=not args.train_batchnorm,
         frozen_features=not args.no_frozen_features, feature_store=args.feature_store,
+        head_fit=args.head_fit.replace("-", "_"), folds=args.folds,
     )
 
 
@@ -116,8 +123,16 @@ def main(argv=None):
         return
     for view, card in cards.items():
         best = card["best_val"]
-        print(f"{view}: best val final_score {best['val_final_score']:.4f} at epoch {best['epoch']} -> {args.out}/{view}/model.keras")
-    print(f"next: python scripts/score.py {args.out} {args.prep_dir} --split val")
+        if best.get("out_of_fold"):
+            print(f"{view}: out-of-fold final_score {best['val_final_score']:.4f} over {card['train_patients'] + card['val_patients']} "
+                  f"train and val patients -> {args.out}/{view}/model.keras")
+        else:
+            print(f"{view}: best val final_score {best['val_final_score']:.4f} at epoch {best['epoch']} -> {args.out}/{view}/model.keras")
+    if config.head_fit == "cross_fit":
+        print(f"calibration fitted on the out-of-fold predictions: {args.out}/calibration.json (predict and the station use it)")
+        print(f"next: python scripts/score.py {args.out} {args.prep_dir} --split test --calibrate-on out-of-fold")
+    else:
+        print(f"next: python scripts/score.py {args.out} {args.prep_dir} --split val")
 
 
 if __name__ == "__main__":

@@ -183,3 +183,28 @@ def load_calibration_file(path: str | os.PathLike, option: str = "--calibration"
     if len(fitted.classes) != len(LABELS):
         raise FundusError(f"{option} {path}: {len(fitted.classes)} classes, expected {len(LABELS)}")
     return fitted, f"{path.name} (fitted on {data.get('fitted_on', '?')})"
+
+
+def run_calibration(run_dir: str | os.PathLike) -> Path | None:
+    """The calibration a run decides with unless told otherwise: its own ``calibration.json`` (a
+    cross-fitted run's, fitted on out-of-fold predictions) or the one ``score.py --calibrate-on``
+    wrote into it (``score_*/calibration.json``); None when it has none. Copies with the same
+    content count once; different ones are refused as ambiguous."""
+    import hashlib
+
+    run_dir = Path(run_dir)
+    found = sorted(p for p in [run_dir / "calibration.json", *run_dir.glob("score_*/calibration.json")] if p.is_file())
+    distinct = {hashlib.sha256(_fit_of(p)).hexdigest(): p for p in reversed(found)}
+    if len(distinct) > 1:
+        raise FundusError(f"{run_dir} has {len(distinct)} different calibrations ({', '.join(str(p) for p in found)}); "
+                          "choose one with --calibration, or --no-calibration")
+    return next(iter(distinct.values()), None)
+
+
+def _fit_of(path: Path) -> bytes:
+    """What decides: the ensemble's fit (score.py's copy of a run's calibration adds nothing else)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.dumps([data.get("ensemble"), bool(data.get("flip_tta"))], sort_keys=True).encode()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return path.read_bytes()

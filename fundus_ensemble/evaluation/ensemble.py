@@ -17,7 +17,7 @@ from ..fileio import atomic_write_json, atomic_write_text, claim_folder, csv_for
 from ..labels import LABELS, VIEWS
 from ..metrics import odir_score, per_class_scores
 from ..training.train import CARD_NAME, MODEL_NAME
-from .calibration import fit_calibration
+from .calibration import Calibration, fit_calibration
 
 # files an earlier score in the folder may hold that this one might not rewrite
 STALE_SCORE_FILES = ("calibration.json", "report.html")
@@ -166,13 +166,23 @@ def score_run(
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"score_{split}"
     if (out / "score.json").exists() and not force:
         raise FundusError(f"{out} already holds a score; pass --force to replace it or --out to write elsewhere")
+    cross_fitted = any(_head_fit(run_dir, view) == "cross_fit" for view in views)
+    if cross_fitted and split in ("train", "val"):
+        raise FundusError(f"{run_dir}'s heads were cross-fitted on every train and val patient: scoring {split} would "
+                          "grade patients they learned from; score test")
+    if calibrate_on == OUT_OF_FOLD:
+        if not cross_fitted:
+            raise FundusError(f"{run_dir} was not cross-fitted (train_pair --head-fit cross-fit): it has no out-of-fold "
+                              "predictions; calibrate on val")
+        if weights is not None:
+            raise FundusError("the run's out-of-fold calibration is of the equal-weight ensemble; drop --ensemble-weights")
     if calibrate_on == split:
         raise FundusError(f"calibrating on the scored split {split!r} would grade patients the calibration has seen; "
                           "calibrate on another split (val when scoring test)")
     # before the models run: a folder of the user's files (or a file) is refused at once, not after predicting
     refuse_overlap(out, {"run": run_dir, "preprocessed views": prep_dir})
     claim_folder(out, "a score", adopt_if=("score.json",))
-    splits = (split,) if calibrate_on is None else (split, calibrate_on)
+    splits = (split,) if calibrate_on in (None, OUT_OF_FOLD) else (split, calibrate_on)
     probs: dict[str, dict[str, np.ndarray]] = {s: {} for s in splits}
     ids: dict[str, list[str]] = {}
     y_true: dict[str, np.ndarray] = {}
@@ -186,8 +196,12 @@ def score_run(
     for s in splits:
         probs[s]["ensemble"] = average_probabilities(probs[s], weights)
     scored = probs[split]
-    if calibrate_on is not None:
+    if calibrate_on == OUT_OF_FOLD:
+        fitted = json.loads((Path(run_dir) / "calibration.json").read_text())
+        calibrations = {name: Calibration.from_dict(fitted[name]) for name in scored}
+    elif calibrate_on is not None:
         calibrations = {name: fit_calibration(y_true[calibrate_on], p) for name, p in probs[calibrate_on].items()}
+    if calibrate_on is not None:
         scored = {name: calibrations[name].apply(p) for name, p in scored.items()}
         atomic_write_json(out / "calibration.json", {"fitted_on": calibrate_on, "flip_tta": flip_tta,
                                                      **{name: c.to_dict() for name, c in calibrations.items()}})
@@ -211,6 +225,14 @@ def score_run(
     atomic_write_json(out / "score.json", report)
     report["out_dir"] = str(out)
     return report
+
+
+OUT_OF_FOLD = "out-of-fold"  # score_run's calibrate_on for a cross-fitted run: the run's own calibration
+
+
+def _head_fit(run_dir: str | os.PathLike, view: str) -> str:
+    card = Path(run_dir) / view / CARD_NAME
+    return json.loads(card.read_text()).get("config", {}).get("head_fit", "epochs") if card.is_file() else "epochs"
 
 
 def format_score_table(report: dict) -> str:

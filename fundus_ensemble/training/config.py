@@ -9,6 +9,7 @@ from ..errors import FundusError
 LOSSES = ("weighted_bce", "asymmetric")
 OUTPUT_BIASES = ("zero", "prior")
 SCHEDULES = ("plateau", "cosine")
+HEAD_FITS = ("epochs", "cross_fit")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class TrainConfig:
     # pretrained backbones (weights not None) only:
     frozen_features: bool = True  # phase 1 learns the head on features computed once (training.features)
     feature_store: str | None = None  # where frozen features are kept (training.features.FeatureStore); None: beside the views
+    # "epochs": the head learns by epochs on train (checkpoint chosen on val), then fine-tuning; "cross_fit": logistic
+    # heads cross-fitted on the frozen features of every train and val patient, bagged (training.heads), no fine-tuning
+    head_fit: str = "epochs"
+    folds: int = 5  # head_fit "cross_fit": folds over the train and val patients
     fine_tune_fraction: float = 1.0  # share of the backbone's weighted layers, from the top, that learn in phase 2
     freeze_batchnorm: bool = True  # phase 2 keeps the backbone's BatchNorm in inference mode, its statistics fixed
 
@@ -67,6 +72,17 @@ class TrainConfig:
             raise FundusError(f"warmup_epochs ({self.warmup_epochs}) leaves no epoch for the cosine")
         if self.eye_head_weight < 0:
             raise FundusError(f"eye_head_weight must not be negative, got {self.eye_head_weight}")
+        if self.head_fit not in HEAD_FITS:
+            raise FundusError(f"unknown head_fit {self.head_fit!r}; choose one of {', '.join(HEAD_FITS)}")
+        if self.head_fit == "cross_fit":
+            if self.weights is None:
+                raise FundusError("cross-fitted heads learn on a frozen pretrained backbone's features: give --weights "
+                                  "imagenet (or a file), not from-scratch weights")
+            if self.fine_tune_epochs or self.eye_head_weight:
+                raise FundusError("cross-fitted heads leave the backbone frozen: use --fine-tune-epochs 0 and no "
+                                  "--eye-head-weight with --head-fit cross-fit")
+            if self.folds < 2:
+                raise FundusError(f"cross-fitting needs at least 2 folds, got {self.folds}")
         if not 0 < self.fine_tune_fraction <= 1:
             raise FundusError(f"fine_tune_fraction must lie in (0, 1], got {self.fine_tune_fraction}")
         if not 0 <= self.dropout < 1:

@@ -44,6 +44,7 @@ from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text, claim_folder, refuse_overlap, remove_owned, sha256_file
 from ..labels import LABELS, VIEWS
+from ..metrics import odir_score
 from ..models import build_patient_model
 from ..models.backbone import check_backbone, weighted_layers
 from ..models.losses import AsymmetricLoss, MaskedBinaryCrossentropy, WeightedBinaryCrossentropy, positive_weights
@@ -373,6 +374,8 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     train, val = manifest.select("train"), manifest.select("val")
     if distributed.is_chief():
         out.mkdir(parents=True, exist_ok=True)
+    if config.head_fit == "cross_fit":
+        return _cross_fit_view(view_dir, out, config, view, manifest)
     state = json.loads((out / STATE).read_text()) if resume and (out / STATE).is_file() else {}
 
     keras.utils.set_random_seed(config.seed)
@@ -408,7 +411,20 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     train_seconds = features_s + sum(float(r.get("wall_s") or 0) for r in history)
     images = trained_images([r.get("phase", "") for r in history], config.batch_size, len(train), len(val),
                             head_on_features(dataclasses.asdict(config)))
-    card = {
+    card = _card(view, config, view_dir, manifest_path, len(train), len(val), pos_weight, _best_history_row(out / HISTORY),
+                 end, cache, train_seconds, images)
+    atomic_write_json(out / CARD_NAME, card)
+    # model.keras now holds the best weights; this copy (with optimizer state) only served resuming
+    (out / BEST_WEIGHTS).unlink(missing_ok=True)
+    distributed.barrier(f"{view} saved")
+    return card
+
+
+def _card(view: str, config: TrainConfig, view_dir: Path, manifest_path: Path, train_patients: int, val_patients: int,
+          pos_weight: np.ndarray | None, best_val: dict, epochs_run: int, cache: bool | None, train_seconds: float,
+          images: int, **extra) -> dict:
+    """A view model's card: what it is, what it learned from, how, and how it scored on patients it did not see."""
+    return {
         "format": CARD_FORMAT,
         "view": view,
         "input_size": config.size,
@@ -416,27 +432,73 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
         "labels": list(LABELS),
         "weights_init": "none" if config.weights is None else ("imagenet" if config.weights == "imagenet" else f"file:{Path(config.weights).name}"),
         "weights_source": _weights_source(config),
-        "pos_weight": dict(zip(LABELS, map(float, pos_weight))),
+        "pos_weight": None if pos_weight is None else dict(zip(LABELS, map(float, pos_weight))),
         "seed": config.seed,
         "data_manifest": str(manifest_path),
         "data_manifest_sha256": sha256_file(manifest_path),
         "source_manifest_sha256": _source_hash(view_dir.parent),
-        "train_patients": len(train),
-        "val_patients": len(val),
-        "epochs_run": end,
+        "train_patients": train_patients,
+        "val_patients": val_patients,
+        "epochs_run": epochs_run,
         "processes": distributed.process_count(),
         "images_cached": cache,
-        "best_val": _best_history_row(out / HISTORY),
+        "best_val": best_val,
         "train_wall_s": round(train_seconds, 1),
         "train_images_per_s": round(images / train_seconds, 2) if train_seconds else None,
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
     }
+
+
+OUT_OF_FOLD = "out_of_fold.npz"
+
+
+def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, manifest) -> dict:
+    """The ``cross_fit`` head (see :mod:`.heads`): frozen features of every train and val patient
+    from the feature store, ``config.folds`` logistic heads, their out-of-fold predictions kept in
+    ``out_of_fold.npz`` (what the run's calibration is fitted on), their bag in the patient model."""
+    from ..models import build_backbone
+    from .heads import cross_fit, set_patient_head
+
+    if distributed.process_count() > 1:
+        raise FundusError("cross-fitted heads run in one process (they take seconds); start train_pair without "
+                          "--num-processes")
+    start = time.perf_counter()
+    development = manifest.with_patients([p for p in manifest.patients if p.split in ("train", "val")])
+    if len(development) < 2 * config.folds:
+        raise FundusError(f"{view_dir / 'manifest.csv'}: {len(development)} train and val patients, too few for "
+                          f"{config.folds} folds")
+    store = config.feature_store or default_store(view_dir)
+    print(f"[{view}] cross-fitted heads: frozen {config.backbone} features of {len(development)} train and val patients "
+          f"at {config.size} px (store {store}), {config.folds} folds", flush=True)
+    features = eye_features(lambda: build_backbone(config.backbone, config.size, config.weights), development, config.size,
+                            2 * config.batch_size, store, config.backbone, config.weights, view,
+                            preprocessing=preprocessing_settings(view_dir))
+    features_s = time.perf_counter() - start
+    y = development.label_matrix()
+    fit = cross_fit(features, y, config.folds, seed=config.seed)
+    score = odir_score(y, fit.out_of_fold)
+    print(f"[{view}] C {fit.c} chosen by out-of-fold pooled AUC ({', '.join(f'{c:g}: {a:.4f}' for c, a in fit.scores.items())}); "
+          f"out of fold: kappa {score['kappa']:.3f}  f1 {score['f1']:.3f}  auc {score['auc']:.3f}  final {score['final']:.3f}",
+          flush=True)
+    model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
+    set_patient_head(model, fit.bagged)
+    model.save(str(out / MODEL_NAME))
+    ids = np.array(development.patient_ids)
+    tmp = out / f".{OUT_OF_FOLD}.tmp.npz"
+    np.savez(tmp, patient_id=ids, labels=y, probabilities=fit.out_of_fold, fold=fit.folds)
+    os.replace(tmp, out / OUT_OF_FOLD)
+    seconds = time.perf_counter() - start
+    best = {"epoch": 0, "out_of_fold": True, **{f"val_{k if k != 'final' else 'final_score'}": float(v) for k, v in score.items()}}
+    train = sum(p.split == "train" for p in development.patients)
+    card = _card(view, config, view_dir, view_dir / "manifest.csv", train, len(development) - train, None, best, 0, None,
+                 seconds, 2 * len(development),
+                 head={"fit": "cross_fit", "kind": "logistic on concat(max, mean) of the eyes", "folds": config.folds,
+                       "C": fit.c, "out_of_fold_auc_by_C": {str(c): a for c, a in fit.scores.items()},
+                       "out_of_fold": {k: float(v) for k, v in score.items()}, "features_s": round(features_s, 1)})
     atomic_write_json(out / CARD_NAME, card)
-    # model.keras now holds the best weights; this copy (with optimizer state) only served resuming
-    (out / BEST_WEIGHTS).unlink(missing_ok=True)
-    distributed.barrier(f"{view} saved")
     return card
 
 
@@ -530,4 +592,29 @@ def train_pair(
         raise
     if chief:
         atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
+        if config.head_fit == "cross_fit":
+            write_out_of_fold_calibration(out, views)
     return cards
+
+
+RUN_CALIBRATION = "calibration.json"
+
+
+def write_out_of_fold_calibration(run_dir: Path, views: tuple[str, ...]) -> Path:
+    """The run's calibration (Platt and per-class thresholds, :mod:`..evaluation.calibration`), fitted
+    on the out-of-fold predictions of every train and val patient: each view's, and their mean
+    (the ensemble's), in ``score.py``'s ``calibration.json`` form, so predict and the station use it."""
+    from ..evaluation.calibration import fit_calibration
+
+    folds = {view: np.load(run_dir / view / OUT_OF_FOLD) for view in views}
+    first = folds[views[0]]
+    for view, data in folds.items():
+        if not np.array_equal(data["patient_id"], first["patient_id"]):
+            raise FundusError(f"{run_dir}: the views' out-of-fold predictions are of different patients")
+    y = first["labels"]
+    probs = {view: data["probabilities"] for view, data in folds.items()}
+    probs["ensemble"] = np.mean([probs[v] for v in views], axis=0)
+    path = run_dir / RUN_CALIBRATION
+    atomic_write_json(path, {"fitted_on": "out-of-fold", "flip_tta": False, "patients": int(len(y)),
+                             **{name: fit_calibration(y, p).to_dict() for name, p in probs.items()}})
+    return path

@@ -1,0 +1,185 @@
+"""Patient heads on frozen features, cross-fitted over every development patient.
+
+A head reads a patient's two eye features ``(patients, 2, F)`` fused without regard to their
+order (:func:`fuse`; ``max_mean`` is the patient model's own :class:`..models.patient_classifier.EyeFusion`),
+standardises them on its training patients and learns one L2-regularised logistic regression
+per class. That is the linear probe, and the cheapest honest use of a frozen backbone; what
+this module adds is how it is fitted:
+
+- **cross-fitting** (:func:`cross_fit`): ``k`` heads, each on all development patients but one
+  fold, predict that fold: every patient gets an out-of-fold prediction from a head that never
+  saw it, so calibration and per-class thresholds are fitted on every patient
+  (:func:`..evaluation.calibration.fit_calibration`), not on a 15 % validation split. The
+  ``k`` heads then predict new patients together (:attr:`CrossFit.bagged`): their weights
+  averaged, which averages their logits, so the bag is one linear head again and goes into the
+  patient model's ``labels`` layer unchanged (:func:`set_patient_head`);
+- the regularisation ``C`` is chosen by the out-of-fold pooled AUC over a grid, so nothing
+  else is held back for it.
+
+Everything here is numpy and scikit-learn on features: seconds, not epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import FundusError
+from ..metrics import odir_score
+
+C_GRID: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01)
+FUSIONS = ("max_mean", "max_mean_diff", "mean")
+DEFAULT_FOLDS = 5
+
+
+def fuse(features: np.ndarray, fusion: str = "max_mean") -> np.ndarray:
+    """``(patients, 2, F)`` eye features to one row per patient, the same whichever eye comes first:
+    ``max_mean`` concat(max, mean) (the patient model's fusion), ``max_mean_diff`` with |left - right|
+    beside them (how much the eyes differ), ``mean`` their mean alone."""
+    features = np.asarray(features, np.float32)
+    if features.ndim != 3 or features.shape[1] != 2:
+        raise FundusError(f"eye features must be (patients, 2, F), got shape {features.shape}")
+    parts = {"max_mean": [features.max(1), features.mean(1)],
+             "max_mean_diff": [features.max(1), features.mean(1), np.abs(features[:, 0] - features[:, 1])],
+             "mean": [features.mean(1)]}
+    if fusion not in parts:
+        raise FundusError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+    return np.concatenate(parts[fusion], axis=1)
+
+
+@dataclass
+class LinearHead:
+    """``sigmoid(x @ weights + bias)`` on fused features ``x``, one column per class."""
+
+    weights: np.ndarray  # (D, classes), in the raw feature space (the standardisation folded in)
+    bias: np.ndarray  # (classes,)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        z = np.asarray(x, np.float64) @ self.weights + self.bias
+        return 1.0 / (1.0 + np.exp(-z))
+
+    @classmethod
+    def mean(cls, heads: list["LinearHead"]) -> "LinearHead":
+        return cls(np.mean([h.weights for h in heads], axis=0), np.mean([h.bias for h in heads], axis=0))
+
+
+def fit_linear_head(x: np.ndarray, y: np.ndarray, c: float, seed: int = 0, sample_weight: np.ndarray | None = None) -> LinearHead:
+    """Per-class logistic regressions (L2, ``C = c``) on ``x`` standardised with its own mean and
+    spread; a class with one value among these rows gets a constant at its prevalence."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y)
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+    z = (x - mean) / scale
+    weights = np.zeros((x.shape[1], y.shape[1]))
+    bias = np.zeros(y.shape[1])
+    for k in range(y.shape[1]):
+        column = y[:, k]
+        if column.min() == column.max():
+            p = np.clip(column.mean(), 1e-4, 1 - 1e-4)
+            bias[k] = np.log(p / (1 - p))
+            continue
+        model = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(z, column, sample_weight=sample_weight)
+        weights[:, k] = model.coef_[0] / scale
+        bias[k] = model.intercept_[0] - float(np.dot(model.coef_[0], mean / scale))
+    return LinearHead(weights, bias)
+
+
+def patient_folds(n: int, folds: int, seed: int, y: np.ndarray | None = None) -> np.ndarray:
+    """Each patient's fold (0 .. folds-1): stratified by label when ``y`` is given (so rare
+    classes fall in every fold), seeded."""
+    if folds < 2 or folds > n:
+        raise FundusError(f"cross-fitting needs 2 to {n} folds, got {folds}")
+    if y is None:
+        return np.random.default_rng(seed).permutation(np.arange(n) % folds)
+    return _stratified_folds(np.asarray(y, bool), folds, seed)
+
+
+def _stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Iterative stratification into ``folds`` equal folds (rarest label first, as
+    :func:`..data.splits.stratified_split` does for the three splits)."""
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    wanted_total = np.full(folds, n / folds)
+    wanted_label = np.outer(np.full(folds, 1 / folds), y.sum(axis=0))
+    assigned = np.full(n, -1)
+    order = rng.permutation(n)
+    while True:
+        remaining = order[assigned[order] < 0]
+        if remaining.size == 0:
+            break
+        counts = y[remaining].sum(axis=0)
+        if counts.sum() == 0:
+            for i in remaining:
+                best = np.flatnonzero(wanted_total == wanted_total.max())
+                choice = int(rng.choice(best))
+                assigned[i], wanted_total[choice] = choice, wanted_total[choice] - 1
+            break
+        rarest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
+        for i in remaining[y[remaining, rarest]]:
+            need = wanted_label[:, rarest]
+            top = np.flatnonzero(need == need.max())
+            top = top[wanted_total[top] == wanted_total[top].max()]
+            choice = int(rng.choice(top))
+            assigned[i] = choice
+            wanted_total[choice] -= 1
+            wanted_label[choice] -= y[i]
+    return assigned
+
+
+@dataclass
+class CrossFit:
+    """``k`` heads over the development patients: their out-of-fold predictions and their bag."""
+
+    out_of_fold: np.ndarray  # (patients, classes), each row from the head that did not see it
+    heads: list[LinearHead]
+    folds: np.ndarray  # each patient's fold
+    c: float
+    fusion: str
+    scores: dict = field(default_factory=dict)  # out-of-fold pooled AUC per C tried
+
+    @property
+    def bagged(self) -> LinearHead:
+        return LinearHead.mean(self.heads)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """The bag's probabilities for new patients' eye features ``(patients, 2, F)``."""
+        return self.bagged.predict(fuse(features, self.fusion))
+
+
+def cross_fit(features: np.ndarray, y: np.ndarray, folds: int = DEFAULT_FOLDS, grid: tuple[float, ...] = C_GRID,
+              fusion: str = "max_mean", seed: int = 0) -> CrossFit:
+    """Cross-fit a linear head per fold for each ``C`` of ``grid`` and keep the ``C`` whose
+    out-of-fold predictions have the best pooled AUC (ties: the stronger regularisation)."""
+    x = fuse(features, fusion)
+    y = np.asarray(y)
+    if len(x) != len(y):
+        raise FundusError(f"{len(x)} patients' features but {len(y)} label rows")
+    fold_of = patient_folds(len(x), folds, seed, y)
+    best = None
+    scores = {}
+    for c in sorted(grid):
+        oof = np.zeros(y.shape, np.float64)
+        heads = []
+        for f in range(folds):
+            held = fold_of == f
+            head = fit_linear_head(x[~held], y[~held], c, seed)
+            oof[held] = head.predict(x[held])
+            heads.append(head)
+        scores[c] = odir_score(y, oof)["auc"]
+        if best is None or scores[c] > best[0] + 1e-9:
+            best = (scores[c], CrossFit(oof, heads, fold_of, c, fusion))
+    best[1].scores = scores
+    return best[1]
+
+
+def set_patient_head(model, head: LinearHead) -> None:
+    """Put a linear head on ``concat(max, mean)`` into the patient model's ``labels`` layer (its
+    dropout is off at inference, so the model on images is the head on their features)."""
+    dense = model.get_layer("labels")
+    kernel, bias = dense.get_weights()
+    if kernel.shape != head.weights.shape:
+        raise FundusError(f"the head has weights {head.weights.shape} but the model's labels layer {kernel.shape}")
+    dense.set_weights([head.weights.astype(kernel.dtype), head.bias.astype(bias.dtype)])

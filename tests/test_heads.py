@@ -1,0 +1,125 @@
+"""Cross-fitted heads on frozen features (training.heads): out of fold, stratified, C chosen by
+out-of-fold AUC, the bag inside the patient model; and a cross-fitted run end to end, whose
+calibration is fitted on every train and val patient's out-of-fold prediction."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fundus_ensemble.errors import FundusError
+from fundus_ensemble.labels import LABELS
+from fundus_ensemble.metrics import per_class_scores
+from fundus_ensemble.training import heads
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mean_auc(y, p) -> float:
+    return float(np.mean([v["auc"] for v in per_class_scores(y, p).values() if v["auc"] is not None]))
+
+
+def test_out_of_fold_predictions_come_from_heads_that_never_saw_the_patient():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 2, 100)).astype(np.float32)  # noise: nothing to learn
+    y = (rng.random((200, 8)) < 0.3).astype(int)
+    fit = heads.cross_fit(features, y, folds=5, grid=(1000.0,), seed=0)  # barely regularised: it memorises
+    seen = heads.fit_linear_head(heads.fuse(features), y, 1000.0).predict(heads.fuse(features))
+    assert _mean_auc(y, seen) > 0.95, "in sample, the head memorises the noise"
+    assert _mean_auc(y, fit.out_of_fold) < 0.62, "out of fold it cannot: each row is predicted by a head without it"
+    for f, head in enumerate(fit.heads):
+        held = fit.folds == f
+        np.testing.assert_allclose(head.predict(heads.fuse(features[held])), fit.out_of_fold[held])
+
+
+def test_folds_are_stratified_and_c_is_chosen_by_out_of_fold_auc():
+    rng = np.random.default_rng(1)
+    n = 300
+    y = np.zeros((n, 8), int)
+    y[rng.choice(n, 10, replace=False), 5] = 1  # a rare class: 10 positives, 2 in each of 5 folds
+    y[:, :5] = rng.random((n, 5)) < 0.3
+    folds = heads.patient_folds(n, 5, seed=3, y=y)
+    assert [int(y[folds == f, 5].sum()) for f in range(5)] == [2] * 5
+    assert sorted(np.bincount(folds)) == [60] * 5
+    signal = rng.normal(size=(n, 2, 30)).astype(np.float32)
+    signal[:, :, :8] += 1.5 * y[:, None, :]  # the labels show in the features
+    fit = heads.cross_fit(signal, y, folds=5, grid=(1e-7, 0.01, 1e4), seed=0)
+    assert fit.c == 0.01 and fit.scores[0.01] == max(fit.scores.values()), fit.scores
+    assert _mean_auc(y, fit.out_of_fold) > 0.85
+    with pytest.raises(FundusError, match="2 to 300 folds"):
+        heads.patient_folds(n, 1, 0)
+
+
+@pytest.mark.backend
+def test_the_bag_in_the_patient_model_is_the_heads_on_features(view_manifest, tmp_path):
+    from fundus_ensemble.data.batches import PatientBatches, predict_batches
+    from fundus_ensemble.models import build_patient_model
+    from fundus_ensemble.training.features import eye_features
+
+    model = build_patient_model("efficientnet_lite0", 48, "imagenet")
+    features = eye_features(model.get_layer("eye_encoder"), view_manifest, 48, 8, tmp_path / "store", "efficientnet_lite0",
+                            "imagenet", "color")
+    y = view_manifest.label_matrix()
+    fit = heads.cross_fit(features, y, folds=3, grid=(0.01,), seed=0)
+    bag = heads.LinearHead.mean(fit.heads)
+    z = heads.fuse(features) @ bag.weights + bag.bias
+    np.testing.assert_allclose(fit.predict(features), 1 / (1 + np.exp(-z)))  # the bag averages the heads' logits
+    # a head is scikit-learn's logistic regression on standardised features, the standardisation folded in
+    from sklearn.linear_model import LogisticRegression
+
+    x = heads.fuse(features)
+    standardised = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    k = int(np.argmax(y.sum(0) * (y.sum(0) < len(y))))
+    sklearn = LogisticRegression(C=0.01, max_iter=3000).fit(standardised, y[:, k]).predict_proba(standardised)[:, 1]
+    np.testing.assert_allclose(heads.fit_linear_head(x, y, 0.01).predict(x)[:, k], sklearn, atol=1e-6)
+    heads.set_patient_head(model, fit.bagged)
+    on_images = predict_batches(model, PatientBatches(view_manifest, 48, 8))
+    np.testing.assert_allclose(on_images, fit.predict(features), atol=2e-4)
+
+
+def _script(name: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.backend
+def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_predict_uses_it(small_dataset, tmp_path):
+    from fundus_ensemble.data.manifest import load_manifest
+    from fundus_ensemble.evaluation.calibration import Calibration, fit_calibration
+
+    prep, run = tmp_path / "prep", tmp_path / "run"
+    assert _script("preprocess.py", small_dataset, "--out", prep, "--size", "48").returncode == 0
+    done = _script("train_pair.py", prep, "--out", run, "--backbone", "efficientnet_lite0", "--weights", "imagenet",
+                   "--head-fit", "cross-fit", "--folds", "3", "--fine-tune-epochs", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--calibrate-on out-of-fold" in done.stdout
+    manifest = load_manifest(prep / "color" / "manifest.csv")
+    development = [p.patient_id for p in manifest.patients if p.split in ("train", "val")]
+    oof = {v: np.load(run / v / "out_of_fold.npz") for v in ("color", "gray_eq")}
+    assert list(oof["color"]["patient_id"]) == development, "every train and val patient, and no test patient"
+    card = json.loads((run / "color" / "card.json").read_text())
+    assert card["head"]["folds"] == 3 and card["best_val"]["out_of_fold"]
+    # the run's calibration is the one fitted on the ensemble's out-of-fold predictions
+    fitted = json.loads((run / "calibration.json").read_text())
+    expected = fit_calibration(oof["color"]["labels"], (oof["color"]["probabilities"] + oof["gray_eq"]["probabilities"]) / 2)
+    assert Calibration.from_dict(fitted["ensemble"]) == expected and fitted["fitted_on"] == "out-of-fold"
+    refused = _script("score.py", run, prep, "--split", "val")
+    assert refused.returncode == 2 and "scoring val would grade patients they learned from" in refused.stderr
+    scored = _script("score.py", run, prep, "--split", "test", "--calibrate-on", "out-of-fold")
+    assert scored.returncode == 0, scored.stderr[-1500:]
+    # predict decides with the run's calibration unless told not to
+    test = next(p for p in manifest.patients if p.split == "test")
+    photo = manifest.image_path(test.left_image or test.right_image)
+    predicted = _script("predict.py", run, "--left", photo, "--out", tmp_path / "out")
+    assert predicted.returncode == 0 and "deciding with the run's calibration" in predicted.stdout, predicted.stderr[-1500:]
+    rows = {r["class"]: r for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv"))}
+    thresholds = {c: float(rows[c]["threshold"]) for c in LABELS}
+    from fundus_ensemble.inference.predict import _raw_threshold
+
+    assert thresholds == {c: pytest.approx(_raw_threshold(k), abs=1e-6) for c, k in zip(LABELS, expected.classes)}
+    plain = _script("predict.py", run, "--left", photo, "--out", tmp_path / "plain", "--no-calibration")
+    assert {float(r["threshold"]) for r in csv.DictReader(open(tmp_path / "plain" / "decisions.csv"))} == {0.5}, plain.stderr
