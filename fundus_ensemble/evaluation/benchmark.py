@@ -70,6 +70,7 @@ class Budget:
     target_final: float = TARGET_FINAL
     target_calibrated: float | None = None  # the calibrated ensemble's target final; None: target_final
     class_auc: float = CLASS_AUC  # AUC floor for every class with enough test positives (C and M: STRONG_CLASSES)
+    target_auc: float | None = None  # the pooled AUC the ensemble must reach, when the budget sets one
     # TrainConfig fields the budget sets beyond the paper's recipe (the levers chosen on val)
     changes: dict = dataclasses.field(default_factory=dict)
     weights: str | None = None  # the backbone's initial weights unless the run names others
@@ -187,7 +188,7 @@ def run_benchmark(
     from ..data.preprocess import preprocess_manifest
     from ..data.splits import assign_splits
     from ..training.baseline import train_plain_baseline
-    from ..training.train import library_versions, train_view
+    from ..training.train import library_versions, train_view, write_out_of_fold_calibration
 
     out = Path(out_dir)
     if force and resume:
@@ -232,6 +233,8 @@ def run_benchmark(
         def train(view=view):
             train_view(prep / view, model_dir / view, config, view, resume=resume)
         _stage(timings, timings_path, f"train {view}", resume and (model_dir / view / "card.json").is_file(), train)
+    if config.head_fit == "cross_fit":  # the run's own calibration, as train_pair writes it: predict and the station use it
+        write_out_of_fold_calibration(model_dir, tuple(v for v in VIEWS if v in models_run))
 
     cache = out / "predictions.npz"
     _stage(timings, timings_path, "predict", resume and set(models_run) <= _cached_models(cache),
@@ -282,12 +285,26 @@ def _score_folder(out: Path, models: tuple[str, ...], timings: dict, batch_size:
     histories = {v: [r.get("phase", "") for r in read_history(out / "models" / v / "history.csv")] for v in cards}
     training = _training_throughput(timings, cards, baseline_summary, batch_size, histories)
     backbone = next(iter(cards.values()))["backbone"] if cards else "backbone"
-    rows, test_probs = _rows(labels, _load_predictions(out / "predictions.npz"), training, models, backbone)
+    out_of_fold = _out_of_fold(out / "models", models)
+    rows, test_probs = _rows(labels, _load_predictions(out / "predictions.npz"), training, models, backbone, out_of_fold)
     if (out / PROBE_FILE).is_file():
         probe_rows = _probe_rows(labels, out / PROBE_FILE, timings)
         rows += probe_rows
         test_probs.update({r["name"]: r.pop("_probs") for r in probe_rows})
     return labels, rows, test_probs
+
+
+def _out_of_fold(model_dir: Path, models: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """Cross-fitted views' out-of-fold predictions and their patients' labels (None: no view was cross-fitted)."""
+    from ..training.train import OUT_OF_FOLD
+
+    found = {v: np.load(model_dir / v / OUT_OF_FOLD) for v in VIEWS if v in models and (model_dir / v / OUT_OF_FOLD).is_file()}
+    if not found:
+        return None
+    first = next(iter(found.values()))
+    if any(not np.array_equal(data["patient_id"], first["patient_id"]) for data in found.values()):
+        raise FundusError(f"{model_dir}: the views' out-of-fold predictions are of different patients")
+    return {"labels": first["labels"], **{v: data["probabilities"] for v, data in found.items()}}
 
 
 def _linear_probes(prep: Path, models: Path, config, path: Path, views: tuple[str, ...]) -> None:
@@ -480,47 +497,63 @@ def _row(name: str, what: str, y_true: np.ndarray, y_prob: np.ndarray, train: li
 
 
 def _rows(labels: dict[str, np.ndarray], p: _Predictions, training: dict[str, dict],
-          models: tuple[str, ...] = MODELS, backbone: str = "efficientnet_b3") -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Every row the ``models`` make, scored on the held-out patients, and each row's probabilities."""
+          models: tuple[str, ...] = MODELS, backbone: str = "efficientnet_b3",
+          out_of_fold: dict[str, np.ndarray] | None = None) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Every row the ``models`` make, scored on the held-out patients, and each row's probabilities.
+
+    ``out_of_fold`` holds cross-fitted view models' out-of-fold predictions of every train and val
+    patient (and their ``labels``): their heads learned on val too, so what other runs fit on val
+    (calibration, the twin's mean, the view weight) is fitted on those instead.
+    """
     from .calibration import fit_calibration
 
-    y_fit, y_test = labels[FIT], labels[HELD_OUT]
+    y_test = labels[HELD_OUT]
     members = {"baseline": ["baseline"], "color": ["color"], "gray_eq": ["gray_eq"], "ensemble": list(VIEWS)}
+    out_of_fold = out_of_fold or {}
 
     def probs(model: str, split: str, tta: bool) -> np.ndarray:
         return np.mean([p.probs[p.key(m, split, tta)] for m in members[model]], axis=0)
+
+    def fit_on(model: str, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The patients and predictions a model's post-processing is fitted on: its out-of-fold
+        predictions when cross-fitted (plain: they have no mirrored twin), else val's."""
+        if all(m in out_of_fold for m in members[model]):
+            return out_of_fold["labels"], np.mean([out_of_fold[m] for m in members[model]], axis=0)
+        return labels[FIT], probs(model, FIT, tta)
 
     def row(name: str, what: str, model: str, tta: bool, calibrate: bool) -> dict | None:
         if not set(members[model]) <= set(models):
             return None
         test = probs(model, HELD_OUT, tta)
         if calibrate:
-            test = fit_calibration(y_fit, probs(model, FIT, tta)).apply(test)
+            test = fit_calibration(*fit_on(model, tta)).apply(test)
         cost = [(p.seconds[p.key(m, HELD_OUT, tta)], p.images[p.key(m, HELD_OUT, tta)]) for m in members[model]]
         return _row(name, what, y_test, test, [training[m] for m in members[model]], cost)
 
+    fitted_on = "the out-of-fold predictions of every train and val patient" if out_of_fold else "val"
     prior = labels["train"].mean(axis=0)
-    prior_fit, prior_test = np.tile(prior, (len(y_fit), 1)), np.tile(prior, (len(y_test), 1))
+    prior_fit, prior_test = np.tile(prior, (len(labels[FIT]), 1)), np.tile(prior, (len(y_test), 1))
     rows = [
         _row("all-zero", "predicts 0 for every cell", y_test, np.zeros_like(y_test, dtype=float), [], []),
         _row("class prior", "each class's training prevalence, for every patient", y_test, prior_test, [], []),
         # the floor for calibrated rows: thresholds alone can make whole classes positive
         _row("class prior + calibration", "the same calibration on the image-blind prior", y_test,
-             fit_calibration(y_fit, prior_fit).apply(prior_test), [], []),
+             fit_calibration(labels[FIT], prior_fit).apply(prior_test), [], []),
         row("plain baseline", f"one {backbone} on colour, per eye, plain BCE, eyes averaged", "baseline", False, False),
         row("color", "library patient model, colour view", "color", False, False),
         row("gray_eq", "library patient model, equalized gray view", "gray_eq", False, False),
         row("ensemble", "mean of color and gray_eq (the paper's method)", "ensemble", False, False),
-        _image_blind_twin_row(y_test, probs("ensemble", FIT, False)) if set(VIEWS) <= set(models) else None,
+        _image_blind_twin_row(y_test, fit_on("ensemble", False)[1], fitted_on) if set(VIEWS) <= set(models) else None,
         row("ensemble + flip TTA", "each model also sees the mirrored eyes", "ensemble", True, False),
-        row("ensemble + calibration", "per-class Platt + threshold fitted on val", "ensemble", False, True),
+        row("ensemble + calibration", f"per-class Platt + threshold fitted on {fitted_on}", "ensemble", False, True),
         row("ensemble + TTA + calibration", "both levers", "ensemble", True, True),
         row("plain baseline + TTA + calibration", "the same levers on the baseline", "baseline", True, True),
         row("color + TTA + calibration", "the same levers on one view", "color", True, True),
         row("gray_eq + TTA + calibration", "the same levers on one view", "gray_eq", True, True),
     ]
     if set(VIEWS) <= set(models):
-        rows.append(_weighted_ensemble_row(y_fit, y_test, p, training))
+        (y_fit, _), fits = fit_on("color", False), {v: fit_on(v, False)[1] for v in VIEWS}
+        rows.append(_weighted_ensemble_row(y_fit, fits, y_test, p, training, fitted_on))
     rows = [r for r in rows if r is not None]
     return rows, {r["name"]: r.pop("_probs") for r in rows}
 
@@ -528,7 +561,7 @@ def _rows(labels: dict[str, np.ndarray], p: _Predictions, training: dict[str, di
 TWIN = "ensemble's image-blind twin"
 
 
-def _image_blind_twin_row(y_test: np.ndarray, ensemble_fit: np.ndarray) -> dict:
+def _image_blind_twin_row(y_test: np.ndarray, ensemble_fit: np.ndarray, fitted_on: str = FIT) -> dict:
     """The raw ensemble's mean val probability per class, given to every test patient.
 
     The official score thresholds at 0.5, so a model whose outputs sit on one side of 0.5 for
@@ -536,7 +569,7 @@ def _image_blind_twin_row(y_test: np.ndarray, ensemble_fit: np.ndarray) -> dict:
     ensemble's margin over it is what it read in the images.
     """
     twin = np.tile(ensemble_fit.mean(axis=0), (len(y_test), 1))
-    return _row(TWIN, f"the raw ensemble's mean {FIT} probability per class, for every patient", y_test, twin, [], [])
+    return _row(TWIN, f"the raw ensemble's mean probability per class on {fitted_on}, for every patient", y_test, twin, [], [])
 
 
 def view_weight_on_val(y_val: np.ndarray, color: np.ndarray, gray: np.ndarray, steps: int = 11) -> float:
@@ -549,14 +582,15 @@ def view_weight_on_val(y_val: np.ndarray, color: np.ndarray, gray: np.ndarray, s
     return float(max(zip(scores, -abs(grid - 0.5), grid))[2])
 
 
-def _weighted_ensemble_row(y_fit: np.ndarray, y_test: np.ndarray, p: _Predictions, training: dict[str, dict]) -> dict:
-    """The ensemble with the views weighted as val prefers: what the gray view is worth, measured."""
-    color, gray = (p.key(v, FIT, False) for v in VIEWS)
-    w = view_weight_on_val(y_fit, p.probs[color], p.probs[gray])
+def _weighted_ensemble_row(y_fit: np.ndarray, fits: dict[str, np.ndarray], y_test: np.ndarray, p: _Predictions,
+                           training: dict[str, dict], fitted_on: str = FIT) -> dict:
+    """The ensemble with the views weighted as ``fits`` (val's predictions, or the out-of-fold
+    ones) prefer: what the gray view is worth, measured."""
+    w = view_weight_on_val(y_fit, fits["color"], fits["gray_eq"])
     test = w * p.probs[p.key("color", HELD_OUT, False)] + (1 - w) * p.probs[p.key("gray_eq", HELD_OUT, False)]
     cost = [(p.seconds[p.key(v, HELD_OUT, False)], p.images[p.key(v, HELD_OUT, False)]) for v in VIEWS]
-    return _row("ensemble, view weight chosen on val", f"{w:.1f} x color + {1 - w:.1f} x gray_eq, the weight chosen on val",
-                y_test, test, [training[v] for v in VIEWS], cost)
+    return _row("ensemble, view weight chosen on val", f"{w:.1f} x color + {1 - w:.1f} x gray_eq, the weight chosen on "
+                f"{fitted_on}", y_test, test, [training[v] for v in VIEWS], cost)
 
 
 def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, seed: int, resamples: int,
@@ -589,6 +623,9 @@ def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, 
             f"95% interval of the margin over '{prior}'": bootstrap_margin(y_test, probs[ours], probs[prior], seed, resamples),
             f"margin over '{prior}' >= {TARGET_MARGIN}": margin >= TARGET_MARGIN,
         }
+        if budget.target_auc is not None:
+            pooled = next(r["auc"] for r in rows if r["name"] == ours)
+            check[f"pooled AUC >= {budget.target_auc}"] = pooled >= budget.target_auc
         for c, floor in STRONG_CLASSES.items():
             check[f"AUC {c} >= {floor}"] = auc[ours][c] is not None and auc[ours][c] >= floor
         check[f"AUC >= {class_auc} for {', '.join(common) or 'no class'} ({CLASS_AUC_POSITIVES}+ test positives)"] = all(

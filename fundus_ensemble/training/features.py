@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ class FeatureStore:
 
     def _load(self, folder: Path, provenance: dict) -> tuple[list[str], np.ndarray | None]:
         index, array = folder / "index.json", folder / "features.npy"
+        self._seconds = 0.0
         if not (index.is_file() and array.is_file()):
             return [], None
         try:
@@ -134,16 +136,23 @@ class FeatureStore:
             print(f"[features] {folder}: {len(keys)} keys for features of shape {features.shape}; recomputing",
                   file=sys.stderr, flush=True)
             return [], None
+        self._seconds = float(record.get("seconds") or 0.0)
         return keys, features
 
+    def seconds(self, spec: FeatureSpec, view: str) -> float | None:
+        """Seconds the entry's photos took through the backbone, all chunks together (None: no entry)."""
+        index = self.entry(spec, view) / "index.json"
+        return float(json.loads(index.read_text()).get("seconds") or 0.0) if index.is_file() else None
+
     @staticmethod
-    def _save(folder: Path, provenance: dict, keys: list[str], features: np.ndarray) -> None:
+    def _save(folder: Path, provenance: dict, keys: list[str], features: np.ndarray, seconds: float) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / ".features.tmp.npy"
         np.save(tmp, features)
         os.replace(tmp, folder / "features.npy")
         # the index last: until it names them, new rows are not trusted
-        atomic_write_json(folder / "index.json", {"provenance": provenance, "keys": keys, "shape": list(features.shape)})
+        atomic_write_json(folder / "index.json", {"provenance": provenance, "keys": keys, "shape": list(features.shape),
+                                                  "seconds": round(seconds, 2)})
 
     def photo_features(self, spec: FeatureSpec, view: str, paths: list[str | os.PathLike],
                        encoder: keras.Model | Callable[[], keras.Model], batch_size: int = 32,
@@ -163,14 +172,16 @@ class FeatureStore:
                        unit="img", disable=None if progress else True)
             for start in range(0, len(missing), CHUNK):
                 chunk = missing[start:start + CHUNK]
+                began = time.perf_counter()
                 batches = PhotoBatches([path_of[k] for k in chunk], spec.size, batch_size, FLIP if spec.flip else None)
                 new = distributed.predict(model, batches).astype(np.float32)
+                self._seconds += time.perf_counter() - began
                 features = new if features is None else np.concatenate([features, new])
                 for k in chunk:
                     row[k] = len(keys)
                     keys.append(k)
                 if distributed.is_chief():
-                    self._save(folder, provenance, keys, features)
+                    self._save(folder, provenance, keys, features, self._seconds)
                 bar.update(len(chunk))
             bar.close()
         return features[[row[k] for k in wanted]]
