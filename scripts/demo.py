@@ -17,7 +17,7 @@ def main(argv=None):
     import_keras()
     from fundus_ensemble.demo import run_demo
 
-    run_demo(".", args.out, args.split)
+    return 0 if run_demo(".", args.out, args.split)["healthy"] else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from fundus_ensemble.labels import LABELS
 # runs again under KERAS_BACKEND=jax in CI (README, tests)
 pytestmark = pytest.mark.backend
 
-TINY = Budget("tiny", size=32, epochs=1, fine_tune_epochs=1, backbone="mobilenet", batch_size=4, bn_recalibration_patients=8)
+TINY = Budget(
+    "tiny", size=32, epochs=1, fine_tune_epochs=1, backbone="mobilenet", batch_size=4, bn_recalibration_patients=8
+)
 
 
 def write_image_table(manifest_path, out_path):
@@ -28,7 +30,17 @@ def write_image_table(manifest_path, out_path):
         writer.writerow(["filename", "ID", "eye", "patient_age", "patient_sex", "eye_keywords", *LABELS])
         for p in manifest.patients:
             for eye, image in (("left", p.left_image), ("right", p.right_image)):
-                writer.writerow([image.split("/")[-1], p.patient_id, eye, 60, "Female", p.extra.get(f"{eye}_keywords", ""), *p.labels])
+                writer.writerow(
+                    [
+                        image.split("/")[-1],
+                        p.patient_id,
+                        eye,
+                        60,
+                        "Female",
+                        p.extra.get(f"{eye}_keywords", ""),
+                        *p.labels,
+                    ]
+                )
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +55,15 @@ def benchmark_run(tmp_path_factory):
 def test_every_row_is_scored_on_the_held_out_patients(benchmark_run):
     root, out, results = benchmark_run
     names = [r["name"] for r in results["rows"]]
-    assert names[:7] == ["all-zero", "class prior", "class prior + calibration", "plain baseline", "color", "gray_eq", "ensemble"]
+    assert names[:7] == [
+        "all-zero",
+        "class prior",
+        "class prior + calibration",
+        "plain baseline",
+        "color",
+        "gray_eq",
+        "ensemble",
+    ]
     assert "ensemble + TTA + calibration" in names and names[-1] == "ensemble, view weight chosen on val"
     manifest = load_manifest(out / "manifest.csv", image_root=root)
     assert results["held_out_patients"] == sum(p.split == "test" for p in manifest.patients)
@@ -53,7 +73,9 @@ def test_every_row_is_scored_on_the_held_out_patients(benchmark_run):
         assert 0 <= row["auc"] <= 1 and row["train_s"] > 0 and row["train_images_per_s"] > 0
         assert set(row["per_class_auc"]) == set(LABELS)
     ensemble = next(r for r in results["rows"] if r["name"] == "ensemble")
-    assert ensemble["train_s"] == pytest.approx(results["timings_s"]["train color"] + results["timings_s"]["train gray_eq"])
+    assert ensemble["train_s"] == pytest.approx(
+        results["timings_s"]["train color"] + results["timings_s"]["train gray_eq"]
+    )
 
 
 @pytest.mark.slow
@@ -75,7 +97,9 @@ def test_a_used_folder_is_refused_and_resume_trains_nothing_again(benchmark_run)
     again = run_benchmark(root / "labels.csv", root, out, TINY, seed=1, resume=True, bootstrap=20)
     assert again["rows"] == results["rows"]
     # the stages are not run again; only the scoring is, and the total counts it
-    assert {k: v for k, v in again["timings_s"].items() if k != "score"} == {k: v for k, v in results["timings_s"].items() if k != "score"}
+    assert {k: v for k, v in again["timings_s"].items() if k != "score"} == {
+        k: v for k, v in results["timings_s"].items() if k != "score"
+    }
     assert again["timings_s"]["score"] > 0
     assert again["total_wall_s"] == pytest.approx(sum(again["timings_s"].values()))
 
@@ -102,7 +126,9 @@ def test_the_checks_compare_the_ensemble_with_every_other_model(benchmark_run):
         low, high = checks[f"95% interval of the margin over '{other}'"]
         assert low <= high
     for other in ("plain baseline", "color", "gray_eq"):
-        assert checks[f"beats '{other}' (interval above 0)"] == (checks[f"95% interval of the margin over '{other}'"][0] > 0)
+        assert checks[f"beats '{other}' (interval above 0)"] == (
+            checks[f"95% interval of the margin over '{other}'"][0] > 0
+        )
     assert {"AUC C >= 0.75", "AUC M >= 0.75"} <= set(checks)
 
 
@@ -136,7 +162,9 @@ def test_the_readme_names_the_default_budget():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     named = set(re.findall(r"`([\w+-]+)` \(default\)", readme)) | set(re.findall(r"# default budget ([\w+-]+)", readme))
-    assert named == {DEFAULT_BUDGET}, f"README calls {sorted(named)} the default budget; the library's is {DEFAULT_BUDGET}"
+    assert named == {DEFAULT_BUDGET}, (
+        f"README calls {sorted(named)} the default budget; the library's is {DEFAULT_BUDGET}"
+    )
 
 
 def test_every_cpu_budget_is_named_for_its_size_and_epochs():
@@ -182,7 +210,9 @@ def test_the_image_blind_twin_is_the_ensembles_val_mean_for_every_test_patient(b
     twin = rows["ensemble's image-blind twin"]
     assert twin["final"] == pytest.approx(expected["final"]) and twin["kappa"] == pytest.approx(expected["kappa"])
     checks = results["checks"]["ensemble"]
-    assert checks["margin over 'ensemble's image-blind twin'"] == pytest.approx(rows["ensemble"]["final"] - twin["final"])
+    assert checks["margin over 'ensemble's image-blind twin'"] == pytest.approx(
+        rows["ensemble"]["final"] - twin["final"]
+    )
     assert "beats 'ensemble's image-blind twin' (interval above 0)" in checks
 
 
@@ -208,7 +238,10 @@ def test_two_runs_are_compared_row_by_row_on_the_same_test_patients(benchmark_ru
     assert rows["class prior"]["margin"] == 0
     ensemble = next(r for r in results["rows"] if r["name"] == "ensemble")
     assert rows["ensemble"]["final"][0] == pytest.approx(ensemble["final"])
-    assert rows["ensemble"]["margin"] == pytest.approx(rows["ensemble"]["final"][1] - ensemble["final"]) and rows["ensemble"]["margin"] > 0
+    assert (
+        rows["ensemble"]["margin"] == pytest.approx(rows["ensemble"]["final"][1] - ensemble["final"])
+        and rows["ensemble"]["margin"] > 0
+    )
     assert rows["color"]["interval"][0] > 0
     with pytest.raises(FundusError, match="rows not in both runs: colour"):
         compare_runs(out, better, rows=("colour",))
@@ -218,7 +251,9 @@ def test_two_runs_are_compared_row_by_row_on_the_same_test_patients(benchmark_ru
     manifest = other / "prep" / "color" / "manifest.csv"
     lines = manifest.read_text().splitlines(keepends=True)
     first_test = next(i for i, line in enumerate(lines) if ",test," in line)
-    manifest.write_text("".join(lines[:first_test] + [lines[first_test].replace(",test,", ",train,")] + lines[first_test + 1:]))
+    manifest.write_text(
+        "".join(lines[:first_test] + [lines[first_test].replace(",test,", ",train,")] + lines[first_test + 1 :])
+    )
     with pytest.raises(FundusError, match="do not hold the same test patients"):
         compare_runs(out, other)
     with pytest.raises(FundusError, match="no finished benchmark"):
@@ -227,9 +262,20 @@ def test_two_runs_are_compared_row_by_row_on_the_same_test_patients(benchmark_ru
 
 # --- pretrained: the linear probe rows and the ensemble's margins over them ------------------------------
 
-LITE_TINY = Budget("lite-tiny", size=48, epochs=2, fine_tune_epochs=1, backbone="efficientnet_lite0", batch_size=4,
-                   bn_recalibration_patients=8, weights="imagenet", baseline_epochs=1, changes={"fine_tune_fraction": 0.2},
-                   target_calibrated=0.9, class_auc=0.65)
+LITE_TINY = Budget(
+    "lite-tiny",
+    size=48,
+    epochs=2,
+    fine_tune_epochs=1,
+    backbone="efficientnet_lite0",
+    batch_size=4,
+    bn_recalibration_patients=8,
+    weights="imagenet",
+    baseline_epochs=1,
+    changes={"fine_tune_fraction": 0.2},
+    target_calibrated=0.9,
+    class_auc=0.65,
+)
 
 
 @pytest.fixture(scope="module")
@@ -254,16 +300,38 @@ def test_a_pretrained_run_has_probe_rows_fitted_on_train_and_chosen_on_val(pretr
     root, out, results = pretrained_run
     assert results["weights"] == "imagenet"
     names = [r["name"] for r in results["rows"]]
-    for name in ("linear probe (color)", "linear probe (gray_eq)", "linear probe (mean of views)",
-                 "linear probe (mean of views) + calibration"):
+    for name in (
+        "linear probe (color)",
+        "linear probe (gray_eq)",
+        "linear probe (mean of views)",
+        "linear probe (mean of views) + calibration",
+    ):
         assert name in names
     assert "margin over 'linear probe (color)'" in results["checks"]["ensemble"]
     # the budget's own targets: raw and calibrated finals, the class AUC floor
-    assert "final >= 0.72" in results["checks"]["ensemble"] and "final >= 0.9" in results["checks"]["ensemble + TTA + calibration"]
+    assert (
+        "final >= 0.72" in results["checks"]["ensemble"]
+        and "final >= 0.9" in results["checks"]["ensemble + TTA + calibration"]
+    )
     assert any(k.startswith("AUC >= 0.65 for") for k in results["checks"]["ensemble"])
     # the probe's val and test predictions are those of a probe fitted on train, C chosen on val
     manifest = load_manifest(out / "prep" / "color" / "manifest.csv")
-    feats = {s: np.load(out / "models" / "color" / f"features_{s}.npy") for s in ("train", "val", "test")}
+    from fundus_ensemble.training.features import eye_features, preprocessing_settings
+
+    feats = {
+        s: eye_features(
+            None,
+            manifest.select(s),
+            48,
+            8,
+            out / "prep" / "features",
+            "efficientnet_lite0",
+            "imagenet",
+            "color",
+            preprocessing=preprocessing_settings(out / "prep" / "color"),
+        )
+        for s in ("train", "val", "test")
+    }
     y = {s: manifest.select(s).label_matrix() for s in ("train", "val", "test")}
     probe = fit_linear_probe(feats["train"], y["train"], feats["val"], y["val"])
     with np.load(out / "probe.npz") as saved:
@@ -271,3 +339,42 @@ def test_a_pretrained_run_has_probe_rows_fitted_on_train_and_chosen_on_val(pretr
         np.testing.assert_allclose(saved["color/test"], probe.predict(feats["test"]), atol=1e-9)
     baseline = json.loads((out / "models" / "baseline" / "summary.json").read_text())
     assert baseline["epochs_run"] == 1 and baseline["learning_rate"] == pytest.approx(1e-4)
+
+
+@pytest.mark.slow
+def test_no_row_is_fitted_on_the_labels_it_is_scored_on(pretrained_run, tmp_path):
+    """The image-blind rows, the calibrations and the probe: scrambling every test label changes
+    no row's test predictions (only their scores)."""
+    import dataclasses
+    import shutil
+
+    from fundus_ensemble.data.manifest import write_manifest
+    from fundus_ensemble.evaluation import benchmark
+
+    root, out, results = pretrained_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for view in ("color", "gray_eq"):
+        path = copy / "prep" / view / "manifest.csv"
+        manifest = load_manifest(path)
+        write_manifest(
+            [
+                dataclasses.replace(p, labels=tuple(1 - v for v in p.labels)) if p.split == "test" else p
+                for p in manifest.patients
+            ],
+            path,
+        )
+    timings = json.loads((out / "timings.json").read_text())
+    models = tuple(results["models"])
+    labels, _, probs = benchmark._score_folder(out, models, timings, LITE_TINY.batch_size)
+    scrambled, _, again = benchmark._score_folder(copy, models, timings, LITE_TINY.batch_size)
+    assert np.array_equal(scrambled["test"], 1 - labels["test"]) and np.array_equal(scrambled["train"], labels["train"])
+    assert set(again) == set(probs) and "class prior" in probs and "linear probe (mean of views) + calibration" in probs
+    for name in probs:
+        np.testing.assert_array_equal(again[name], probs[name], err_msg=name)
+    # the probe itself, fitted again from the scrambled folder: the same predictions
+    config = LITE_TINY.train_config("imagenet", 0)
+    benchmark._linear_probes(copy / "prep", copy / "models", config, copy / "probe_again.npz", ("color", "gray_eq"))
+    with np.load(out / "probe.npz") as first, np.load(copy / "probe_again.npz") as second:
+        for key in (k for k in first.files if k != "meta"):
+            np.testing.assert_array_equal(second[key], first[key], err_msg=key)

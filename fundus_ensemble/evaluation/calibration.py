@@ -25,11 +25,13 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from ..errors import FundusError, warn_once
+from ..fileio import atomic_write_json
 from ..labels import LABELS
 from ..metrics import check_prediction_arrays, odir_score
 
 THRESHOLD_GRID: tuple[float, ...] = tuple(np.round(np.linspace(0.05, 0.95, 19), 2))
 _EPS = 1e-6
+RUN_CALIBRATION = "calibration.json"  # a cross-fitted run's own, beside its view folders
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -70,7 +72,7 @@ class Calibration:
         return {"classes": [asdict(c) for c in self.classes]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Calibration":
+    def from_dict(cls, data: dict) -> Calibration:
         """Read :meth:`to_dict`'s form, checked: every class needs a finite ``slope`` above 0 (a
         calibration keeps each class's order), a finite ``intercept`` and a ``threshold`` in (0, 1)."""
         classes = data.get("classes") if isinstance(data, dict) else None
@@ -93,8 +95,10 @@ class Calibration:
                     raise FundusError(f"{name}: {key!r} is {value!r}; expected a finite number")
                 values[key] = float(value)
             if values["slope"] <= 0:
-                raise FundusError(f"{name}: 'slope' is {values['slope']!r}; it must be above 0 (a calibration keeps the "
-                                  "order of a class's probabilities)")
+                raise FundusError(
+                    f"{name}: 'slope' is {values['slope']!r}; it must be above 0 (a calibration keeps the "
+                    "order of a class's probabilities)"
+                )
             if not 0 < values["threshold"] < 1:
                 raise FundusError(f"{name}: 'threshold' is {values['threshold']!r}; expected a number in (0, 1)")
             out.append(ClassCalibration(**values))
@@ -107,7 +111,9 @@ def _platt(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return float(model.coef_[0, 0]), float(model.intercept_[0])
 
 
-def fit_calibration(y_true: np.ndarray, y_prob: np.ndarray, grid: tuple[float, ...] = THRESHOLD_GRID, passes: int = 2) -> Calibration:
+def fit_calibration(
+    y_true: np.ndarray, y_prob: np.ndarray, grid: tuple[float, ...] = THRESHOLD_GRID, passes: int = 2
+) -> Calibration:
     """Fit Platt scaling, then per-class thresholds by coordinate ascent on the ODIR final score.
 
     A class with only one value among these patients is left as it is (with a warning):
@@ -133,12 +139,15 @@ def fit_calibration(y_true: np.ndarray, y_prob: np.ndarray, grid: tuple[float, .
             classes.append(ClassCalibration(slope, intercept))
     names = [LABELS[j] if j < len(LABELS) else str(j) for j in skipped if j not in reversed_]
     if names:
-        warn_once(f"calibration: class(es) {', '.join(names)} have a single value on the fitting patients; "
-                  "left uncalibrated")
+        warn_once(
+            f"calibration: class(es) {', '.join(names)} have a single value on the fitting patients; left uncalibrated"
+        )
     if reversed_:
         names = [LABELS[j] if j < len(LABELS) else str(j) for j in reversed_]
-        warn_once(f"calibration: class(es) {', '.join(names)} fitted a reversed slope on the fitting patients (the "
-                  "model ranks them the wrong way round there); left uncalibrated, at the raw threshold 0.5")
+        warn_once(
+            f"calibration: class(es) {', '.join(names)} fitted a reversed slope on the fitting patients (the "
+            "model ranks them the wrong way round there); left uncalibrated, at the raw threshold 0.5"
+        )
     calibration = Calibration(tuple(classes))
     best = odir_score(y_true, calibration.apply(y_prob))["final"]
     for _ in range(passes):
@@ -172,14 +181,18 @@ def load_calibration_file(path: str | os.PathLike, option: str = "--calibration"
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise FundusError(f"{option} {path}: not a calibration.json of score.py --calibrate-on ({exc})") from None
     if not isinstance(data, dict) or "ensemble" not in data:
-        raise FundusError(f"{option} {path}: no 'ensemble' calibration; not a calibration.json of score.py --calibrate-on")
+        raise FundusError(
+            f"{option} {path}: no 'ensemble' calibration; not a calibration.json of score.py --calibrate-on"
+        )
     try:
         fitted = Calibration.from_dict(data["ensemble"])
     except FundusError as exc:
         raise FundusError(f"{option} {path}, ensemble, {exc}") from None
     if data.get("flip_tta"):
-        raise FundusError(f"{option} {path} was fitted on flip-TTA predictions; predict does not flip, so its "
-                          "thresholds would not fit: calibrate with score.py --calibrate-on val without --flip-tta")
+        raise FundusError(
+            f"{option} {path} was fitted on flip-TTA predictions; predict does not flip, so its "
+            "thresholds would not fit: calibrate with score.py --calibrate-on val without --flip-tta"
+        )
     if len(fitted.classes) != len(LABELS):
         raise FundusError(f"{option} {path}: {len(fitted.classes)} classes, expected {len(LABELS)}")
     return fitted, f"{path.name} (fitted on {data.get('fitted_on', '?')})"
@@ -193,11 +206,13 @@ def run_calibration(run_dir: str | os.PathLike) -> Path | None:
     import hashlib
 
     run_dir = Path(run_dir)
-    found = sorted(p for p in [run_dir / "calibration.json", *run_dir.glob("score_*/calibration.json")] if p.is_file())
+    found = sorted(p for p in [run_dir / RUN_CALIBRATION, *run_dir.glob("score_*/calibration.json")] if p.is_file())
     distinct = {hashlib.sha256(_fit_of(p)).hexdigest(): p for p in reversed(found)}
     if len(distinct) > 1:
-        raise FundusError(f"{run_dir} has {len(distinct)} different calibrations ({', '.join(str(p) for p in found)}); "
-                          "choose one with --calibration, or --no-calibration")
+        raise FundusError(
+            f"{run_dir} has {len(distinct)} different calibrations ({', '.join(str(p) for p in found)}); "
+            "choose one with --calibration, or --no-calibration"
+        )
     return next(iter(distinct.values()), None)
 
 
@@ -208,3 +223,32 @@ def _fit_of(path: Path) -> bytes:
         return json.dumps([data.get("ensemble"), bool(data.get("flip_tta"))], sort_keys=True).encode()
     except (OSError, UnicodeDecodeError, ValueError):
         return path.read_bytes()
+
+
+def write_out_of_fold_calibration(run_dir: str | os.PathLike, views: tuple[str, ...]) -> Path:
+    """A cross-fitted run's calibration (Platt and per-class thresholds, as :func:`fit_calibration`), fitted
+    on the out-of-fold predictions of every train and val patient: each view's, and their mean
+    (the ensemble's), in ``score.py``'s ``calibration.json`` form, as ``RUN/calibration.json``, which
+    predict and the station use by default (:func:`run_calibration`)."""
+    from ..training.train import OUT_OF_FOLD
+
+    run_dir = Path(run_dir)
+    folds = {view: np.load(run_dir / view / OUT_OF_FOLD) for view in views}
+    first = folds[views[0]]
+    for data in folds.values():
+        if not np.array_equal(data["patient_id"], first["patient_id"]):
+            raise FundusError(f"{run_dir}: the views' out-of-fold predictions are of different patients")
+    y = first["labels"]
+    probs = {view: data["probabilities"] for view, data in folds.items()}
+    probs["ensemble"] = np.mean([probs[v] for v in views], axis=0)
+    path = run_dir / RUN_CALIBRATION
+    atomic_write_json(
+        path,
+        {
+            "fitted_on": "out-of-fold",
+            "flip_tta": False,
+            "patients": int(len(y)),
+            **{name: fit_calibration(y, p).to_dict() for name, p in probs.items()},
+        },
+    )
+    return path

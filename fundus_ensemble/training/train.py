@@ -49,6 +49,7 @@ from ..models import build_patient_model
 from ..models.backbone import check_backbone, weighted_layers
 from ..models.losses import AsymmetricLoss, MaskedBinaryCrossentropy, WeightedBinaryCrossentropy, positive_weights
 from ..models.patient_classifier import patient_output_only
+from . import distributed
 from .callbacks import (
     EpochProgress,
     EpochSeeds,
@@ -59,7 +60,6 @@ from .callbacks import (
     cosine_learning_rate,
     read_history,
 )
-from . import distributed
 from .config import TrainConfig
 from .features import default_store, eye_features, head_model, preprocessing_settings
 from .hardware import data_parallel, precision, resolve_jit_compile, synchronize_batch_norm
@@ -79,9 +79,14 @@ def library_versions() -> dict[str, str]:
     import sklearn
 
     versions = {
-        "fundus_ensemble": __version__, "keras": keras.__version__, "keras_backend": keras.backend.backend(),
-        "numpy": np.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__,
-        "albumentations": albumentations.__version__, "python": platform.python_version(),
+        "fundus_ensemble": __version__,
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "scikit-learn": sklearn.__version__,
+        "albumentations": albumentations.__version__,
+        "python": platform.python_version(),
     }
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -101,9 +106,15 @@ def _git_commit() -> str | None:
     if not (folder / ".git").exists():
         return None
     try:
-        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if commit.returncode != 0:
@@ -111,7 +122,9 @@ def _git_commit() -> str | None:
     return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, config: TrainConfig, best: float | None, phase: str) -> list:
+def _callbacks(
+    out: Path, train: PatientBatches, val: PatientBatches, loss, config: TrainConfig, best: float | None, phase: str
+) -> list:
     chief = distributed.is_chief()  # in a multi-process run only process 0 writes; every process decides alike
     backup = str(out / f"backup_{phase}")
     callbacks = [
@@ -122,11 +135,19 @@ def _callbacks(out: Path, train: PatientBatches, val: PatientBatches, loss, conf
         EpochProgress(f"[{out.name}]", config.epochs + config.fine_tune_epochs, len(train)) if chief else None,
         keras.callbacks.TerminateOnNaN(),
         ChiefCheckpoint(
-            str(out / BEST_WEIGHTS), monitor="val_final_score", mode="max",
-            save_best_only=True, save_weights_only=True, initial_value_threshold=best,
-        ) if chief else None,
+            str(out / BEST_WEIGHTS),
+            monitor="val_final_score",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=best,
+        )
+        if chief
+        else None,
         _schedule(config),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, verbose=1 if chief else 0),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stopping_patience, verbose=1 if chief else 0
+        ),
         HistoryLog(out / HISTORY, phase) if chief else None,
         # after the CSV row: a kill between the two repeats that row, which resuming drops
         ChiefBackup(backup, double_checkpoint=True) if chief else RestoreOnly(backup, double_checkpoint=True),
@@ -180,10 +201,15 @@ def _schedule(config: TrainConfig) -> keras.callbacks.Callback:
     if config.schedule == "cosine":  # epoch numbers run on across both phases, so one curve spans them
         total = config.epochs + config.fine_tune_epochs
         return keras.callbacks.LearningRateScheduler(
-            lambda epoch: cosine_learning_rate(epoch, config.learning_rate, total, config.warmup_epochs))
+            lambda epoch: cosine_learning_rate(epoch, config.learning_rate, total, config.warmup_epochs)
+        )
     return keras.callbacks.ReduceLROnPlateau(
-        monitor="val_final_score", mode="max", factor=config.lr_factor,
-        patience=config.lr_patience, min_delta=config.lr_min_delta, verbose=1,
+        monitor="val_final_score",
+        mode="max",
+        factor=config.lr_factor,
+        patience=config.lr_patience,
+        min_delta=config.lr_min_delta,
+        verbose=1,
     )
 
 
@@ -199,8 +225,10 @@ def _losses(loss: keras.losses.Loss, config: TrainConfig) -> dict:
     """compile()'s loss arguments: the patient loss, and the eye head's beside it when there is one."""
     if config.eye_head_weight <= 0:
         return {"loss": loss}
-    return {"loss": {"labels": loss, "eye_labels": MaskedBinaryCrossentropy()},
-            "loss_weights": {"labels": 1.0, "eye_labels": config.eye_head_weight}}
+    return {
+        "loss": {"labels": loss, "eye_labels": MaskedBinaryCrossentropy()},
+        "loss_weights": {"labels": 1.0, "eye_labels": config.eye_head_weight},
+    }
 
 
 def prior_log_odds(train_labels: np.ndarray) -> np.ndarray:
@@ -232,7 +260,17 @@ def _keep_history_of_first(path: Path, epochs: int) -> list[dict[str, str]]:
     return kept
 
 
-def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: PatientBatches, loss, config: TrainConfig, start: int, stop: int) -> int:
+def _fit_phase(
+    model,
+    phase: str,
+    out: Path,
+    train: PatientBatches,
+    val: PatientBatches,
+    loss,
+    config: TrainConfig,
+    start: int,
+    stop: int,
+) -> int:
     """Run epochs [start, stop) of one phase, resuming from its backup if one exists; returns the end epoch."""
     metadata = out / f"backup_{phase}" / "training_metadata.json"
     first = json.loads(metadata.read_text())["epoch"] if metadata.is_file() else start
@@ -248,7 +286,10 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
     # the same process would start at the restored epoch of an earlier phase.
     model._initial_epoch = None
     history = model.fit(
-        train, initial_epoch=start, epochs=stop, callbacks=_callbacks(out, train, val, loss, config, best, phase),
+        train,
+        initial_epoch=start,
+        epochs=stop,
+        callbacks=_callbacks(out, train, val, loss, config, best, phase),
         verbose=0,  # EpochProgress prints one line per epoch instead
         # The batches shuffle themselves, by seed and epoch; Keras' shuffle would reorder them again
         # from Python's global random state, which a resumed run does not have.
@@ -258,11 +299,23 @@ def _fit_phase(model, phase: str, out: Path, train: PatientBatches, val: Patient
     return first + len(history.history.get("loss", []))
 
 
-def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train, val, train_batches: PatientBatches,
-                  val_batches: PatientBatches, loss, view_dir: Path) -> int:
+def _train_phases(
+    out: Path,
+    view: str,
+    config: TrainConfig,
+    state: dict,
+    train,
+    val,
+    train_batches: PatientBatches,
+    val_batches: PatientBatches,
+    loss,
+    view_dir: Path,
+) -> int:
     """Both training phases (see the module doc), resuming where ``state`` says; returns the end epoch."""
     jit = resolve_jit_compile(config.jit_compile)
-    model = build_patient_model(config.backbone, config.size, config.weights, config.dropout, eye_head=config.eye_head_weight > 0)
+    model = build_patient_model(
+        config.backbone, config.size, config.weights, config.dropout, eye_head=config.eye_head_weight > 0
+    )
     synchronize_batch_norm(model, config.devices)
     pretrained = config.weights is not None
     model.get_layer("eye_encoder").trainable = not pretrained
@@ -275,13 +328,19 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
     if "phase1_end" in state:
         end = state["phase1_end"]
     else:
-        print(f"[{view}] {'phase 1/2 (train): ' if two_phases else ''}{len(train)} train / {len(val)} val patients, "
-              f"{config.backbone} at {config.size} px, "
-              f"{'backbone frozen' + (', head on frozen features' if on_features else '') if pretrained else 'all layers'}", flush=True)
+        print(
+            f"[{view}] {'phase 1/2 (train): ' if two_phases else ''}{len(train)} train / {len(val)} val patients, "
+            f"{config.backbone} at {config.size} px, "
+            f"{'backbone frozen' + (', head on frozen features' if on_features else '') if pretrained else 'all layers'}",
+            flush=True,
+        )
         if on_features:
             end, features_s = _fit_head_on_features(model, out, view, train, val, loss, config, jit, view_dir)
         else:
-            end, features_s = _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs), 0.0
+            end, features_s = (
+                _fit_phase(model, "train", out, train_batches, val_batches, loss, config, 0, config.epochs),
+                0.0,
+            )
         if distributed.is_chief():
             atomic_write_json(out / STATE, {"phase1_end": end, "features_s": round(features_s, 2)})
 
@@ -293,19 +352,28 @@ def _train_phases(out: Path, view: str, config: TrainConfig, state: dict, train,
             print(f"[{view}] phase 2/2 (fine-tune): {learning} at lr x {config.fine_tune_lr_factor}", flush=True)
             model.compile(keras.optimizers.Adam(fine_lr), **_losses(loss, config), jit_compile=jit)
         elif config.schedule == "plateau":  # same trainable set: keep the compiled step (a minute or more to trace)
-            model.optimizer.learning_rate.assign(min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))))
-        end = _fit_phase(model, "fine_tune", out, train_batches, val_batches, loss, config, end, end + config.fine_tune_epochs)
+            model.optimizer.learning_rate.assign(
+                min(fine_lr, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+            )
+        end = _fit_phase(
+            model, "fine_tune", out, train_batches, val_batches, loss, config, end, end + config.fine_tune_epochs
+        )
     distributed.check_replicas_agree(model, f"[{view}]")
     return end
 
 
 def head_on_features(config: dict) -> bool:
     """Whether a run with this (card's) configuration learned phase 1's head on frozen features."""
-    return (config.get("weights") is not None and config.get("frozen_features", False)
-            and config.get("eye_head_weight", 0) <= 0)
+    return (
+        config.get("weights") is not None
+        and config.get("frozen_features", False)
+        and config.get("eye_head_weight", 0) <= 0
+    )
 
 
-def trained_images(phases: list[str], batch_size: int, train_patients: int, val_patients: int, on_features: bool) -> int:
+def trained_images(
+    phases: list[str], batch_size: int, train_patients: int, val_patients: int, on_features: bool
+) -> int:
     """Eye images through the backbone in training: each epoch that ran on images (two eyes per
     patient, the ragged last batch dropped) and, when phase 1 learned on frozen features, the
     one pass over the training and validation patients that made them."""
@@ -314,8 +382,9 @@ def trained_images(phases: list[str], batch_size: int, train_patients: int, val_
     return image_epochs * per_epoch + (2 * (train_patients + val_patients) if on_features else 0)
 
 
-def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, loss, config: TrainConfig,
-                          jit, view_dir: Path) -> tuple[int, float]:
+def _fit_head_on_features(
+    model: keras.Model, out: Path, view: str, train, val, loss, config: TrainConfig, jit, view_dir: Path
+) -> tuple[int, float]:
     """Phase 1 on a frozen backbone: the head learns on each eye's features, computed once and
     kept in the feature store (``config.feature_store``, else beside the views) for every later
     run; the best head goes into the patient model's checkpoint. Returns the end epoch and the
@@ -325,13 +394,23 @@ def _fit_head_on_features(model: keras.Model, out: Path, view: str, train, val, 
     features, start = {}, time.perf_counter()
     for split, manifest in (("train", train), ("val", val)):
         print(f"[{view}] frozen features of {len(manifest)} {split} patients (store {store}) ...", flush=True)
-        features[split] = eye_features(encoder, manifest, config.size, 2 * config.batch_size, store, config.backbone,
-                                       config.weights, view, preprocessing=preprocessing_settings(view_dir))
+        features[split] = eye_features(
+            encoder,
+            manifest,
+            config.size,
+            2 * config.batch_size,
+            store,
+            config.backbone,
+            config.weights,
+            view,
+            preprocessing=preprocessing_settings(view_dir),
+        )
     features_s = time.perf_counter() - start
     head = head_model(model)
     head.compile(keras.optimizers.Adam(config.learning_rate), loss=loss, jit_compile=jit)
-    train_batches = FeatureBatches(features["train"], train.label_matrix(), config.batch_size, shuffle=True,
-                                   seed=config.seed, ragged_last="drop")
+    train_batches = FeatureBatches(
+        features["train"], train.label_matrix(), config.batch_size, shuffle=True, seed=config.seed, ragged_last="drop"
+    )
     distributed.shard(train_batches)
     val_batches = FeatureBatches(features["val"], val.label_matrix(), config.batch_size)
     end = _fit_phase(head, "train", out, train_batches, val_batches, loss, config, 0, config.epochs)
@@ -354,11 +433,14 @@ def unfreeze_top(encoder: keras.Model, fraction: float, freeze_batchnorm: bool) 
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = index >= first and not (freeze_batchnorm and is_bn)
     learning = sum(layer.trainable for layer in layers)
-    return (f"{learning} of the backbone's {len(layers)} weighted layers"
-            f"{', BatchNorm frozen' if freeze_batchnorm else ''}")
+    return (
+        f"{learning} of the backbone's {len(layers)} weighted layers{', BatchNorm frozen' if freeze_batchnorm else ''}"
+    )
 
 
-def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig, view: str, resume: bool = False) -> dict:
+def train_view(
+    view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig, view: str, resume: bool = False
+) -> dict:
     """Train the patient model of one view folder (from preprocessing); returns its card.
 
     With ``resume``, a finished view is kept as it is and an interrupted one continues from
@@ -382,19 +464,29 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     loss, pos_weight = build_loss(config, train.label_matrix())
     cache = config.cache_images
     if cache is None:
-        cache, why = choose_cache(sum(bool(p.left_image) + bool(p.right_image) for p in train.patients + val.patients),
-                                  config.size)
+        cache, why = choose_cache(
+            sum(bool(p.left_image) + bool(p.right_image) for p in train.patients + val.patients), config.size
+        )
         if distributed.is_chief():
             print(f"[{view}] {why}", flush=True)
     train_batches = PatientBatches(
-        train, config.size, config.batch_size, training_augmentation(config.rotation, config.seed),
-        shuffle=True, seed=config.seed, cache=cache, ragged_last="drop", workers=config.workers,
+        train,
+        config.size,
+        config.batch_size,
+        training_augmentation(config.rotation, config.seed),
+        shuffle=True,
+        seed=config.seed,
+        cache=cache,
+        ragged_last="drop",
+        workers=config.workers,
         eye_labels=config.eye_head_weight > 0,
     )
     distributed.shard(train_batches)
     if train_batches.eye_labels is not None and (train_batches.eye_labels < 0).all():
-        raise FundusError(f"eye_head_weight {config.eye_head_weight} needs per-eye keywords, but no training patient in "
-                          f"{manifest_path} has left_keywords/right_keywords")
+        raise FundusError(
+            f"eye_head_weight {config.eye_head_weight} needs per-eye keywords, but no training patient in "
+            f"{manifest_path} has left_keywords/right_keywords"
+        )
     val_batches = PatientBatches(val, config.size, config.batch_size, cache=cache, workers=config.workers)
     with data_parallel(config.devices, config.batch_size), precision(config.precision):
         end = _train_phases(out, view, config, state, train, val, train_batches, val_batches, loss, view_dir)
@@ -409,10 +501,27 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     history = read_history(out / HISTORY)
     features_s = json.loads((out / STATE).read_text()).get("features_s", 0.0) if (out / STATE).is_file() else 0.0
     train_seconds = features_s + sum(float(r.get("wall_s") or 0) for r in history)
-    images = trained_images([r.get("phase", "") for r in history], config.batch_size, len(train), len(val),
-                            head_on_features(dataclasses.asdict(config)))
-    card = _card(view, config, view_dir, manifest_path, len(train), len(val), pos_weight, _best_history_row(out / HISTORY),
-                 end, cache, train_seconds, images)
+    images = trained_images(
+        [r.get("phase", "") for r in history],
+        config.batch_size,
+        len(train),
+        len(val),
+        head_on_features(dataclasses.asdict(config)),
+    )
+    card = _card(
+        view,
+        config,
+        view_dir,
+        manifest_path,
+        len(train),
+        len(val),
+        pos_weight,
+        _best_history_row(out / HISTORY),
+        end,
+        cache,
+        train_seconds,
+        images,
+    )
     atomic_write_json(out / CARD_NAME, card)
     # model.keras now holds the best weights; this copy (with optimizer state) only served resuming
     (out / BEST_WEIGHTS).unlink(missing_ok=True)
@@ -420,9 +529,21 @@ def train_view(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     return card
 
 
-def _card(view: str, config: TrainConfig, view_dir: Path, manifest_path: Path, train_patients: int, val_patients: int,
-          pos_weight: np.ndarray | None, best_val: dict, epochs_run: int, cache: bool | None, train_seconds: float,
-          images: int, **extra) -> dict:
+def _card(
+    view: str,
+    config: TrainConfig,
+    view_dir: Path,
+    manifest_path: Path,
+    train_patients: int,
+    val_patients: int,
+    pos_weight: np.ndarray | None,
+    best_val: dict,
+    epochs_run: int,
+    cache: bool | None,
+    train_seconds: float,
+    images: int,
+    **extra,
+) -> dict:
     """A view model's card: what it is, what it learned from, how, and how it scored on patients it did not see."""
     return {
         "format": CARD_FORMAT,
@@ -430,7 +551,9 @@ def _card(view: str, config: TrainConfig, view_dir: Path, manifest_path: Path, t
         "input_size": config.size,
         "backbone": config.backbone,
         "labels": list(LABELS),
-        "weights_init": "none" if config.weights is None else ("imagenet" if config.weights == "imagenet" else f"file:{Path(config.weights).name}"),
+        "weights_init": "none"
+        if config.weights is None
+        else ("imagenet" if config.weights == "imagenet" else f"file:{Path(config.weights).name}"),
         "weights_source": _weights_source(config),
         "pos_weight": None if pos_weight is None else dict(zip(LABELS, map(float, pos_weight))),
         "seed": config.seed,
@@ -463,26 +586,41 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     from .heads import cross_fit, set_patient_head
 
     if distributed.process_count() > 1:
-        raise FundusError("cross-fitted heads run in one process (they take seconds); start train_pair without "
-                          "--num-processes")
+        raise FundusError(
+            "cross-fitted heads run in one process (they take seconds); start train_pair without --num-processes"
+        )
     start = time.perf_counter()
     development = manifest.with_patients([p for p in manifest.patients if p.split in ("train", "val")])
     if len(development) < 2 * config.folds:
-        raise FundusError(f"{view_dir / 'manifest.csv'}: {len(development)} train and val patients, too few for "
-                          f"{config.folds} folds")
+        raise FundusError(
+            f"{view_dir / 'manifest.csv'}: {len(development)} train and val patients, too few for {config.folds} folds"
+        )
     store = config.feature_store or default_store(view_dir)
-    print(f"[{view}] cross-fitted heads: frozen {config.backbone} features of {len(development)} train and val patients "
-          f"at {config.size} px (store {store}), {config.folds} folds", flush=True)
-    features = eye_features(lambda: build_backbone(config.backbone, config.size, config.weights), development, config.size,
-                            2 * config.batch_size, store, config.backbone, config.weights, view,
-                            preprocessing=preprocessing_settings(view_dir))
+    print(
+        f"[{view}] cross-fitted heads: frozen {config.backbone} features of {len(development)} train and val patients "
+        f"at {config.size} px (store {store}), {config.folds} folds",
+        flush=True,
+    )
+    features = eye_features(
+        lambda: build_backbone(config.backbone, config.size, config.weights),
+        development,
+        config.size,
+        2 * config.batch_size,
+        store,
+        config.backbone,
+        config.weights,
+        view,
+        preprocessing=preprocessing_settings(view_dir),
+    )
     features_s = time.perf_counter() - start
     y = development.label_matrix()
     fit = cross_fit(features, y, config.folds, seed=config.seed)
     score = odir_score(y, fit.out_of_fold)
-    print(f"[{view}] C {fit.c} chosen by out-of-fold pooled AUC ({', '.join(f'{c:g}: {a:.4f}' for c, a in fit.scores.items())}); "
-          f"out of fold: kappa {score['kappa']:.3f}  f1 {score['f1']:.3f}  auc {score['auc']:.3f}  final {score['final']:.3f}",
-          flush=True)
+    print(
+        f"[{view}] C {fit.c} chosen by out-of-fold pooled AUC ({', '.join(f'{c:g}: {a:.4f}' for c, a in fit.scores.items())}); "
+        f"out of fold: kappa {score['kappa']:.3f}  f1 {score['f1']:.3f}  auc {score['auc']:.3f}  final {score['final']:.3f}",
+        flush=True,
+    )
     model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
     set_patient_head(model, fit.bagged)
     model.save(str(out / MODEL_NAME))
@@ -491,13 +629,35 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     np.savez(tmp, patient_id=ids, labels=y, probabilities=fit.out_of_fold, fold=fit.folds)
     os.replace(tmp, out / OUT_OF_FOLD)
     seconds = time.perf_counter() - start
-    best = {"epoch": 0, "out_of_fold": True, **{f"val_{k if k != 'final' else 'final_score'}": float(v) for k, v in score.items()}}
+    best = {
+        "epoch": 0,
+        "out_of_fold": True,
+        **{f"val_{k if k != 'final' else 'final_score'}": float(v) for k, v in score.items()},
+    }
     train = sum(p.split == "train" for p in development.patients)
-    card = _card(view, config, view_dir, view_dir / "manifest.csv", train, len(development) - train, None, best, 0, None,
-                 seconds, 2 * len(development),
-                 head={"fit": "cross_fit", "kind": "logistic on concat(max, mean) of the eyes", "folds": config.folds,
-                       "C": fit.c, "out_of_fold_auc_by_C": {str(c): a for c, a in fit.scores.items()},
-                       "out_of_fold": {k: float(v) for k, v in score.items()}, "features_s": round(features_s, 1)})
+    card = _card(
+        view,
+        config,
+        view_dir,
+        view_dir / "manifest.csv",
+        train,
+        len(development) - train,
+        None,
+        best,
+        0,
+        None,
+        seconds,
+        2 * len(development),
+        head={
+            "fit": "cross_fit",
+            "kind": "logistic on concat(max, mean) of the eyes",
+            "folds": config.folds,
+            "C": fit.c,
+            "out_of_fold_auc_by_C": {str(c): a for c, a in fit.scores.items()},
+            "out_of_fold": {k: float(v) for k, v in score.items()},
+            "features_s": round(features_s, 1),
+        },
+    )
     atomic_write_json(out / CARD_NAME, card)
     return card
 
@@ -531,11 +691,17 @@ def with_views_size(config: TrainConfig, prep_dir: Path) -> TrainConfig:
     size = json.loads(record.read_text())["settings"]["size"] if record.is_file() else None
     if config.size is None:
         if size is None:
-            raise FundusError(f"{record} not found: cannot tell the views' size; pass --size or run scripts/preprocess.py")
+            raise FundusError(
+                f"{record} not found: cannot tell the views' size; pass --size or run scripts/preprocess.py"
+            )
         return dataclasses.replace(config, size=size)
     if size is not None and config.size != size:
-        print(f"warning: {prep_dir} holds {size} px views; training at --size {config.size} resizes every image "
-              "(and score.py will refuse these views for the model)", file=sys.stderr, flush=True)
+        print(
+            f"warning: {prep_dir} holds {size} px views; training at --size {config.size} resizes every image "
+            "(and score.py will refuse these views for the model)",
+            file=sys.stderr,
+            flush=True,
+        )
     return config
 
 
@@ -587,34 +753,13 @@ def train_pair(
     try:
         cards = {view: train_view(prep / view, out / view, config, view, resume=resume) for view in views}
     except BaseException:
-        if chief and created and not any(out.rglob(HISTORY)):  # failed before any epoch: leave nothing a retry trips over
+        if (
+            chief and created and not any(out.rglob(HISTORY))
+        ):  # failed before any epoch: leave nothing a retry trips over
             remove_owned(out, "a training run")
         raise
     if chief:
-        atomic_write_json(out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)})
-        if config.head_fit == "cross_fit":
-            write_out_of_fold_calibration(out, views)
+        atomic_write_json(
+            out / "run.json", {"views": list(views), "config": dataclasses.asdict(config), "prep_dir": str(prep)}
+        )
     return cards
-
-
-RUN_CALIBRATION = "calibration.json"
-
-
-def write_out_of_fold_calibration(run_dir: Path, views: tuple[str, ...]) -> Path:
-    """The run's calibration (Platt and per-class thresholds, :mod:`..evaluation.calibration`), fitted
-    on the out-of-fold predictions of every train and val patient: each view's, and their mean
-    (the ensemble's), in ``score.py``'s ``calibration.json`` form, so predict and the station use it."""
-    from ..evaluation.calibration import fit_calibration
-
-    folds = {view: np.load(run_dir / view / OUT_OF_FOLD) for view in views}
-    first = folds[views[0]]
-    for view, data in folds.items():
-        if not np.array_equal(data["patient_id"], first["patient_id"]):
-            raise FundusError(f"{run_dir}: the views' out-of-fold predictions are of different patients")
-    y = first["labels"]
-    probs = {view: data["probabilities"] for view, data in folds.items()}
-    probs["ensemble"] = np.mean([probs[v] for v in views], axis=0)
-    path = run_dir / RUN_CALIBRATION
-    atomic_write_json(path, {"fitted_on": "out-of-fold", "flip_tta": False, "patients": int(len(y)),
-                             **{name: fit_calibration(y, p).to_dict() for name, p in probs.items()}})
-    return path
