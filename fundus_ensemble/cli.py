@@ -85,8 +85,9 @@ def check_run_folder(run_dir: str | os.PathLike) -> None:
     if path.is_file():
         raise FundusError(f"{path} is a file; give the run folder of scripts/train_pair.py")
     if not path.is_dir():
-        raise FundusError(f"{path}: no such folder, so no trained view model; run scripts/train_pair.py first "
-                          "or give its run folder")
+        raise FundusError(
+            f"{path}: no such folder, so no trained view model; run scripts/train_pair.py first or give its run folder"
+        )
 
 
 def parse_fractions(values: list[float]) -> dict[str, float]:

@@ -21,8 +21,9 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import FundusError
 
@@ -127,8 +128,9 @@ def claim_folder(path: str | os.PathLike, purpose: str, adopt_if: tuple[str, ...
     mark = path / OWNER_MARK
     owner = folder_owner(path)
     if owner is not None and owner != purpose:
-        raise FundusError(f"{path} holds {owner}, made by fundus-ensemble; {purpose} needs a folder of its own: "
-                          "choose another")
+        raise FundusError(
+            f"{path} holds {owner}, made by fundus-ensemble; {purpose} needs a folder of its own: choose another"
+        )
     if path.is_dir() and owner is None:
         entries = [p.name for p in path.iterdir()]
         if entries and not any(name in entries for name in adopt_if):
@@ -202,8 +204,10 @@ def folder_lock(path: str | os.PathLike, purpose: str) -> Iterator[None]:
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError:
         handle.close()
-        raise FundusError(f"{path} is being written by another run right now ({purpose}); wait for it to finish or "
-                          "choose another output folder") from None
+        raise FundusError(
+            f"{path} is being written by another run right now ({purpose}); wait for it to finish or "
+            "choose another output folder"
+        ) from None
     try:
         yield
     finally:

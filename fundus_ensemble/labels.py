@@ -32,5 +32,7 @@ def parse_classes(value: str | None, option: str = "class list") -> list[str] | 
         return list(LABELS)
     unknown = [n for n in names if n not in LABELS]
     if unknown:
-        raise FundusError(f"{option} {value!r}: unknown class(es) {', '.join(unknown)}; choose from {','.join(LABELS)} or all")
+        raise FundusError(
+            f"{option} {value!r}: unknown class(es) {', '.join(unknown)}; choose from {','.join(LABELS)} or all"
+        )
     return list(dict.fromkeys(names))

@@ -22,7 +22,9 @@ def check_prediction_arrays(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.
     y_true = np.asarray(y_true)
     y_prob = np.asarray(y_prob, dtype=np.float64)
     if y_true.shape != y_prob.shape or y_true.ndim != 2 or y_true.size == 0:
-        raise FundusError(f"y_true and y_prob must be equal, non-empty (patients, classes) arrays; got {y_true.shape} and {y_prob.shape}")
+        raise FundusError(
+            f"y_true and y_prob must be equal, non-empty (patients, classes) arrays; got {y_true.shape} and {y_prob.shape}"
+        )
     if not np.isin(y_true, (0, 1)).all():
         raise FundusError("y_true must hold only 0 and 1")
     if not np.isfinite(y_prob).all():
@@ -59,7 +61,9 @@ def odir_score(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = THRESH
     return {"kappa": kappa, "f1": f1, "auc": auc, "final": (kappa + f1 + auc) / 3.0}
 
 
-def per_class_scores(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = THRESHOLD) -> dict[str, dict[str, float | None]]:
+def per_class_scores(
+    y_true: np.ndarray, y_prob: np.ndarray, threshold: float = THRESHOLD
+) -> dict[str, dict[str, float | None]]:
     """AUC and F1 (of the positive class) per label; AUC is ``None`` where a class has one value only."""
     y_true, y_prob = check_prediction_arrays(y_true, y_prob)
     out: dict[str, dict[str, float | None]] = {}
@@ -81,8 +85,9 @@ def per_class_scores(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 
     return out
 
 
-def bootstrap_margin(y_true: np.ndarray, ours: np.ndarray, other: np.ndarray, seed: int = 0,
-                     resamples: int = 500) -> list[float] | None:
+def bootstrap_margin(
+    y_true: np.ndarray, ours: np.ndarray, other: np.ndarray, seed: int = 0, resamples: int = 500
+) -> list[float] | None:
     """95% interval of final(ours) - final(other) over patients resampled with replacement,
     the same patients for both (paired); None when too few patients to resample."""
     rng = np.random.default_rng(seed)

@@ -16,8 +16,13 @@ from pathlib import Path
 
 from fundus_ensemble.cli import run
 
-VARIANTS = [("Keras (in memory)", None, None), ("SavedModel", "saved_model", "none"), ("TFLite float32", "tflite", "none"),
-            ("TFLite float16", "tflite", "float16"), ("TFLite int8 (dynamic range)", "tflite", "int8")]
+VARIANTS = [
+    ("Keras (in memory)", None, None),
+    ("SavedModel", "saved_model", "none"),
+    ("TFLite float32", "tflite", "none"),
+    ("TFLite float16", "tflite", "float16"),
+    ("TFLite int8 (dynamic range)", "tflite", "int8"),
+]
 
 
 def main(argv=None):
@@ -59,8 +64,14 @@ def main(argv=None):
     def square(path):
         return cv2.cvtColor(crop_to_fov(decode_image(path), size), cv2.COLOR_BGR2RGB)
 
-    eyes = {p.patient_id: (square(p.left or p.right), square(p.right or p.left)) for p in patients if p.patient_id in reference}
-    in_split = [i for i, pid in enumerate(ids) if any(q.patient_id == pid and q.split == args.split for q in manifest.patients)]
+    eyes = {
+        p.patient_id: (square(p.left or p.right), square(p.right or p.left))
+        for p in patients
+        if p.patient_id in reference
+    }
+    in_split = [
+        i for i, pid in enumerate(ids) if any(q.patient_id == pid and q.split == args.split for q in manifest.patients)
+    ]
     labels = {q.patient_id: q.labels for q in manifest.patients}
     y_split = np.array([labels[ids[i]] for i in in_split])
     keras_model, _ = build_ensemble_model(args.run_dir)
@@ -91,26 +102,43 @@ def main(argv=None):
             start = time.perf_counter()
             fn(left, right)
             times.append(time.perf_counter() - start)
-        table.append({"format": name, "megabytes": size_bytes / 1e6, "latency_ms_median": 1e3 * float(np.median(times)),
-                      "max_abs_diff_vs_predict": diff,
-                      "max_abs_diff_vs_keras_joint": diff_joint, f"pooled_auc_{args.split}": auc,
-                      f"decisions_changed_{args.split}": changes})
+        table.append(
+            {
+                "format": name,
+                "megabytes": size_bytes / 1e6,
+                "latency_ms_median": 1e3 * float(np.median(times)),
+                "max_abs_diff_vs_predict": diff,
+                "max_abs_diff_vs_keras_joint": diff_joint,
+                f"pooled_auc_{args.split}": auc,
+                f"decisions_changed_{args.split}": changes,
+            }
+        )
         print(f"{name}: done", file=sys.stderr)
     keras_auc = table[0][f"pooled_auc_{args.split}"]
-    print(f"run {args.run_dir}, {size} px, {len(ids)} patients ({len(in_split)} in {args.split}); latency: one patient "
-          f"(two eyes), median of {args.repeats}, 1 CPU thread\n")
-    print(f"| format | size (MB) | latency (ms) | max abs diff vs predict.py | vs Keras joint model | pooled AUC {args.split} "
-          f"(Keras {keras_auc:.4f}) | decisions changed vs Keras joint, {args.split} (cells / patients) |")
+    print(
+        f"run {args.run_dir}, {size} px, {len(ids)} patients ({len(in_split)} in {args.split}); latency: one patient "
+        f"(two eyes), median of {args.repeats}, 1 CPU thread\n"
+    )
+    print(
+        f"| format | size (MB) | latency (ms) | max abs diff vs predict.py | vs Keras joint model | pooled AUC {args.split} "
+        f"(Keras {keras_auc:.4f}) | decisions changed vs Keras joint, {args.split} (cells / patients) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     for row in table:
         changed = row[f"decisions_changed_{args.split}"]
         changed_text = "n/a" if changed is None else f"{changed['cells']} / {changed['patients']}"
-        print(f"| {row['format']} | {row['megabytes']:.1f} | {row['latency_ms_median']:.1f} | "
-              f"{row['max_abs_diff_vs_predict']:.1e} | {row['max_abs_diff_vs_keras_joint']:.1e} | "
-              f"{row[f'pooled_auc_{args.split}']:.4f} | "
-              f"{changed_text} |")
-    (out / "bench_export.json").write_text(json.dumps({"run": args.run_dir, "input_size": size, "labels": list(LABELS),
-                                                       "patients": len(ids), "rows": table}, indent=2))
+        print(
+            f"| {row['format']} | {row['megabytes']:.1f} | {row['latency_ms_median']:.1f} | "
+            f"{row['max_abs_diff_vs_predict']:.1e} | {row['max_abs_diff_vs_keras_joint']:.1e} | "
+            f"{row[f'pooled_auc_{args.split}']:.4f} | "
+            f"{changed_text} |"
+        )
+    (out / "bench_export.json").write_text(
+        json.dumps(
+            {"run": args.run_dir, "input_size": size, "labels": list(LABELS), "patients": len(ids), "rows": table},
+            indent=2,
+        )
+    )
     print(f"\nwrote {out / 'bench_export.json'}")
 
 

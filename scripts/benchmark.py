@@ -17,14 +17,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", required=True, help="folder holding the image folder")
     p.add_argument("--image-dir", default="images", help="sub-folder of --image-root with the images")
     p.add_argument("--out", required=True, help="benchmark folder (manifest, views, models, predictions, results)")
-    p.add_argument("--budget", choices=sorted(BUDGETS), default=DEFAULT_BUDGET,
-                   help="; ".join(f"{b.name}: {b.size} px, {b.epochs}+{b.fine_tune_epochs} epochs ({b.note})"
-                                  for b in BUDGETS.values()).replace("%", "%%"))  # argparse formats help with %
+    p.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default=DEFAULT_BUDGET,
+        help="; ".join(
+            f"{b.name}: {b.size} px, {b.epochs}+{b.fine_tune_epochs} epochs ({b.note})" for b in BUDGETS.values()
+        ).replace("%", "%%"),
+    )  # argparse formats help with %
     p.add_argument("--paper", action="store_const", const="paper", dest="budget", help="same as --budget paper")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
-                   metavar="MODEL", help="train and score only these of baseline, color, gray_eq (the ensemble rows need both views)")
-    p.add_argument("--weights", default=None,
-                   help="none (from scratch) | imagenet | PATH to a local backbone weights file (default: the budget's)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=list(MODELS),
+        metavar="MODEL",
+        help="train and score only these of baseline, color, gray_eq (the ensemble rows need both views)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="none (from scratch) | imagenet | PATH to a local backbone weights file (default: the budget's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the initialization and the augmentation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted benchmark in --out")
     p.add_argument("--force", action="store_true", help="delete a benchmark already in --out and start over")
@@ -40,9 +54,17 @@ def main(argv=None):
     from fundus_ensemble.models.backbone import parse_weights
 
     results = run_benchmark(
-        args.table, args.image_root, args.out, BUDGETS[args.budget],
-        weights=BUDGETS[args.budget].weights if args.weights is None else parse_weights(args.weights), seed=args.seed,
-        table_format=args.format, image_dir=args.image_dir, resume=args.resume, force=args.force, models=tuple(args.models),
+        args.table,
+        args.image_root,
+        args.out,
+        BUDGETS[args.budget],
+        weights=BUDGETS[args.budget].weights if args.weights is None else parse_weights(args.weights),
+        seed=args.seed,
+        table_format=args.format,
+        image_dir=args.image_dir,
+        resume=args.resume,
+        force=args.force,
+        models=tuple(args.models),
     )
     print(format_results_markdown(results))
     print(f"written: {args.out}/results.md and {args.out}/results.json")

@@ -24,8 +24,10 @@ def main(argv=None):
     print("|---|---:|---:|---|---|---|")
     for r in table:
         low, high = r["interval"] or (float("nan"), float("nan"))
-        print(f"| {r['row']} | {r['final'][0]:.3f} | {r['final'][1]:.3f} | {r['margin']:+.3f} [{low:+.3f}, {high:+.3f}] "
-              f"| {r['kappa'][0]:.3f} / {r['kappa'][1]:.3f} | {r['auc'][0]:.3f} / {r['auc'][1]:.3f} |")
+        print(
+            f"| {r['row']} | {r['final'][0]:.3f} | {r['final'][1]:.3f} | {r['margin']:+.3f} [{low:+.3f}, {high:+.3f}] "
+            f"| {r['kappa'][0]:.3f} / {r['kappa'][1]:.3f} | {r['auc'][0]:.3f} / {r['auc'][1]:.3f} |"
+        )
 
 
 if __name__ == "__main__":

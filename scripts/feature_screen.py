@@ -21,8 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", nargs="+", type=int, default=list(d.sizes))
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="split seeds (the benchmark's)")
     p.add_argument("--folds", type=int, default=d.folds)
-    p.add_argument("--reference", nargs=2, default=list(d.reference), metavar=("BACKBONE", "SIZE"),
-                   help="where the levers are measured")
+    p.add_argument(
+        "--reference",
+        nargs=2,
+        default=list(d.reference),
+        metavar=("BACKBONE", "SIZE"),
+        help="where the levers are measured",
+    )
     p.add_argument("--flips", action="store_true", help="also the mirrored photos' features (a lever)")
     p.add_argument("--prepare-only", action="store_true", help="preprocess and extract, then stop")
     return p
@@ -35,8 +40,14 @@ def main(argv=None):
     import_keras()
     from fundus_ensemble.evaluation.feature_screen import ScreenConfig, format_screen, prepare, run_screen
 
-    config = ScreenConfig(tuple(args.backbones), tuple(args.sizes), tuple(args.seeds), args.folds,
-                          (args.reference[0], int(args.reference[1])), args.flips)
+    config = ScreenConfig(
+        tuple(args.backbones),
+        tuple(args.sizes),
+        tuple(args.seeds),
+        args.folds,
+        (args.reference[0], int(args.reference[1])),
+        args.flips,
+    )
     prepare(args.table, args.image_root, args.out, config, args.image_dir)
     if args.prepare_only:
         return

@@ -12,11 +12,20 @@ DEFAULT_ROWS = ["library", "plain", "no_rotation", "plain_bce", "no_cut", "cosin
 def build_parser() -> argparse.ArgumentParser:
     from fundus_ensemble.training.levers import LEVERS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                epilog="rows: " + "; ".join(f"{k}: {v.what}" for k, v in LEVERS.items()))
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog="rows: " + "; ".join(f"{k}: {v.what}" for k, v in LEVERS.items()),
+    )
     p.add_argument("prep_dir", help="output folder of scripts/preprocess.py")
-    p.add_argument("--out", required=True, help="folder for one sub-folder per row, levers.md and levers.json; finished rows are kept")
-    p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(LEVERS), metavar="ROW", help="rows to run, in order")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for one sub-folder per row, levers.md and levers.json; finished rows are kept",
+    )
+    p.add_argument(
+        "--rows", nargs="+", default=DEFAULT_ROWS, choices=list(LEVERS), metavar="ROW", help="rows to run, in order"
+    )
     p.add_argument("--view", default="color", choices=["color", "gray_eq"])
     p.add_argument("--backbone", default="efficientnet_b3")
     p.add_argument("--size", type=int, default=None, help="input size (default: the views' own size)")
@@ -39,8 +48,15 @@ def main(argv=None):
     from fundus_ensemble.training.levers import run_levers
     from fundus_ensemble.training.train import with_views_size
 
-    base = TrainConfig(backbone=args.backbone, size=args.size, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-                       batch_size=args.batch_size, seed=args.seed, workers=args.workers)
+    base = TrainConfig(
+        backbone=args.backbone,
+        size=args.size,
+        epochs=args.epochs,
+        fine_tune_epochs=args.fine_tune_epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        workers=args.workers,
+    )
     base = with_views_size(base, Path(args.prep_dir)).check()
     results = run_levers(args.prep_dir, args.out, base, args.rows, args.view)
     print((Path(args.out) / "levers.md").read_text())

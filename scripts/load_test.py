@@ -25,6 +25,7 @@ async def load(url: str, files: dict[str, tuple[str, bytes]], requests: int, con
     results: list[tuple[int, float]] = []
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=300) as client:
+
         async def one():
             async with gate:
                 start = time.perf_counter()
@@ -54,7 +55,9 @@ def main(argv=None):
         raise FundusError("--requests must be 1..10000 and --concurrency at least 1")
     import httpx
 
-    files = {eye: (Path(path).name, Path(path).read_bytes()) for eye, path in (("left", args.left), ("right", args.right))}
+    files = {
+        eye: (Path(path).name, Path(path).read_bytes()) for eye, path in (("left", args.left), ("right", args.right))
+    }
     before = httpx.get(f"{args.url}/health").json()
     results, seconds = asyncio.run(load(args.url, files, args.requests, args.concurrency))
     after = httpx.get(f"{args.url}/health").json()
@@ -62,8 +65,10 @@ def main(argv=None):
     for status, _ in results:
         statuses[status] = statuses.get(status, 0) + 1
     ok = np.array([t for s, t in results if s == 200])
-    print(f"{args.requests} requests, {args.concurrency} at a time, in {seconds:.1f} s: "
-          f"{len(ok) / seconds:.2f} answered/s; statuses {dict(sorted(statuses.items()))}")
+    print(
+        f"{args.requests} requests, {args.concurrency} at a time, in {seconds:.1f} s: "
+        f"{len(ok) / seconds:.2f} answered/s; statuses {dict(sorted(statuses.items()))}"
+    )
     if len(ok):
         p50, p90, p99 = np.percentile(ok, [50, 90, 99])
         print(f"latency of answered requests: p50 {p50:.2f} s, p90 {p90:.2f} s, p99 {p99:.2f} s, max {ok.max():.2f} s")

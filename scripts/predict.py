@@ -13,31 +13,58 @@ SHOWN = 5  # rejected patients named on the console; decisions.csv has them all
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("run_dir", help="run folder of scripts/train_pair.py")
-    p.add_argument("input", nargs="?", help="folder of photos, or a manifest CSV (label and split columns may be absent)")
+    p.add_argument(
+        "input", nargs="?", help="folder of photos, or a manifest CSV (label and split columns may be absent)"
+    )
     p.add_argument("--left", help="one patient's left photo (instead of INPUT)")
     p.add_argument("--right", help="one patient's right photo (instead of INPUT)")
     p.add_argument("--id", default="patient", help="patient id for --left/--right")
-    p.add_argument("--pattern", default=r"(?P<id>.+)_(?P<eye>left|right)",
-                   help="regex on a photo's file name without extension, with groups id and eye, to pair a folder's photos")
-    p.add_argument("--image-root", help="folder a manifest's image paths are relative to (default: the manifest's folder)")
+    p.add_argument(
+        "--pattern",
+        default=r"(?P<id>.+)_(?P<eye>left|right)",
+        help="regex on a photo's file name without extension, with groups id and eye, to pair a folder's photos",
+    )
+    p.add_argument(
+        "--image-root", help="folder a manifest's image paths are relative to (default: the manifest's folder)"
+    )
     p.add_argument("--out", required=True, help="folder for predictions.csv and decisions.csv")
     p.add_argument("--batch-size", type=int, default=16, help="patients per batch (memory stays bounded by it)")
-    p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding (0: no limit)")
-    p.add_argument("--calibration", help="calibration.json of score.py --calibrate-on or a cross-fitted run: per-class "
-                                          "thresholds (default: the run's own, RUN/calibration.json or "
-                                          "RUN/score_*/calibration.json, as the station; else 0.5 for every class)")
+    p.add_argument(
+        "--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding (0: no limit)"
+    )
+    p.add_argument(
+        "--calibration",
+        help="calibration.json of score.py --calibrate-on or a cross-fitted run: per-class "
+        "thresholds (default: the run's own, RUN/calibration.json or "
+        "RUN/score_*/calibration.json, as the station; else 0.5 for every class)",
+    )
     p.add_argument("--no-calibration", action="store_true", help="decide at 0.5 even if the run has a calibration")
-    p.add_argument("--explain", nargs="?", const="", metavar="CLASSES",
-                   help="write Grad-CAM heatmaps (PNG overlays and .npy) to OUT/heatmaps: for the comma-separated CLASSES "
-                        "(e.g. D,G; 'all'), or without a value for each patient's classes decided positive")
-    p.add_argument("--report", action="store_true",
-                   help="also write OUT/report.html: one card per patient with both eyes, heatmaps and decisions "
-                        "(implies --explain; the first 200 patients)")
+    p.add_argument(
+        "--explain",
+        nargs="?",
+        const="",
+        metavar="CLASSES",
+        help="write Grad-CAM heatmaps (PNG overlays and .npy) to OUT/heatmaps: for the comma-separated CLASSES "
+        "(e.g. D,G; 'all'), or without a value for each patient's classes decided positive",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write OUT/report.html: one card per patient with both eyes, heatmaps and decisions "
+        "(implies --explain; the first 200 patients)",
+    )
     p.add_argument("--force", action="store_true", help="replace earlier predictions in --out")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a killed run of the same job in --out from its last finished batch")
-    p.add_argument("--shard", metavar="I/N", help="predict only shard I of N (1 <= I <= N, as preprocess.py --shard; by a hash of the patient id); "
-                                                  "join the N outputs with scripts/merge_predictions.py")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run of the same job in --out from its last finished batch",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="predict only shard I of N (1 <= I <= N, as preprocess.py --shard; by a hash of the patient id); "
+        "join the N outputs with scripts/merge_predictions.py",
+    )
     return p
 
 
@@ -76,8 +103,13 @@ def main(argv=None):
     if args.calibration is not None:
         load_calibration_file(args.calibration)
     import_keras()
-    from fundus_ensemble.inference.predict import (PatientPhotos, check_sides, patients_in_folder, patients_in_manifest,
-                                                   predict_photos)
+    from fundus_ensemble.inference.predict import (
+        PatientPhotos,
+        check_sides,
+        patients_in_folder,
+        patients_in_manifest,
+        predict_photos,
+    )
 
     if args.input is None:
         patients = check_sides([PatientPhotos(args.id, photos.get("left"), photos.get("right"))])
@@ -86,14 +118,27 @@ def main(argv=None):
     else:
         patients = patients_in_manifest(args.input, args.image_root)
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
-    summary = predict_photos(args.run_dir, patients, args.out, args.batch_size, args.force, max_pixels,
-                             calibration=args.calibration, explain=args.explain is not None,
-                             explain_classes=explain_classes, report=args.report, resume=args.resume, shard=shard)
+    summary = predict_photos(
+        args.run_dir,
+        patients,
+        args.out,
+        args.batch_size,
+        args.force,
+        max_pixels,
+        calibration=args.calibration,
+        explain=args.explain is not None,
+        explain_classes=explain_classes,
+        report=args.report,
+        resume=args.resume,
+        shard=shard,
+    )
     one_eyed = summary["eyes_rejected"]
-    print(f"{summary['predicted']} of {summary['patients']} patients predicted"
-          f"{f' ({len(one_eyed)} from one eye: the other photo unusable)' if one_eyed else ''}, "
-          f"{summary['rejected']} rejected; {summary['images']} photos in {summary['seconds']:.1f} s "
-          f"({summary['images_per_s'] or 0:.1f} images/s at {summary['input_size']} px)")
+    print(
+        f"{summary['predicted']} of {summary['patients']} patients predicted"
+        f"{f' ({len(one_eyed)} from one eye: the other photo unusable)' if one_eyed else ''}, "
+        f"{summary['rejected']} rejected; {summary['images']} photos in {summary['seconds']:.1f} s "
+        f"({summary['images_per_s'] or 0:.1f} images/s at {summary['input_size']} px)"
+    )
     for what, cases in (("rejected", summary["rejections"]), ("predicted from one eye", one_eyed)):
         for patient_id, note in cases[:SHOWN]:
             print(f"  {what}: {patient_id}: {note}")
@@ -101,8 +146,10 @@ def main(argv=None):
             print(f"  ... and {len(cases) - SHOWN} more {what} (decisions.csv gives every reason)")
     print(f"wrote {summary['out_dir']}/predictions.csv and decisions.csv")
     if not summary["predicted"]:
-        raise FundusError(f"none of the {summary['patients']} patients could be predicted (reasons above and in "
-                          f"{summary['out_dir']}/decisions.csv)")
+        raise FundusError(
+            f"none of the {summary['patients']} patients could be predicted (reasons above and in "
+            f"{summary['out_dir']}/decisions.csv)"
+        )
     if args.report:
         print(f"wrote {summary['out_dir']}/report.html")
     if args.explain is not None or args.report:

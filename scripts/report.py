@@ -18,15 +18,22 @@ def main(argv=None):
     parser.add_argument("--score-dir", help="folder of score.py's output (default: RUN_DIR/score_SPLIT)")
     parser.add_argument("--out", help="HTML file to write (default: report.html in the score folder)")
     parser.add_argument("--force", action="store_true", help="replace an existing report at --out")
-    parser.add_argument("--gallery", type=int, default=3, metavar="N",
-                        help="patients per class and group (true/false positives, false negatives); 0: no gallery")
+    parser.add_argument(
+        "--gallery",
+        type=int,
+        default=3,
+        metavar="N",
+        help="patients per class and group (true/false positives, false negatives); 0: no gallery",
+    )
     args = parser.parse_args(argv)
     if args.gallery < 0:
         raise FundusError(f"--gallery must be 0 or more, got {args.gallery}")
     score_dir = Path(args.score_dir or Path(args.run_dir) / f"score_{args.split}")
     if not (score_dir / "score.json").is_file():
-        raise FundusError(f"{score_dir}: no score.json; run scripts/score.py {args.run_dir} {args.prep_dir} "
-                          f"--split {args.split} first (or add --report to it)")
+        raise FundusError(
+            f"{score_dir}: no score.json; run scripts/score.py {args.run_dir} {args.prep_dir} "
+            f"--split {args.split} first (or add --report to it)"
+        )
     from fundus_ensemble.fileio import check_output_file
 
     check_output_file(args.out or score_dir / "report.html", [score_dir / "score.json"], args.force)

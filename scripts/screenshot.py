@@ -32,8 +32,17 @@ def main(argv=None):
     if browser is None:
         raise FundusError(f"no Chromium found (tried {', '.join(BROWSERS)}); install it, e.g. apt install chromium")
     with tempfile.TemporaryDirectory() as profile:  # a throwaway profile: nothing of the user's is read or written
-        command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-                   f"--window-size={args.width},{args.height}", f"--screenshot={Path(args.png).resolve()}", page.as_uri()]
+        command = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--window-size={args.width},{args.height}",
+            f"--screenshot={Path(args.png).resolve()}",
+            page.as_uri(),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0 or not Path(args.png).is_file():
         raise FundusError(f"{browser} failed (exit {result.returncode}): {result.stderr.strip()[-300:]}")

@@ -20,8 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but loopback needs a token")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--token", help="bearer token every prediction must carry (default: $FUNDUS_SERVE_TOKEN)")
-    p.add_argument("--calibration", help="calibration.json of score.py --calibrate-on (default: the run's own, "
-                                          "RUN/calibration.json or RUN/score_*/calibration.json, as predict.py)")
+    p.add_argument(
+        "--calibration",
+        help="calibration.json of score.py --calibrate-on (default: the run's own, "
+        "RUN/calibration.json or RUN/score_*/calibration.json, as predict.py)",
+    )
     p.add_argument("--no-calibration", action="store_true", help="decide at 0.5 even if the run has a calibration")
     p.add_argument("--max-upload-mb", type=float, default=40.0, help="largest request (both photos) in MB")
     p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding")
@@ -39,10 +42,14 @@ def main(argv=None):
     except ValueError:
         loopback = False
     if not loopback and token is None:
-        raise FundusError(f"--host {args.host} serves beyond this machine: give a --token (or FUNDUS_SERVE_TOKEN) "
-                          "that every prediction must carry")
+        raise FundusError(
+            f"--host {args.host} serves beyond this machine: give a --token (or FUNDUS_SERVE_TOKEN) "
+            "that every prediction must carry"
+        )
     if token is not None and len(token) < 16:
-        raise FundusError("the token must be at least 16 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+        raise FundusError(
+            "the token must be at least 16 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')"
+        )
     for name in ("queue", "batch_size", "port"):
         if getattr(args, name) < 1:
             raise FundusError(f"--{name.replace('_', '-')} must be at least 1")
@@ -63,8 +70,11 @@ def main(argv=None):
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
     predictor = Predictor(args.run_dir, calibration, max_pixels, explain=True)
     app = create_app(predictor, token, args.max_upload_mb, args.queue, args.batch_size, args.log_patients)
-    print(f"serving {args.run_dir} ({', '.join(predictor.views)}, {predictor.size} px; thresholds: {predictor.source}) "
-          f"on http://{args.host}:{args.port}/  (API docs: /docs){'; token required' if token else ''}", flush=True)
+    print(
+        f"serving {args.run_dir} ({', '.join(predictor.views)}, {predictor.size} px; thresholds: {predictor.source}) "
+        f"on http://{args.host}:{args.port}/  (API docs: /docs){'; token required' if token else ''}",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
 
 

@@ -45,8 +45,9 @@ def test_tensorboard_scalars_are_readable_and_follow_keras_layout(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(keras.optimizers.Adam(0.01), "mse")
     x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
-    model.fit(x, x[:, :1], validation_data=(x, x[:, :1]), epochs=3, verbose=0,
-              callbacks=[TensorBoardScalars(tmp_path / "tb")])
+    model.fit(
+        x, x[:, :1], validation_data=(x, x[:, :1]), epochs=3, verbose=0, callbacks=[TensorBoardScalars(tmp_path / "tb")]
+    )
     scalars = {}
     for part in ("train", "validation"):
         for event in read_events(tmp_path / "tb" / part):
@@ -62,8 +63,20 @@ def test_tensorboard_scalars_are_readable_and_follow_keras_layout(tmp_path):
 # --- the whole pipeline under JAX, in a process where TensorFlow cannot be imported -------------
 # the recommended recipe, pretrained Lite0 with its head learned on frozen features; training a whole
 # backbone under JAX is tests/test_distributed.py's (MobileNet from scratch, both phases)
-JAX_RUN = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--epochs", "20", "--fine-tune-epochs", "0",
-           "--batch-size", "16", "--seed", "0"]
+JAX_RUN = [
+    "--backbone",
+    "efficientnet_lite0",
+    "--weights",
+    "imagenet",
+    "--epochs",
+    "20",
+    "--fine-tune-epochs",
+    "0",
+    "--batch-size",
+    "16",
+    "--seed",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +86,9 @@ def jax_run(tmp_path_factory):
     blocker = root / "blocker" / "tensorflow"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('tensorflow is blocked: this process must not need it')\n")
-    manifest = write_synthetic_dataset(root / "data", 120, seed=21, diameter=90, fractions={"train": 0.6, "val": 0.2, "test": 0.2})
+    manifest = write_synthetic_dataset(
+        root / "data", 120, seed=21, diameter=90, fractions={"train": 0.6, "val": 0.2, "test": 0.2}
+    )
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join([str(blocker.parent), str(REPO)])}
     test_only = root / "test_patients.csv"  # predict the held-out patients' photos, not all 240
     with open(manifest, newline="") as source, open(test_only, "w", newline="") as out:
@@ -85,12 +100,26 @@ def jax_run(tmp_path_factory):
         ["preprocess.py", str(manifest), "--out", str(root / "prep"), "--size", "48", "--workers", "1"],
         ["train_pair.py", str(root / "prep"), "--out", str(root / "run"), *JAX_RUN],
         ["score.py", str(root / "run"), str(root / "prep"), "--split", "test", "--report"],
-        ["predict.py", str(root / "run"), str(test_only), "--image-root", str(root / "data"), "--out", str(root / "predict"),
-         "--explain", "A"],
+        [
+            "predict.py",
+            str(root / "run"),
+            str(test_only),
+            "--image-root",
+            str(root / "data"),
+            "--out",
+            str(root / "predict"),
+            "--explain",
+            "A",
+        ],
     ]
     for step in steps:
-        result = subprocess.run([sys.executable, str(REPO / "scripts" / step[0]), *step[1:]], env=env,
-                                capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / step[0]), *step[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert result.returncode == 0, f"{step[0]} failed under JAX:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return root
 
@@ -105,9 +134,15 @@ def test_pipeline_runs_and_learns_under_jax_without_tensorflow(jax_run):
     for view in ("color", "gray_eq"):
         card = json.loads((jax_run / "run" / view / "card.json").read_text())
         assert card["versions"]["keras_backend"] == "jax" and "tensorflow" not in card["versions"]
-        assert any(v.tag == "epoch_final_score" for e in read_events(jax_run / "run" / view / "tensorboard") for v in e.summary.value)
+        assert any(
+            v.tag == "epoch_final_score"
+            for e in read_events(jax_run / "run" / view / "tensorboard")
+            for v in e.summary.value
+        )
     assert (jax_run / "run" / "score_test" / "report.html").stat().st_size > 10_000
-    assert (jax_run / "predict" / "heatmaps" / "heatmaps.csv").is_file() and list((jax_run / "predict" / "heatmaps").glob("*_A.npy"))
+    assert (jax_run / "predict" / "heatmaps" / "heatmaps.csv").is_file() and list(
+        (jax_run / "predict" / "heatmaps").glob("*_A.npy")
+    )
 
 
 @needs_jax

@@ -23,16 +23,23 @@ SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py"))
 
 
 def script(name, *args, env=None):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_imports_no_tensorflow(name):
-    probe = (f"import runpy, sys; sys.argv = ['{name}', '--help']\n"
-             f"try:\n    runpy.run_path({str(REPO / 'scripts' / name)!r}, run_name='__main__')\n"
-             "except SystemExit:\n    pass\n"
-             "print('LOADED' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'CLEAN')")
+    probe = (
+        f"import runpy, sys; sys.argv = ['{name}', '--help']\n"
+        f"try:\n    runpy.run_path({str(REPO / 'scripts' / name)!r}, run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('LOADED' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'CLEAN')"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.stdout.strip().splitlines()[-1] == "CLEAN", f"{name} --help imported TensorFlow/Keras"
 
@@ -43,7 +50,9 @@ def test_a_missing_keras_backend_is_one_error_line(tmp_path):
     result = script("score.py", tmp_path / "run", tmp_path / "prep", env={"KERAS_BACKEND": "no_such_backend"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: cannot load Keras with the 'no_such_backend' backend"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load Keras with the 'no_such_backend' backend"), (
+        result.stderr
+    )
 
 
 def test_keras_loads_without_start_up_noise(tmp_path):
@@ -126,20 +135,39 @@ def test_one_phase_is_not_numbered(view_manifest, tmp_path, capsys):
     from fundus_ensemble.training.train import train_pair
 
     prep = Path(view_manifest.source).parent.parent
-    config = TrainConfig(backbone="mobilenet", size=None, batch_size=4, epochs=1, fine_tune_epochs=0, bn_recalibration_patients=0)
+    config = TrainConfig(
+        backbone="mobilenet", size=None, batch_size=4, epochs=1, fine_tune_epochs=0, bn_recalibration_patients=0
+    )
     train_pair(prep, tmp_path / "run", config, ("color",))
     out = capsys.readouterr().out
     assert "phase" not in out and "[color] epoch 1/1:" in out
 
 
 def test_train_pair_options_reach_the_config():
-    spec = importlib.util.spec_from_file_location("train_pair_script", Path(__file__).resolve().parents[1] / "scripts" / "train_pair.py")
+    spec = importlib.util.spec_from_file_location(
+        "train_pair_script", Path(__file__).resolve().parents[1] / "scripts" / "train_pair.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     parse = module.build_parser().parse_args
     default = module.config_from_args(parse(["prep", "--out", "run"]))
     assert default == TrainConfig(size=None)  # every option's default is the config's
-    config = module.config_from_args(parse(["prep", "--out", "run", "--backbone", "efficientnet_lite2", "--weights", "imagenet",
-                                            "--fine-tune-fraction", "0.4", "--train-batchnorm", "--no-frozen-features"]))
+    config = module.config_from_args(
+        parse(
+            [
+                "prep",
+                "--out",
+                "run",
+                "--backbone",
+                "efficientnet_lite2",
+                "--weights",
+                "imagenet",
+                "--fine-tune-fraction",
+                "0.4",
+                "--train-batchnorm",
+                "--no-frozen-features",
+            ]
+        )
+    )
     assert (config.backbone, config.weights, config.fine_tune_fraction) == ("efficientnet_lite2", "imagenet", 0.4)
     assert config.freeze_batchnorm is False and config.frozen_features is False

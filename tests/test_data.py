@@ -13,16 +13,19 @@ pytestmark = pytest.mark.backend
 
 def column_mean_model(inputs: dict[str, tuple] | tuple):
     """A model whose 8 outputs depend on the left/right layout of its input (so flips show)."""
+
     def head(x):
         left_half = keras.layers.Lambda(lambda t: t[:, :, : t.shape[2] // 2, :])(x)
         return keras.layers.Dense(8, activation="sigmoid", kernel_initializer="ones")(
-            keras.layers.GlobalAveragePooling2D()(left_half) / 255.0 - 0.5)
+            keras.layers.GlobalAveragePooling2D()(left_half) / 255.0 - 0.5
+        )
 
     if isinstance(inputs, dict):
         eyes = {name: keras.Input(shape, name=name) for name, shape in inputs.items()}
         return keras.Model(eyes, (head(eyes["left_eye"]) + head(eyes["right_eye"])) / 2)
     image = keras.Input(inputs, name="image")
     return keras.Model(image, head(image))
+
 
 def test_every_batch_has_the_same_shape(view_manifest):
     padded = PatientBatches(view_manifest, 48, 10)  # 24 patients: 10 + 10 + 4 padded to 10
@@ -98,7 +101,9 @@ def test_augmentation_is_the_same_whatever_the_workers_and_their_order(view_mani
     from concurrent.futures import ThreadPoolExecutor
 
     def batches(workers):
-        return PatientBatches(view_manifest, 48, 8, training_augmentation(30, seed=3), shuffle=True, seed=3, workers=workers)
+        return PatientBatches(
+            view_manifest, 48, 8, training_augmentation(30, seed=3), shuffle=True, seed=3, workers=workers
+        )
 
     one, many = batches(1), batches(4)
     with ThreadPoolExecutor(4) as pool:  # as PyDataset's worker threads: any order, concurrently
@@ -112,5 +117,7 @@ def test_augmentation_is_the_same_whatever_the_workers_and_their_order(view_mani
     one._order = np.arange(len(view_manifest))  # same patients as before, so only the augmentation can differ
     one_again = batches(1)
     one_again._order = one._order
-    assert not np.array_equal(one[0][0]["left_eye"], one_again[0][0]["left_eye"]), "a new epoch must draw new augmentations"
+    assert not np.array_equal(one[0][0]["left_eye"], one_again[0][0]["left_eye"]), (
+        "a new epoch must draw new augmentations"
+    )
     assert first.shape == (8, 48, 48, 3)

@@ -64,18 +64,33 @@ print(json.dumps({"replicas": [n1, n2], "moved": moved, "diff": diff}))
 
 
 def run_on_two_devices(backend: str, sync: bool = True) -> dict:
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-c", TRAIN_ON_DEVICES, "sync" if sync else "plain"], env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "PYTHONPATH": str(REPO),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", TRAIN_ON_DEVICES, "sync" if sync else "plain"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("backend", [
-    "tensorflow",
-    pytest.param("jax", marks=pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")),
-])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "tensorflow",
+        pytest.param(
+            "jax", marks=pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+        ),
+    ],
+)
 def test_two_devices_reach_the_weights_of_one(backend):
     got = run_on_two_devices(backend)
     assert got["replicas"] == [1, 2]

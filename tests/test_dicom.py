@@ -103,9 +103,16 @@ def test_a_dicom_given_as_the_other_eye_is_refused_the_same_way_everywhere(tmp_p
     script = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
     (tmp_path / "run" / "color").mkdir(parents=True)
     (tmp_path / "run" / "color" / "model.keras").write_bytes(b"x")
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "--right", str(left), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == f"error: {said}; give it as the left eye or fix its header", done.stderr[-800:]
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), "--right", str(left), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        done.returncode == 2
+        and done.stderr.strip().splitlines()[-1] == f"error: {said}; give it as the left eye or fix its header"
+    ), done.stderr[-800:]
 
 
 def test_preprocess_reads_dicom_and_rejects_a_wrong_eye_or_a_damaged_file_alone(tmp_path):
@@ -118,8 +125,9 @@ def test_preprocess_reads_dicom_and_rejects_a_wrong_eye_or_a_damaged_file_alone(
     header = "patient_id,left_image,right_image," + ",".join(LABELS) + ",split"
     labels = ",".join(["1"] + ["0"] * (len(LABELS) - 1))
     (tmp_path / "m.csv").write_text(f"{header}\na,a_l.dcm,a_r.dcm,{labels},train\nb,b_l.dcm,b_r.dcm,{labels},train\n")
-    summary = preprocess_manifest(load_manifest(tmp_path / "m.csv", root), tmp_path / "prep", size=48, workers=1,
-                                  progress=False)
+    summary = preprocess_manifest(
+        load_manifest(tmp_path / "m.csv", root), tmp_path / "prep", size=48, workers=1, progress=False
+    )
     reasons = dict(summary.rejected)
     assert set(reasons) == {"a_r.dcm", "b_r.dcm"}
     assert "given as the right eye, but it is a DICOM of the left eye (ImageLaterality)" in reasons["a_r.dcm"]
@@ -127,7 +135,10 @@ def test_preprocess_reads_dicom_and_rejects_a_wrong_eye_or_a_damaged_file_alone(
     view = cv2.imread(str(tmp_path / "prep" / "color" / "b_l.png"))
     assert view.shape == (48, 48, 3)
     rows = list(csv.DictReader(open(tmp_path / "prep" / "color" / "manifest.csv")))
-    assert [(r["patient_id"], r["left_image"], r["right_image"]) for r in rows] == [("a", "a_l.png", ""), ("b", "b_l.png", "")]
+    assert [(r["patient_id"], r["left_image"], r["right_image"]) for r in rows] == [
+        ("a", "a_l.png", ""),
+        ("b", "b_l.png", ""),
+    ]
 
 
 @pytest.mark.backend
@@ -146,12 +157,15 @@ def test_predict_gives_a_dicom_the_probabilities_of_the_same_photo_as_png(tmp_pa
     write_dicom_photo(tmp_path / "dcm" / "x1.dcm", left, "D1", "left")
     write_dicom_photo(tmp_path / "dcm" / "x2.dcm", right, "D1", "right", compression="rle")
     predict_photos(run, patients_in_folder(tmp_path / "dcm"), tmp_path / "out_dcm", progress=False)
-    predict_photos(run, [PatientPhotos("D1", tmp_path / "l.png", tmp_path / "r.png")], tmp_path / "out_png", progress=False)
+    predict_photos(
+        run, [PatientPhotos("D1", tmp_path / "l.png", tmp_path / "r.png")], tmp_path / "out_png", progress=False
+    )
     dcm = (tmp_path / "out_dcm" / "decisions.csv").read_text()
     assert dcm == (tmp_path / "out_png" / "decisions.csv").read_text() and "D1,ok" in dcm
 
 
 # --- small files that must not take the machine down (each bound measured, not only the error) ---------
+
 
 def _deflated(path, source, extra: bytes = b""):
     """``source`` re-saved as Deflated Explicit VR Little Endian, with ``extra`` bytes in a private tag."""
@@ -203,9 +217,12 @@ def _rss_growth_mb(code: str) -> tuple[float, str]:
     import subprocess
     import sys
 
-    script = ("import resource, numpy, pydicom, PIL.Image\nfrom fundus_ensemble.data import dicom, imaging\n"
-              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n" + code +
-              "\nprint((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\nprint(answer)")
+    script = (
+        "import resource, numpy, pydicom, PIL.Image\nfrom fundus_ensemble.data import dicom, imaging\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        + code
+        + "\nprint((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\nprint(answer)"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     growth, answer = done.stdout.strip().splitlines()[-2:]
@@ -226,9 +243,11 @@ def test_a_jpeg_stream_larger_than_its_header_is_refused_before_decoding(tmp_pat
     ds.save_as(path, enforce_file_format=True)
     growth, answer = _rss_growth_mb(
         f"try:\n    imaging.decode_image({str(path)!r}, max_pixels=100_000_000)\n    answer = 'decoded'\n"
-        "except imaging.ImageError as exc:\n    answer = str(exc)")
-    assert answer == ("the DICOM's compressed frame holds a 6000 x 8000 image but its header says 120 x 83; refused "
-                      "before decoding"), answer
+        "except imaging.ImageError as exc:\n    answer = str(exc)"
+    )
+    assert answer == (
+        "the DICOM's compressed frame holds a 6000 x 8000 image but its header says 120 x 83; refused before decoding"
+    ), answer
     assert growth < 50, f"{growth:.0f} MB taken: the frame was decoded"
     ok, jp2 = cv2.imencode(".jp2", np.zeros((70, 50, 3), np.uint8))  # JPEG 2000's size, from its SIZ marker
     assert ok and compressed_frame_size(jp2.tobytes()) == (50, 70)

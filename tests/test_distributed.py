@@ -29,8 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 # from scratch, so that every layer and BatchNorm (and its epoch-end recalibration) learns; dropout on
 # batches of 4, so that an epoch's 4 batches in another order (Keras' own shuffle) shows
-TRAIN = ["--views", "color", "--backbone", "mobilenet", "--batch-size", "4", "--epochs", "2", "--fine-tune-epochs", "1",
-         "--dropout", "0.5", "--bn-recalibration-patients", "16", "--seed", "3"]
+TRAIN = [
+    "--views",
+    "color",
+    "--backbone",
+    "mobilenet",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "2",
+    "--fine-tune-epochs",
+    "1",
+    "--dropout",
+    "0.5",
+    "--bn-recalibration-patients",
+    "16",
+    "--seed",
+    "3",
+]
 DIGEST = re.compile(r"process (\d)/2: weights sha256 ([0-9a-f]{16}) \(the same on every process\)")
 
 
@@ -45,15 +61,33 @@ def env(**extra) -> dict:
 
 
 def train(prep: Path, out: Path, *extra, **env_extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "train_pair.py"), str(prep), "--out", str(out), *TRAIN,
-                             *extra], env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "train_pair.py"), str(prep), "--out", str(out), *TRAIN, *extra],
+        env=env(**env_extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def two_processes(prep: Path, out: Path, *extra) -> list[subprocess.Popen]:
     port = free_port()
-    return [train(prep, out, "--num-processes", "2", "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}",
-                  "--heartbeat-timeout", "10", *extra)
-            for i in (0, 1)]
+    return [
+        train(
+            prep,
+            out,
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--heartbeat-timeout",
+            "10",
+            *extra,
+        )
+        for i in (0, 1)
+    ]
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> str:
@@ -68,7 +102,9 @@ def weights(run: Path) -> list[np.ndarray]:
         data = archive.read("model.weights.h5")
     found = []
     with h5py.File(io.BytesIO(data), "r") as h5:
-        h5.visititems(lambda name, item: found.append((name, np.asarray(item))) if isinstance(item, h5py.Dataset) else None)
+        h5.visititems(
+            lambda name, item: found.append((name, np.asarray(item))) if isinstance(item, h5py.Dataset) else None
+        )
     return [array for _, array in sorted(found, key=lambda pair: pair[0])]
 
 
@@ -152,8 +188,24 @@ def test_the_job_is_checked_before_anything_starts(monkeypatch):
 
 
 def test_several_processes_need_jax(prep, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_pair.py"), str(prep), "--out", str(tmp_path / "r"),
-                             "--num-processes", "2", "--process-id", "0", "--coordinator", "127.0.0.1:1"],
-                            env={**env(), "KERAS_BACKEND": "tensorflow"}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train_pair.py"),
+            str(prep),
+            "--out",
+            str(tmp_path / "r"),
+            "--num-processes",
+            "2",
+            "--process-id",
+            "0",
+            "--coordinator",
+            "127.0.0.1:1",
+        ],
+        env={**env(), "KERAS_BACKEND": "tensorflow"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "a run over several processes uses JAX (KERAS_BACKEND=jax)" in result.stderr
     assert not (tmp_path / "r").exists()

@@ -50,8 +50,15 @@ def test_the_readme_is_a_front_door_not_a_manual():
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; move the detail to docs/"
     text = "\n".join(lines)
-    for guide in ("docs/data.md", "docs/training.md", "docs/evaluation.md", "docs/inference.md", "docs/export.md",
-                  "docs/reliability.md", "docs/results.md"):
+    for guide in (
+        "docs/data.md",
+        "docs/training.md",
+        "docs/evaluation.md",
+        "docs/inference.md",
+        "docs/export.md",
+        "docs/reliability.md",
+        "docs/results.md",
+    ):
         assert f"({guide})" in text, f"the README does not link {guide}"
     assert "scripts/predict.py" in text.split("## Results")[0], "predict must be on the README's first screens"
 

@@ -58,7 +58,7 @@ def test_gradients_match_finite_differences(small_model):
         return float(ops.convert_to_numpy(ops.sum(cam.logits(a, b)[:, c])))
 
     eps = 1e-2
-    for (i, y, x, k) in [(0, 0, 0, 5), (1, 1, 0, 17), (0, 1, 1, 900)]:
+    for i, y, x, k in [(0, 0, 0, 5), (1, 1, 0, 17), (0, 1, 1, 900)]:
         bumped = left.copy()
         bumped[i, y, x, k] += eps
         numeric = (logit(bumped, right) - logit(left, right)) / eps
@@ -122,7 +122,9 @@ def test_heatmaps_agree_across_backends(small_model, tmp_path):
     )
     other = "jax" if os.environ.get("KERAS_BACKEND", "tensorflow") != "jax" else "tensorflow"
     env = {**os.environ, "KERAS_BACKEND": other, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith(other)
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), probs, atol=1e-4)
@@ -133,8 +135,9 @@ def test_heatmaps_agree_across_backends(small_model, tmp_path):
 # The learning test's model works at 64 px, where the last convolutional block is 2 x 2: too
 # coarse to localise anything. This one trains the colour model at 128 px (4 x 4 maps) on
 # patients who have AMD (drusen around the macula) or nothing.
-EXPLAIN_CONFIG = TrainConfig(backbone="mobilenet", size=128, batch_size=16, epochs=4, fine_tune_epochs=1, seed=0,
-                             bn_recalibration_patients=32)
+EXPLAIN_CONFIG = TrainConfig(
+    backbone="mobilenet", size=128, batch_size=16, epochs=4, fine_tune_epochs=1, seed=0, bn_recalibration_patients=32
+)
 # measured: mean ratio 1.80 (per eye 1.44-2.46; README "Explain"); 1.0 would be no localisation at all
 MIN_RATIO = 1.4
 
@@ -142,8 +145,14 @@ MIN_RATIO = 1.4
 @pytest.fixture(scope="module")
 def amd_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
-    manifest = write_synthetic_dataset(root / "data", 96, seed=5, diameter=150, prevalence={"A": 0.5},
-                                       fractions={"train": 0.8, "val": 0.2, "test": 0.0})
+    manifest = write_synthetic_dataset(
+        root / "data",
+        96,
+        seed=5,
+        diameter=150,
+        prevalence={"A": 0.5},
+        fractions={"train": 0.8, "val": 0.2, "test": 0.0},
+    )
     preprocess_manifest(load_manifest(manifest), root / "prep", size=EXPLAIN_CONFIG.size, progress=False)
     train_pair(root / "prep", root / "run", EXPLAIN_CONFIG, views=("color",))
     return root
@@ -159,8 +168,14 @@ def test_the_amd_heatmap_falls_on_the_planted_drusen(amd_run, tmp_path):
             path = photos / f"amd{i}_{eye}.png"
             cv2.imwrite(str(path), image)
             regions[f"amd{i}_{eye}"] = (path, masks["A"])
-    summary = predict_photos(amd_run / "run", patients_in_folder(photos), tmp_path / "out", progress=False,
-                             explain=True, explain_classes=["A"])
+    summary = predict_photos(
+        amd_run / "run",
+        patients_in_folder(photos),
+        tmp_path / "out",
+        progress=False,
+        explain=True,
+        explain_classes=["A"],
+    )
     assert summary["heatmaps"] == 16
     with open(tmp_path / "out" / "heatmaps" / "heatmaps.csv") as handle:
         rows = list(csv.DictReader(handle))

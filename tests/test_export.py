@@ -24,7 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo_photos():
     manifest = load_manifest(ROOT / "data_manifest.csv")
-    return [decode_image(manifest.image_path(getattr(p, f"{eye}_image"))) for p in manifest.patients for eye in ("left", "right")]
+    return [
+        decode_image(manifest.image_path(getattr(p, f"{eye}_image")))
+        for p in manifest.patients
+        for eye in ("left", "right")
+    ]
 
 
 @pytest.mark.parametrize("size", [64, 448])
@@ -71,14 +75,22 @@ def test_the_joint_model_is_the_average_of_the_view_models_on_their_views(tiny_p
     model, info = build_ensemble_model(tiny_pair, {"color": 1.0, "gray_eq": 3.0})
     assert info["views"] == ["color", "gray_eq"] and info["input_size"] == 32
     left, right = (crop_to_fov(p, 32) for p in demo_photos[:2])
-    joint = np.asarray(model.predict_on_batch({"left_eye": cv2.cvtColor(left, cv2.COLOR_BGR2RGB)[None],
-                                               "right_eye": cv2.cvtColor(right, cv2.COLOR_BGR2RGB)[None]}))[0]
+    joint = np.asarray(
+        model.predict_on_batch(
+            {
+                "left_eye": cv2.cvtColor(left, cv2.COLOR_BGR2RGB)[None],
+                "right_eye": cv2.cvtColor(right, cv2.COLOR_BGR2RGB)[None],
+            }
+        )
+    )[0]
     expected = 0
     for view, weight in (("color", 0.25), ("gray_eq", 0.75)):
         made = {"color": lambda s: s, "gray_eq": gray_eq_view}[view]
         view_model, _ = load_view_model(tiny_pair, view)
-        batch = {"left_eye": view_to_model_input(made(left))[None].astype(np.float32),
-                 "right_eye": view_to_model_input(made(right))[None].astype(np.float32)}
+        batch = {
+            "left_eye": view_to_model_input(made(left))[None].astype(np.float32),
+            "right_eye": view_to_model_input(made(right))[None].astype(np.float32),
+        }
         expected = expected + weight * np.asarray(view_model.predict_on_batch(batch))[0]
     np.testing.assert_allclose(joint, expected, atol=1e-5)
 

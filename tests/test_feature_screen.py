@@ -5,17 +5,21 @@ import json
 
 import numpy as np
 import pytest
+from test_benchmark import write_image_table
 
 from fundus_ensemble.data.synthetic import write_synthetic_dataset
 from fundus_ensemble.evaluation import feature_screen as fs
-from fundus_ensemble.labels import VIEWS
-
-from test_benchmark import write_image_table
 
 pytestmark = pytest.mark.backend
 
-CONFIG = fs.ScreenConfig(backbones=("efficientnet_lite0",), sizes=(40, 48), seeds=(0,), folds=3,
-                         reference=("efficientnet_lite0", 48), bootstrap=20)
+CONFIG = fs.ScreenConfig(
+    backbones=("efficientnet_lite0",),
+    sizes=(40, 48),
+    seeds=(0,),
+    folds=3,
+    reference=("efficientnet_lite0", 48),
+    bootstrap=20,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,10 @@ def test_the_screen_writes_its_tables_and_times_each_extraction(screened):
     out, seconds, results = screened
     assert set(seconds) == {"efficientnet_lite0/40", "efficientnet_lite0/48"} and all(s > 0 for s in seconds.values())
     [seed] = results["seeds"]
-    assert [(r["backbone"], r["size"]) for r in seed["table"]] == [("efficientnet_lite0", 40), ("efficientnet_lite0", 48)]
+    assert [(r["backbone"], r["size"]) for r in seed["table"]] == [
+        ("efficientnet_lite0", 40),
+        ("efficientnet_lite0", 48),
+    ]
     names = [r["name"] for r in seed["levers"]]
     assert names[0].startswith("reference") and "color alone" in names and "eye-level keyword heads" in names
     assert all(r["interval_calibrated"] is not None for r in seed["levers"][1:])
@@ -43,9 +50,11 @@ def test_no_fit_of_the_screen_reads_a_test_label(screened):
     out, _, _ = screened
     data = fs._Data(out)
     screen = fs._Screen(data, CONFIG, 0)
-    fits = {"ensemble": screen.ensemble("efficientnet_lite0", 48),
-            "per-eye": screen.per_eye("efficientnet_lite0", 48, "color", "patient", "mean"),
-            "keywords": screen.per_eye("efficientnet_lite0", 48, "gray_eq", "keywords", "max")}
+    fits = {
+        "ensemble": screen.ensemble("efficientnet_lite0", 48),
+        "per-eye": screen.per_eye("efficientnet_lite0", 48, "color", "patient", "mean"),
+        "keywords": screen.per_eye("efficientnet_lite0", 48, "gray_eq", "keywords", "max"),
+    }
     probe = screen.probe("efficientnet_lite0", 48)[1]
     # the same screen with every test patient's labels (and per-eye keywords) scrambled
     scrambled = fs._Data(out)
@@ -60,8 +69,12 @@ def test_no_fit_of_the_screen_reads_a_test_label(screened):
     again = fs._Screen(scrambled, CONFIG, 0)
     assert np.array_equal(again.test, test)
     np.testing.assert_array_equal(again.ensemble("efficientnet_lite0", 48).test, fits["ensemble"].test)
-    np.testing.assert_array_equal(again.per_eye("efficientnet_lite0", 48, "color", "patient", "mean").test, fits["per-eye"].test)
-    np.testing.assert_array_equal(again.per_eye("efficientnet_lite0", 48, "gray_eq", "keywords", "max").test, fits["keywords"].test)
+    np.testing.assert_array_equal(
+        again.per_eye("efficientnet_lite0", 48, "color", "patient", "mean").test, fits["per-eye"].test
+    )
+    np.testing.assert_array_equal(
+        again.per_eye("efficientnet_lite0", 48, "gray_eq", "keywords", "max").test, fits["keywords"].test
+    )
     np.testing.assert_array_equal(again.probe("efficientnet_lite0", 48)[1], probe)
     calibrated = fits["ensemble"].calibrated().test_calibrated
     np.testing.assert_array_equal(again.ensemble("efficientnet_lite0", 48).calibrated().test_calibrated, calibrated)
@@ -69,14 +82,25 @@ def test_no_fit_of_the_screen_reads_a_test_label(screened):
 
 def test_the_default_is_the_best_development_score_within_the_time_budget():
     def row(backbone, size, dev, test):
-        return {"backbone": backbone, "size": size, "heads_s": 10.0, "dev_out_of_fold_calibrated": {"final": dev},
-                "test_calibrated": {"final": test}}
+        return {
+            "backbone": backbone,
+            "size": size,
+            "heads_s": 10.0,
+            "dev_out_of_fold_calibrated": {"final": dev},
+            "test_calibrated": {"final": test},
+        }
 
-    results = {"seeds": [{"table": [row("a", 224, 0.70, 0.80), row("b", 260, 0.72, 0.60), row("c", 380, 0.75, 0.90)]},
-                         {"table": [row("a", 224, 0.70, 0.80), row("b", 260, 0.72, 0.60), row("c", 380, 0.75, 0.90)]}]}
+    results = {
+        "seeds": [
+            {"table": [row("a", 224, 0.70, 0.80), row("b", 260, 0.72, 0.60), row("c", 380, 0.75, 0.90)]},
+            {"table": [row("a", 224, 0.70, 0.80), row("b", 260, 0.72, 0.60), row("c", 380, 0.75, 0.90)]},
+        ]
+    }
     seconds = {"a/224": 100.0, "b/260": 200.0, "c/380": 4000.0}
     chosen = fs.choose_default(results, seconds)
-    assert (chosen["backbone"], chosen["size"]) == ("b", 260), "c is over the hour; a has the better test, not dev, score"
+    assert (chosen["backbone"], chosen["size"]) == ("b", 260), (
+        "c is over the hour; a has the better test, not dev, score"
+    )
     assert chosen["seconds"] == 210.0
     assert fs.choose_default(results, {**seconds, "c/380": 100.0})["backbone"] == "c"
     assert fs.choose_default(results, {"a/224": 100.0})["backbone"] == "a", "an untimed extraction is not chosen"

@@ -61,8 +61,16 @@ def test_the_bag_in_the_patient_model_is_the_heads_on_features(view_manifest, tm
     from fundus_ensemble.training.features import eye_features
 
     model = build_patient_model("efficientnet_lite0", 48, "imagenet")
-    features = eye_features(model.get_layer("eye_encoder"), view_manifest, 48, 8, tmp_path / "store", "efficientnet_lite0",
-                            "imagenet", "color")
+    features = eye_features(
+        model.get_layer("eye_encoder"),
+        view_manifest,
+        48,
+        8,
+        tmp_path / "store",
+        "efficientnet_lite0",
+        "imagenet",
+        "color",
+    )
     y = view_manifest.label_matrix()
     fit = heads.cross_fit(features, y, folds=3, grid=(0.01,), seed=0)
     bag = heads.LinearHead.mean(fit.heads)
@@ -82,8 +90,9 @@ def test_the_bag_in_the_patient_model_is_the_heads_on_features(view_manifest, tm
 
 
 def _script(name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.backend
@@ -93,8 +102,22 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
 
     prep, run = tmp_path / "prep", tmp_path / "run"
     assert _script("preprocess.py", small_dataset, "--out", prep, "--size", "48").returncode == 0
-    done = _script("train_pair.py", prep, "--out", run, "--backbone", "efficientnet_lite0", "--weights", "imagenet",
-                   "--head-fit", "cross-fit", "--folds", "3", "--fine-tune-epochs", "0")
+    done = _script(
+        "train_pair.py",
+        prep,
+        "--out",
+        run,
+        "--backbone",
+        "efficientnet_lite0",
+        "--weights",
+        "imagenet",
+        "--head-fit",
+        "cross-fit",
+        "--folds",
+        "3",
+        "--fine-tune-epochs",
+        "0",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--calibrate-on out-of-fold" in done.stdout
     manifest = load_manifest(prep / "color" / "manifest.csv")
@@ -105,7 +128,9 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
     assert card["head"]["folds"] == 3 and card["best_val"]["out_of_fold"]
     # the run's calibration is the one fitted on the ensemble's out-of-fold predictions
     fitted = json.loads((run / "calibration.json").read_text())
-    expected = fit_calibration(oof["color"]["labels"], (oof["color"]["probabilities"] + oof["gray_eq"]["probabilities"]) / 2)
+    expected = fit_calibration(
+        oof["color"]["labels"], (oof["color"]["probabilities"] + oof["gray_eq"]["probabilities"]) / 2
+    )
     assert Calibration.from_dict(fitted["ensemble"]) == expected and fitted["fitted_on"] == "out-of-fold"
     refused = _script("score.py", run, prep, "--split", "val")
     assert refused.returncode == 2 and "scoring val would grade patients they learned from" in refused.stderr
@@ -115,11 +140,15 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
     test = next(p for p in manifest.patients if p.split == "test")
     photo = manifest.image_path(test.left_image or test.right_image)
     predicted = _script("predict.py", run, "--left", photo, "--out", tmp_path / "out")
-    assert predicted.returncode == 0 and "deciding with the run's calibration" in predicted.stdout, predicted.stderr[-1500:]
+    assert predicted.returncode == 0 and "deciding with the run's calibration" in predicted.stdout, predicted.stderr[
+        -1500:
+    ]
     rows = {r["class"]: r for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv"))}
     thresholds = {c: float(rows[c]["threshold"]) for c in LABELS}
     from fundus_ensemble.inference.predict import _raw_threshold
 
     assert thresholds == {c: pytest.approx(_raw_threshold(k), abs=1e-6) for c, k in zip(LABELS, expected.classes)}
     plain = _script("predict.py", run, "--left", photo, "--out", tmp_path / "plain", "--no-calibration")
-    assert {float(r["threshold"]) for r in csv.DictReader(open(tmp_path / "plain" / "decisions.csv"))} == {0.5}, plain.stderr
+    assert {float(r["threshold"]) for r in csv.DictReader(open(tmp_path / "plain" / "decisions.csv"))} == {0.5}, (
+        plain.stderr
+    )

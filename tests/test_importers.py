@@ -33,7 +33,12 @@ def test_image_table(root):
     assert list(by_id) == ["0", "1", "2"]
     assert by_id["0"].left_image == "images/0_left.jpg" and by_id["0"].right_image == "images/0_right.jpg"
     assert by_id["0"].labels == (0, 0, 0, 1, 0, 0, 0, 0)
-    assert by_id["0"].extra == {"left_keywords": "cataract", "right_keywords": "normal fundus", "age": "69", "sex": "Female"}
+    assert by_id["0"].extra == {
+        "left_keywords": "cataract",
+        "right_keywords": "normal fundus",
+        "age": "69",
+        "sex": "Female",
+    }
     assert by_id["1"].right_image is None and by_id["2"].left_image is None
     assert report.missing_images == ["images/3_left.jpg"] and report.dropped_patients == ["3"]
 
@@ -48,9 +53,13 @@ def test_kaggle_full_df(root):
 
 
 def test_disagreeing_labels_of_one_patient(root):
-    bad = IMAGE_TABLE.replace("0_right.jpg,0,right,69,Female,normal fundus,0,0,0,1", "0_right.jpg,0,right,69,Female,normal fundus,0,1,0,1")
+    bad = IMAGE_TABLE.replace(
+        "0_right.jpg,0,right,69,Female,normal fundus,0,0,0,1", "0_right.jpg,0,right,69,Female,normal fundus,0,1,0,1"
+    )
     (root / "labels.csv").write_text(bad)
-    with pytest.raises(ManifestError, match=r"labels.csv, row 3, column 'ID', value '0': labels .* disagree with row 2"):
+    with pytest.raises(
+        ManifestError, match=r"labels.csv, row 3, column 'ID', value '0': labels .* disagree with row 2"
+    ):
         import_label_table(root / "labels.csv", "image-table", root)
 
 

@@ -21,13 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 def start(script, *args):
     return subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / script), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
 def run(script, *args, timeout=600):
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(REPO / "scripts" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -54,7 +60,9 @@ def test_killed_preprocess_resumes_without_redoing_or_truncating(tmp_path):
 
     result = run("preprocess.py", manifest, "--out", out, "--size", 256, "--workers", 2)
     assert result.returncode == 0, result.stderr
-    by_view = {view: {Path(*p.parts[1:]) for p in finished_before if p.parts[0] == view} for view in ("color", "gray_eq")}
+    by_view = {
+        view: {Path(*p.parts[1:]) for p in finished_before if p.parts[0] == view} for view in ("color", "gray_eq")
+    }
     complete_pairs = len(by_view["color"] & by_view["gray_eq"])  # an image is done when both views are
     assert f"{complete_pairs} already up to date" in result.stdout
     assert f"{200 - complete_pairs} processed" in result.stdout
@@ -65,8 +73,25 @@ def test_killed_preprocess_resumes_without_redoing_or_truncating(tmp_path):
 def test_killed_training_resumes_from_the_last_epoch(tmp_path):
     manifest = write_synthetic_dataset(tmp_path / "data", 40, seed=5, diameter=64)
     assert run("preprocess.py", manifest, "--out", tmp_path / "prep", "--size", 32).returncode == 0
-    args = [tmp_path / "prep", "--out", tmp_path / "run", "--views", "color", "--backbone", "mobilenet", "--size", 32,
-            "--batch-size", 4, "--epochs", 5, "--fine-tune-epochs", 2, "--bn-recalibration-patients", 4]
+    args = [
+        tmp_path / "prep",
+        "--out",
+        tmp_path / "run",
+        "--views",
+        "color",
+        "--backbone",
+        "mobilenet",
+        "--size",
+        32,
+        "--batch-size",
+        4,
+        "--epochs",
+        5,
+        "--fine-tune-epochs",
+        2,
+        "--bn-recalibration-patients",
+        4,
+    ]
     history = tmp_path / "run" / "color" / "history.csv"
 
     def epochs_logged():

@@ -14,7 +14,6 @@ import pytest
 from fundus_ensemble.labels import LABELS
 
 
-
 @pytest.mark.backend  # runs again under KERAS_BACKEND=jax in CI
 def test_eye_fusion_is_the_elementwise_max_then_the_mean_of_the_two_eyes():
     """Slips caught: max turned min; the mean replaced by the left (or right) eye; halves swapped."""
@@ -55,7 +54,9 @@ def test_the_ensemble_is_the_weighted_mean_of_the_views_with_weights_normalised(
     gray = np.array([[0.6, 0.0], [0.0, 1.0]])
     expected = (1 * color + 3 * gray) / 4
     for weights in ({"color": 1.0, "gray_eq": 3.0}, {"color": 0.5, "gray_eq": 1.5}):
-        np.testing.assert_allclose(average_probabilities({"color": color, "gray_eq": gray}, weights), expected, atol=1e-15)
+        np.testing.assert_allclose(
+            average_probabilities({"color": color, "gray_eq": gray}, weights), expected, atol=1e-15
+        )
     np.testing.assert_allclose(average_probabilities({"color": color, "gray_eq": gray}), (color + gray) / 2, atol=1e-15)
 
 
@@ -78,7 +79,9 @@ def pair_and_prep(small_dataset, tmp_path_factory):
         rng = np.random.default_rng(seed)  # an untrained head says 0.5 for everyone: give it opinions
         head.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in head.get_weights()])
         model.save(str(root / "run" / view / "model.keras"))
-        (root / "run" / view / "card.json").write_text(json.dumps({"view": view, "labels": list(LABELS), "input_size": 32}))
+        (root / "run" / view / "card.json").write_text(
+            json.dumps({"view": view, "labels": list(LABELS), "input_size": 32})
+        )
     return root
 
 
@@ -160,7 +163,9 @@ def test_augmentation_rotates_within_its_limit_as_well_as_flipping():
     assert all(any(np.array_equal(o, f) for f in _flips(image)) for o in unrotated)
 
 
-def test_training_augments_its_train_batches_only_and_fine_tunes_at_the_lower_rate(small_dataset, tmp_path, monkeypatch):
+def test_training_augments_its_train_batches_only_and_fine_tunes_at_the_lower_rate(
+    small_dataset, tmp_path, monkeypatch
+):
     """Slips caught: augmentation given to the validation batches; the rotation not passed on from
     the config; the fine-tune phase's learning-rate factor ignored; the views cached whatever the memory."""
     import albumentations as A
@@ -182,8 +187,17 @@ def test_training_augments_its_train_batches_only_and_fine_tunes_at_the_lower_ra
     monkeypatch.setattr(train, "PatientBatches", spy)
     # the training and validation views at 32 px take over 50 kB, more than half of 100 kB: they stream from disk
     monkeypatch.setattr("fundus_ensemble.data.batches.memory_available", lambda: 100_000)
-    config = TrainConfig(backbone="mobilenet", size=32, batch_size=4, epochs=1, fine_tune_epochs=1, learning_rate=2e-3,
-                         fine_tune_lr_factor=0.25, rotation=17.0, early_stopping_patience=5)
+    config = TrainConfig(
+        backbone="mobilenet",
+        size=32,
+        batch_size=4,
+        epochs=1,
+        fine_tune_epochs=1,
+        learning_rate=2e-3,
+        fine_tune_lr_factor=0.25,
+        rotation=17.0,
+        early_stopping_patience=5,
+    )
     card = train.train_view(tmp_path / "prep" / "color", tmp_path / "run", config, "color")
     assert card["images_cached"] is False and [cache for *_, cache in made] == [None, None], "both splits stream"
     by_split = {frozenset(splits): augment for splits, augment, _ in made}
@@ -202,8 +216,12 @@ def test_jax_on_a_cpu_with_a_depthwise_backbone_gets_a_note_and_nothing_else_doe
 
     assert "KERAS_BACKEND=tensorflow" in cpu_backend_advice("jax", 0, "efficientnet_lite2")
     assert cpu_backend_advice("jax", 0, "mobilenet") is not None
-    for backend, accelerators, backbone in (("tensorflow", 0, "efficientnet_b3"), ("jax", 1, "efficientnet_b3"),
-                                            ("jax", 0, "resnet50"), ("torch", 0, "efficientnet_b0")):
+    for backend, accelerators, backbone in (
+        ("tensorflow", 0, "efficientnet_b3"),
+        ("jax", 1, "efficientnet_b3"),
+        ("jax", 0, "resnet50"),
+        ("torch", 0, "efficientnet_b0"),
+    ):
         assert cpu_backend_advice(backend, accelerators, backbone) is None, (backend, accelerators, backbone)
 
 
@@ -227,7 +245,7 @@ def test_each_patient_gets_its_own_flips_whatever_the_worker_or_process(view_man
     for process in (0, 1):
         batches.shard(process, 2)
         for index in (0, 1):
-            np.testing.assert_array_equal(batches[index][0]["left_eye"], whole[index][4 * process: 4 * process + 4])
+            np.testing.assert_array_equal(batches[index][0]["left_eye"], whole[index][4 * process : 4 * process + 4])
 
 
 def test_the_views_are_cached_only_when_they_fit_in_half_the_available_memory(monkeypatch):
@@ -240,6 +258,9 @@ def test_the_views_are_cached_only_when_they_fit_in_half_the_available_memory(mo
     keep, why = choose_cache(1000, 128, available=2 * need - 1)
     assert keep is False and "--cache on" in why and "49.2 MB" in why
     assert "2.95 GB of 6.30 GB" in choose_cache(60_000, 128, available=6_300_000_000)[1]
-    assert choose_cache(1001, 128, available=2 * need)[0] is False and choose_cache(1000, 129, available=2 * need)[0] is False
+    assert (
+        choose_cache(1001, 128, available=2 * need)[0] is False
+        and choose_cache(1000, 129, available=2 * need)[0] is False
+    )
     monkeypatch.setattr("fundus_ensemble.data.batches.memory_available", lambda: None)
     assert choose_cache(10**9, 448)[0] is True  # unknown memory: kept, as before the choice existed

@@ -42,8 +42,14 @@ def test_patient_is_or_of_eyes_and_normal_only_when_both_are():
 
 def test_comparison_counts_disagreements(tmp_path):
     def patient(pid, labels, left, right):
-        return Patient(pid, f"{pid}_l.jpg", f"{pid}_r.jpg", tuple(vector(*labels)), "train",
-                       {"left_keywords": left, "right_keywords": right})
+        return Patient(
+            pid,
+            f"{pid}_l.jpg",
+            f"{pid}_r.jpg",
+            tuple(vector(*labels)),
+            "train",
+            {"left_keywords": left, "right_keywords": right},
+        )
 
     patients = [
         patient("1", "D", "mild nonproliferative retinopathy", "normal fundus"),  # agrees

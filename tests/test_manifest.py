@@ -47,18 +47,39 @@ def test_roundtrip_through_csv(tmp_path):
     [
         ("", r"m\.csv: the file is empty"),
         (f"{HEADER}\n", r"m\.csv: has a header but no patient rows"),
-        (HEADER.replace(",split", "") + "\n" + ROW.rsplit(",", 1)[0] + "\n", r"m\.csv, row 1: missing required column\(s\) 'split'"),
-        (f"{HEADER}\n{ROW.replace(',1,0,0,0,0,0,0,train', ',2,0,0,0,0,0,0,train')}\n", r"m\.csv, row 2, column 'D', value '2': labels must be 0 or 1"),
+        (
+            HEADER.replace(",split", "") + "\n" + ROW.rsplit(",", 1)[0] + "\n",
+            r"m\.csv, row 1: missing required column\(s\) 'split'",
+        ),
+        (
+            f"{HEADER}\n{ROW.replace(',1,0,0,0,0,0,0,train', ',2,0,0,0,0,0,0,train')}\n",
+            r"m\.csv, row 2, column 'D', value '2': labels must be 0 or 1",
+        ),
         (f"{HEADER}\n{ROW.replace('a.jpg,b.jpg,0', 'a.jpg,b.jpg,-1')}\n", r"row 2, column 'N', value '-1'"),
         (f"{HEADER}\n{ROW.replace('a.jpg,b.jpg,0', 'a.jpg,b.jpg,yes')}\n", r"row 2, column 'N', value 'yes'"),
         (f"{HEADER}\n{ROW.replace('a.jpg,b.jpg,0', 'a.jpg,b.jpg,')}\n", r"row 2, column 'N', value ''"),
-        (f"{HEADER}\n{ROW}\n{ROW}\n", r"row 3, column 'patient_id', value 'p1': duplicate patient id \(first seen in row 2\)"),
-        (f"{HEADER}\n{ROW.replace('a.jpg', '/etc/a.jpg')}\n", r"row 2, column 'left_image', value '/etc/a.jpg': .*not absolute"),
-        (f"{HEADER}\n{ROW.replace('a.jpg', '../a.jpg')}\n", r"row 2, column 'left_image', value '../a.jpg': image path escapes"),
+        (
+            f"{HEADER}\n{ROW}\n{ROW}\n",
+            r"row 3, column 'patient_id', value 'p1': duplicate patient id \(first seen in row 2\)",
+        ),
+        (
+            f"{HEADER}\n{ROW.replace('a.jpg', '/etc/a.jpg')}\n",
+            r"row 2, column 'left_image', value '/etc/a.jpg': .*not absolute",
+        ),
+        (
+            f"{HEADER}\n{ROW.replace('a.jpg', '../a.jpg')}\n",
+            r"row 2, column 'left_image', value '../a.jpg': image path escapes",
+        ),
         (f"{HEADER}\n{ROW.replace('a.jpg', 'x/../../a.jpg')}\n", r"value 'x/../../a.jpg': image path escapes"),
-        (f"{HEADER}\n{ROW.replace('a.jpg', 'missing.jpg')}\n", r"row 2, column 'left_image', value 'missing.jpg': image file not found"),
+        (
+            f"{HEADER}\n{ROW.replace('a.jpg', 'missing.jpg')}\n",
+            r"row 2, column 'left_image', value 'missing.jpg': image file not found",
+        ),
         (f"{HEADER}\n{ROW.replace('train', 'training')}\n", r"row 2, column 'split', value 'training': unknown split"),
-        (f"{HEADER}\n{ROW.replace('a.jpg,b.jpg', ',')}\n", r"row 2, column 'left_image'.*neither a left nor a right image"),
+        (
+            f"{HEADER}\n{ROW.replace('a.jpg,b.jpg', ',')}\n",
+            r"row 2, column 'left_image'.*neither a left nor a right image",
+        ),
         (f"{HEADER}\n{ROW},extra\n", r"row 2: has 13 fields but the header has 12"),
         (f"{HEADER}\n{ROW.replace('p1', '')}\n", r"row 2, column 'patient_id', value '': patient id is empty"),
     ],

@@ -8,7 +8,27 @@ from fundus_ensemble.data.manifest import parse_manifest
 from fundus_ensemble.errors import ManifestError
 
 CELLS = st.one_of(
-    st.sampled_from(["0", "1", "2", "-1", "yes", "", "train", "val", "test", "a.jpg", "../x.jpg", "/abs.jpg", "p1", '"', "\r", "\n", ","]),
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "2",
+            "-1",
+            "yes",
+            "",
+            "train",
+            "val",
+            "test",
+            "a.jpg",
+            "../x.jpg",
+            "/abs.jpg",
+            "p1",
+            '"',
+            "\r",
+            "\n",
+            ",",
+        ]
+    ),
     st.text(max_size=12),
 )
 ROWS = st.lists(st.lists(CELLS, min_size=0, max_size=15).map(",".join), max_size=6)

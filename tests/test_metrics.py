@@ -40,8 +40,11 @@ def test_the_closed_form_equals_the_challenges_sklearn_calls():
         threshold = 0.5 if trial % 2 else float(rng.choice([0.3, 0.5, 0.7]))
         gt, predicted = y.ravel(), (prob.ravel() > threshold).astype(int)
         score = odir_score(y, prob, threshold)
-        expected = {"kappa": cohen_kappa_score(gt, predicted), "f1": f1_score(gt, predicted, average="micro"),
-                    "auc": roc_auc_score(gt, prob.ravel())}
+        expected = {
+            "kappa": cohen_kappa_score(gt, predicted),
+            "f1": f1_score(gt, predicted, average="micro"),
+            "auc": roc_auc_score(gt, prob.ravel()),
+        }
         for name, value in expected.items():
             assert score[name] == pytest.approx(value, abs=1e-12), (trial, name)
 

@@ -35,13 +35,26 @@ def test_fusion_is_symmetric_and_one_eye_means_that_eye(b3):
     encoder = b3.get_layer("eye_encoder")
     features = encoder.predict(x["left_eye"], verbose=0)
     fused = b3.get_layer("fuse_eyes")(np.concatenate([features, features]))
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(fused), np.concatenate([features, features], axis=1), atol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(fused), np.concatenate([features, features], axis=1), atol=1e-6
+    )
 
 
 def test_registry_covers_the_papers_table():
-    expected = {f"efficientnet_b{i}" for i in range(8)} | {
-        "resnet50", "vgg16", "vgg19", "xception", "inception_v3", "inception_resnet_v2", "densenet121", "mobilenet",
-    } | {f"efficientnet_lite{i}" for i in range(3)}
+    expected = (
+        {f"efficientnet_b{i}" for i in range(8)}
+        | {
+            "resnet50",
+            "vgg16",
+            "vgg19",
+            "xception",
+            "inception_v3",
+            "inception_resnet_v2",
+            "densenet121",
+            "mobilenet",
+        }
+        | {f"efficientnet_lite{i}" for i in range(3)}
+    )
     assert set(BACKBONES) == expected
     for name, spec in BACKBONES.items():
         assert spec.constructor == "lite" if "lite" in name else callable(getattr(keras.applications, spec.constructor))
@@ -52,7 +65,9 @@ def test_preprocess_modes():
     np.testing.assert_allclose(BackbonePreprocess("tf")(x), [[[[-1.0, 0.0, 1.0]]]], atol=1e-6)
     np.testing.assert_allclose(BackbonePreprocess("none")(x), x)
     np.testing.assert_allclose(BackbonePreprocess("lite")(x), [[[[-127 / 128, 0.5 / 128, 1.0]]]], atol=1e-6)
-    np.testing.assert_allclose(BackbonePreprocess("caffe")(x), [[[[255 - 103.939, 127.5 - 116.779, 0 - 123.68]]]], atol=1e-4)
+    np.testing.assert_allclose(
+        BackbonePreprocess("caffe")(x), [[[[255 - 103.939, 127.5 - 116.779, 0 - 123.68]]]], atol=1e-4
+    )
     torch = keras.ops.convert_to_numpy(BackbonePreprocess("torch")(x))
     np.testing.assert_allclose(torch[0, 0, 0, 0], (0 - 0.485) / 0.229, rtol=1e-5)
     with pytest.raises(ValueError):
@@ -70,7 +85,9 @@ def test_imagenet_without_network_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached weights
 
     def no_network(*args, **kwargs):
-        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3] Temporary failure in name resolution")
+        raise Exception(
+            "URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3] Temporary failure in name resolution"
+        )
 
     monkeypatch.setattr("keras.src.utils.file_utils.get_file", no_network)
     with pytest.raises(WeightsError, match=r"ImageNet weights for EfficientNetB0.*--weights none.*--weights PATH"):

@@ -35,8 +35,13 @@ def photo(path: Path, seed: int = 0) -> Path:
 def script(name: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +59,14 @@ def run_and_prep(small_dataset, tmp_path_factory):
     rng = np.random.default_rng(5)  # an untrained head says 0.5 for everyone: give it opinions
     head.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in head.get_weights()])
     model.save(str(root / "run" / "color" / "model.keras"))
-    (root / "run" / "color" / "card.json").write_text(json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32}))
+    (root / "run" / "color" / "card.json").write_text(
+        json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32})
+    )
     return root
 
 
 # --- folders the project owns, for one purpose each -------------------------------------------
+
 
 def test_a_folder_made_for_one_purpose_is_never_claimed_or_deleted_for_another(tmp_path):
     claim_folder(tmp_path / "prep", "preprocessed views")
@@ -89,6 +97,7 @@ def test_train_pair_into_its_own_views_refuses_even_with_force(run_and_prep, tmp
 
 # --- score -------------------------------------------------------------------------------------
 
+
 def test_score_never_writes_into_a_folder_of_the_users_files(run_and_prep, tmp_path):
     from fundus_ensemble.evaluation.ensemble import score_run
 
@@ -102,10 +111,17 @@ def test_score_never_writes_into_a_folder_of_the_users_files(run_and_prep, tmp_p
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(FundusError, match="is a file"):
         score_run(run_and_prep / "run", run_and_prep / "prep", "test", out_dir=tmp_path / "file.txt")
-    result = script("score.py", run_and_prep / "run", run_and_prep / "prep", "--out", tmp_path / "file.txt",
-                    env={"KERAS_BACKEND": "no-such-backend"})  # refused before Keras starts
+    result = script(
+        "score.py",
+        run_and_prep / "run",
+        run_and_prep / "prep",
+        "--out",
+        tmp_path / "file.txt",
+        env={"KERAS_BACKEND": "no-such-backend"},
+    )  # refused before Keras starts
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        f"error: --out {tmp_path / 'file.txt'} is a file; a score needs a folder"]
+        f"error: --out {tmp_path / 'file.txt'} is a file; a score needs a folder"
+    ]
 
 
 def test_a_forced_score_leaves_no_calibration_of_the_earlier_one(run_and_prep, tmp_path):
@@ -120,6 +136,7 @@ def test_a_forced_score_leaves_no_calibration_of_the_earlier_one(run_and_prep, t
 
 # --- predict -------------------------------------------------------------------------------------
 
+
 def test_a_forced_predict_leaves_no_page_or_heatmap_of_the_earlier_run(run_and_prep, tmp_path):
     first = [PatientPhotos("old", photo(tmp_path / "in" / "old_left.jpg"), None)]
     predict_photos(run_and_prep / "run", first, tmp_path / "out", progress=False, report=True, explain_classes=["D"])
@@ -127,9 +144,13 @@ def test_a_forced_predict_leaves_no_page_or_heatmap_of_the_earlier_run(run_and_p
     second = [PatientPhotos("new", photo(tmp_path / "in" / "new_left.jpg", 1), None)]
     predict_photos(run_and_prep / "run", second, tmp_path / "out", progress=False, force=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [
-        "decisions.csv", "predict.json", "predictions.csv"]
-    predict_photos(run_and_prep / "run", second, tmp_path / "out", progress=False, force=True, explain_classes=["G"],
-                   explain=True)
+        "decisions.csv",
+        "predict.json",
+        "predictions.csv",
+    ]
+    predict_photos(
+        run_and_prep / "run", second, tmp_path / "out", progress=False, force=True, explain_classes=["G"], explain=True
+    )
     assert {p.name.split("_")[0] for p in (tmp_path / "out" / "heatmaps").glob("*.png")} == {"new"}
     assert not list((tmp_path / "out").glob(".unfinished*")), "the staging folder was left behind"
 
@@ -147,7 +168,9 @@ def test_a_second_predict_into_a_folder_being_written_is_refused(run_and_prep, t
 def test_patients_whose_ids_collide_as_file_names_keep_their_own_heatmaps(run_and_prep, tmp_path):
     ids = ["a/b", "a_b", "..", "patient", "A B", "A_B", "x", "X"]
     patients = [PatientPhotos(pid, photo(tmp_path / "in" / f"{k}_left.jpg", k), None) for k, pid in enumerate(ids)]
-    predict_photos(run_and_prep / "run", patients, tmp_path / "out", progress=False, explain=True, explain_classes=["D"])
+    predict_photos(
+        run_and_prep / "run", patients, tmp_path / "out", progress=False, explain=True, explain_classes=["D"]
+    )
     with open(tmp_path / "out" / "heatmaps" / "heatmaps.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["patient_id"] for r in rows] == ids
@@ -185,18 +208,24 @@ def test_predict_checks_paths_and_calibration_before_keras_starts(run_and_prep, 
     result = script("predict.py", tmp_path / "nowhere", tmp_path, "--out", tmp_path / "o", env=env)
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: {tmp_path / 'nowhere'}: no such folder, so no trained view model; run scripts/train_pair.py first "
-        "or give its run folder")
+        "or give its run folder"
+    )
     result = script("predict.py", run_and_prep / "run", tmp_path / "missing", "--out", tmp_path / "o", env=env)
     assert result.returncode == 2 and "no such folder or manifest" in result.stderr
     bad = tmp_path / "calibration.json"
     bad.write_text(json.dumps({"ensemble": {"classes": [{"slope": 1, "intercept": 0, "threshold": 1.5}] * 8}}))
-    result = script("predict.py", run_and_prep / "run", tmp_path, "--out", tmp_path / "o", "--calibration", bad, env=env)
+    result = script(
+        "predict.py", run_and_prep / "run", tmp_path, "--out", tmp_path / "o", "--calibration", bad, env=env
+    )
     assert result.returncode == 2 and "class N: 'threshold' is 1.5" in result.stderr
     result = script("predict.py", run_and_prep / "run", tmp_path, "--out", tmp_path / "o", env=env)
-    assert "no-such-backend" in result.stderr, "with good paths Keras does start (and here fails): the checks above came first"
+    assert "no-such-backend" in result.stderr, (
+        "with good paths Keras does start (and here fails): the checks above came first"
+    )
 
 
 # --- models and calibrations a user or an attacker could have changed -----------------------------
+
 
 @pytest.mark.parametrize("damage", ["truncated", "random", "lambda"])
 def test_a_damaged_or_code_carrying_model_file_is_one_line(run_and_prep, tmp_path, damage):
@@ -216,7 +245,9 @@ def test_a_damaged_or_code_carrying_model_file_is_one_line(run_and_prep, tmp_pat
         model_file.write_bytes(np.random.default_rng(0).bytes(20000))
     else:
         marker = tmp_path / "ran"
-        payload = eval(f"lambda x: (__import__('pathlib').Path({str(marker)!r}).touch(), x)[1]")  # no closure: saved whole
+        payload = eval(
+            f"lambda x: (__import__('pathlib').Path({str(marker)!r}).touch(), x)[1]"
+        )  # no closure: saved whole
         inputs = keras.Input((4,))
         keras.Model(inputs, keras.layers.Lambda(payload)(inputs)).save(str(model_file))
         marker.unlink()  # building the model ran it once; loading must not run it again
@@ -229,16 +260,19 @@ def test_a_damaged_or_code_carrying_model_file_is_one_line(run_and_prep, tmp_pat
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"threshold": float("nan")}, "'threshold' is nan; expected a finite number"),
-    ({"threshold": 1.5}, "'threshold' is 1.5; expected a number in (0, 1)"),
-    ({"threshold": 0.0}, "'threshold' is 0.0; expected a number in (0, 1)"),
-    ({"threshold": None}, "'threshold' is missing"),
-    ({"slope": "2"}, "'slope' is '2'; expected a finite number"),
-    ({"slope": -0.5}, "'slope' is -0.5; it must be above 0"),
-    ({"slope": True}, "'slope' is True; expected a finite number"),
-    ({"bias": 1.0}, "unknown key(s) 'bias'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"threshold": float("nan")}, "'threshold' is nan; expected a finite number"),
+        ({"threshold": 1.5}, "'threshold' is 1.5; expected a number in (0, 1)"),
+        ({"threshold": 0.0}, "'threshold' is 0.0; expected a number in (0, 1)"),
+        ({"threshold": None}, "'threshold' is missing"),
+        ({"slope": "2"}, "'slope' is '2'; expected a finite number"),
+        ({"slope": -0.5}, "'slope' is -0.5; it must be above 0"),
+        ({"slope": True}, "'slope' is True; expected a finite number"),
+        ({"bias": 1.0}, "unknown key(s) 'bias'"),
+    ],
+)
 def test_a_tampered_calibration_is_refused_with_its_class_and_key(tmp_path, change, message):
     classes = [{"slope": 1.0, "intercept": 0.0, "threshold": 0.5} for _ in LABELS]
     classes[3].update(change)
@@ -270,6 +304,7 @@ def test_a_reversed_fit_falls_back_to_the_raw_threshold_and_says_so():
 
 # --- export's target ------------------------------------------------------------------------------
 
+
 def test_export_never_replaces_a_folder_or_file_it_did_not_make(tmp_path):
     from fundus_ensemble.inference.export import SAVED_MODEL_PURPOSE, check_export_target
 
@@ -279,7 +314,9 @@ def test_export_never_replaces_a_folder_or_file_it_did_not_make(tmp_path):
     (theirs / "NOTES.txt").write_text("my notes")
     with pytest.raises(FundusError, match="did not export"):
         check_export_target(theirs, "saved_model", force=True)
-    (tmp_path / "served.json").write_text('{"path": "served", "format": "saved_model"}')  # as an export made before markers
+    (tmp_path / "served.json").write_text(
+        '{"path": "served", "format": "saved_model"}'
+    )  # as an export made before markers
     with pytest.raises(FundusError, match="did not export"):  # its record is there, but so are the user's notes
         check_export_target(theirs, "saved_model", force=True)
     (theirs / "NOTES.txt").unlink()
@@ -306,19 +343,29 @@ def test_export_never_replaces_a_folder_or_file_it_did_not_make(tmp_path):
 
 # --- report ---------------------------------------------------------------------------------------
 
+
 def test_report_script_never_replaces_a_file_without_force(run_and_prep, tmp_path):
     from fundus_ensemble.evaluation.ensemble import score_run
 
     score_run(run_and_prep / "run", run_and_prep / "prep", "test", out_dir=tmp_path / "score")
     page = tmp_path / "page.html"
     page.write_text("my page")
-    result = script("report.py", run_and_prep / "run", run_and_prep / "prep", "--score-dir", tmp_path / "score",
-                    "--out", page, env={"KERAS_BACKEND": "no-such-backend"})
+    result = script(
+        "report.py",
+        run_and_prep / "run",
+        run_and_prep / "prep",
+        "--score-dir",
+        tmp_path / "score",
+        "--out",
+        page,
+        env={"KERAS_BACKEND": "no-such-backend"},
+    )
     assert result.returncode == 2 and "already exists; pass --force" in result.stderr
     assert page.read_text() == "my page"
 
 
 # --- pages that tell the truth -------------------------------------------------------------------
+
 
 class _Page:
     """Alt texts and table cells of a page, as a browser reads them (entities decoded once)."""
@@ -356,8 +403,13 @@ def test_the_prediction_page_names_its_model_and_shows_what_each_decision_compar
     run = tmp_path / "run"
     shutil.copytree(run_and_prep / "run", run)
     card = json.loads((run / "color" / "card.json").read_text())
-    card.update(backbone="mobilenet", weights_init=None, train_patients=17, data_manifest="prep/color/manifest.csv",
-                best_val={"epoch": 4, "val_final_score": 0.6125})
+    card.update(
+        backbone="mobilenet",
+        weights_init=None,
+        train_patients=17,
+        data_manifest="prep/color/manifest.csv",
+        best_val={"epoch": 4, "val_final_score": 0.6125},
+    )
     (run / "color" / "card.json").write_text(json.dumps(card))
     pid = 'a<b&"c'
     patients = [PatientPhotos(pid, photo(tmp_path / "in" / "l.jpg"), photo(tmp_path / "in" / "r.jpg", 3))]
@@ -366,8 +418,17 @@ def test_the_prediction_page_names_its_model_and_shows_what_each_decision_compar
     page = _Page(text)
     assert f"{pid} left eye" in page.alts and f"{pid} right D heatmap" in page.alts, page.alts  # escaped once
     assert pid not in text and "a&lt;b&amp;&quot;c" in text, "the patient id must be escaped where the page shows it"
-    for part in ("mobilenet", "32 px", "none (from scratch)", "17 patients of", "prep/color/manifest.csv", "0.613 (epoch 4)",
-                 str(run), "A screening aid, not a diagnosis", "1 x 1 cells"):
+    for part in (
+        "mobilenet",
+        "32 px",
+        "none (from scratch)",
+        "17 patients of",
+        "prep/color/manifest.csv",
+        "0.613 (epoch 4)",
+        str(run),
+        "A screening aid, not a diagnosis",
+        "1 x 1 cells",
+    ):
         assert part in text, part
     with open(tmp_path / "out" / "decisions.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -376,7 +437,9 @@ def test_the_prediction_page_names_its_model_and_shows_what_each_decision_compar
     for cell, row in zip(decided, rows):
         label, p, sign, t = cell.replace(" ✓", "").split(" ")
         assert label == row["class"]
-        assert float(p) == pytest.approx(float(row["probability"]), abs=5e-4) and float(t) == pytest.approx(float(row["threshold"]), abs=5e-4)
+        assert float(p) == pytest.approx(float(row["probability"]), abs=5e-4) and float(t) == pytest.approx(
+            float(row["threshold"]), abs=5e-4
+        )
         assert (sign == ">") == (row["decision"] == "1") == cell.endswith("✓")
         assert (float(p) > float(t)) == (sign == ">"), f"the shown numbers contradict the decision: {cell}"
 
@@ -436,8 +499,10 @@ def test_the_training_curves_mark_the_kept_checkpoint_and_a_visible_fine_tune_li
     shutil.copytree(run_and_prep / "run", run)
     card = json.loads((run / "color" / "card.json").read_text())
     (run / "color" / "card.json").write_text(json.dumps({**card, "best_val": {"epoch": 3, "val_final_score": 0.61}}))
-    (run / "color" / "history.csv").write_text("epoch,phase,loss,val_loss,val_final_score\n1,train,0.9,0.95,0.5\n"
-                                               "2,train,0.8,0.9,0.55\n3,fine_tune,0.7,0.85,0.61\n4,fine_tune,0.6,0.9,0.58\n")
+    (run / "color" / "history.csv").write_text(
+        "epoch,phase,loss,val_loss,val_final_score\n1,train,0.9,0.95,0.5\n"
+        "2,train,0.8,0.9,0.55\n3,fine_tune,0.7,0.85,0.61\n4,fine_tune,0.6,0.9,0.58\n"
+    )
     figures = []
     monkeypatch.setattr(report, "_figure_uri", lambda fig: figures.append(fig) or "data:image/png;base64,")
     report._history(run, ("color",))
@@ -454,8 +519,13 @@ def test_decision_changes_counts_cells_and_patients_across_the_threshold():
 
     reference = np.array([[0.49, 0.9, 0.1], [0.51, 0.2, 0.6], [0.3, 0.5, 0.3]])
     moved = np.array([[0.52, 0.8, 0.1], [0.49, 0.2, 0.6], [0.3, 0.5, 0.3]])  # two cells cross 0.5, one only moves
-    assert decision_changes(reference, moved) == {"cells": 2, "of_cells": 9, "patients": 2, "of_patients": 3,
-                                                  "agreement": pytest.approx(7 / 9)}  # 0.5 is negative in both
+    assert decision_changes(reference, moved) == {
+        "cells": 2,
+        "of_cells": 9,
+        "patients": 2,
+        "of_patients": 3,
+        "agreement": pytest.approx(7 / 9),
+    }  # 0.5 is negative in both
     assert decision_changes(reference, reference)["cells"] == 0
 
 
@@ -473,8 +543,12 @@ def test_a_forced_saved_model_export_is_swapped_in_whole_and_checked_on_val(run_
     assert folder_owner(out) == SAVED_MODEL_PURPOSE
     export_run(run_and_prep / "run", out, "saved_model", force=True)
     assert (out / "saved_model.pb").stat().st_mtime_ns != first, "the export was not replaced"
-    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["served", "served.json"], "a temporary folder was left"
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["served", "served.json"], (
+        "a temporary folder was left"
+    )
     export_run(run_and_prep / "run", tmp_path / "m.tflite", "tflite")
     check = check_export_on_split(run_and_prep / "run", tmp_path / "m.tflite", run_and_prep / "prep", "val")
-    assert check["of_patients"] == sum(p.split == "val" for p in load_manifest(run_and_prep / "prep" / "color" / "manifest.csv").patients)
+    assert check["of_patients"] == sum(
+        p.split == "val" for p in load_manifest(run_and_prep / "prep" / "color" / "manifest.csv").patients
+    )
     assert check["max_abs_diff"] < 1e-4 and check["cells"] == 0

@@ -58,8 +58,11 @@ def test_a_manifest_without_labels_is_enough(tmp_path):
 def test_unusable_photos_become_rejected_rows_not_crashes(tiny_run, tmp_path):
     good = photo(tmp_path / "in" / "ok_left.jpg")
     (tmp_path / "in" / "broken_left.jpg").write_bytes(b"not a photo")
-    patients = [PatientPhotos("ok", good, None), PatientPhotos("broken", tmp_path / "in" / "broken_left.jpg", None),
-                PatientPhotos("half", good, tmp_path / "in" / "broken_left.jpg")]
+    patients = [
+        PatientPhotos("ok", good, None),
+        PatientPhotos("broken", tmp_path / "in" / "broken_left.jpg", None),
+        PatientPhotos("half", good, tmp_path / "in" / "broken_left.jpg"),
+    ]
     summary = predict_photos(tiny_run, patients, tmp_path / "out", progress=False)
     assert (summary["predicted"], summary["rejected"]) == (2, 1)
     rows = list(csv.DictReader(open(tmp_path / "out" / "decisions.csv")))
@@ -89,14 +92,23 @@ def test_predict_script_one_patient_and_bad_usage(tiny_run, tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
     left = photo(tmp_path / "l.jpg", 1)
-    result = subprocess.run([sys.executable, str(script), str(tiny_run), "--left", str(left), "--id", "x", "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_run), "--left", str(left), "--id", "x", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "1 of 1 patients predicted" in result.stdout and "images/s at 32 px" in result.stdout
-    both = subprocess.run([sys.executable, str(script), str(tiny_run), str(tmp_path), "--left", str(left), "--out", str(tmp_path / "p")],
-                          capture_output=True, text=True, timeout=300)
+    both = subprocess.run(
+        [sys.executable, str(script), str(tiny_run), str(tmp_path), "--left", str(left), "--out", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert both.returncode == 2 and both.stderr.strip().splitlines() == [
-        "error: give either INPUT (a folder or a manifest) or --left/--right, not both or neither"]
+        "error: give either INPUT (a folder or a manifest) or --left/--right, not both or neither"
+    ]
 
 
 def test_a_fitted_calibration_sets_the_thresholds(tiny_run, tmp_path):
@@ -112,9 +124,13 @@ def test_a_fitted_calibration_sets_the_thresholds(tiny_run, tmp_path):
     for row in rows:
         threshold = float(row["threshold"])
         assert row["threshold_source"] == "calibration.json (fitted on val)"
-        assert abs(cal.classes[0].apply(threshold) - 0.5) < 1e-5, "the threshold (6 decimals) is where the calibrated value is 0.5"
+        assert abs(cal.classes[0].apply(threshold) - 0.5) < 1e-5, (
+            "the threshold (6 decimals) is where the calibrated value is 0.5"
+        )
         assert row["decision"] == str(int(float(row["probability"]) > threshold))
-        assert float(predicted[row["class"]]) == pytest.approx(float(cal.classes[0].apply(float(row["probability"]))), abs=2e-6)
+        assert float(predicted[row["class"]]) == pytest.approx(
+            float(cal.classes[0].apply(float(row["probability"]))), abs=2e-6
+        )
     path.write_text(json.dumps({"fitted_on": "val", "flip_tta": True, "ensemble": cal.to_dict()}))
     with pytest.raises(FundusError, match="flip-TTA"):
         predict_photos(tiny_run, [PatientPhotos("a", good, None)], tmp_path / "o2", progress=False, calibration=path)

@@ -81,7 +81,9 @@ def test_views_of_old_settings_never_pass_as_up_to_date(dataset, tmp_path):
     out = tmp_path / "prep"
     preprocess_manifest(manifest, out, size=64, workers=1, progress=False)
     # a partial run at a new size (killed, or on fewer patients) leaves the rest at the old size
-    preprocess_manifest(manifest.with_patients(manifest.patients[:12]), out, size=48, workers=1, progress=False, force=True)
+    preprocess_manifest(
+        manifest.with_patients(manifest.patients[:12]), out, size=48, workers=1, progress=False, force=True
+    )
     full = preprocess_manifest(manifest, out, size=48, workers=1, progress=False)
     assert full.up_to_date == 24 and full.processed == 24
     sizes = {cv2.imread(str(p)).shape[:2] for p in (out / "color").rglob("*.png")}
@@ -90,8 +92,11 @@ def test_views_of_old_settings_never_pass_as_up_to_date(dataset, tmp_path):
 
 def _tree(folder):
     """Every file under ``folder`` (ownership marks aside) with its bytes."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and p.name != "preprocess.json"}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and p.name != "preprocess.json"
+    }
 
 
 def test_shards_merged_equal_one_run(dataset, tmp_path):

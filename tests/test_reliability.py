@@ -29,8 +29,9 @@ TABLE_HEADER = "filename,ID,eye,patient_age,patient_sex,eye_keywords,N,D,G,C,A,H
 
 
 def script(name, *args):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def photo(seed=0, diameter=120):
@@ -50,6 +51,7 @@ def manifest_of(root: Path, names: list[str]) -> Path:
 
 
 # ---- data loss and silent corruption -------------------------------------------------------
+
 
 def test_preprocess_never_clears_a_folder_holding_the_photos(tmp_path):
     names = ["color/a.jpg", "color/b.jpg"]
@@ -109,12 +111,27 @@ def test_make_manifest_never_overwrites_its_input_nor_an_existing_file_without_f
     assert "patient_id" in out.read_text()
 
 
-@pytest.mark.parametrize("header,row,message", [
-    (TABLE_HEADER.replace(",O", ",D"), "a.jpg,1,left,60,Male,kw,1,0,0,0,0,0,0,0", r"row 1, column 'D': column appears twice"),
-    (TABLE_HEADER, "/abs/a.jpg,1,left,60,Male,kw,1,0,0,0,0,0,0,0", r"row 2, column 'filename', value '/abs/a.jpg': .*absolute"),
-    (TABLE_HEADER, "../a.jpg,1,left,60,Male,kw,1,0,0,0,0,0,0,0", r"row 2, column 'filename', value '../a.jpg': .*escapes"),
-    (TABLE_HEADER, "a.jpg,1,left,60,Male,kw,1,0,0,0,0,0,0,0,extra", r"row 2: has 15 fields but the header has 14"),
-])
+@pytest.mark.parametrize(
+    "header,row,message",
+    [
+        (
+            TABLE_HEADER.replace(",O", ",D"),
+            "a.jpg,1,left,60,Male,kw,1,0,0,0,0,0,0,0",
+            r"row 1, column 'D': column appears twice",
+        ),
+        (
+            TABLE_HEADER,
+            "/abs/a.jpg,1,left,60,Male,kw,1,0,0,0,0,0,0,0",
+            r"row 2, column 'filename', value '/abs/a.jpg': .*absolute",
+        ),
+        (
+            TABLE_HEADER,
+            "../a.jpg,1,left,60,Male,kw,1,0,0,0,0,0,0,0",
+            r"row 2, column 'filename', value '../a.jpg': .*escapes",
+        ),
+        (TABLE_HEADER, "a.jpg,1,left,60,Male,kw,1,0,0,0,0,0,0,0,extra", r"row 2: has 15 fields but the header has 14"),
+    ],
+)
 def test_label_tables_are_validated_as_strictly_as_manifests(tmp_path, header, row, message):
     table = label_table(tmp_path, [row], header)
     with pytest.raises(ManifestError, match=message):
@@ -134,11 +151,18 @@ def test_changing_the_size_of_a_used_preprocess_folder_needs_force(small_dataset
 
 # ---- crashes instead of errors -------------------------------------------------------------
 
-@pytest.mark.parametrize("content,message", [
-    ("filename,ID\ncaf\xe9.jpg,1\n".encode("latin-1"), "not UTF-8 text"),
-    (bytes(range(256)) * 4, "not UTF-8 text"),
-    ((TABLE_HEADER + "\n" + "a.jpg,1,left,60,Male," + "k" * 200_000 + ",1,0,0,0,0,0,0,0\n").encode(), r"row 2: not readable as CSV \(field larger"),
-])
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("filename,ID\ncaf\xe9.jpg,1\n".encode("latin-1"), "not UTF-8 text"),
+        (bytes(range(256)) * 4, "not UTF-8 text"),
+        (
+            (TABLE_HEADER + "\n" + "a.jpg,1,left,60,Male," + "k" * 200_000 + ",1,0,0,0,0,0,0,0\n").encode(),
+            r"row 2: not readable as CSV \(field larger",
+        ),
+    ],
+)
 def test_make_manifest_unreadable_tables_are_one_line_errors(tmp_path, content, message):
     table = tmp_path / "labels.csv"
     table.write_bytes(content)
@@ -146,7 +170,11 @@ def test_make_manifest_unreadable_tables_are_one_line_errors(tmp_path, content, 
     result = script("make_manifest.py", table, "--image-root", tmp_path, "--out", tmp_path / "m.csv")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {table}") and message.split(r"\(")[0].replace("\\", "") in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith(f"error: {table}")
+        and message.split(r"\(")[0].replace("\\", "") in lines[0]
+    )
 
 
 def test_when_every_image_is_rejected_the_rejects_file_exists(tmp_path):
@@ -167,6 +195,7 @@ def test_an_output_name_clash_names_both_images_and_their_rows(tmp_path):
 
 
 # ---- photos --------------------------------------------------------------------------------
+
 
 def test_a_white_disc_on_black_is_overexposed(tmp_path):
     image = np.zeros((400, 400, 3), np.uint8)
@@ -205,7 +234,9 @@ def test_a_symlink_out_of_the_image_root_is_refused(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     (root / "eye.jpg").symlink_to(outside / "secret.jpg")
-    with pytest.raises(ManifestError, match="row 2, column 'left_image', value 'eye.jpg': image path leads outside the image root"):
+    with pytest.raises(
+        ManifestError, match="row 2, column 'left_image', value 'eye.jpg': image path leads outside the image root"
+    ):
         load_manifest(manifest_of(root, ["eye.jpg"]))
 
 
@@ -227,6 +258,7 @@ def test_photos_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
 
 # ---- processes -----------------------------------------------------------------------------
 
+
 def _dies_on_b(task):
     if task == "b":
         os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
@@ -235,7 +267,9 @@ def _dies_on_b(task):
 
 def test_a_killed_worker_costs_its_task_only():
     results, crashed = {}, []
-    map_in_processes(_dies_on_b, list("abcdef"), 2, on_result=results.__setitem__, on_crash=crashed.append, initializer=None)
+    map_in_processes(
+        _dies_on_b, list("abcdef"), 2, on_result=results.__setitem__, on_crash=crashed.append, initializer=None
+    )
     assert crashed == ["b"]
     assert results == {t: t.upper() for t in "acdef"}
 
@@ -243,9 +277,22 @@ def test_a_killed_worker_costs_its_task_only():
 def test_killing_the_preprocess_job_kills_its_workers(tmp_path):
     manifest = write_synthetic_dataset(tmp_path / "data", 60, seed=4, diameter=400)
     out = tmp_path / "prep"
-    job = subprocess.Popen([sys.executable, str(REPO / "scripts" / "preprocess.py"), str(manifest), "--out", str(out),
-                            "--size", "256", "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "preprocess.py"),
+            str(manifest),
+            "--out",
+            str(out),
+            "--size",
+            "256",
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while len(list(out.rglob("*.png"))) < 10:
         assert job.poll() is None and time.monotonic() < deadline, "the job ended or stalled before it could be killed"
@@ -267,14 +314,16 @@ def test_killing_the_preprocess_job_kills_its_workers(tmp_path):
 
 # ---- security and file modes ---------------------------------------------------------------
 
+
 def test_formula_like_ids_are_neutralised_in_predictions_and_rejects(tmp_path):
     text = predictions_csv(['=HYPERLINK("http://x")', "123", "-5", "@SUM(A1)"], np.full((4, 8), 0.25))
     ids = [row[0] for row in csv.reader(text.splitlines()[1:])]
     assert ids == ['\'=HYPERLINK("http://x")', "123", "-5", "'@SUM(A1)"]
     (tmp_path / "bad.jpg").write_bytes(b"no")
     (tmp_path / "ok.jpg").write_bytes(cv2.imencode(".jpg", photo(1))[1].tobytes())
-    (tmp_path / "manifest.csv").write_text(f'{HEADER}\n"=cmd|\' /C calc\'!A0",bad.jpg,,0,1,0,0,0,0,0,0,train\n'
-                                           "p2,ok.jpg,,0,1,0,0,0,0,0,0,train\n")
+    (tmp_path / "manifest.csv").write_text(
+        f"{HEADER}\n\"=cmd|' /C calc'!A0\",bad.jpg,,0,1,0,0,0,0,0,0,train\np2,ok.jpg,,0,1,0,0,0,0,0,0,train\n"
+    )
     preprocess_manifest(load_manifest(tmp_path / "manifest.csv"), tmp_path / "out", size=48, workers=1, progress=False)
     rejected = [r["patient_id"] for r in csv.DictReader(open(tmp_path / "out" / "rejects.csv"))]
     assert rejected and all(pid.startswith("'=") for pid in rejected)

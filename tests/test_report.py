@@ -72,7 +72,9 @@ def scored(small_dataset, tmp_path_factory):
     preprocess_manifest(load_manifest(small_dataset), root / "prep", size=32, workers=1, progress=False)
     (root / "run" / "color").mkdir(parents=True)
     build_patient_model("mobilenet", 32, None, 0.5).save(str(root / "run" / "color" / "model.keras"))
-    (root / "run" / "color" / "card.json").write_text(json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32}))
+    (root / "run" / "color" / "card.json").write_text(
+        json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32})
+    )
     with open(root / "run" / "color" / "history.csv", "w") as handle:
         handle.write("epoch,phase,loss,val_loss,val_final_score\n1,train,0.9,0.95,0.5\n2,fine_tune,0.8,0.9,0.55\n")
     score_run(root / "run", root / "prep", split="test")
@@ -83,8 +85,18 @@ def test_score_report_is_self_contained_and_complete(scored):
     out = write_score_report(scored / "run", scored / "prep", scored / "run" / "score_test", gallery=2)
     page = out.read_text()
     images = check_self_contained(page)
-    for part in ("Scores", "all-zero", "class prior (train)", "ROC", "precision-recall", "Reliability",
-                 "Decisions at threshold", "Training curves", "Gallery", "false positives"):
+    for part in (
+        "Scores",
+        "all-zero",
+        "class prior (train)",
+        "ROC",
+        "precision-recall",
+        "Reliability",
+        "Decisions at threshold",
+        "Training curves",
+        "Gallery",
+        "false positives",
+    ):
         assert part in page, part
     assert len(images) >= 5 + 4  # four plots, at least one gallery case (two eyes and their heatmaps)
     assert all(min(i.shape[:2]) >= 100 for i in images), "an image too small to read"
@@ -96,8 +108,13 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
     cv2.imwrite(str(good), render_eye(EyeSpec(frozenset({"D"}), "left", 1), 90))
     cv2.imwrite(str(tmp_path / "in" / "a_right.jpg"), render_eye(EyeSpec(frozenset(), "right", 2), 90))
     (tmp_path / "in" / "bad_left.jpg").write_bytes(b"broken")
-    patients = [PatientPhotos("a", good, tmp_path / "in" / "a_right.jpg"), PatientPhotos("bad", tmp_path / "in" / "bad_left.jpg", None)]
-    summary = predict_photos(scored / "run", patients, tmp_path / "out", progress=False, report=True, explain_classes=["D", "G"])
+    patients = [
+        PatientPhotos("a", good, tmp_path / "in" / "a_right.jpg"),
+        PatientPhotos("bad", tmp_path / "in" / "bad_left.jpg", None),
+    ]
+    summary = predict_photos(
+        scored / "run", patients, tmp_path / "out", progress=False, report=True, explain_classes=["D", "G"]
+    )
     assert summary["heatmaps"] == 4  # two eyes x two classes
     page = (tmp_path / "out" / "report.html").read_text()
     images = check_self_contained(page)
@@ -117,6 +134,10 @@ def test_report_script_needs_a_score_first(scored, tmp_path):
     import sys
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
-    result = subprocess.run([sys.executable, str(script), str(scored / "run"), str(scored / "prep"), "--split", "val"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), str(scored / "run"), str(scored / "prep"), "--split", "val"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "no score.json; run scripts/score.py" in result.stderr

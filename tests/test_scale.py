@@ -18,7 +18,7 @@ import pytest
 from fundus_ensemble.data.synthetic import EyeSpec, render_eye
 from fundus_ensemble.errors import FundusError
 from fundus_ensemble.inference.merge import merge_predictions
-from fundus_ensemble.inference.predict import PatientPhotos, in_shard, patients_in_folder, predict_photos
+from fundus_ensemble.inference.predict import in_shard, patients_in_folder, predict_photos
 from fundus_ensemble.labels import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +38,15 @@ def run_and_photos(tmp_path_factory):
     rng = np.random.default_rng(3)
     head.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in head.get_weights()])
     model.save(str(root / "run" / "color" / "model.keras"))
-    (root / "run" / "color" / "card.json").write_text(json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32}))
+    (root / "run" / "color" / "card.json").write_text(
+        json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32})
+    )
     (root / "photos").mkdir()
     for k in range(40):
         for e, eye in enumerate(("left", "right")):
-            cv2.imwrite(str(root / "photos" / f"p{k:02d}_{eye}.jpg"), render_eye(EyeSpec(frozenset(), eye, 2 * k + e), 64))
+            cv2.imwrite(
+                str(root / "photos" / f"p{k:02d}_{eye}.jpg"), render_eye(EyeSpec(frozenset(), eye, 2 * k + e), 64)
+            )
     return root
 
 
@@ -89,20 +93,37 @@ def test_the_merge_refuses_a_missing_a_doubled_or_a_foreign_shard(run_and_photos
         merge_predictions([tmp_path / "s1", tmp_path / "other"], tmp_path / "m")
     assert not (tmp_path / "m").exists()
     script = [sys.executable, str(ROOT / "scripts" / "merge_predictions.py")]
-    missing = subprocess.run([*script, str(tmp_path / "s2"), "--out", str(tmp_path / "m")], capture_output=True, text=True,
-                             timeout=120)
+    missing = subprocess.run(
+        [*script, str(tmp_path / "s2"), "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and missing.stderr.strip() == "error: shard(s) 1/2 missing: give all 2"
-    merged = subprocess.run([*script, str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")],
-                            capture_output=True, text=True, timeout=120)
+    merged = subprocess.run(
+        [*script, str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert merged.returncode == 0, merged.stderr
     assert "merged 2 shards: 12 of 12 patients predicted, 0 rejected" in merged.stdout
 
 
 def test_a_killed_predict_resumes_without_predicting_a_patient_twice_or_losing_one(run_and_photos, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "scripts" / "predict.py"), str(run_and_photos / "run"), str(run_and_photos / "photos"),
-               "--out", str(out), "--batch-size", "1", "--explain", "D"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "predict.py"),
+        str(run_and_photos / "run"),
+        str(run_and_photos / "photos"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--explain",
+        "D",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     batches = out / ".unfinished" / "batches"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None and len(list(batches.glob("*.json"))) < 5:
@@ -112,8 +133,9 @@ def test_a_killed_predict_resumes_without_predicting_a_patient_twice_or_losing_o
     process.wait()
     finished = len(list(batches.glob("*.json")))
     assert 5 <= finished < 40 and not (out / "predictions.csv").exists()
-    refused = subprocess.run([*command[:-4], "--batch-size", "2", "--explain", "D", "--resume"], capture_output=True,
-                             text=True, timeout=300)
+    refused = subprocess.run(
+        [*command[:-4], "--batch-size", "2", "--explain", "D", "--resume"], capture_output=True, text=True, timeout=300
+    )
     assert refused.returncode == 2 and "another job (it differs in batch_size)" in refused.stderr
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -122,9 +144,13 @@ def test_a_killed_predict_resumes_without_predicting_a_patient_twice_or_losing_o
     ids = _ids(out / "predictions.csv")
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 40, "a patient predicted twice or lost"
     with open(out / "heatmaps" / "heatmaps.csv", newline="") as handle:
-        assert sorted(r["patient_id"] for r in csv.DictReader(handle) if r["class"] == "D") == sorted(ids * 2)  # both eyes
+        assert sorted(r["patient_id"] for r in csv.DictReader(handle) if r["class"] == "D") == sorted(
+            ids * 2
+        )  # both eyes
     whole = tmp_path / "whole"
-    predict_photos(run_and_photos / "run", patients_in_folder(run_and_photos / "photos"), whole, batch_size=1, progress=False)
+    predict_photos(
+        run_and_photos / "run", patients_in_folder(run_and_photos / "photos"), whole, batch_size=1, progress=False
+    )
     expected, got = _table(whole / "predictions.csv"), _table(out / "predictions.csv")
     for pid in expected:
         np.testing.assert_allclose(np.array(got[pid], float), np.array(expected[pid], float), atol=1e-6, err_msg=pid)

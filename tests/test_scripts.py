@@ -14,7 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 def script(name, *args, cwd=REPO):
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / name), *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -23,12 +26,16 @@ def test_preprocess_bad_manifest_is_one_clear_line(tmp_path):
     bad.write_text(f"{HEADER}\np1,a.jpg,,0,1,0,0,0,0,0,0,train\n")
     result = script("preprocess.py", bad, "--out", tmp_path / "out")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {bad}, row 2, column 'left_image', value 'a.jpg': image file not found at {tmp_path / 'a.jpg'}"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {bad}, row 2, column 'left_image', value 'a.jpg': image file not found at {tmp_path / 'a.jpg'}"
+    ]
     assert not (tmp_path / "out").exists(), "nothing may be written for a bad manifest"
 
 
 def test_preprocess_fails_when_too_many_rejects(small_dataset, tmp_path):
-    result = script("preprocess.py", small_dataset, "--out", tmp_path / "out", "--size", 48, "--max-reject-fraction", "0.5")
+    result = script(
+        "preprocess.py", small_dataset, "--out", tmp_path / "out", "--size", 48, "--max-reject-fraction", "0.5"
+    )
     assert result.returncode == 0, result.stderr
     assert "48 images: 48 processed" in result.stdout
 

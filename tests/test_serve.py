@@ -52,8 +52,11 @@ def run_dir(tmp_path_factory):
         head = [layer for layer in model.layers if layer.get_weights()][-1]
         head.set_weights([w + np.random.default_rng(k).normal(0, 0.5, w.shape) for w in head.get_weights()])
         model.save(str(run / view / "model.keras"))
-        (run / view / "card.json").write_text(json.dumps({"view": view, "labels": list(LABELS), "input_size": 32,
-                                                           "backbone": "mobilenet", "train_patients": 0}))
+        (run / view / "card.json").write_text(
+            json.dumps(
+                {"view": view, "labels": list(LABELS), "input_size": 32, "backbone": "mobilenet", "train_patients": 0}
+            )
+        )
     return run
 
 
@@ -62,8 +65,11 @@ def server(run_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1"],
-                                   stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -92,9 +98,24 @@ def photos(tmp_path_factory):
 def predicted(run_dir, photos, tmp_path_factory):
     """predict.py's decisions for the same photos: what the server must answer."""
     out = tmp_path_factory.mktemp("predict") / "out"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), str(run_dir), "--left", str(photos["left"]),
-                             "--right", str(photos["right"]), "--id", "p1", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "predict.py"),
+            str(run_dir),
+            "--left",
+            str(photos["left"]),
+            "--right",
+            str(photos["right"]),
+            "--id",
+            "p1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return {r["class"]: r for r in csv.DictReader(open(out / "decisions.csv"))}
 
@@ -115,9 +136,15 @@ def test_the_api_answers_what_predict_answers(server, photos, predicted):
         assert c["probability"] == pytest.approx(float(row["probability"]), abs=1e-6)
         assert c["threshold"] == float(row["threshold"]) and c["decision"] == (row["decision"] == "1")
     assert {c["decision"] for c in body["classes"]} == {True, False}, "the random heads decide both ways here"
-    assert body["disclaimer"] == "A screening aid, not a diagnosis." and body["model"]["views"]["color"]["input_size"] == 32
-    with_maps = httpx.post(f"{url}/predict?heatmaps=true", timeout=120,
-                           files={k: (Path(v).name, Path(v).read_bytes()) for k, v in photos.items()}).json()
+    assert (
+        body["disclaimer"] == "A screening aid, not a diagnosis."
+        and body["model"]["views"]["color"]["input_size"] == 32
+    )
+    with_maps = httpx.post(
+        f"{url}/predict?heatmaps=true",
+        timeout=120,
+        files={k: (Path(v).name, Path(v).read_bytes()) for k, v in photos.items()},
+    ).json()
     positives = sum(c["decision"] for c in with_maps["classes"])
     assert len(with_maps["heatmaps"]) == 2 * positives and with_maps["heatmaps"][0]["overlay_png"]
     assert "p1" not in log.read_text(), "no patient data in the log"
@@ -146,8 +173,13 @@ def test_bad_requests_are_one_line_4xx_and_the_server_stays_up(server, photos, t
 
 
 def test_another_interface_needs_a_token(run_dir):
-    result = subprocess.run([sys.executable, str(SCRIPT), str(run_dir), "--host", "0.0.0.0"], capture_output=True,
-                            text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "FUNDUS_SERVE_TOKEN"})
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(run_dir), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "FUNDUS_SERVE_TOKEN"},
+    )
     assert result.returncode == 2 and "give a --token" in result.stderr
 
 
@@ -178,11 +210,15 @@ def test_token_and_a_full_queue(photos):
     client = TestClient(create_app(slow, token="s3cret-token-0123456", queue_size=2, batch_size=1))
     files = {"left": ("a.jpg", photos["left"].read_bytes())}
     assert client.post("/predict", files=files).status_code == 401
-    assert client.post("/predict", files=files, headers={"Authorization": "Bearer wrong-token-0123456"}).status_code == 401
+    assert (
+        client.post("/predict", files=files, headers={"Authorization": "Bearer wrong-token-0123456"}).status_code == 401
+    )
     auth = {"Authorization": "Bearer s3cret-token-0123456"}
     statuses = []
-    threads = [threading.Thread(target=lambda: statuses.append(client.post("/predict", files=files, headers=auth).status_code))
-               for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: statuses.append(client.post("/predict", files=files, headers=auth).status_code))
+        for _ in range(6)
+    ]
     for t in threads:
         t.start()
         time.sleep(0.2)
@@ -196,9 +232,17 @@ def test_token_and_a_full_queue(photos):
 
 def chromium() -> tuple[str, str]:
     """Debian's chromium and its driver; installed here when missing (the test command's setup)."""
-    if not (shutil.which("chromium") and shutil.which("chromedriver")) and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver",
-                       shell=True, capture_output=True, timeout=900)
+    if (
+        not (shutil.which("chromium") and shutil.which("chromedriver"))
+        and shutil.which("apt-get")
+        and os.geteuid() == 0
+    ):
+        subprocess.run(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver",
+            shell=True,
+            capture_output=True,
+            timeout=900,
+        )
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (browser and driver):
         if os.environ.get("CI"):
@@ -220,14 +264,17 @@ def submit_and_wait(driver, timeout: float = 180) -> None:
     driver.execute_script("window.fundusOldPage = true;")
     driver.find_element(By.ID, "submit").click()
     WebDriverWait(driver, timeout, ignored_exceptions=(WebDriverException,)).until(
-        lambda d: d.execute_script("return !window.fundusOldPage && document.readyState === 'complete';"))
+        lambda d: d.execute_script("return !window.fundusOldPage && document.readyState === 'complete';")
+    )
 
 
 def read_page_decisions(driver) -> dict[str, bool]:
     from selenium.webdriver.common.by import By
 
     cells = driver.find_elements(By.CSS_SELECTOR, "td[data-class]")
-    return {c.get_attribute("data-class"): c.get_attribute("data-decision") == "1" and "\u2713" in c.text for c in cells}
+    return {
+        c.get_attribute("data-class"): c.get_attribute("data-decision") == "1" and "\u2713" in c.text for c in cells
+    }
 
 
 def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, predicted, tmp_path):
@@ -238,8 +285,17 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
     browser, driver_path = chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--window-size=1280,1600", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1600",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
@@ -251,7 +307,8 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
         submit_and_wait(driver)
         decisions = read_page_decisions(driver)
         assert decisions == {c: row["decision"] == "1" for c, row in predicted.items()}, (
-            f"the page said: {driver.find_element(By.TAG_NAME, 'body').text[:800]!r}; server log: {log.read_text()[-1500:]}")
+            f"the page said: {driver.find_element(By.TAG_NAME, 'body').text[:800]!r}; server log: {log.read_text()[-1500:]}"
+        )
         heatmaps = driver.find_elements(By.CSS_SELECTOR, "img[alt$='heatmap']")
         assert len(heatmaps) == 2 * sum(decisions.values())
         if os.environ.get("FUNDUS_SCREENSHOT"):
@@ -289,7 +346,7 @@ def _raw_request(port: int, head: str, body: bytes = b"", wait: float = 10) -> t
                 if not chunk:
                     break
                 data += chunk
-        except socket.timeout:
+        except TimeoutError:
             pass
     if not data:
         return 0, ""
@@ -301,8 +358,11 @@ def token_server(run_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "token-server.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1",
-                                    "--token", TOKEN], stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1", "--token", TOKEN],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.time() + 240
     while time.time() < deadline:
         if process.poll() is not None:
@@ -320,14 +380,15 @@ def token_server(run_dir, tmp_path_factory):
 def test_the_token_and_the_size_are_checked_before_any_body_is_read(token_server):
     port = token_server
     # headers only, a 900 KB body announced and never sent: the answer comes anyway
-    head = (f"POST /predict HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=b\nContent-Length: 900000\n")
+    head = "POST /predict HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=b\nContent-Length: 900000\n"
     status, text = _raw_request(port, head)
     assert status == 401 and "a valid token is needed" in text, text[:300]
     status, text = _raw_request(port, head.replace("POST / ", "POST / ").replace("/predict", "/"))
     assert status == 401 and "Sign in" in text, "the page's upload too: the token comes first"
     # chunked beside a small Content-Length: refused at the headers, nothing streamed in
-    status, text = _raw_request(port, head.replace("900000", "10") + "Transfer-Encoding: chunked\n"
-                                + f"Authorization: Bearer {TOKEN}\n")
+    status, text = _raw_request(
+        port, head.replace("900000", "10") + "Transfer-Encoding: chunked\n" + f"Authorization: Bearer {TOKEN}\n"
+    )
     assert status == 400 and "Content-Length, not a Transfer-Encoding" in text, text[:300]
     status, text = _raw_request(port, head.replace("Content-Length: 900000\n", "Transfer-Encoding: chunked\n"))
     assert status == 411, text[:300]
@@ -351,11 +412,24 @@ def test_the_bytes_received_are_counted_whatever_the_headers_said():
     async def send(message):
         sent.append(message)
 
-    headers = [(b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", b"100"),
-               (b"authorization", f"Bearer {TOKEN}".encode())]
-    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers, "query_string": b"",
-             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
-             "root_path": "", "raw_path": b"/predict"}
+    headers = [
+        (b"content-type", b"multipart/form-data; boundary=b"),
+        (b"content-length", b"100"),
+        (b"authorization", f"Bearer {TOKEN}".encode()),
+    ]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "headers": headers,
+        "query_string": b"",
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 1),
+        "client": ("127.0.0.1", 2),
+        "root_path": "",
+        "raw_path": b"/predict",
+    }
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413 and b"larger than its Content-Length" in sent[1]["body"]
     assert sum(received) <= 65536, f"{sum(received)} bytes read past a 100-byte Content-Length"
@@ -375,7 +449,11 @@ def test_malformed_or_mistyped_requests_are_one_line_4xx(photos):
     left = photos["left"].read_bytes()
     cases = [
         (dict(content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}), 400, "malformed form"),
-        (dict(data={f"f{i}": "v" for i in range(12)}, files={"left": ("a.jpg", left)}), 400, "malformed form: Too many fields"),
+        (
+            dict(data={f"f{i}": "v" for i in range(12)}, files={"left": ("a.jpg", left)}),
+            400,
+            "malformed form: Too many fields",
+        ),
         (dict(data={"patient_id": "x" * 5000}, files={"left": ("a.jpg", left)}), 400, "malformed form: Part exceeded"),
         (dict(files={"left": ("a.jpg", left), "patient_id": ("id.txt", b"p7")}), 422, "patient_id was sent as a file"),
         (dict(data={"left": "not a file"}), 422, "the left photo was sent as a text field"),
@@ -387,7 +465,8 @@ def test_malformed_or_mistyped_requests_are_one_line_4xx(photos):
         assert isinstance(answer.json()["detail"], str) and "\n" not in answer.json()["detail"]
     answer = client.post("/predict?heatmaps=maybe", files={"left": ("a.jpg", left)})
     assert answer.status_code == 422 and answer.json() == {
-        "detail": "query heatmaps: Input should be a valid boolean, unable to interpret input"}, answer.text
+        "detail": "query heatmaps: Input should be a valid boolean, unable to interpret input"
+    }, answer.text
     ok = client.post("/predict", data={"patient_id": "p7"}, files={"left": ("a.jpg", left)})
     assert ok.status_code == 200 and ok.json()["patient_id"] == "p7"
 

@@ -23,13 +23,17 @@ pytestmark = pytest.mark.backend
 
 # A small backbone keeps this test to a couple of minutes on 2 CPU cores; the B3 patient model
 # itself is covered in test_models.py, and every other line of the pipeline runs here.
-CONFIG = TrainConfig(backbone="mobilenet", size=64, batch_size=16, epochs=4, fine_tune_epochs=1, seed=0, bn_recalibration_patients=48)
+CONFIG = TrainConfig(
+    backbone="mobilenet", size=64, batch_size=16, epochs=4, fine_tune_epochs=1, seed=0, bn_recalibration_patients=48
+)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    manifest_path = write_synthetic_dataset(root / "data", 200, seed=11, diameter=90, fractions={"train": 0.6, "val": 0.2, "test": 0.2})
+    manifest_path = write_synthetic_dataset(
+        root / "data", 200, seed=11, diameter=90, fractions={"train": 0.6, "val": 0.2, "test": 0.2}
+    )
     preprocess_manifest(load_manifest(manifest_path), root / "prep", size=CONFIG.size, progress=False)
     cards = train_pair(root / "prep", root / "run", CONFIG)
     report = score_run(root / "run", root / "prep", split="test")
@@ -64,10 +68,14 @@ def test_outputs_cards_and_histories(trained):
         with open(folder / "history.csv") as handle:
             rows = list(csv.DictReader(handle))
         assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)), "each epoch exactly once, from 1"
-        assert len(rows) == card["epochs_run"] and {"val_final_score", "val_loss", "loss", "phase", "wall_s"} <= set(rows[0])
+        assert len(rows) == card["epochs_run"] and {"val_final_score", "val_loss", "loss", "phase", "wall_s"} <= set(
+            rows[0]
+        )
         assert {r["phase"] for r in rows} == {"train", "fine_tune"} and all(float(r["wall_s"]) > 0 for r in rows)
         assert card["train_wall_s"] > 0 and card["train_images_per_s"] > 0 and card["versions"]["fundus_ensemble"]
-        assert (folder / "model.keras").is_file() and not (folder / "best.weights.h5").exists(), "one copy of the best weights"
+        assert (folder / "model.keras").is_file() and not (folder / "best.weights.h5").exists(), (
+            "one copy of the best weights"
+        )
         best = max(float(r["val_final_score"]) for r in rows)
         assert card["best_val"]["val_final_score"] == pytest.approx(best)
         assert any((folder / "tensorboard").rglob("events.out.tfevents.*"))
@@ -77,7 +85,13 @@ def test_outputs_cards_and_histories(trained):
     probs = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
     assert ((probs >= 0) & (probs <= 1)).all()
     saved = json.loads((root / "run" / "score_test" / "score.json").read_text())
-    assert set(saved["models"]) == {"color", "gray_eq"} and set(saved["ensemble"]) >= {"kappa", "f1", "auc", "final", "per_class"}
+    assert set(saved["models"]) == {"color", "gray_eq"} and set(saved["ensemble"]) >= {
+        "kappa",
+        "f1",
+        "auc",
+        "final",
+        "per_class",
+    }
 
 
 @pytest.mark.slow
@@ -145,7 +159,9 @@ def test_divergence_stops_without_a_model(view_manifest, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "WeightedBinaryCrossentropy", NaNLoss)
     prep = Path(view_manifest.source).parent.parent
-    config = TrainConfig(backbone="mobilenet", size=48, batch_size=4, epochs=3, fine_tune_epochs=1, bn_recalibration_patients=0)
+    config = TrainConfig(
+        backbone="mobilenet", size=48, batch_size=4, epochs=3, fine_tune_epochs=1, bn_recalibration_patients=0
+    )
     with pytest.raises(FundusError, match="training diverged: non-finite loss"):
         training.train_view(prep / "color", tmp_path / "color", config, "color")
     assert not (tmp_path / "color" / "model.keras").exists()
@@ -154,8 +170,15 @@ def test_divergence_stops_without_a_model(view_manifest, tmp_path, monkeypatch):
 
 
 def test_score_table_shows_undefined_auc():
-    scores = {"kappa": 0.1, "f1": 0.8, "auc": 0.7, "final": 0.533,
-              "per_class": {c: {"auc": None if c == "H" else 0.7, "f1": 0.5, "positives": 0 if c == "H" else 3} for c in LABELS}}
+    scores = {
+        "kappa": 0.1,
+        "f1": 0.8,
+        "auc": 0.7,
+        "final": 0.533,
+        "per_class": {
+            c: {"auc": None if c == "H" else 0.7, "f1": 0.5, "positives": 0 if c == "H" else 3} for c in LABELS
+        },
+    }
     table = format_score_table({"split": "test", "patients": 9, "models": {"color": scores}, "ensemble": scores})
     assert "H=n/a(0)" in table and "ensemble" in table and "0.5330" in table
 
@@ -168,8 +191,19 @@ def test_score_script_loads_the_models_in_a_fresh_process(trained, tmp_path):
     root, _, _ = trained
     script = Path(__file__).resolve().parents[1] / "scripts" / "score.py"
     result = subprocess.run(
-        [sys.executable, str(script), str(root / "run"), str(root / "prep"), "--split", "val", "--out", str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(script),
+            str(root / "run"),
+            str(root / "prep"),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ODIR score on split 'val'" in result.stdout and "ensemble" in result.stdout
@@ -187,7 +221,9 @@ def test_calibrated_score_is_fitted_on_another_split_and_saved(trained, tmp_path
     with pytest.raises(FundusError, match="calibrating on the scored split 'test'"):
         score_run(root / "run", root / "prep", split="test", out_dir=tmp_path / "bad", calibrate_on="test")
     raw = score_run(root / "run", root / "prep", split="test", out_dir=tmp_path / "raw", flip_tta=True)
-    calibrated = score_run(root / "run", root / "prep", split="test", out_dir=tmp_path / "cal", flip_tta=True, calibrate_on="val")
+    calibrated = score_run(
+        root / "run", root / "prep", split="test", out_dir=tmp_path / "cal", flip_tta=True, calibrate_on="val"
+    )
     saved = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert saved["fitted_on"] == "val" and saved["flip_tta"] is True
     expected = Calibration.from_dict(saved["ensemble"]).apply(read_predictions(tmp_path / "raw" / "predictions.csv"))
@@ -204,7 +240,9 @@ def test_score_shows_trivial_rows_and_writes_the_detail(trained):
     table = format_score_table(report)
     assert "all-zero" in table and "class prior (train)" in table
     saved = json.loads((root / "run" / "score_test" / "score.json").read_text())
-    assert saved["trivial"]["class prior (train)"]["final"] == pytest.approx(report["trivial"]["class prior (train)"]["final"])
+    assert saved["trivial"]["class prior (train)"]["final"] == pytest.approx(
+        report["trivial"]["class prior (train)"]["final"]
+    )
     with open(root / "run" / "score_test" / "predictions_detail.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == report["patients"]
@@ -234,7 +272,9 @@ def test_predict_on_raw_photos_equals_the_scored_predictions(trained, tmp_path):
         writer.writeheader()
         writer.writerows(test_rows)
     assert len(test_rows) == report["patients"]
-    summary = predict_photos(root / "run", patients_in_manifest(root / "data" / "test_only.csv"), tmp_path / "pred", progress=False)
+    summary = predict_photos(
+        root / "run", patients_in_manifest(root / "data" / "test_only.csv"), tmp_path / "pred", progress=False
+    )
     assert summary["predicted"] == report["patients"]
     with open(tmp_path / "pred" / "predictions.csv") as handle:
         predicted = {r["ID"]: [float(r[c]) for c in LABELS] for r in csv.DictReader(handle)}
@@ -260,14 +300,25 @@ def test_exported_models_match_the_keras_ensemble_on_the_demo_patients(trained, 
     summary = predict_photos(root / "run", patients_in_manifest(demo), tmp_path / "keras", progress=False)
     assert summary["predicted"] == len(manifest)
     reference = read_predictions(tmp_path / "keras" / "predictions.csv")
-    squares = [[cv2.cvtColor(crop_to_fov(decode_image(manifest.image_path(getattr(p, f"{eye}_image"))), 64), cv2.COLOR_BGR2RGB)
-                for eye in ("left", "right")] for p in manifest.patients]
+    squares = [
+        [
+            cv2.cvtColor(
+                crop_to_fov(decode_image(manifest.image_path(getattr(p, f"{eye}_image"))), 64), cv2.COLOR_BGR2RGB
+            )
+            for eye in ("left", "right")
+        ]
+        for p in manifest.patients
+    ]
     val = [i for i, p in enumerate(manifest.patients) if p.split == "val"]
     labels = manifest.label_matrix()[val]
     keras_auc = odir_score(labels, reference[val])["auc"]
     results = {}
-    for fmt, quantize, name in [("saved_model", "none", "sm"), ("tflite", "none", "f32.tflite"),
-                                ("tflite", "float16", "f16.tflite"), ("tflite", "int8", "i8.tflite")]:
+    for fmt, quantize, name in [
+        ("saved_model", "none", "sm"),
+        ("tflite", "none", "f32.tflite"),
+        ("tflite", "float16", "f16.tflite"),
+        ("tflite", "int8", "i8.tflite"),
+    ]:
         record = export_run(root / "run", tmp_path / name, fmt, quantize)
         assert record["views"] == ["color", "gray_eq"] and (tmp_path / f"{name}.json").is_file()
         run = load_exported(tmp_path / name, threads=1)

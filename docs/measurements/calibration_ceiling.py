@@ -12,6 +12,7 @@ ranking would have to.
 
     PYTHONPATH=. python docs/measurements/calibration_ceiling.py runs/bench-cpu128-b runs/bench-cpu96 ...
 """
+
 import json
 import sys
 from pathlib import Path
@@ -25,13 +26,20 @@ from fundus_ensemble.metrics import odir_score
 
 TARGET = 0.66
 FINE_GRID = tuple(np.round(np.arange(0.01, 1.0, 0.01), 2))
-MEMBERS = {"class prior": [], "plain baseline": ["baseline"], "color": ["color"], "gray_eq": ["gray_eq"],
-           "ensemble": ["color", "gray_eq"]}
+MEMBERS = {
+    "class prior": [],
+    "plain baseline": ["baseline"],
+    "color": ["color"],
+    "gray_eq": ["gray_eq"],
+    "ensemble": ["color", "gray_eq"],
+}
 
 
 def main(folders: list[str]) -> None:
-    print("| run | model | raw final | calibrated on val: final | on test (ceiling): final | kappa | F1 | AUC "
-          "| ceiling minus 0.66 |")
+    print(
+        "| run | model | raw final | calibrated on val: final | on test (ceiling): final | kappa | F1 | AUC "
+        "| ceiling minus 0.66 |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for folder in map(Path, folders):
         results = json.loads((folder / "results.json").read_text())
@@ -41,6 +49,7 @@ def main(folders: list[str]) -> None:
         stored = _load_predictions(folder / "predictions.npz")
         for name, members in MEMBERS.items():
             for tta in (False, True) if name == "ensemble" else (False,):
+
                 def probs(split: str) -> np.ndarray:
                     if not members:
                         return np.tile(y["train"].mean(axis=0), (len(y[split]), 1))
@@ -49,11 +58,17 @@ def main(folders: list[str]) -> None:
                 test = probs("test")
                 on_val = fit_calibration(y["val"], probs("val")).apply(test)
                 on_test = fit_calibration(y["test"], test, grid=FINE_GRID, passes=4).apply(test)
-                raw, val_s, ceiling = odir_score(y["test"], test), odir_score(y["test"], on_val), odir_score(y["test"], on_test)
+                raw, val_s, ceiling = (
+                    odir_score(y["test"], test),
+                    odir_score(y["test"], on_val),
+                    odir_score(y["test"], on_test),
+                )
                 label = name + (" + flip TTA" if tta else "")
-                print(f"| {budget}, seed {seed} | {label} | {raw['final']:.3f} | {val_s['final']:.3f} | "
-                      f"**{ceiling['final']:.3f}** | {ceiling['kappa']:.3f} | {ceiling['f1']:.3f} | {ceiling['auc']:.3f} | "
-                      f"{ceiling['final'] - TARGET:+.3f} |")
+                print(
+                    f"| {budget}, seed {seed} | {label} | {raw['final']:.3f} | {val_s['final']:.3f} | "
+                    f"**{ceiling['final']:.3f}** | {ceiling['kappa']:.3f} | {ceiling['f1']:.3f} | {ceiling['auc']:.3f} | "
+                    f"{ceiling['final'] - TARGET:+.3f} |"
+                )
 
 
 if __name__ == "__main__":

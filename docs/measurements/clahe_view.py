@@ -8,6 +8,7 @@ measurement, not a view of the library.
 
     PYTHONPATH=. python docs/measurements/clahe_view.py runs/odir96/prep runs/odir96/prep_clahe
 """
+
 import shutil
 import sys
 from pathlib import Path

@@ -16,7 +16,7 @@ from fundus_ensemble.cli import run
 
 def extract(args) -> None:
     from fundus_ensemble.data.importers import import_label_table
-    from fundus_ensemble.data.manifest import Manifest, load_manifest, write_manifest
+    from fundus_ensemble.data.manifest import load_manifest, write_manifest
     from fundus_ensemble.data.preprocess import preprocess_manifest
     from fundus_ensemble.labels import VIEWS
     from fundus_ensemble.training.features import extract_features
@@ -31,8 +31,9 @@ def extract(args) -> None:
         prep = out / f"prep-{size}"
         print(preprocess_manifest(manifest, prep, size).describe(), flush=True)
         for backbone in args.backbones:
-            extract_features(prep, out / "store", backbone, "imagenet", size, VIEWS,
-                             (False, True) if args.flip else (False,))
+            extract_features(
+                prep, out / "store", backbone, "imagenet", size, VIEWS, (False, True) if args.flip else (False,)
+            )
             print(f"[extract] {backbone} {size} px done", flush=True)
 
 

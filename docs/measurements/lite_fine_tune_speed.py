@@ -6,6 +6,7 @@ first step (tracing) is timed apart, then four steps. Chose the budget's fine_tu
 
     PYTHONPATH=. python docs/measurements/lite_fine_tune_speed.py
 """
+
 import time
 
 import numpy as np
@@ -31,5 +32,8 @@ for fraction in (0.3, 1.0):
     start = time.perf_counter()
     for _ in range(STEPS):
         model.train_on_batch(x, y)
-    print(f"fine_tune_fraction {fraction} ({learning}): {STEPS * BATCH * 2 / (time.perf_counter() - start):.1f} "
-          f"images/s, first step {first:.0f} s", flush=True)
+    print(
+        f"fine_tune_fraction {fraction} ({learning}): {STEPS * BATCH * 2 / (time.perf_counter() - start):.1f} "
+        f"images/s, first step {first:.0f} s",
+        flush=True,
+    )

@@ -8,6 +8,7 @@ are never read.
 
     PYTHONPATH=. python docs/measurements/lite_head_levers.py runs/bench-lite2-s0 --seeds 0 1 2
 """
+
 import argparse
 import dataclasses
 import json
@@ -56,17 +57,22 @@ def main() -> None:
                 train_view(args.bench / "prep" / args.view, out, config, args.view)
                 print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
             card = json.loads((out / "card.json").read_text())
-            table.setdefault(name, []).append((card["best_val"]["val_final_score"], card["best_val"]["val_auc"],
-                                               card["best_val"]["epoch"]))
-    print(f"\nPhase 1 (head on frozen features) of {budget.name}, {args.view} view, val split of {args.bench}; "
-          f"seeds {args.seeds}\n")
+            table.setdefault(name, []).append(
+                (card["best_val"]["val_final_score"], card["best_val"]["val_auc"], card["best_val"]["epoch"])
+            )
+    print(
+        f"\nPhase 1 (head on frozen features) of {budget.name}, {args.view} view, val split of {args.bench}; "
+        f"seeds {args.seeds}\n"
+    )
     print("| row | val final (mean ± sd) | val AUC (mean ± sd) | best epoch per seed | final per seed |")
     print("|---|---:|---:|---|---|")
     for name, rows in table.items():
         final, auc = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-        print(f"| {name} | {final.mean():.3f} ± {final.std(ddof=1) if len(rows) > 1 else 0:.3f} | "
-              f"{auc.mean():.3f} ± {auc.std(ddof=1) if len(rows) > 1 else 0:.3f} | "
-              f"{', '.join(str(r[2]) for r in rows)} | {', '.join(f'{r[0]:.3f}' for r in rows)} |")
+        print(
+            f"| {name} | {final.mean():.3f} ± {final.std(ddof=1) if len(rows) > 1 else 0:.3f} | "
+            f"{auc.mean():.3f} ± {auc.std(ddof=1) if len(rows) > 1 else 0:.3f} | "
+            f"{', '.join(str(r[2]) for r in rows)} | {', '.join(f'{r[0]:.3f}' for r in rows)} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ allocator setting TensorFlow's generator dataset makes (data.batches.restore_fas
 Run from the repository root after `scripts/preprocess.py ... --out runs/odir96/prep --size 96`.
 Prints, per epoch, images/s and the user and system CPU seconds the epoch took.
 """
+
 import dataclasses
 import os
 import sys
@@ -39,8 +40,11 @@ class Clock(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         cpu = os.times()
-        print(f"{self.name}: {len(batches) * 30 / (time.perf_counter() - self.start):.1f} images/s, "
-              f"user {cpu.user - self.cpu.user:.0f} s, system {cpu.system - self.cpu.system:.0f} s", flush=True)
+        print(
+            f"{self.name}: {len(batches) * 30 / (time.perf_counter() - self.start):.1f} images/s, "
+            f"user {cpu.user - self.cpu.user:.0f} s, system {cpu.system - self.cpu.system:.0f} s",
+            flush=True,
+        )
 
 
 model.fit(batches, epochs=1, verbose=0, callbacks=[Clock("first epoch (tracing)")])

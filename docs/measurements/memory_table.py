@@ -40,8 +40,11 @@ def timed(cmd: list[str], log: Path) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    return {"peak_mb": round(peak_kb / 1024), "wall_s": round(time.perf_counter() - start, 1),
-            "said": [line for line in result.stdout.splitlines() if "decoded views" in line or "images/s" in line][:2]}
+    return {
+        "peak_mb": round(peak_kb / 1024),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "said": [line for line in result.stdout.splitlines() if "decoded views" in line or "images/s" in line][:2],
+    }
 
 
 def repeated(source: Path, prep: Path, out: Path, patients: int) -> tuple[Path, Path]:
@@ -66,7 +69,10 @@ def repeated(source: Path, prep: Path, out: Path, patients: int) -> tuple[Path, 
                     os.link(prep / "color" / row[eye], view / "color" / "images" / (copy + name))
                     row[eye] = f"images/{copy}{name}"
                     photo = f"{row['patient_id']}_{eye.split('_')[0]}.jpg"
-                    os.link(source / "images" / f"{rows[k % len(rows)]['patient_id']}_{eye.split('_')[0]}.jpg", photos / photo)
+                    os.link(
+                        source / "images" / f"{rows[k % len(rows)]['patient_id']}_{eye.split('_')[0]}.jpg",
+                        photos / photo,
+                    )
             writer.writerow(row)
     os.replace(view / "color" / "manifest.csv.tmp", view / "color" / "manifest.csv")
     (view / "preprocess.json").write_text((prep / "preprocess.json").read_text())
@@ -87,8 +93,20 @@ def main() -> None:
         from fundus_ensemble.data.synthetic import write_synthetic_dataset
 
         write_synthetic_dataset(source, 1000, seed=3, diameter=256, fractions={"train": 0.7, "val": 0.15, "test": 0.15})
-        subprocess.run([python, str(REPO / "scripts" / "preprocess.py"), str(source / "manifest.csv"), "--out", str(out / "prep"),
-                        "--size", "256", "--workers", "2"], check=True)
+        subprocess.run(
+            [
+                python,
+                str(REPO / "scripts" / "preprocess.py"),
+                str(source / "manifest.csv"),
+                "--out",
+                str(out / "prep"),
+                "--size",
+                "256",
+                "--workers",
+                "2",
+            ],
+            check=True,
+        )
     from fundus_ensemble.data.batches import memory_available
 
     results = {"size": args.size, "available_gb": round((memory_available() or 0) / 1e9, 1), "rows": []}
@@ -98,12 +116,45 @@ def main() -> None:
         for cache in ("on", "off"):
             run = out / f"run{n}-{cache}"
             row[f"train_cache_{cache}"] = timed(
-                [python, str(REPO / "scripts" / "train_pair.py"), str(prep), "--out", str(run), "--force", "--views", "color",
-                 "--backbone", "mobilenet", "--size", str(args.size), "--epochs", "1", "--fine-tune-epochs", "0",
-                 "--batch-size", "16", "--workers", "2", "--cache", cache], out / f"train{n}-{cache}.log")
+                [
+                    python,
+                    str(REPO / "scripts" / "train_pair.py"),
+                    str(prep),
+                    "--out",
+                    str(run),
+                    "--force",
+                    "--views",
+                    "color",
+                    "--backbone",
+                    "mobilenet",
+                    "--size",
+                    str(args.size),
+                    "--epochs",
+                    "1",
+                    "--fine-tune-epochs",
+                    "0",
+                    "--batch-size",
+                    "16",
+                    "--workers",
+                    "2",
+                    "--cache",
+                    cache,
+                ],
+                out / f"train{n}-{cache}.log",
+            )
             print(n, cache, row[f"train_cache_{cache}"], flush=True)
-        row["predict"] = timed([python, str(REPO / "scripts" / "predict.py"), str(out / f"run{n}-on"), str(photos), "--out",
-                                str(out / f"predict{n}"), "--force"], out / f"predict{n}.log")
+        row["predict"] = timed(
+            [
+                python,
+                str(REPO / "scripts" / "predict.py"),
+                str(out / f"run{n}-on"),
+                str(photos),
+                "--out",
+                str(out / f"predict{n}"),
+                "--force",
+            ],
+            out / f"predict{n}.log",
+        )
         print(n, "predict", row["predict"], flush=True)
         results["rows"].append(row)
         (out / "memory.json").write_text(json.dumps(results, indent=2))
@@ -111,7 +162,10 @@ def main() -> None:
     print("| patients | training, views kept | training, views streamed | prediction |")
     print("|---:|---:|---:|---:|")
     for row in results["rows"]:
-        cells = [f"{row[k]['peak_mb']:,} MB ({row[k]['wall_s']:.0f} s)" for k in ("train_cache_on", "train_cache_off", "predict")]
+        cells = [
+            f"{row[k]['peak_mb']:,} MB ({row[k]['wall_s']:.0f} s)"
+            for k in ("train_cache_on", "train_cache_off", "predict")
+        ]
         print(f"| {row['patients']:,} | " + " | ".join(cells) + " |")
 
 

@@ -1,6 +1,6 @@
 """Time odir_score against the challenge's three sklearn calls it replaces (docs/evaluation.md).
 
-    python docs/measurements/metric_speed.py
+python docs/measurements/metric_speed.py
 """
 
 import sys
@@ -31,5 +31,7 @@ for patients in (10, 700, 3500):
     y = (rng.random((patients, 8)) < 0.2).astype(int)
     prob = np.round(rng.random((patients, 8)), 2)
     assert abs(sklearn_score(y, prob) - odir_score(y, prob)["final"]) < 1e-12
-    print(f"{patients} patients: sklearn {per_call_ms(sklearn_score, y, prob):.2f} ms, "
-          f"odir_score {per_call_ms(odir_score, y, prob):.2f} ms a call")
+    print(
+        f"{patients} patients: sklearn {per_call_ms(sklearn_score, y, prob):.2f} ms, "
+        f"odir_score {per_call_ms(odir_score, y, prob):.2f} ms a call"
+    )

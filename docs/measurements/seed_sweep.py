@@ -15,6 +15,7 @@ patient. A row is summarised when every seed folder has it.
     done
     PYTHONPATH=. python docs/measurements/seed_sweep.py runs/seeds96
 """
+
 import json
 import sys
 from pathlib import Path
@@ -39,13 +40,20 @@ def main(sweep: Path) -> None:
     if "library" not in names:
         sys.exit(f"no row of {ROWS} with the library row in every seed folder under {sweep}")
 
-    print("| seed | row | val final | kappa | F1 | AUC | " + " | ".join(f"AUC {c}" for c in LABELS) + " | train img/s |")
+    print(
+        "| seed | row | val final | kappa | F1 | AUC | " + " | ".join(f"AUC {c}" for c in LABELS) + " | train img/s |"
+    )
     print("|---|---|---:|---:|---:|---:|" + "---:|" * len(LABELS) + "---:|")
     for seed, rows in results.items():
         for name in names:
             r = rows[name]
-            print(f"| {seed} | {name} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " | "
-                  + " | ".join(f"{r['auc_per_class'][c]:.2f}" for c in LABELS) + f" | {r['train_images_per_s']:.1f} |")
+            print(
+                f"| {seed} | {name} | "
+                + " | ".join(f"{r[c]:.3f}" for c in COLUMNS)
+                + " | "
+                + " | ".join(f"{r['auc_per_class'][c]:.2f}" for c in LABELS)
+                + f" | {r['train_images_per_s']:.1f} |"
+            )
 
     print(f"\nMean and sample standard deviation over {len(results)} seeds:\n")
     print("| row | " + " | ".join(COLUMNS) + " | " + " | ".join(f"AUC {c}" for c in LABELS) + " |")
@@ -67,8 +75,10 @@ def main(sweep: Path) -> None:
             margins.append(margin)
             print(f"- seed {seed}: final {margin:+.3f} [{low:+.3f}, {high:+.3f}], pooled AUC {auc_margin:+.3f}")
         margins = np.array(margins)
-        print(f"- mean over seeds: {margins.mean():+.3f} ± {margins.std(ddof=1):.3f} (sample sd); "
-              f"above zero in {int((margins > 0).sum())} of {len(margins)} seeds")
+        print(
+            f"- mean over seeds: {margins.mean():+.3f} ± {margins.std(ddof=1):.3f} (sample sd); "
+            f"above zero in {int((margins > 0).sum())} of {len(margins)} seeds"
+        )
 
     # The official score thresholds at 0.5, so a model whose probabilities sit on the same side
     # of 0.5 for every patient scores like a constant: this separates what it read in the images
@@ -85,8 +95,11 @@ def main(sweep: Path) -> None:
             kappas.append(score["kappa"])
             gains.append(rows[name]["final"] - score["final"])
         blind, gains = np.array(blind), np.array(gains)
-        print(f"| {name} | {blind.mean():.3f} ± {blind.std(ddof=1):.3f} | {np.mean(kappas):.3f} | "
-              + ", ".join(f"{g:+.3f}" for g in gains) + f" | {gains.mean():+.3f} |")
+        print(
+            f"| {name} | {blind.mean():.3f} ± {blind.std(ddof=1):.3f} | {np.mean(kappas):.3f} | "
+            + ", ".join(f"{g:+.3f}" for g in gains)
+            + f" | {gains.mean():+.3f} |"
+        )
 
 
 if __name__ == "__main__":

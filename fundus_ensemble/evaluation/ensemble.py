@@ -34,7 +34,9 @@ def load_view_model(run_dir: str | os.PathLike, view: str) -> tuple[keras.Model,
     folder = Path(run_dir) / view
     card_path, model_path = folder / CARD_NAME, folder / MODEL_NAME
     if not model_path.is_file() or not card_path.is_file():
-        raise ModelCardError(f"{folder}: no trained {view} model ({MODEL_NAME} and {CARD_NAME}); run scripts/train_pair.py first")
+        raise ModelCardError(
+            f"{folder}: no trained {view} model ({MODEL_NAME} and {CARD_NAME}); run scripts/train_pair.py first"
+        )
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -42,7 +44,9 @@ def load_view_model(run_dir: str | os.PathLike, view: str) -> tuple[keras.Model,
     if not isinstance(card, dict):
         raise ModelCardError(f"{card_path}: not a model card (a JSON object)")
     if card.get("view") != view:
-        raise ModelCardError(f"{card_path}: card says view {card.get('view')!r}, but it was loaded as the {view!r} model")
+        raise ModelCardError(
+            f"{card_path}: card says view {card.get('view')!r}, but it was loaded as the {view!r} model"
+        )
     if card.get("labels") != list(LABELS):
         raise ModelCardError(f"{card_path}: card labels {card.get('labels')} differ from this library's {list(LABELS)}")
     model = load_keras_file(model_path)
@@ -78,7 +82,12 @@ def check_views_match_card(card: dict, prep_dir: str | os.PathLike) -> None:
 
 
 def predict_manifest_split(
-    model: keras.Model, card: dict, view_dir: str | os.PathLike, split: str, batch_size: int = 16, flip_tta: bool = False,
+    model: keras.Model,
+    card: dict,
+    view_dir: str | os.PathLike,
+    split: str,
+    batch_size: int = 16,
+    flip_tta: bool = False,
 ):
     """(patient ids, labels, probabilities) for one split of a preprocessed view folder."""
     check_views_match_card(card, Path(view_dir).parent)
@@ -114,8 +123,10 @@ def run_views(run_dir: str | os.PathLike) -> tuple[str, ...]:
     """The view models a training run holds, in :data:`VIEWS` order (a run may hold one)."""
     held = tuple(v for v in VIEWS if (Path(run_dir) / v / MODEL_NAME).is_file())
     if not held:
-        raise ModelCardError(f"{run_dir}: no trained view model ({', '.join(f'{v}/{MODEL_NAME}' for v in VIEWS)}); "
-                             "run scripts/train_pair.py first")
+        raise ModelCardError(
+            f"{run_dir}: no trained view model ({', '.join(f'{v}/{MODEL_NAME}' for v in VIEWS)}); "
+            "run scripts/train_pair.py first"
+        )
     return held
 
 
@@ -168,17 +179,25 @@ def score_run(
         raise FundusError(f"{out} already holds a score; pass --force to replace it or --out to write elsewhere")
     cross_fitted = any(_head_fit(run_dir, view) == "cross_fit" for view in views)
     if cross_fitted and split in ("train", "val"):
-        raise FundusError(f"{run_dir}'s heads were cross-fitted on every train and val patient: scoring {split} would "
-                          "grade patients they learned from; score test")
+        raise FundusError(
+            f"{run_dir}'s heads were cross-fitted on every train and val patient: scoring {split} would "
+            "grade patients they learned from; score test"
+        )
     if calibrate_on == OUT_OF_FOLD:
         if not cross_fitted:
-            raise FundusError(f"{run_dir} was not cross-fitted (train_pair --head-fit cross-fit): it has no out-of-fold "
-                              "predictions; calibrate on val")
+            raise FundusError(
+                f"{run_dir} was not cross-fitted (train_pair --head-fit cross-fit): it has no out-of-fold "
+                "predictions; calibrate on val"
+            )
         if weights is not None:
-            raise FundusError("the run's out-of-fold calibration is of the equal-weight ensemble; drop --ensemble-weights")
+            raise FundusError(
+                "the run's out-of-fold calibration is of the equal-weight ensemble; drop --ensemble-weights"
+            )
     if calibrate_on == split:
-        raise FundusError(f"calibrating on the scored split {split!r} would grade patients the calibration has seen; "
-                          "calibrate on another split (val when scoring test)")
+        raise FundusError(
+            f"calibrating on the scored split {split!r} would grade patients the calibration has seen; "
+            "calibrate on another split (val when scoring test)"
+        )
     # before the models run: a folder of the user's files (or a file) is refused at once, not after predicting
     refuse_overlap(out, {"run": run_dir, "preprocessed views": prep_dir})
     claim_folder(out, "a score", adopt_if=("score.json",))
@@ -189,7 +208,9 @@ def score_run(
     for view in views:
         model, card = load_view_model(run_dir, view)
         for s in splits:
-            view_ids, labels, probs[s][view] = predict_manifest_split(model, card, Path(prep_dir) / view, s, flip_tta=flip_tta)
+            view_ids, labels, probs[s][view] = predict_manifest_split(
+                model, card, Path(prep_dir) / view, s, flip_tta=flip_tta
+            )
             if ids.setdefault(s, view_ids) != view_ids:
                 raise FundusError(f"the views' manifests hold different {s} patients; preprocess them together")
             y_true[s] = labels
@@ -203,9 +224,17 @@ def score_run(
         calibrations = {name: fit_calibration(y_true[calibrate_on], p) for name, p in probs[calibrate_on].items()}
     if calibrate_on is not None:
         scored = {name: calibrations[name].apply(p) for name, p in scored.items()}
-        atomic_write_json(out / "calibration.json", {"fitted_on": calibrate_on, "flip_tta": flip_tta,
-                                                     **{name: c.to_dict() for name, c in calibrations.items()}})
-    train_labels = load_manifest(Path(prep_dir) / views[0] / "manifest.csv", check_files=False).select("train").label_matrix()
+        atomic_write_json(
+            out / "calibration.json",
+            {
+                "fitted_on": calibrate_on,
+                "flip_tta": flip_tta,
+                **{name: c.to_dict() for name, c in calibrations.items()},
+            },
+        )
+    train_labels = (
+        load_manifest(Path(prep_dir) / views[0] / "manifest.csv", check_files=False).select("train").label_matrix()
+    )
     report = {
         "split": split,
         "patients": len(ids[split]),
@@ -237,16 +266,30 @@ def _head_fit(run_dir: str | os.PathLike, view: str) -> str:
 
 def format_score_table(report: dict) -> str:
     """The score report as a plain-text table (pooled metrics, then per-class AUC)."""
-    rows = [*report.get("trivial", {}).items(), *((f"{v} model", s) for v, s in report["models"].items()), ("ensemble", report["ensemble"])]
-    extras = [x for x in ("flip TTA" if report.get("flip_tta") else "",
-                          f"calibrated on {report['calibrated_on']}" if report.get("calibrated_on") else "") if x]
+    rows = [
+        *report.get("trivial", {}).items(),
+        *((f"{v} model", s) for v, s in report["models"].items()),
+        ("ensemble", report["ensemble"]),
+    ]
+    extras = [
+        x
+        for x in (
+            "flip TTA" if report.get("flip_tta") else "",
+            f"calibrated on {report['calibrated_on']}" if report.get("calibrated_on") else "",
+        )
+        if x
+    ]
     lines = [
-        f"ODIR score on split '{report['split']}' ({report['patients']} patients)" + (f", {', '.join(extras)}" if extras else ""),
+        f"ODIR score on split '{report['split']}' ({report['patients']} patients)"
+        + (f", {', '.join(extras)}" if extras else ""),
         f"{'model':<21}{'kappa':>8}{'f1':>8}{'auc':>8}{'final':>8}",
     ]
     lines += [f"{name:<21}{s['kappa']:>8.4f}{s['f1']:>8.4f}{s['auc']:>8.4f}{s['final']:>8.4f}" for name, s in rows]
-    lines.append("per-class AUC (positives): " + "  ".join(
-        f"{c}={'n/a' if v['auc'] is None else format(v['auc'], '.3f')}({v['positives']})"
-        for c, v in report["ensemble"]["per_class"].items()
-    ))
+    lines.append(
+        "per-class AUC (positives): "
+        + "  ".join(
+            f"{c}={'n/a' if v['auc'] is None else format(v['auc'], '.3f')}({v['positives']})"
+            for c, v in report["ensemble"]["per_class"].items()
+        )
+    )
     return "\n".join(lines)

@@ -53,8 +53,13 @@ class ScreenConfig:
     bootstrap: int = BOOTSTRAP
 
 
-def prepare(table: str | os.PathLike, image_root: str | os.PathLike, out: str | os.PathLike, config: ScreenConfig,
-            image_dir: str = "images") -> dict:
+def prepare(
+    table: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out: str | os.PathLike,
+    config: ScreenConfig,
+    image_dir: str = "images",
+) -> dict:
     """Preprocess at every size and extract every backbone's features of both views into
     ``out/store``; returns the seconds each (backbone, size) took through the backbone, both views,
     as the store counted them (kept in ``out/extraction.json``)."""
@@ -80,9 +85,11 @@ def prepare(table: str | os.PathLike, image_root: str | os.PathLike, out: str | 
             # the store's own count of the seconds its photos took: a later call finding them there costs nothing
             took = [store.seconds(FeatureSpec(backbone, "imagenet", size, False), view) for view in VIEWS]
             seconds[f"{backbone}/{size}"] = sum(took) if all(took) else None
-            print(f"[screen] features {backbone} {size} px, both views: "
-                  f"{'n/a (made before the store counted time)' if seconds[f'{backbone}/{size}'] is None else f'{sum(took):.0f} s'}",
-                  flush=True)
+            print(
+                f"[screen] features {backbone} {size} px, both views: "
+                f"{'n/a (made before the store counted time)' if seconds[f'{backbone}/{size}'] is None else f'{sum(took):.0f} s'}",
+                flush=True,
+            )
     atomic_write_json(out / "extraction.json", seconds)
     return seconds
 
@@ -94,7 +101,9 @@ class _Data:
         from ..data.manifest import load_manifest
 
         self.out = out
-        sizes = sorted(int(p.name.split("-")[1]) for p in out.glob("prep-*") if (p / "color" / "manifest.csv").is_file())
+        sizes = sorted(
+            int(p.name.split("-")[1]) for p in out.glob("prep-*") if (p / "color" / "manifest.csv").is_file()
+        )
         if not sizes:
             raise FundusError(f"{out} holds no prepared views; run the screen's prepare step first")
         self.manifests = {s: {v: load_manifest(out / f"prep-{s}" / v / "manifest.csv") for v in VIEWS} for s in sizes}
@@ -112,13 +121,21 @@ class _Data:
 
         key = (backbone, size, view, flip)
         if key not in self._features:
+
             def missing():
-                raise FundusError(f"features of {backbone} at {size} px ({view}{', mirrored' if flip else ''}) are not "
-                                  f"in {self.out / 'store'}; run the prepare step with them")
+                raise FundusError(
+                    f"features of {backbone} at {size} px ({view}{', mirrored' if flip else ''}) are not "
+                    f"in {self.out / 'store'}; run the prepare step with them"
+                )
 
             self._features[key] = FeatureStore(self.out / "store").patient_features(
-                FeatureSpec(backbone, "imagenet", size, flip), view, self.manifests[size][view], missing,
-                preprocessing=preprocessing_settings(self.out / f"prep-{size}" / view), progress=False)
+                FeatureSpec(backbone, "imagenet", size, flip),
+                view,
+                self.manifests[size][view],
+                missing,
+                preprocessing=preprocessing_settings(self.out / f"prep-{size}" / view),
+                progress=False,
+            )
         return self._features[key]
 
     def eye_labels(self) -> np.ndarray:
@@ -141,7 +158,7 @@ class _Fit:
     dev_calibrated: np.ndarray | None = None
     test_calibrated: np.ndarray | None = None
 
-    def calibrated(self) -> "_Fit":
+    def calibrated(self) -> _Fit:
         from .calibration import fit_calibration
 
         if self.test_calibrated is None:
@@ -222,7 +239,9 @@ class _Screen:
             heads = []
             for fold in range(self.config.folds):
                 held = self.folds == fold
-                head = fit_linear_head(dev_f[~held].reshape(-1, dev_f.shape[-1]), dev_y[~held].reshape(-1, len(LABELS)), c, self.seed)
+                head = fit_linear_head(
+                    dev_f[~held].reshape(-1, dev_f.shape[-1]), dev_y[~held].reshape(-1, len(LABELS)), c, self.seed
+                )
                 oof[held] = head.predict(dev_f[held].reshape(-1, dev_f.shape[-1])).reshape(-1, 2, len(LABELS))
                 heads.append(head)
             score = odir_score(self.y_dev, _combine(oof, combine, labels))["auc"]
@@ -231,7 +250,11 @@ class _Screen:
         _, oof, heads = best
         from ..training.heads import LinearHead
 
-        test = LinearHead.mean(heads).predict(features[self.test].reshape(-1, features.shape[-1])).reshape(-1, 2, len(LABELS))
+        test = (
+            LinearHead.mean(heads)
+            .predict(features[self.test].reshape(-1, features.shape[-1]))
+            .reshape(-1, 2, len(LABELS))
+        )
         self._cache[key] = self._fit(_Fit(_combine(oof, combine, labels), _combine(test, combine, labels)))
         return self._cache[key]
 
@@ -247,24 +270,39 @@ def _combine(eyes: np.ndarray, combine: str, labels: str) -> np.ndarray:
 
 def _scores(y: np.ndarray, p: np.ndarray) -> dict:
     score = odir_score(y, p)
-    return {**{k: float(v) for k, v in score.items()},
-            "per_class_auc": {c: v["auc"] for c, v in per_class_scores(y, p).items()}}
+    return {
+        **{k: float(v) for k, v in score.items()},
+        "per_class_auc": {c: v["auc"] for c, v in per_class_scores(y, p).items()},
+    }
 
 
-def _row(name: str, what: str, screen: _Screen, fit: _Fit, reference: _Fit | None = None, calibrated_reference: bool = True) -> dict:
+def _row(
+    name: str, what: str, screen: _Screen, fit: _Fit, reference: _Fit | None = None, calibrated_reference: bool = True
+) -> dict:
     """One screened model: raw and calibrated (on its own out-of-fold predictions) scores on test,
     its development out-of-fold score (what choices are made on), and its margin over ``reference``."""
     fit.calibrated()
-    row = {"name": name, "what": what, "test": _scores(screen.y_test, fit.test),
-           "test_calibrated": _scores(screen.y_test, fit.test_calibrated),
-           "dev_out_of_fold": _scores(screen.y_dev, fit.dev), "dev_out_of_fold_calibrated": _scores(screen.y_dev, fit.dev_calibrated)}
+    row = {
+        "name": name,
+        "what": what,
+        "test": _scores(screen.y_test, fit.test),
+        "test_calibrated": _scores(screen.y_test, fit.test_calibrated),
+        "dev_out_of_fold": _scores(screen.y_dev, fit.dev),
+        "dev_out_of_fold_calibrated": _scores(screen.y_dev, fit.dev_calibrated),
+    }
     if reference is not None:
         reference.calibrated()
         ours, theirs = fit.test_calibrated, reference.test_calibrated if calibrated_reference else reference.test
-        row["margin_calibrated"] = float(odir_score(screen.y_test, ours)["final"] - odir_score(screen.y_test, theirs)["final"])
+        row["margin_calibrated"] = float(
+            odir_score(screen.y_test, ours)["final"] - odir_score(screen.y_test, theirs)["final"]
+        )
         row["interval_calibrated"] = bootstrap_margin(screen.y_test, ours, theirs, screen.seed, screen.config.bootstrap)
-        row["margin_raw"] = float(odir_score(screen.y_test, fit.test)["final"] - odir_score(screen.y_test, reference.test)["final"])
-        row["interval_raw"] = bootstrap_margin(screen.y_test, fit.test, reference.test, screen.seed, screen.config.bootstrap)
+        row["margin_raw"] = float(
+            odir_score(screen.y_test, fit.test)["final"] - odir_score(screen.y_test, reference.test)["final"]
+        )
+        row["interval_raw"] = bootstrap_margin(
+            screen.y_test, fit.test, reference.test, screen.seed, screen.config.bootstrap
+        )
     return row
 
 
@@ -289,58 +327,120 @@ def screen_seed(data: _Data, config: ScreenConfig, seed: int, levers: bool = Tru
             row = _row(f"{backbone} {size} px", "cross-fitted heads per view, views averaged", screen, fit)
             row.update(backbone=backbone, size=size, heads_s=time.perf_counter() - start)
             table.append(row)
-            print(f"[screen] seed {seed} {backbone} {size} px: test final {row['test']['final']:.3f} calibrated "
-                  f"{row['test_calibrated']['final']:.3f} AUC {row['test']['auc']:.3f}", flush=True)
-    out = {"seed": seed, "patients": {"development": int(screen.dev.sum()), "test": int(screen.test.sum())}, "table": table}
+            print(
+                f"[screen] seed {seed} {backbone} {size} px: test final {row['test']['final']:.3f} calibrated "
+                f"{row['test_calibrated']['final']:.3f} AUC {row['test']['auc']:.3f}",
+                flush=True,
+            )
+    out = {
+        "seed": seed,
+        "patients": {"development": int(screen.dev.sum()), "test": int(screen.test.sum())},
+        "table": table,
+    }
     if not levers:
         return out
     backbone, size = config.reference
     reference = screen.ensemble(backbone, size)
-    rows = [_row("reference: cross-fitted ensemble", f"{backbone} {size} px, both views, concat(max, mean)", screen, reference)]
+    rows = [
+        _row(
+            "reference: cross-fitted ensemble",
+            f"{backbone} {size} px, both views, concat(max, mean)",
+            screen,
+            reference,
+        )
+    ]
     # what cross-fitting replaces: heads on train, calibration on val (section 3 of the issue)
-    train, val = screen.split == "train", screen.split == "val"
+    val = screen.split == "val"
     probe_val, probe_test = screen.probe(backbone, size)
     val_calibrated = fit_calibration(data.y[val], probe_val).apply(probe_test)
     calibrations = [
-        _plain_row("probe: heads on train", "linear probe per view, C on val, views averaged (the benchmark's)", screen,
-                   probe_test, None),
-        _plain_row("probe + calibration on val", "the same, Platt + thresholds fitted on the 15 % val split", screen,
-                   val_calibrated, probe_test),
-        _plain_row("cross-fitted bag, raw", "5-fold heads over train + val, bagged", screen, reference.test, probe_test),
-        _plain_row("cross-fitted bag + out-of-fold calibration", "calibration fitted on every development patient's "
-                   "out-of-fold prediction", screen, reference.calibrated().test_calibrated, reference.test),
-        _plain_row("cross-fitted bag + out-of-fold calibration, against the probe + val calibration", "the whole change",
-                   screen, reference.test_calibrated, val_calibrated),
+        _plain_row(
+            "probe: heads on train",
+            "linear probe per view, C on val, views averaged (the benchmark's)",
+            screen,
+            probe_test,
+            None,
+        ),
+        _plain_row(
+            "probe + calibration on val",
+            "the same, Platt + thresholds fitted on the 15 % val split",
+            screen,
+            val_calibrated,
+            probe_test,
+        ),
+        _plain_row(
+            "cross-fitted bag, raw", "5-fold heads over train + val, bagged", screen, reference.test, probe_test
+        ),
+        _plain_row(
+            "cross-fitted bag + out-of-fold calibration",
+            "calibration fitted on every development patient's out-of-fold prediction",
+            screen,
+            reference.calibrated().test_calibrated,
+            reference.test,
+        ),
+        _plain_row(
+            "cross-fitted bag + out-of-fold calibration, against the probe + val calibration",
+            "the whole change",
+            screen,
+            reference.test_calibrated,
+            val_calibrated,
+        ),
     ]
     levers_rows = []
 
     def lever(name: str, what: str, fit: _Fit) -> None:
         levers_rows.append(_row(name, what, screen, fit, reference))
         r = levers_rows[-1]
-        print(f"[screen] seed {seed} lever {name}: calibrated {r['test_calibrated']['final']:.3f} "
-              f"({r['margin_calibrated']:+.3f}), AUC {r['test']['auc']:.3f}", flush=True)
+        print(
+            f"[screen] seed {seed} lever {name}: calibrated {r['test_calibrated']['final']:.3f} "
+            f"({r['margin_calibrated']:+.3f}), AUC {r['test']['auc']:.3f}",
+            flush=True,
+        )
 
     for view in VIEWS:
-        lever(f"{view} alone", "one view's cross-fitted heads (the ensemble should beat it)", screen.cross_fit(backbone, size, view))
+        lever(
+            f"{view} alone",
+            "one view's cross-fitted heads (the ensemble should beat it)",
+            screen.cross_fit(backbone, size, view),
+        )
     for fusion in ("max_mean_diff", "mean"):
-        lever(f"fusion {fusion}", "the eyes fused otherwise before the heads", screen.ensemble(backbone, size, fusion=fusion))
+        lever(
+            f"fusion {fusion}",
+            "the eyes fused otherwise before the heads",
+            screen.ensemble(backbone, size, fusion=fusion),
+        )
     for combine in ("mean", "max"):
-        lever(f"per-eye heads, {combine} of the eyes", "each eye learns its patient's labels; fused after the heads",
-              _mean([screen.per_eye(backbone, size, v, "patient", combine) for v in VIEWS], screen.y_dev))
+        lever(
+            f"per-eye heads, {combine} of the eyes",
+            "each eye learns its patient's labels; fused after the heads",
+            _mean([screen.per_eye(backbone, size, v, "patient", combine) for v in VIEWS], screen.y_dev),
+        )
     keywords = _mean([screen.per_eye(backbone, size, v, "keywords", "max") for v in VIEWS], screen.y_dev)
     lever("eye-level keyword heads", "each eye learns its own keywords' labels; max of the eyes (N: min)", keywords)
     lever("patient heads + eye-level keyword heads", "the mean of the two", _mean([reference, keywords], screen.y_dev))
     if len(config.sizes) > 1:
-        lever(f"sizes {'+'.join(map(str, config.sizes))} averaged", f"{backbone} at every size, each cross-fitted, averaged",
-              _mean([screen.ensemble(backbone, s) for s in config.sizes], screen.y_dev))
+        lever(
+            f"sizes {'+'.join(map(str, config.sizes))} averaged",
+            f"{backbone} at every size, each cross-fitted, averaged",
+            _mean([screen.ensemble(backbone, s) for s in config.sizes], screen.y_dev),
+        )
     if len(config.backbones) > 1:
-        lever(f"backbones {'+'.join(b.split('_')[-1] for b in config.backbones)} averaged", f"every backbone at {size} px",
-              _mean([screen.ensemble(b, size) for b in config.backbones], screen.y_dev))
-        lever("every backbone and size averaged", "the whole table's ensembles, averaged",
-              _mean([screen.ensemble(b, s) for b in config.backbones for s in config.sizes], screen.y_dev))
+        lever(
+            f"backbones {'+'.join(b.split('_')[-1] for b in config.backbones)} averaged",
+            f"every backbone at {size} px",
+            _mean([screen.ensemble(b, size) for b in config.backbones], screen.y_dev),
+        )
+        lever(
+            "every backbone and size averaged",
+            "the whole table's ensembles, averaged",
+            _mean([screen.ensemble(b, s) for b in config.backbones for s in config.sizes], screen.y_dev),
+        )
     if config.flips:
-        lever("mirrored features too (flip TTA)", "heads on plain features; their test predictions averaged with the "
-              "mirrored photos'", _flip_tta(screen, backbone, size))
+        lever(
+            "mirrored features too (flip TTA)",
+            "heads on plain features; their test predictions averaged with the mirrored photos'",
+            _flip_tta(screen, backbone, size),
+        )
     out.update(reference=list(config.reference), levers=[rows[0], *levers_rows], calibration=calibrations)
     return out
 
@@ -385,8 +485,11 @@ def run_screen(out: str | os.PathLike, config: ScreenConfig) -> dict:
     out = Path(out)
     data = _Data(out)
     extraction = json.loads((out / "extraction.json").read_text()) if (out / "extraction.json").is_file() else {}
-    results = {"config": dataclasses.asdict(config), "extraction_s": extraction,
-               "seeds": [screen_seed(data, config, seed) for seed in config.seeds]}
+    results = {
+        "config": dataclasses.asdict(config),
+        "extraction_s": extraction,
+        "seeds": [screen_seed(data, config, seed) for seed in config.seeds],
+    }
     results["default"] = choose_default(results, extraction)
     atomic_write_json(out / "screen.json", results)
     atomic_write_text(out / "screen.md", format_screen(results))
@@ -404,49 +507,99 @@ def format_screen(results: dict) -> str:
     """The screen as Markdown: the table (both seeds side by side), the levers and the calibration rows."""
     seeds = results["seeds"]
     tag = " / ".join(str(s["seed"]) for s in seeds)
-    lines = [f"# Feature screen (split seeds {tag})", "",
-             "Test patients: " + ", ".join(f"{s['patients']['test']} (seed {s['seed']})" for s in seeds) +
-             "; nothing was fitted or chosen on them.", "",
-             f"## Backbone x size: cross-fitted heads, views averaged (test, seed {tag})", "",
-             "| backbone | size | features, both views (s) | raw final | calibrated final | pooled AUC | dev out-of-fold calibrated final |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Feature screen (split seeds {tag})",
+        "",
+        "Test patients: "
+        + ", ".join(f"{s['patients']['test']} (seed {s['seed']})" for s in seeds)
+        + "; nothing was fitted or chosen on them.",
+        "",
+        f"## Backbone x size: cross-fitted heads, views averaged (test, seed {tag})",
+        "",
+        "| backbone | size | features, both views (s) | raw final | calibrated final | pooled AUC | dev out-of-fold calibrated final |",
+        "|---|---|---|---|---|---|---|",
+    ]
     extraction = results.get("extraction_s", {})
     for i, row in enumerate(seeds[0]["table"]):
         rows = [s["table"][i] for s in seeds]
         seconds = extraction.get(f"{row['backbone']}/{row['size']}")
-        lines.append(f"| {row['backbone']} | {row['size']} | {'n/a' if seconds is None else f'{seconds:.0f}'} | "
-                     + " | ".join(" / ".join(f"{r[part][key]:.3f}" for r in rows) for part, key in
-                                  (("test", "final"), ("test_calibrated", "final"), ("test", "auc"),
-                                   ("dev_out_of_fold_calibrated", "final"))) + " |")
+        lines.append(
+            f"| {row['backbone']} | {row['size']} | {'n/a' if seconds is None else f'{seconds:.0f}'} | "
+            + " | ".join(
+                " / ".join(f"{r[part][key]:.3f}" for r in rows)
+                for part, key in (
+                    ("test", "final"),
+                    ("test_calibrated", "final"),
+                    ("test", "auc"),
+                    ("dev_out_of_fold_calibrated", "final"),
+                )
+            )
+            + " |"
+        )
     default = results.get("default")
     if default:
-        lines += ["", f"Default by the rule (best development out-of-fold calibrated final within "
-                      f"{TIME_BUDGET_S / 60:.0f} minutes): **{default['backbone']} at {default['size']} px** "
-                      f"({default['dev_final']:.3f}, {default['seconds'] / 60:.1f} min)."]
+        lines += [
+            "",
+            f"Default by the rule (best development out-of-fold calibrated final within "
+            f"{TIME_BUDGET_S / 60:.0f} minutes): **{default['backbone']} at {default['size']} px** "
+            f"({default['dev_final']:.3f}, {default['seconds'] / 60:.1f} min).",
+        ]
     if "levers" in seeds[0]:
-        lines += ["", f"## Levers at {seeds[0]['reference'][0]} {seeds[0]['reference'][1]} px, against the cross-fitted "
-                      f"ensemble (test, seed {tag}; 95 % paired bootstrap intervals)", "",
-                  "| lever | calibrated final | vs reference, calibrated | raw final | vs reference, raw | pooled AUC | "
-                  + " | ".join(f"AUC {c}" for c in LABELS) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(LABELS)]
+        lines += [
+            "",
+            f"## Levers at {seeds[0]['reference'][0]} {seeds[0]['reference'][1]} px, against the cross-fitted "
+            f"ensemble (test, seed {tag}; 95 % paired bootstrap intervals)",
+            "",
+            "| lever | calibrated final | vs reference, calibrated | raw final | vs reference, raw | pooled AUC | "
+            + " | ".join(f"AUC {c}" for c in LABELS)
+            + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(LABELS),
+        ]
         for i, row in enumerate(seeds[0]["levers"]):
             rows = [s["levers"][i] for s in seeds]
             lines.append(
-                f"| {row['name']} | " + " / ".join(f"{r['test_calibrated']['final']:.3f}" for r in rows) + " | "
-                + " / ".join(_interval(r.get("margin_calibrated"), r.get("interval_calibrated")) for r in rows) + " | "
-                + " / ".join(f"{r['test']['final']:.3f}" for r in rows) + " | "
-                + " / ".join(_interval(r.get("margin_raw"), r.get("interval_raw")) for r in rows) + " | "
-                + " / ".join(f"{r['test']['auc']:.3f}" for r in rows) + " | "
-                + " | ".join(" / ".join("n/a" if r["test"]["per_class_auc"][c] is None else f"{r['test']['per_class_auc'][c]:.2f}"
-                                        for r in rows) for c in LABELS) + " |")
+                f"| {row['name']} | "
+                + " / ".join(f"{r['test_calibrated']['final']:.3f}" for r in rows)
+                + " | "
+                + " / ".join(_interval(r.get("margin_calibrated"), r.get("interval_calibrated")) for r in rows)
+                + " | "
+                + " / ".join(f"{r['test']['final']:.3f}" for r in rows)
+                + " | "
+                + " / ".join(_interval(r.get("margin_raw"), r.get("interval_raw")) for r in rows)
+                + " | "
+                + " / ".join(f"{r['test']['auc']:.3f}" for r in rows)
+                + " | "
+                + " | ".join(
+                    " / ".join(
+                        "n/a" if r["test"]["per_class_auc"][c] is None else f"{r['test']['per_class_auc'][c]:.2f}"
+                        for r in rows
+                    )
+                    for c in LABELS
+                )
+                + " |"
+            )
         lines += ["", "What each lever is:", ""] + [f"- **{r['name']}**: {r['what']}." for r in seeds[0]["levers"]]
-        lines += ["", f"## Where thresholds and calibration are fitted (test, seed {tag})", "",
-                  "| row | final | gain (95 % paired interval; against which: below) | pooled AUC |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Where thresholds and calibration are fitted (test, seed {tag})",
+            "",
+            "| row | final | gain (95 % paired interval; against which: below) | pooled AUC |",
+            "|---|---|---|---|",
+        ]
         for i, row in enumerate(seeds[0]["calibration"]):
             rows = [s["calibration"][i] for s in seeds]
-            lines.append(f"| {row['name']} | " + " / ".join(f"{r['test']['final']:.3f}" for r in rows) + " | "
-                         + " / ".join(_interval(r.get("margin"), r.get("interval")) for r in rows) + " | "
-                         + " / ".join(f"{r['test']['auc']:.3f}" for r in rows) + " |")
-        lines += ["", "Each gain is against: the probe (calibration on val), the probe (the bag), the bag (out-of-fold "
-                      "calibration), and the probe calibrated on val (the whole change)."]
+            lines.append(
+                f"| {row['name']} | "
+                + " / ".join(f"{r['test']['final']:.3f}" for r in rows)
+                + " | "
+                + " / ".join(_interval(r.get("margin"), r.get("interval")) for r in rows)
+                + " | "
+                + " / ".join(f"{r['test']['auc']:.3f}" for r in rows)
+                + " |"
+            )
+        lines += [
+            "",
+            "Each gain is against: the probe (calibration on val), the probe (the bag), the bag (out-of-fold "
+            "calibration), and the probe calibrated on val (the whole change).",
+        ]
     return "\n".join(lines) + "\n"

@@ -46,8 +46,14 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> list:
     return models
 
 
-def fit_linear_probe(train_features: np.ndarray, y_train: np.ndarray, val_features: np.ndarray, y_val: np.ndarray,
-                     grid: tuple[float, ...] = C_GRID, seed: int = 0) -> LinearProbe:
+def fit_linear_probe(
+    train_features: np.ndarray,
+    y_train: np.ndarray,
+    val_features: np.ndarray,
+    y_val: np.ndarray,
+    grid: tuple[float, ...] = C_GRID,
+    seed: int = 0,
+) -> LinearProbe:
     """Per-class logistic regressions on the training patients, ``C`` the best of ``grid`` by val final."""
     from ..metrics import odir_score
 

@@ -57,8 +57,9 @@ class GradCam:
         fused = self.fusion(pooled)
         return ops.matmul(fused, self.dense.kernel) + self.dense.bias
 
-    def heatmaps(self, left: np.ndarray, right: np.ndarray, classes: list[int],
-                 same_eye: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def heatmaps(
+        self, left: np.ndarray, right: np.ndarray, classes: list[int], same_eye: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Heatmaps at feature-map resolution, shape (len(classes), batch, 2 eyes, h, w), and the probabilities.
 
         ``same_eye[i]`` marks a one-eyed patient fed the same photo as both eyes: both copies'
@@ -66,15 +67,24 @@ class GradCam:
         """
         maps_left, maps_right = self.feature_maps(left), self.feature_maps(right)
         probs = np.asarray(ops.convert_to_numpy(ops.sigmoid(self.logits(maps_left, maps_right))), np.float64)
-        expected = np.asarray(self.model.predict_on_batch({INPUT_NAMES[0]: left.astype(np.float32),
-                                                           INPUT_NAMES[1]: right.astype(np.float32)}))
-        if np.max(np.abs(probs - expected)) > 5e-3:  # the head was rebuilt by hand: prove it is the model's (float32 noise aside)
-            raise FundusError("Grad-CAM's reconstruction of the model head does not reproduce its probabilities "
-                              f"(max difference {np.max(np.abs(probs - expected)):.2e})")
+        expected = np.asarray(
+            self.model.predict_on_batch(
+                {INPUT_NAMES[0]: left.astype(np.float32), INPUT_NAMES[1]: right.astype(np.float32)}
+            )
+        )
+        if (
+            np.max(np.abs(probs - expected)) > 5e-3
+        ):  # the head was rebuilt by hand: prove it is the model's (float32 noise aside)
+            raise FundusError(
+                "Grad-CAM's reconstruction of the model head does not reproduce its probabilities "
+                f"(max difference {np.max(np.abs(probs - expected)):.2e})"
+            )
         same = np.zeros(len(left), bool) if same_eye is None else np.asarray(same_eye, bool)
         out = np.zeros((len(classes), len(left), 2, *maps_left.shape[1:3]), np.float32)
         for i, c in enumerate(classes):
-            grad_left, grad_right = _gradients(lambda a, b, c=c: ops.sum(self.logits(a, b)[:, c]), maps_left, maps_right)
+            grad_left, grad_right = _gradients(
+                lambda a, b, c=c: ops.sum(self.logits(a, b)[:, c]), maps_left, maps_right
+            )
             alpha_left, alpha_right = grad_left.mean(axis=(1, 2)), grad_right.mean(axis=(1, 2))
             alpha_left[same] += alpha_right[same]
             alpha_right[same] = alpha_left[same]
@@ -99,12 +109,16 @@ def _gradients(fn: Callable, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, 
 
         grads = jax.grad(fn, argnums=(0, 1))(jax.numpy.asarray(a), jax.numpy.asarray(b))
     else:
-        raise FundusError(f"Grad-CAM is implemented for the tensorflow and jax Keras backends, not {backend!r}; "
-                          "set KERAS_BACKEND=tensorflow or jax")
+        raise FundusError(
+            f"Grad-CAM is implemented for the tensorflow and jax Keras backends, not {backend!r}; "
+            "set KERAS_BACKEND=tensorflow or jax"
+        )
     return tuple(np.asarray(ops.convert_to_numpy(g), np.float32) for g in grads)
 
 
-def ensemble_heatmaps(per_view: dict[str, np.ndarray], size: int, weights: dict[str, float] | None = None) -> np.ndarray:
+def ensemble_heatmaps(
+    per_view: dict[str, np.ndarray], size: int, weights: dict[str, float] | None = None
+) -> np.ndarray:
     """Average the view models' heatmaps as the ensemble averages probabilities.
 
     Each view's (classes, batch, 2, h, w) maps are resized to ``size`` and scaled so that a

@@ -36,7 +36,9 @@ SAVED_MODEL_PURPOSE = "a SavedModel export"
 SAVED_MODEL_FILES = {"saved_model.pb", "variables", "assets", "fingerprint.pb", OWNER_MARK}
 
 
-def build_ensemble_model(run_dir: str | os.PathLike, weights: dict[str, float] | None = None) -> tuple[keras.Model, dict]:
+def build_ensemble_model(
+    run_dir: str | os.PathLike, weights: dict[str, float] | None = None
+) -> tuple[keras.Model, dict]:
     """The run's view models as one model: ``left_eye``/``right_eye`` uint8 (1, size, size, 3) to (1, 8)."""
     views = run_views(run_dir)
     weights = weights or {v: 1.0 for v in views}
@@ -55,16 +57,30 @@ def build_ensemble_model(run_dir: str | os.PathLike, weights: dict[str, float] |
         make = VIEW_LAYERS[view](name=f"{view}_view")
         outputs.append(model({name: make(eyes[name]) for name in INPUT_NAMES}))
     probabilities = WeightedAverage([weights[v] for v in views], name="ensemble")(outputs)
-    info = {"views": list(views), "ensemble_weights": {v: weights[v] for v in views}, "input_size": size,
-            "inputs": {name: f"uint8 RGB (1, {size}, {size}, 3): the cropped eye (data.imaging.crop_to_fov, then BGR to RGB)"
-                       for name in INPUT_NAMES},
-            "output": f"float32 (1, {len(LABELS)}): ensemble probabilities of {','.join(LABELS)}",
-            "cards_sha256": {v: hashlib.sha256(json.dumps(loaded[v][1], sort_keys=True).encode()).hexdigest() for v in views}}
+    info = {
+        "views": list(views),
+        "ensemble_weights": {v: weights[v] for v in views},
+        "input_size": size,
+        "inputs": {
+            name: f"uint8 RGB (1, {size}, {size}, 3): the cropped eye (data.imaging.crop_to_fov, then BGR to RGB)"
+            for name in INPUT_NAMES
+        },
+        "output": f"float32 (1, {len(LABELS)}): ensemble probabilities of {','.join(LABELS)}",
+        "cards_sha256": {
+            v: hashlib.sha256(json.dumps(loaded[v][1], sort_keys=True).encode()).hexdigest() for v in views
+        },
+    }
     return keras.Model(eyes, probabilities, name="fundus_ensemble"), info
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "tflite", quantize: str = "none",
-               weights: dict[str, float] | None = None, force: bool = False) -> dict:
+def export_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "tflite",
+    quantize: str = "none",
+    weights: dict[str, float] | None = None,
+    force: bool = False,
+) -> dict:
     """Write the run's ensemble as ``fmt`` to ``out`` (a ``.tflite`` file or a SavedModel folder) and ``out.json``."""
     if fmt not in FORMATS:
         raise FundusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -73,7 +89,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "t
     if fmt == "saved_model" and quantize != "none":
         raise FundusError("--quantize applies to tflite; a SavedModel keeps float32 weights")
     if keras.backend.backend() != "tensorflow":
-        raise FundusError(f"exporting writes TensorFlow formats and needs KERAS_BACKEND=tensorflow (now {keras.backend.backend()!r})")
+        raise FundusError(
+            f"exporting writes TensorFlow formats and needs KERAS_BACKEND=tensorflow (now {keras.backend.backend()!r})"
+        )
     out = Path(out)
     check_export_target(out, fmt, force)
     model, info = build_ensemble_model(run_dir, weights)
@@ -82,7 +100,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "t
         saved = Path(work) / "saved_model"
         _save_saved_model(model, saved, info["input_size"])
         if fmt == "saved_model":
-            claim_folder(saved, SAVED_MODEL_PURPOSE, adopt_if=("saved_model.pb",))  # the marker, written as every folder's
+            claim_folder(
+                saved, SAVED_MODEL_PURPOSE, adopt_if=("saved_model.pb",)
+            )  # the marker, written as every folder's
             if out.exists():  # swap: the old export leaves only once the new one is complete beside it
                 os.replace(out, Path(work) / "old")
             os.replace(saved, out)
@@ -113,8 +133,10 @@ def check_export_target(out: Path, fmt: str, force: bool) -> None:
         entries = {p.name for p in out.iterdir()}
         # an export made before ownership marks holds the SavedModel's own files and nothing else
         if not (entries and entries <= SAVED_MODEL_FILES and record.is_file()):
-            raise FundusError(f"{out} is a folder fundus-ensemble did not export (it holds "
-                              f"{', '.join(sorted(entries)[:3]) or 'nothing'}); refusing to replace it: choose another --out")
+            raise FundusError(
+                f"{out} is a folder fundus-ensemble did not export (it holds "
+                f"{', '.join(sorted(entries)[:3]) or 'nothing'}); refusing to replace it: choose another --out"
+            )
     if record.exists():
         try:
             previous = json.loads(record.read_text(encoding="utf-8"))
@@ -122,8 +144,10 @@ def check_export_target(out: Path, fmt: str, force: bool) -> None:
         except (OSError, UnicodeDecodeError, ValueError):
             ours = False
         if not ours:
-            raise FundusError(f"{record} exists and is not the record of an export to {out.name}; refusing to "
-                              "replace it: move it or choose another --out")
+            raise FundusError(
+                f"{record} exists and is not the record of an export to {out.name}; refusing to "
+                "replace it: move it or choose another --out"
+            )
 
 
 def decision_changes(reference: np.ndarray, probs: np.ndarray, thresholds: float | np.ndarray = 0.5) -> dict:
@@ -134,12 +158,18 @@ def decision_changes(reference: np.ndarray, probs: np.ndarray, thresholds: float
     if reference.shape != probs.shape or reference.ndim != 2:
         raise FundusError(f"need two (patients, classes) arrays of one shape, got {reference.shape} and {probs.shape}")
     changed = (reference > thresholds) != (probs > thresholds)
-    return {"cells": int(changed.sum()), "of_cells": int(changed.size), "patients": int(changed.any(axis=1).sum()),
-            "of_patients": int(changed.shape[0]), "agreement": float(1 - changed.mean()) if changed.size else 1.0}
+    return {
+        "cells": int(changed.sum()),
+        "of_cells": int(changed.size),
+        "patients": int(changed.any(axis=1).sum()),
+        "of_patients": int(changed.shape[0]),
+        "agreement": float(1 - changed.mean()) if changed.size else 1.0,
+    }
 
 
-def check_export_on_split(run_dir: str | os.PathLike, exported: str | os.PathLike, prep_dir: str | os.PathLike,
-                          split: str = "val") -> dict:
+def check_export_on_split(
+    run_dir: str | os.PathLike, exported: str | os.PathLike, prep_dir: str | os.PathLike, split: str = "val"
+) -> dict:
     """Run the Keras ensemble and the export on the colour views of ``split`` in a preprocessing
     folder and compare them: the largest probability difference and :func:`decision_changes`."""
     from ..data.manifest import load_manifest
@@ -158,11 +188,16 @@ def check_export_on_split(run_dir: str | os.PathLike, exported: str | os.PathLik
             if image is None or image.shape[:2] != (info["input_size"],) * 2:
                 raise FundusError(f"{manifest.image_path(path)}: not a {info['input_size']} px colour view of this run")
             eyes.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-        keras_probs.append(np.asarray(model.predict_on_batch({INPUT_NAMES[0]: eyes[0][None], INPUT_NAMES[1]: eyes[1][None]}))[0])
+        keras_probs.append(
+            np.asarray(model.predict_on_batch({INPUT_NAMES[0]: eyes[0][None], INPUT_NAMES[1]: eyes[1][None]}))[0]
+        )
         export_probs.append(run(*eyes))
     keras_probs, export_probs = np.array(keras_probs), np.array(export_probs)
-    return {"split": split, "max_abs_diff": float(np.abs(keras_probs - export_probs).max()),
-            **decision_changes(keras_probs, export_probs)}
+    return {
+        "split": split,
+        "max_abs_diff": float(np.abs(keras_probs - export_probs).max()),
+        **decision_changes(keras_probs, export_probs),
+    }
 
 
 def _save_saved_model(model: keras.Model, path: Path, size: int) -> None:
@@ -196,7 +231,9 @@ def _convert_tflite(saved_model: Path, quantize: str) -> bytes:
     return converter.convert()
 
 
-def load_exported(path: str | os.PathLike, threads: int | None = None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def load_exported(
+    path: str | os.PathLike, threads: int | None = None
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """A function ``(left, right) -> (8,) probabilities`` running an exported model (TFLite or SavedModel)."""
     import tensorflow as tf
 

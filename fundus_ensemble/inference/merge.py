@@ -34,7 +34,9 @@ def merge_predictions(folders: list[str | os.PathLike], out_dir: str | os.PathLi
     for folder in map(Path, folders):
         record_path = folder / "predict.json"
         if not record_path.is_file() or not (folder / "predictions.csv").is_file():
-            raise FundusError(f"{folder}: no finished predictions (predict.json, predictions.csv); run predict.py there first")
+            raise FundusError(
+                f"{folder}: no finished predictions (predict.json, predictions.csv); run predict.py there first"
+            )
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if not record.get("shard"):
             raise FundusError(f"{folder}: not a shard (predict.py ran without --shard); nothing to merge")
@@ -45,10 +47,14 @@ def merge_predictions(folders: list[str | os.PathLike], out_dir: str | os.PathLi
     first = next(iter(shards.values()))[1]
     count = first["shard"][1]
     for folder, record in shards.values():
-        differ = [k for k in SAME if record.get(k) != first.get(k)] + (["shard count"] if record["shard"][1] != count else [])
+        differ = [k for k in SAME if record.get(k) != first.get(k)] + (
+            ["shard count"] if record["shard"][1] != count else []
+        )
         if differ:
-            raise FundusError(f"{folder} is a shard of another job than {next(iter(shards.values()))[0]} "
-                              f"(they differ in {', '.join(differ)})")
+            raise FundusError(
+                f"{folder} is a shard of another job than {next(iter(shards.values()))[0]} "
+                f"(they differ in {', '.join(differ)})"
+            )
     missing = sorted(set(range(1, count + 1)) - set(shards))
     if missing:
         raise FundusError(f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} missing: give all {count}")
@@ -75,10 +81,14 @@ def merge_predictions(folders: list[str | os.PathLike], out_dir: str | os.PathLi
     with folder_lock(out, "predictions"):
         header, rows = tables["decisions.csv"]
         atomic_write_text(out / "decisions.csv", csv_for_people(header, rows))
-        record = {**{k: first.get(k) for k in SAME}, "shard": None, "merged_from": [str(shards[i][0]) for i in sorted(shards)],
-                  "patients": sum(r["patients"] for _, r in shards.values()),
-                  "predicted": sum(r.get("predicted", 0) for _, r in shards.values()),
-                  "rejected": sum(r.get("rejected", 0) for _, r in shards.values())}
+        record = {
+            **{k: first.get(k) for k in SAME},
+            "shard": None,
+            "merged_from": [str(shards[i][0]) for i in sorted(shards)],
+            "patients": sum(r["patients"] for _, r in shards.values()),
+            "predicted": sum(r.get("predicted", 0) for _, r in shards.values()),
+            "rejected": sum(r.get("rejected", 0) for _, r in shards.values()),
+        }
         atomic_write_json(out / "predict.json", record)
         header, rows = tables["predictions.csv"]
         atomic_write_text(out / "predictions.csv", csv_for_people(header, rows))  # last: its presence means done

@@ -31,8 +31,15 @@ from ..data.manifest import check_image_file, check_relative_path, read_csv_rows
 from ..errors import FundusError, ImageError, warn_once
 from ..evaluation.calibration import ClassCalibration, load_calibration_file
 from ..evaluation.ensemble import average_probabilities, exact, load_view_model, predictions_csv, run_views
-from ..fileio import (atomic_write_bytes, atomic_write_json, atomic_write_text, claim_folder, csv_for_people,
-                      folder_lock, remove_owned)
+from ..fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    claim_folder,
+    csv_for_people,
+    folder_lock,
+    remove_owned,
+)
 from ..labels import INPUT_NAMES, LABELS
 from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.train import CARD_NAME
@@ -82,7 +89,10 @@ def patients_in_folder(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN
             raise FundusError(f"{path}: --pattern matched eye {match['eye']!r}; expected left or right")
         header = _dicom_header(path)
         if header is not None and header.laterality is not None and not match:
-            pid, eye = header.patient_id or path.stem, header.laterality  # a camera's file: its header says whose and which eye
+            pid, eye = (
+                header.patient_id or path.stem,
+                header.laterality,
+            )  # a camera's file: its header says whose and which eye
         slot = eyes.setdefault(pid, {})
         if eye in slot:
             raise FundusError(f"{folder}: patient {pid!r} has two {eye} photos ({slot[eye].name} and {path.name})")
@@ -135,7 +145,9 @@ def patients_in_manifest(path: str | os.PathLike, image_root: str | os.PathLike 
         if not pid:
             raise FundusError(f"{path}, row {index}, column 'patient_id', value '': patient id is empty")
         if pid in seen:
-            raise FundusError(f"{path}, row {index}, column 'patient_id', value {pid!r}: duplicate (first in row {seen[pid]})")
+            raise FundusError(
+                f"{path}, row {index}, column 'patient_id', value {pid!r}: duplicate (first in row {seen[pid]})"
+            )
         seen[pid] = index
         eyes = {}
         for eye in ("left", "right"):
@@ -198,16 +210,21 @@ def predict_photos(
             earlier = json.loads((staging / JOB_FILE).read_text(encoding="utf-8"))
             if earlier != job:
                 differ = sorted(k for k in job if job[k] != earlier.get(k))
-                raise FundusError(f"{out} holds an unfinished run of another job (it differs in {', '.join(differ)}); "
-                                  "run it as it was, or without --resume to start over")
+                raise FundusError(
+                    f"{out} holds an unfinished run of another job (it differs in {', '.join(differ)}); "
+                    "run it as it was, or without --resume to start over"
+                )
         else:
             for leftover in out.glob(f"{STAGING}*"):  # a killed run's: the lock says it is not running
                 remove_owned(leftover, "unfinished predictions")
         claim_folder(staging, "unfinished predictions")
         atomic_write_json(staging / JOB_FILE, job)
-        summary = _predict_into(staging, run_dir, patients, batch_size, max_pixels, progress, calibration,
-                                explain, explain_classes, report)
-        atomic_write_json(staging / RECORD_FILE, {**job, "predicted": summary["predicted"], "rejected": summary["rejected"]})
+        summary = _predict_into(
+            staging, run_dir, patients, batch_size, max_pixels, progress, calibration, explain, explain_classes, report
+        )
+        atomic_write_json(
+            staging / RECORD_FILE, {**job, "predicted": summary["predicted"], "rejected": summary["rejected"]}
+        )
         _move_in(staging, out)
         remove_owned(staging, "unfinished predictions")
     summary["out_dir"] = str(out)
@@ -229,9 +246,18 @@ def _job(run_dir, patients, batch_size, max_pixels, source, explain, explain_cla
     for view in run_views(run_dir):
         card_path = Path(run_dir) / view / CARD_NAME
         cards[view] = hashlib.sha256(card_path.read_bytes()).hexdigest() if card_path.is_file() else None
-    return {"run": str(Path(run_dir).resolve()), "cards_sha256": cards, "patients": len(patients),
-            "patients_sha256": listing, "batch_size": batch_size, "max_pixels": max_pixels, "thresholds": source,
-            "explain": bool(explain), "explain_classes": explain_classes, "shard": list(shard) if shard else None}
+    return {
+        "run": str(Path(run_dir).resolve()),
+        "cards_sha256": cards,
+        "patients": len(patients),
+        "patients_sha256": listing,
+        "batch_size": batch_size,
+        "max_pixels": max_pixels,
+        "thresholds": source,
+        "explain": bool(explain),
+        "explain_classes": explain_classes,
+        "shard": list(shard) if shard else None,
+    }
 
 
 class Predictor:
@@ -242,39 +268,55 @@ class Predictor:
     every class). ``explain`` readies Grad-CAM for :meth:`predict_chunk`'s heatmaps.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, calibration: str | os.PathLike | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, explain: bool = False):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        calibration: str | os.PathLike | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        explain: bool = False,
+    ):
         self.run_dir = run_dir
         self.max_pixels = max_pixels
-        self.fitted, self.source = (load_calibration_file(calibration) if calibration is not None
-                                    else (None, "default 0.5"))
+        self.fitted, self.source = (
+            load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
+        )
         self.views = run_views(run_dir)
         self.models = {view: load_view_model(run_dir, view) for view in self.views}
         sizes = {card["input_size"] for _, card in self.models.values()}
         if len(sizes) != 1:
             raise FundusError(f"{run_dir}: the view models take different sizes {sorted(sizes)}")
         self.size = sizes.pop()
-        advice = cpu_backend_advice(keras.backend.backend(), accelerator_count(),
-                                    str(self.models[self.views[0]][1].get("backbone", "")))
+        advice = cpu_backend_advice(
+            keras.backend.backend(), accelerator_count(), str(self.models[self.views[0]][1].get("backbone", ""))
+        )
         if advice:
             warn_once(advice)
-        self.thresholds = ([_raw_threshold(c) for c in self.fitted.classes] if self.fitted is not None
-                           else [THRESHOLD] * len(LABELS))
+        self.thresholds = (
+            [_raw_threshold(c) for c in self.fitted.classes] if self.fitted is not None else [THRESHOLD] * len(LABELS)
+        )
         self.cams = {view: GradCam(model) for view, (model, _) in self.models.items()} if explain else {}
 
     @property
     def provenance(self) -> dict:
         """Which model makes the numbers: the run, whether calibrated, and each view model's card."""
-        return {"run": str(self.run_dir), "calibrated": self.fitted is not None,
-                "models": {view: card for view, (_, card) in self.models.items()}}
+        return {
+            "run": str(self.run_dir),
+            "calibrated": self.fitted is not None,
+            "models": {view: card for view, (_, card) in self.models.items()},
+        }
 
     def calibrated(self, ensemble: np.ndarray) -> np.ndarray:
         """The probabilities predictions.csv holds: the ensemble's, through the calibration if any."""
         return self.fitted.apply(ensemble) if self.fitted is not None else ensemble
 
-    def predict_chunk(self, chunk: list[PatientPhotos], explain_classes: list[str] | None = None,
-                      heatmap_folder: Path | None = None, stems: dict[str, str] | None = None,
-                      collect: dict | None = None) -> tuple[list, list[list[str]], int]:
+    def predict_chunk(
+        self,
+        chunk: list[PatientPhotos],
+        explain_classes: list[str] | None = None,
+        heatmap_folder: Path | None = None,
+        stems: dict[str, str] | None = None,
+        collect: dict | None = None,
+    ) -> tuple[list, list[list[str]], int]:
         """One batch of patients: ``(results, heatmap rows, photos read)``.
 
         ``results`` holds ``(patient, result, note)`` in ``chunk``'s order, ``result`` None for a
@@ -295,7 +337,9 @@ class Predictor:
                 if photo is None:
                     continue
                 try:
-                    made[eye] = {v: view_to_model_input(a) for v, a in make_views(photo, size, views, self.max_pixels).items()}
+                    made[eye] = {
+                        v: view_to_model_input(a) for v, a in make_views(photo, size, views, self.max_pixels).items()
+                    }
                 except ImageError as exc:
                     reasons.append(f"{eye}: {exc}")
                 images += 1
@@ -318,21 +362,40 @@ class Predictor:
             per_eye[v] = {"left": _predict(model, left, left), "right": _predict(model, right, right)}
         ensemble = average_probabilities(per_view)
         if self.cams:
-            explained += _explain_chunk(self.cams, inputs, np.array(one_eyed), usable, ensemble, self.thresholds,
-                                        explain_classes, size, heatmap_folder, self.max_pixels,
-                                        stems if stems is not None else {}, collect)
+            explained += _explain_chunk(
+                self.cams,
+                inputs,
+                np.array(one_eyed),
+                usable,
+                ensemble,
+                self.thresholds,
+                explain_classes,
+                size,
+                heatmap_folder,
+                self.max_pixels,
+                stems if stems is not None else {},
+                collect,
+            )
         for k, (patient, present, note) in enumerate(usable):
-            results.append((patient, {
-                "ensemble": ensemble[k], "views": {v: per_view[v][k] for v in views},
-                "eyes": {(v, eye): per_eye[v][eye][k] for v in views for eye in present},
-            }, note))
+            results.append(
+                (
+                    patient,
+                    {
+                        "ensemble": ensemble[k],
+                        "views": {v: per_view[v][k] for v in views},
+                        "eyes": {(v, eye): per_eye[v][eye][k] for v in views for eye in present},
+                    },
+                    note,
+                )
+            )
         order = {id(p): i for i, p in enumerate(chunk)}  # rejected first above: back to the input's order
         results.sort(key=lambda r: order[id(r[0])])
         return results, explained, images
 
 
-def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress, calibration, explain,
-                  explain_classes, report) -> dict:
+def _predict_into(
+    out: Path, run_dir, patients, batch_size, max_pixels, progress, calibration, explain, explain_classes, report
+) -> dict:
     """predict_photos' work, every output written into ``out`` (the staging folder)."""
     predictor = Predictor(run_dir, calibration, max_pixels, explain)
     views, thresholds, source = predictor.views, predictor.thresholds, predictor.source
@@ -345,25 +408,39 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
     done = {int(f.stem) for f in batches.glob("*.json")}  # a resumed run's finished batches
     for f in sorted(batches.glob("*.json")):
         stems.update(json.loads(f.read_text(encoding="utf-8"))["stems"])
-    earlier = sum(len(patients[first:first + batch_size]) for first in done)
+    earlier = sum(len(patients[first : first + batch_size]) for first in done)
     if earlier:
         print(f"resuming: {earlier} of {len(patients)} patients were predicted before", flush=True)
 
     start, images = time.perf_counter(), 0
-    bar = tqdm(total=sum((p.left is not None) + (p.right is not None) for p in patients), desc="predict", unit="img",
-               disable=None if progress else True)  # None: no bar when not on a terminal
-    bar.update(sum((p.left is not None) + (p.right is not None) for first in done for p in patients[first:first + batch_size]))
+    bar = tqdm(
+        total=sum((p.left is not None) + (p.right is not None) for p in patients),
+        desc="predict",
+        unit="img",
+        disable=None if progress else True,
+    )  # None: no bar when not on a terminal
+    bar.update(
+        sum(
+            (p.left is not None) + (p.right is not None) for first in done for p in patients[first : first + batch_size]
+        )
+    )
     for first in range(0, len(patients), batch_size):
         if first in done:
             continue
         before = dict(stems)
         collect = cards if report and len(cards) < REPORT_MAX_PATIENTS else None
-        results, explained, read = predictor.predict_chunk(patients[first : first + batch_size], explain_classes,
-                                                           out / HEATMAP_DIR, stems, collect)
+        results, explained, read = predictor.predict_chunk(
+            patients[first : first + batch_size], explain_classes, out / HEATMAP_DIR, stems, collect
+        )
         images += read
         bar.update(read)
-        _save_batch(batches / f"{first:09d}.json", results, explained, {k: v for k, v in stems.items() if k not in before},
-                    views)
+        _save_batch(
+            batches / f"{first:09d}.json",
+            results,
+            explained,
+            {k: v for k, v in stems.items() if k not in before},
+            views,
+        )
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -385,27 +462,45 @@ def _predict_into(out: Path, run_dir, patients, batch_size, max_pixels, progress
     if report:
         from .report import write_prediction_report  # matplotlib and the page code only when asked for
 
-        shown = [card_of(patient, result, note, thresholds, cards.get(patient.patient_id))
-                 for patient, result, note in results if result is None or patient.patient_id in cards]
+        shown = [
+            card_of(patient, result, note, thresholds, cards.get(patient.patient_id))
+            for patient, result, note in results
+            if result is None or patient.patient_id in cards
+        ]
         write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary, predictor.provenance)
-    return {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok), "images": images,
-            "resumed": earlier,
-            "seconds": seconds, "images_per_s": images / seconds if seconds else None, "input_size": predictor.size,
-            "heatmaps": len(explained),
-            "rejections": [(p.patient_id, note) for p, r, note in results if r is None],
-            "eyes_rejected": [(p.patient_id, note) for p, r, note in results if r is not None and note]}
+    return {
+        "patients": len(patients),
+        "predicted": len(ok),
+        "rejected": len(results) - len(ok),
+        "images": images,
+        "resumed": earlier,
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds else None,
+        "input_size": predictor.size,
+        "heatmaps": len(explained),
+        "rejections": [(p.patient_id, note) for p, r, note in results if r is None],
+        "eyes_rejected": [(p.patient_id, note) for p, r, note in results if r is not None and note],
+    }
 
 
-def card_of(patient: PatientPhotos, result: dict | None, note: str, thresholds: list[float],
-            shown: dict | None) -> dict:
+def card_of(
+    patient: PatientPhotos, result: dict | None, note: str, thresholds: list[float], shown: dict | None
+) -> dict:
     """What a page shows of one patient (:func:`.report.prediction_cards`): its decisions, and the
     eyes and heatmaps ``shown`` holds (the ``collect`` of :meth:`Predictor.predict_chunk`)."""
     if result is None:
         return {"patient_id": patient.patient_id, "status": "rejected", "note": note}
     probability = [float(v) for v in result["ensemble"]]
     decision = [p > t for p, t in zip(probability, thresholds)]  # as decisions.csv decides
-    return {"patient_id": patient.patient_id, "status": "ok", "note": note, **(shown or {"eyes": {}, "heatmaps": {}}),
-            "probability": probability, "threshold": list(thresholds), "decision": decision}
+    return {
+        "patient_id": patient.patient_id,
+        "status": "ok",
+        "note": note,
+        **(shown or {"eyes": {}, "heatmaps": {}}),
+        "probability": probability,
+        "threshold": list(thresholds),
+        "decision": decision,
+    }
 
 
 def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str, str], views) -> None:
@@ -414,9 +509,11 @@ def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str
     for patient, result, note in results:
         row = {"patient_id": patient.patient_id, "note": note}
         if result is not None:
-            row.update(ensemble=[float(x) for x in result["ensemble"]],
-                       views={v: [float(x) for x in result["views"][v]] for v in views},
-                       eyes={f"{v}/{eye}": [float(x) for x in p] for (v, eye), p in result["eyes"].items()})
+            row.update(
+                ensemble=[float(x) for x in result["ensemble"]],
+                views={v: [float(x) for x in result["views"][v]] for v in views},
+                eyes={f"{v}/{eye}": [float(x) for x in p] for (v, eye), p in result["eyes"].items()},
+            )
         rows.append(row)
     atomic_write_json(path, {"patients": rows, "explained": explained, "stems": stems})
 
@@ -429,10 +526,17 @@ def _load_batch(path: Path) -> tuple[list, list[list[str]]]:
         if "ensemble" not in row:
             results.append((patient, None, row["note"]))
             continue
-        results.append((patient, {
-            "ensemble": np.array(row["ensemble"]), "views": {v: np.array(p) for v, p in row["views"].items()},
-            "eyes": {tuple(k.split("/")): np.array(p) for k, p in row["eyes"].items()},
-        }, row["note"]))
+        results.append(
+            (
+                patient,
+                {
+                    "ensemble": np.array(row["ensemble"]),
+                    "views": {v: np.array(p) for v, p in row["views"].items()},
+                    "eyes": {tuple(k.split("/")): np.array(p) for k, p in row["eyes"].items()},
+                },
+                row["note"],
+            )
+        )
     return results, data["explained"]
 
 
@@ -457,15 +561,29 @@ def _move_in(staging: Path, out: Path) -> None:
             os.replace(staging / name, out / name)
 
 
-def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes, size, folder: Path | None, max_pixels,
-                   stems: dict[str, str], collect: dict | None = None) -> list[list[str]]:
+def _explain_chunk(
+    cams,
+    inputs,
+    one_eyed,
+    usable,
+    ensemble,
+    thresholds,
+    classes,
+    size,
+    folder: Path | None,
+    max_pixels,
+    stems: dict[str, str],
+    collect: dict | None = None,
+) -> list[list[str]]:
     """Grad-CAM of one batch of patients, averaged over the view models; writes PNG overlays and .npy arrays.
 
     ``collect`` receives, per patient, the eye photos and heatmaps a report card shows; with
     ``folder`` None nothing is written (the web app answers from memory).
     """
     decided = ensemble > np.asarray(thresholds)  # thresholds are finite: the calibration allows no other
-    wanted = [[LABELS.index(c) for c in classes] if classes is not None else list(np.flatnonzero(row)) for row in decided]
+    wanted = [
+        [LABELS.index(c) for c in classes] if classes is not None else list(np.flatnonzero(row)) for row in decided
+    ]
     needed = sorted({c for w in wanted for c in w})
     heat = None
     if needed:
@@ -495,8 +613,17 @@ def _explain_chunk(cams, inputs, one_eyed, usable, ensemble, thresholds, classes
                 np.save(buffer, heat[j, k, eye_index])
                 atomic_write_bytes(folder / f"{stem}.npy", buffer.getvalue())
                 atomic_write_bytes(folder / f"{stem}.png", encode_png(overlay(photo, heat[j, k, eye_index])))
-                rows.append([patient.patient_id, eye, LABELS[c], f"{ensemble[k, c]:.6f}", str(int(decided[k, c])),
-                             f"{stem}.png", f"{stem}.npy"])
+                rows.append(
+                    [
+                        patient.patient_id,
+                        eye,
+                        LABELS[c],
+                        f"{ensemble[k, c]:.6f}",
+                        str(int(decided[k, c])),
+                        f"{stem}.png",
+                        f"{stem}.npy",
+                    ]
+                )
     return rows
 
 
@@ -534,7 +661,17 @@ def _raw_threshold(c: ClassCalibration) -> float:
 
 def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
     eye_columns = [f"{v}_{eye}" for v in views for eye in ("left", "right")]
-    header = ["patient_id", "status", "note", "class", "probability", "threshold", "threshold_source", "decision", *eye_columns]
+    header = [
+        "patient_id",
+        "status",
+        "note",
+        "class",
+        "probability",
+        "threshold",
+        "threshold_source",
+        "decision",
+        *eye_columns,
+    ]
     rows = []
     for patient, result, note in results:
         if result is None:
@@ -542,7 +679,13 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
             continue
         for j, label in enumerate(LABELS):
             p = float(result["ensemble"][j])
-            eyes = [exact(result["eyes"][(v, eye)][j]) if (v, eye) in result["eyes"] else "" for v in views for eye in ("left", "right")]
+            eyes = [
+                exact(result["eyes"][(v, eye)][j]) if (v, eye) in result["eyes"] else ""
+                for v in views
+                for eye in ("left", "right")
+            ]
             threshold = thresholds[j]
-            rows.append([patient.patient_id, "ok", note, label, exact(p), exact(threshold), source, int(p > threshold), *eyes])
+            rows.append(
+                [patient.patient_id, "ok", note, label, exact(p), exact(threshold), source, int(p > threshold), *eyes]
+            )
     return csv_for_people(header, rows)

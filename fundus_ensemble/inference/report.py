@@ -37,7 +37,7 @@ img{max-width:100%%}.note{color:#555;font-size:0.9em;max-width:900px}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}.case{border:1px solid #ddd;padding:6px;font-size:0.8em;width:max-content}
 .case img{width:%dpx;height:auto;max-width:none;margin-right:2px}.pos{color:#b00;font-weight:bold}
 .card{width:auto;margin-bottom:10px}.photos{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;text-align:center}
-""" % (THUMB,)
+""" % (THUMB,)  # noqa: UP031 (a CSS sheet full of braces: %-formatting keeps them unescaped)
 
 
 def _plt():
@@ -73,26 +73,38 @@ def _img(uri: str, alt: str, extra: str = "") -> str:
 
 def page(title: str, sections: list[str], head: str = "") -> str:
     """A whole self-contained page: the project's style, ``head`` (more ``<head>`` markup), the sections."""
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style>{head}</head><body>\n"
-            f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style>{head}</head><body>\n"
+        f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
+    )
 
 
 # --- a scored split ---------------------------------------------------------------------------
 
+
 def _score_table(report: dict) -> str:
-    head = "<tr><th>model</th><th>kappa</th><th>F1</th><th>AUC</th><th>final</th>" + "".join(
-        f"<th>AUC {c}</th>" for c in LABELS) + "</tr>"
+    head = (
+        "<tr><th>model</th><th>kappa</th><th>F1</th><th>AUC</th><th>final</th>"
+        + "".join(f"<th>AUC {c}</th>" for c in LABELS)
+        + "</tr>"
+    )
     rows = []
     entries = [(name, s, "") for name, s in report["models"].items()] + [("ensemble", report["ensemble"], "")]
     entries += [(name, s, "trivial") for name, s in report.get("trivial", {}).items()]
     for name, s, kind in entries:
         per_class = s.get("per_class", {})
-        aucs = "".join(f"<td>{'n/a' if per_class.get(c, {}).get('auc') is None else format(per_class[c]['auc'], '.3f')}</td>"
-                       for c in LABELS)
+        aucs = "".join(
+            f"<td>{'n/a' if per_class.get(c, {}).get('auc') is None else format(per_class[c]['auc'], '.3f')}</td>"
+            for c in LABELS
+        )
         bold = ("<b>", "</b>") if name == "ensemble" else ("", "")
-        rows.append(f'<tr class="{kind}"><td>{bold[0]}{html.escape(name)}{bold[1]}</td>' + "".join(
-            f"<td>{s[k]:.4f}</td>" for k in ("kappa", "f1", "auc", "final")) + aucs + "</tr>")
+        rows.append(
+            f'<tr class="{kind}"><td>{bold[0]}{html.escape(name)}{bold[1]}</td>'
+            + "".join(f"<td>{s[k]:.4f}</td>" for k in ("kappa", "f1", "auc", "final"))
+            + aucs
+            + "</tr>"
+        )
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -166,10 +178,14 @@ def _confusion(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> str:
         tp, fp, fn, tn = int((t & d).sum()), int((~t & d).sum()), int((t & ~d).sum()), int((~t & ~d).sum())
         sens = f"{tp / (tp + fn):.2f}" if tp + fn else "n/a"
         spec = f"{tn / (tn + fp):.2f}" if tn + fp else "n/a"
-        rows.append(f"<tr><td>{c} {LABEL_NAMES[c]}</td><td>{tp}</td><td>{fp}</td><td>{fn}</td><td>{tn}</td>"
-                    f"<td>{sens}</td><td>{spec}</td></tr>")
-    return ("<table><tr><th>class</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th><th>sensitivity</th>"
-            f"<th>specificity</th></tr>{''.join(rows)}</table>")
+        rows.append(
+            f"<tr><td>{c} {LABEL_NAMES[c]}</td><td>{tp}</td><td>{fp}</td><td>{fn}</td><td>{tn}</td>"
+            f"<td>{sens}</td><td>{spec}</td></tr>"
+        )
+    return (
+        "<table><tr><th>class</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th><th>sensitivity</th>"
+        f"<th>specificity</th></tr>{''.join(rows)}</table>"
+    )
 
 
 def _history(run_dir: Path, views: tuple[str, ...]) -> str:
@@ -183,7 +199,7 @@ def _history(run_dir: Path, views: tuple[str, ...]) -> str:
             rows = list(csv.DictReader(handle))
         epochs = [int(r["epoch"]) for r in rows]
 
-        def column(name):
+        def column(name, rows=rows):
             return [float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows]
 
         axes[0].plot(epochs, column("loss"), color=f"C{k}", label=f"{view} train")
@@ -196,8 +212,16 @@ def _history(run_dir: Path, views: tuple[str, ...]) -> str:
         kept = _kept_epoch(run_dir / view)
         if kept in epochs:
             score = column("val_final_score")[epochs.index(kept)]
-            axes[1].plot([kept], [score], marker="*", ms=13, color=f"C{k}", mec="black", ls="none",
-                         label=f"{view}: kept checkpoint (epoch {kept})")
+            axes[1].plot(
+                [kept],
+                [score],
+                marker="*",
+                ms=13,
+                color=f"C{k}",
+                mec="black",
+                ls="none",
+                label=f"{view}: kept checkpoint (epoch {kept})",
+            )
     axes[0].set_title("loss (weighted BCE)")
     axes[1].set_title("validation ODIR final score")
     for ax in axes:
@@ -215,12 +239,22 @@ def _kept_epoch(view_dir: Path) -> int | None:
         return None
 
 
-def _gallery(run_dir: Path, prep_dir: Path, split: str, ids: list[str], y_true: np.ndarray, y_prob: np.ndarray,
-             per_group: int, threshold: float) -> str:
+def _gallery(
+    run_dir: Path,
+    prep_dir: Path,
+    split: str,
+    ids: list[str],
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    per_group: int,
+    threshold: float,
+) -> str:
     """Per class: the most confident true positives, false positives and false negatives, with heatmaps."""
     views = run_views(run_dir)
     manifest = load_manifest(prep_dir / views[0] / "manifest.csv", check_files=False).select(split)
-    stores = {v: ImageStore(load_manifest(prep_dir / v / "manifest.csv", check_files=False), None, cache=False) for v in views}
+    stores = {
+        v: ImageStore(load_manifest(prep_dir / v / "manifest.csv", check_files=False), None, cache=False) for v in views
+    }
     models = {v: load_view_model(run_dir, v) for v in views}
     cams = {v: GradCam(m) for v, (m, _) in models.items()}
     size = models[views[0]][1]["input_size"]
@@ -230,15 +264,22 @@ def _gallery(run_dir: Path, prep_dir: Path, split: str, ids: list[str], y_true: 
         t, p = y_true[:, j].astype(bool), y_prob[:, j]
         groups[c] = {
             "true positives (most confident)": [i for i in np.argsort(-p) if t[i] and p[i] > threshold][:per_group],
-            "false positives (most confident)": [i for i in np.argsort(-p) if not t[i] and p[i] > threshold][:per_group],
+            "false positives (most confident)": [i for i in np.argsort(-p) if not t[i] and p[i] > threshold][
+                :per_group
+            ],
             "false negatives (most missed)": [i for i in np.argsort(p) if t[i] and p[i] <= threshold][:per_group],
         }
     shown = sorted({i for g in groups.values() for chosen in g.values() for i in chosen})
     heat, thumbs = {}, {}
     for first in range(0, len(shown), 16):  # every class's heatmap of a batch of shown patients at once
-        batch = shown[first:first + 16]
-        eyes = [[patients[ids[i]].left_image or patients[ids[i]].right_image,
-                 patients[ids[i]].right_image or patients[ids[i]].left_image] for i in batch]
+        batch = shown[first : first + 16]
+        eyes = [
+            [
+                patients[ids[i]].left_image or patients[ids[i]].right_image,
+                patients[ids[i]].right_image or patients[ids[i]].left_image,
+            ]
+            for i in batch
+        ]
         same = np.array([left == right for left, right in eyes])
         maps = {}
         for v in views:
@@ -249,8 +290,14 @@ def _gallery(run_dir: Path, prep_dir: Path, split: str, ids: list[str], y_true: 
         shown_view = "color" if "color" in views else views[0]
         for k, i in enumerate(batch):
             heat[i] = averaged[:, k]
-            thumbs[i] = [cv2.resize(cv2.cvtColor(np.uint8(stores[shown_view](e)), cv2.COLOR_RGB2BGR), (THUMB, THUMB),
-                                    interpolation=cv2.INTER_CUBIC) for e in eyes[k]]
+            thumbs[i] = [
+                cv2.resize(
+                    cv2.cvtColor(np.uint8(stores[shown_view](e)), cv2.COLOR_RGB2BGR),
+                    (THUMB, THUMB),
+                    interpolation=cv2.INTER_CUBIC,
+                )
+                for e in eyes[k]
+            ]
     parts = []
     for j, c in enumerate(LABELS):
         parts.append(f"<h3>{c} {LABEL_NAMES[c]}</h3>")
@@ -263,20 +310,31 @@ def _gallery(run_dir: Path, prep_dir: Path, split: str, ids: list[str], y_true: 
                 images = []
                 for e, eye in enumerate(("left", "right")):
                     images.append(_img(_image_uri(thumbs[i][e]), f"{ids[i]} {eye} eye"))
-                    images.append(_img(_image_uri(overlay(thumbs[i][e], heat[i][j, e])), f"{ids[i]} {eye} eye, {c} heatmap"))
-                cases.append(f'<div class="case">{"".join(images)}<br>{html.escape(ids[i])}: p({c}) = '
-                             f"{probability_text(y_prob[i, j], threshold)} against {threshold}, label {int(y_true[i, j])} "
-                             "&middot; left eye, its heatmap, right eye, its heatmap</div>")
+                    images.append(
+                        _img(_image_uri(overlay(thumbs[i][e], heat[i][j, e])), f"{ids[i]} {eye} eye, {c} heatmap")
+                    )
+                cases.append(
+                    f'<div class="case">{"".join(images)}<br>{html.escape(ids[i])}: p({c}) = '
+                    f"{probability_text(y_prob[i, j], threshold)} against {threshold}, label {int(y_true[i, j])} "
+                    "&middot; left eye, its heatmap, right eye, its heatmap</div>"
+                )
             parts.append(f"<p>{title}</p><div class=gallery>{''.join(cases)}</div>")
     return "\n".join(parts)
 
 
-def write_score_report(run_dir: str | os.PathLike, prep_dir: str | os.PathLike, score_dir: str | os.PathLike,
-                       out_path: str | os.PathLike | None = None, gallery: int = 3) -> Path:
+def write_score_report(
+    run_dir: str | os.PathLike,
+    prep_dir: str | os.PathLike,
+    score_dir: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    gallery: int = 3,
+) -> Path:
     """The report of a split scored by ``score.py`` (its ``score.json`` and ``predictions_detail.csv``)."""
     run, prep, score = Path(run_dir), Path(prep_dir), Path(score_dir)
     if not (score / "score.json").is_file():
-        raise FundusError(f"{score / 'score.json'} not found; score the split first (scripts/score.py, or --report there)")
+        raise FundusError(
+            f"{score / 'score.json'} not found; score the split first (scripts/score.py, or --report there)"
+        )
     report = json.loads((score / "score.json").read_text())
     with open(score / "predictions_detail.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -303,9 +361,11 @@ def write_score_report(run_dir: str | os.PathLike, prep_dir: str | os.PathLike, 
         f"<h2>Training curves</h2>{_img(_history(run, views), 'training curves')}",
     ]
     if gallery > 0:
-        sections.append("<h2>Gallery</h2><p class=note>Per class, the most confident true positives, false positives "
-                        "and false negatives, each eye beside its Grad-CAM heatmap for that class (averaged over the "
-                        "view models, red = most evidence).</p>")
+        sections.append(
+            "<h2>Gallery</h2><p class=note>Per class, the most confident true positives, false positives "
+            "and false negatives, each eye beside its Grad-CAM heatmap for that class (averaged over the "
+            "view models, red = most evidence).</p>"
+        )
         sections.append(_gallery(run, prep, report["split"], ids, y_true, y_prob, gallery, THRESHOLD))
     out = Path(out_path) if out_path is not None else score / "report.html"
     atomic_write_text(out, page(f"fundus-ensemble report: {report['split']} split", sections))
@@ -313,6 +373,7 @@ def write_score_report(run_dir: str | os.PathLike, prep_dir: str | os.PathLike, 
 
 
 # --- predictions on new photos ------------------------------------------------------------------
+
 
 def probability_text(p: float, other: float) -> str:
     """``p`` with three decimals, or as many more (up to six) as it takes to differ from ``other``:
@@ -337,16 +398,20 @@ def _provenance(provenance: dict) -> str:
             f"<td>{html.escape(str(card.get('weights_init') or 'none (from scratch)'))}</td>"
             f"<td>{html.escape(str(card.get('train_patients', '?')))} patients"
             + (f" of <code>{html.escape(str(card['data_manifest']))}</code>" if card.get("data_manifest") else "")
-            + f"</td><td>{shown}</td></tr>")
+            + f"</td><td>{shown}</td></tr>"
+        )
     run = f"Run <code>{html.escape(provenance['run'])}</code>; the" if provenance.get("run") else "The"
-    return (f"<h2>Model</h2><p class=note>{run} ensemble averages "
-            f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.</p>"
-            "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
-            f"<th>best validation final</th></tr>{''.join(rows)}</table>")
+    return (
+        f"<h2>Model</h2><p class=note>{run} ensemble averages "
+        f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.</p>"
+        "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
+        f"<th>best validation final</th></tr>{''.join(rows)}</table>"
+    )
 
 
-def write_prediction_report(cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict,
-                            provenance: dict | None = None) -> Path:
+def write_prediction_report(
+    cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict, provenance: dict | None = None
+) -> Path:
     """One card per patient: both eyes, the heatmaps of the explained classes, and the decisions.
 
     ``cards`` items hold ``patient_id``, ``status``, ``note``, ``eyes`` ({eye: BGR photo}),
@@ -354,28 +419,40 @@ def write_prediction_report(cards: list[dict], out_path: str | os.PathLike, sour
     (per class lists, absent for a rejected patient).
     """
     out = Path(out_path)
-    atomic_write_text(out, page("fundus-ensemble: predictions", prediction_sections(cards, source, summary, provenance)))
+    atomic_write_text(
+        out, page("fundus-ensemble: predictions", prediction_sections(cards, source, summary, provenance))
+    )
     return out
 
 
-def prediction_sections(cards: list[dict], source: str, summary: dict, provenance: dict | None = None,
-                        thumb: int = THUMB) -> list[str]:
+def prediction_sections(
+    cards: list[dict], source: str, summary: dict, provenance: dict | None = None, thumb: int = THUMB
+) -> list[str]:
     """The prediction page's body (:func:`write_prediction_report`), for the web app's answer too.
 
     Each decision cell carries ``data-class``, ``data-probability`` and ``data-decision``, so a
     program reads the page's decisions as a person does.
     """
     size = next(iter(provenance["models"].values())).get("input_size") if provenance else None
-    coarse = (f" Each heatmap has about {max(1, size // 32)} x {max(1, size // 32)} cells (the backbone's last feature "
-              f"map at {size} px): it shows a region, not a lesion's outline; it is drawn inside the retina only."
-              if size else "")
-    calibrated = ("; with a calibration, that probability is the raw ensemble's and the threshold is where the calibrated "
-                  "one (in predictions.csv) reaches 0.5" if provenance and provenance.get("calibrated") else "")
-    parts = [f"<p class=note>{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} "
-             f"rejected. Each class is decided by the ensemble's probability against the class threshold "
-             f"({html.escape(source)}); the page shows both{calibrated}. Heatmaps: Grad-CAM of the classes decided positive (or "
-             f"those asked for), averaged over the view models, red = most evidence.{coarse} "
-             "<b>A screening aid, not a diagnosis.</b></p>"]
+    coarse = (
+        f" Each heatmap has about {max(1, size // 32)} x {max(1, size // 32)} cells (the backbone's last feature "
+        f"map at {size} px): it shows a region, not a lesion's outline; it is drawn inside the retina only."
+        if size
+        else ""
+    )
+    calibrated = (
+        "; with a calibration, that probability is the raw ensemble's and the threshold is where the calibrated "
+        "one (in predictions.csv) reaches 0.5"
+        if provenance and provenance.get("calibrated")
+        else ""
+    )
+    parts = [
+        f"<p class=note>{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} "
+        f"rejected. Each class is decided by the ensemble's probability against the class threshold "
+        f"({html.escape(source)}); the page shows both{calibrated}. Heatmaps: Grad-CAM of the classes decided positive (or "
+        f"those asked for), averaged over the view models, red = most evidence.{coarse} "
+        "<b>A screening aid, not a diagnosis.</b></p>"
+    ]
     if provenance is not None:
         parts.append(_provenance(provenance))
         parts.append("<h2>Patients</h2>")
@@ -389,18 +466,24 @@ def prediction_sections(cards: list[dict], source: str, summary: dict, provenanc
         img_size = f'style="width:{thumb}px"' if thumb != THUMB else ""
         for eye, photo in card["eyes"].items():
             small = cv2.resize(photo, (thumb, thumb), interpolation=cv2.INTER_AREA)
-            images.append(f"<figure>{_img(_image_uri(small), f'{raw_id} {eye} eye', img_size)}<figcaption>{eye}</figcaption></figure>")
+            images.append(
+                f"<figure>{_img(_image_uri(small), f'{raw_id} {eye} eye', img_size)}<figcaption>{eye}</figcaption></figure>"
+            )
             for (heat_eye, c), heat in card["heatmaps"].items():
                 if heat_eye == eye:
-                    images.append(f"<figure>{_img(_image_uri(overlay(small, heat)), f'{raw_id} {eye} {c} heatmap', img_size)}"
-                                  f"<figcaption>{eye}, {c}</figcaption></figure>")
+                    images.append(
+                        f"<figure>{_img(_image_uri(overlay(small, heat)), f'{raw_id} {eye} {c} heatmap', img_size)}"
+                        f"<figcaption>{eye}, {c}</figcaption></figure>"
+                    )
         decisions = "".join(
             f'<td class="{"pos" if d else ""}" data-class="{c}" data-probability="{p!r}" data-decision="{int(d)}">'
             f"{c} {probability_text(p, t)} {'&gt;' if d else '&le;'} {probability_text(t, p)}{' &#10003;' if d else ''}</td>"
-            for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"]))
+            for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"])
+        )
         note = f"<br><span class=note>{html.escape(card['note'])}</span>" if card["note"] else ""
-        parts.append(f'<div class="case card" data-patient="{pid}"><b>{pid}</b>{note}<div class=photos>{"".join(images)}</div>'
-                     f"<table><tr><th colspan=8>probability &gt; threshold: decided positive (&#10003;)</th></tr>"
-                     f"<tr>{decisions}</tr></table></div>")
+        parts.append(
+            f'<div class="case card" data-patient="{pid}"><b>{pid}</b>{note}<div class=photos>{"".join(images)}</div>'
+            f"<table><tr><th colspan=8>probability &gt; threshold: decided positive (&#10003;)</th></tr>"
+            f"<tr>{decisions}</tr></table></div>"
+        )
     return parts
-

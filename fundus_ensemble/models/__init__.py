@@ -7,5 +7,13 @@ from .patient_classifier import build_patient_model
 from .preprocessor import BackbonePreprocess
 from .views import ColorView, EqualizedGray, WeightedAverage
 
-__all__ = ["BACKBONES", "BackbonePreprocess", "ColorView", "EqualizedGray", "WeightedAverage", "build_backbone",
-           "build_eye_model", "build_patient_model"]
+__all__ = [
+    "BACKBONES",
+    "BackbonePreprocess",
+    "ColorView",
+    "EqualizedGray",
+    "WeightedAverage",
+    "build_backbone",
+    "build_eye_model",
+    "build_patient_model",
+]

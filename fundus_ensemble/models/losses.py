@@ -71,12 +71,26 @@ class AsymmetricLoss(keras.losses.Loss):
     ``gamma_pos = gamma_neg = margin = 0`` is plain binary cross-entropy.
     """
 
-    def __init__(self, gamma_pos: float = 0.0, gamma_neg: float = 4.0, margin: float = 0.05, epsilon: float = 1e-7,
-                 name: str = "asymmetric", **kwargs):
+    def __init__(
+        self,
+        gamma_pos: float = 0.0,
+        gamma_neg: float = 4.0,
+        margin: float = 0.05,
+        epsilon: float = 1e-7,
+        name: str = "asymmetric",
+        **kwargs,
+    ):
         super().__init__(name=name, **kwargs)
         if gamma_pos < 0 or gamma_neg < 0 or not 0 <= margin < 1:
-            raise FundusError(f"asymmetric loss needs gammas >= 0 and margin in [0, 1), got {gamma_pos}, {gamma_neg}, {margin}")
-        self.gamma_pos, self.gamma_neg, self.margin, self.epsilon = float(gamma_pos), float(gamma_neg), float(margin), float(epsilon)
+            raise FundusError(
+                f"asymmetric loss needs gammas >= 0 and margin in [0, 1), got {gamma_pos}, {gamma_neg}, {margin}"
+            )
+        self.gamma_pos, self.gamma_neg, self.margin, self.epsilon = (
+            float(gamma_pos),
+            float(gamma_neg),
+            float(margin),
+            float(epsilon),
+        )
 
     def call(self, y_true, y_pred):
         p = ops.clip(ops.convert_to_tensor(y_pred), self.epsilon, 1.0 - self.epsilon)
@@ -87,8 +101,13 @@ class AsymmetricLoss(keras.losses.Loss):
         return ops.mean(-(y * positive + (1.0 - y) * negative), axis=-1)
 
     def get_config(self):
-        return {**super().get_config(), "gamma_pos": self.gamma_pos, "gamma_neg": self.gamma_neg,
-                "margin": self.margin, "epsilon": self.epsilon}
+        return {
+            **super().get_config(),
+            "gamma_pos": self.gamma_pos,
+            "gamma_neg": self.gamma_neg,
+            "margin": self.margin,
+            "epsilon": self.epsilon,
+        }
 
 
 @keras.saving.register_keras_serializable(package="fundus_ensemble")

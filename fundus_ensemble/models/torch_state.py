@@ -34,9 +34,15 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
 STORAGE_DTYPES: dict[str, np.dtype] = {
-    "FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"), "HalfStorage": np.dtype("<f2"),
-    "LongStorage": np.dtype("<i8"), "IntStorage": np.dtype("<i4"), "ShortStorage": np.dtype("<i2"),
-    "CharStorage": np.dtype("i1"), "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
+    "FloatStorage": np.dtype("<f4"),
+    "DoubleStorage": np.dtype("<f8"),
+    "HalfStorage": np.dtype("<f2"),
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"),
+    "BoolStorage": np.dtype("?"),
 }
 
 
@@ -90,7 +96,8 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _StorageType(name)
         raise UnsafePickleError(
             f"{self.source}: refusing to load {module}.{name}: a state dict of tensors needs only "
-            "OrderedDict, torch's tensor rebuild and its storage types (nothing in the file was run)")
+            "OrderedDict, torch's tensor rebuild and its storage types (nothing in the file was run)"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
@@ -124,8 +131,10 @@ def _materialize(state, storages: dict[str, np.ndarray], source: str) -> dict[st
             raise WeightsError(f"{source}: tensor {name!r} has a negative size {ref.shape}")
         elements = int(np.prod(ref.shape, dtype=object))
         if elements > data.size:
-            raise WeightsError(f"{source}: tensor {name!r} {ref.shape} has {elements} elements, more than its storage's "
-                               f"{data.size} (a state dict's tensors never repeat their storage's elements)")
+            raise WeightsError(
+                f"{source}: tensor {name!r} {ref.shape} has {elements} elements, more than its storage's "
+                f"{data.size} (a state dict's tensors never repeat their storage's elements)"
+            )
         budget -= elements * data.itemsize
         if budget < 0:
             raise WeightsError(f"{source}: its tensors take more than {MAX_SHARING} times the bytes of its storages")
@@ -133,7 +142,8 @@ def _materialize(state, storages: dict[str, np.ndarray], source: str) -> dict[st
         if ref.offset < 0 or extent > data.size or any(s < 0 for s in ref.stride):
             raise WeightsError(f"{source}: tensor {name!r} {ref.shape} reaches past its storage of {data.size}")
         view = np.lib.stride_tricks.as_strided(
-            data[ref.offset:], shape=ref.shape, strides=[s * data.itemsize for s in ref.stride], writeable=False)
+            data[ref.offset :], shape=ref.shape, strides=[s * data.itemsize for s in ref.stride], writeable=False
+        )
         out[str(name)] = np.array(view)  # a contiguous copy in torch's logical layout
     return out
 
@@ -148,7 +158,11 @@ def _read_legacy(file, source: str) -> dict[str, np.ndarray]:
     keys = _load_pickle(file, source)
     if not isinstance(keys, list):
         raise WeightsError(f"{source}: the storage key list is a {type(keys).__name__}")
-    refs = {ref.storage.key: ref.storage for ref in state.values() if isinstance(ref, _TensorRef)} if isinstance(state, dict) else {}
+    refs = (
+        {ref.storage.key: ref.storage for ref in state.values() if isinstance(ref, _TensorRef)}
+        if isinstance(state, dict)
+        else {}
+    )
     storages = {}
     for key in keys:
         ref = refs.get(str(key))
@@ -157,10 +171,14 @@ def _read_legacy(file, source: str) -> dict[str, np.ndarray]:
             raise WeightsError(f"{source}: storage {key} is {'unknown' if ref is None else 'truncated'}")
         (count,) = struct.unpack("<q", raw)
         if count < 0 or count != ref.numel:
-            raise WeightsError(f"{source}: storage {key} holds {count} elements where its tensors' record says {ref.numel}")
+            raise WeightsError(
+                f"{source}: storage {key} holds {count} elements where its tensors' record says {ref.numel}"
+            )
         data = file.read(count * ref.dtype.itemsize)
         if count < 0 or len(data) != count * ref.dtype.itemsize:
-            raise WeightsError(f"{source}: storage {key} is truncated ({len(data)} of {count * ref.dtype.itemsize} bytes)")
+            raise WeightsError(
+                f"{source}: storage {key} is truncated ({len(data)} of {count * ref.dtype.itemsize} bytes)"
+            )
         storages[str(key)] = np.frombuffer(data, ref.dtype)
     return _materialize(state, storages, source)
 
@@ -185,13 +203,15 @@ def _read_zip(path: Path, source: str) -> dict[str, np.ndarray]:
         prefix = pickles[0][: -len("data.pkl")]
         state = _load_pickle(io.BytesIO(_stored_member(archive, pickles[0], source)), source)
         storages = {}
-        for ref in (state.values() if isinstance(state, dict) else ()):
+        for ref in state.values() if isinstance(state, dict) else ():
             if isinstance(ref, _TensorRef) and ref.storage.key not in storages:
                 member = f"{prefix}data/{ref.storage.key}"
                 if member not in names:
                     raise WeightsError(f"{source}: storage file {member} is missing")
                 size = ref.storage.numel * ref.storage.dtype.itemsize
-                storages[ref.storage.key] = np.frombuffer(_stored_member(archive, member, source, size), ref.storage.dtype)
+                storages[ref.storage.key] = np.frombuffer(
+                    _stored_member(archive, member, source, size), ref.storage.dtype
+                )
     return _materialize(state, storages, source)
 
 

@@ -28,8 +28,14 @@ class EqualizedGray(keras.layers.Layer):
         flat = ops.reshape(gray, (batch, -1))
         # one histogram per image in one segment sum: image b's level v counts in segment b * 256 + v
         ids = flat + ops.expand_dims(ops.arange(batch, dtype="int32") * LEVELS, 1)
-        hist = ops.reshape(ops.segment_sum(ops.ones_like(ops.reshape(ids, (-1,)), dtype="float32"),
-                                           ops.reshape(ids, (-1,)), num_segments=batch * LEVELS), (batch, LEVELS))
+        hist = ops.reshape(
+            ops.segment_sum(
+                ops.ones_like(ops.reshape(ids, (-1,)), dtype="float32"),
+                ops.reshape(ids, (-1,)),
+                num_segments=batch * LEVELS,
+            ),
+            (batch, LEVELS),
+        )
         cdf = ops.cumsum(hist, axis=1)
         first = ops.argmax(ops.cast(hist > 0, "int32"), axis=1)  # the darkest level present
         first_count = ops.take_along_axis(hist, ops.expand_dims(first, 1), axis=1)

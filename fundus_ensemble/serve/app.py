@@ -8,7 +8,6 @@ the queue and the upload limit. Uploads live in a private temporary folder for t
 one request. Nothing about a patient is logged unless ``log_patients``.
 """
 
-
 import asyncio
 import base64
 import hashlib
@@ -29,7 +28,7 @@ from pathlib import Path
 from ..data.dicom import check_laterality
 from ..errors import FundusError, ImageError
 from ..inference.explain import overlay
-from ..inference.predict import PatientPhotos, Predictor, card_of
+from ..inference.predict import PatientPhotos, card_of
 from ..inference.report import page, prediction_sections
 from ..labels import LABEL_NAMES, LABELS
 
@@ -102,21 +101,40 @@ def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> di
     """The API's answer for one patient: per class the probability, threshold and decision."""
     card, outcome = answered_card(predictor, patient_id, result)
     calibrated = predictor.calibrated(outcome["ensemble"][None])[0]
-    classes = [{"class": c, "name": LABEL_NAMES[c], "probability": p, "threshold": t, "decision": bool(d),
-                "calibrated_probability": float(q)}
-               for c, p, t, d, q in zip(LABELS, card["probability"], card["threshold"], card["decision"], calibrated)]
-    body = {"patient_id": patient_id, "classes": classes, "eyes": sorted({e for _, e in outcome["eyes"]}), "note": card["note"],
-            "thresholds": predictor.source, "model": _model_summary(predictor), "disclaimer": AID}
+    classes = [
+        {
+            "class": c,
+            "name": LABEL_NAMES[c],
+            "probability": p,
+            "threshold": t,
+            "decision": bool(d),
+            "calibrated_probability": float(q),
+        }
+        for c, p, t, d, q in zip(LABELS, card["probability"], card["threshold"], card["decision"], calibrated)
+    ]
+    body = {
+        "patient_id": patient_id,
+        "classes": classes,
+        "eyes": sorted({e for _, e in outcome["eyes"]}),
+        "note": card["note"],
+        "thresholds": predictor.source,
+        "model": _model_summary(predictor),
+        "disclaimer": AID,
+    }
     if heatmaps:
-        body["heatmaps"] = [{"eye": eye, "class": c, "overlay_png": _png_b64(overlay(card["eyes"][eye], heat))}
-                            for (eye, c), heat in card["heatmaps"].items()]
+        body["heatmaps"] = [
+            {"eye": eye, "class": c, "overlay_png": _png_b64(overlay(card["eyes"][eye], heat))}
+            for (eye, c), heat in card["heatmaps"].items()
+        ]
     return body
 
 
 def public_provenance(provenance: dict) -> dict:
     """What a client may see of the model: no server paths (the run folder, the training manifest)."""
-    return {"calibrated": provenance["calibrated"],
-            "models": {v: {k: card.get(k) for k in PUBLIC_CARD_KEYS} for v, card in provenance["models"].items()}}
+    return {
+        "calibrated": provenance["calibrated"],
+        "models": {v: {k: card.get(k) for k in PUBLIC_CARD_KEYS} for v, card in provenance["models"].items()},
+    }
 
 
 def _model_summary(predictor) -> dict:
@@ -156,15 +174,17 @@ class _Gate:
         length = headers.get("content-length", "").strip()
         limit = LOGIN_LIMIT if path == "/login" else self.limit
         if "transfer-encoding" in headers:
-            return await self.refuse(scope, send, 400 if length else 411,
-                                     "a request body needs a Content-Length, not a Transfer-Encoding")
+            return await self.refuse(
+                scope, send, 400 if length else 411, "a request body needs a Content-Length, not a Transfer-Encoding"
+            )
         if not length.isdigit():
             return await self.refuse(scope, send, 411, "a request needs its Content-Length")
         if self.token is not None and path != "/login" and not self._authorised(headers):
             return await self.refuse(scope, send, 401, "a valid token is needed (Authorization: Bearer TOKEN)")
         if int(length) > limit:
-            return await self.refuse(scope, send, 413, f"upload too large ({int(length) / 1e6:.1f} MB; the limit is "
-                                                       f"{limit / 1e6:g} MB)")
+            return await self.refuse(
+                scope, send, 413, f"upload too large ({int(length) / 1e6:.1f} MB; the limit is {limit / 1e6:g} MB)"
+            )
         declared, received, over, started = int(length), 0, False, False
 
         async def counted():
@@ -186,12 +206,19 @@ class _Gate:
 
         await self.app(scope, counted, guarded)
         if over and not started:
-            await self.refuse(scope, send, 413, f"the body is larger than its Content-Length or the limit of "
-                                                f"{limit / 1e6:g} MB")
+            await self.refuse(
+                scope, send, 413, f"the body is larger than its Content-Length or the limit of {limit / 1e6:g} MB"
+            )
 
 
-def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               queue_size: int = DEFAULT_QUEUE, batch_size: int = DEFAULT_BATCH, log_patients: bool = False):
+def create_app(
+    predictor,
+    token: str | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    queue_size: int = DEFAULT_QUEUE,
+    batch_size: int = DEFAULT_BATCH,
+    log_patients: bool = False,
+):
     """The FastAPI app over ``predictor`` (a :class:`Predictor` with Grad-CAM readied).
 
     ``token``: every prediction needs it (``Authorization: Bearer``, or the page's token field).
@@ -206,16 +233,24 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
     worker = Worker(predictor, queue_size, batch_size)
     limit = int(max_upload_mb * 1e6)
     # the page's session: a cookie derived from the token, so the token itself is never stored in a browser
-    session = hmac.new(token.encode(), b"fundus-ensemble station session", hashlib.sha256).hexdigest() if token else None
-    app = FastAPI(title="fundus-ensemble screening station", version="1",
-                  description=f"Eight ODIR classes from a patient's fundus photos. {AID}")
+    session = (
+        hmac.new(token.encode(), b"fundus-ensemble station session", hashlib.sha256).hexdigest() if token else None
+    )
+    app = FastAPI(
+        title="fundus-ensemble screening station",
+        version="1",
+        description=f"Eight ODIR classes from a patient's fundus photos. {AID}",
+    )
     app.state.worker = worker
     shown = public_provenance(predictor.provenance)
 
     async def refuse(scope, send, status: int, reason: str) -> None:
         """The gate's answer: the page again with the reason for the page, else ``{"detail": one line}``."""
         if scope["path"] in ("/", "/login"):
-            body, kind = _page(predictor, token is not None, error=reason, logged_in=False).encode(), b"text/html; charset=utf-8"
+            body, kind = (
+                _page(predictor, token is not None, error=reason, logged_in=False).encode(),
+                b"text/html; charset=utf-8",
+            )
         else:
             body, kind = json.dumps({"detail": reason}).encode(), b"application/json"
         headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
@@ -226,14 +261,21 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
 
     @app.exception_handler(RequestValidationError)
     async def one_line_validation(request: Request, exc: RequestValidationError):
-        problems = [f"{' '.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+        problems = [
+            f"{' '.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()
+        ]
         return JSONResponse({"detail": _one_line("; ".join(problems) or "invalid request")}, status_code=422)
 
     @app.get("/health")
     def health() -> dict:
         """For a load balancer: the server is up and its model loaded."""
-        return {"status": "ok", "queued": worker.jobs.qsize(), "queue_size": queue_size, "answered": worker.answered,
-                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        return {
+            "status": "ok",
+            "queued": worker.jobs.qsize(),
+            "queue_size": queue_size,
+            "answered": worker.answered,
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
 
     async def read_form(request: Request, **limits):
         """The request's form, or a one-line 4xx: a malformed body is the client's fault."""
@@ -251,7 +293,9 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
         form = await read_form(request, max_files=3, max_fields=10, max_part_size=4096)
         unknown = sorted(set(form.keys()) - {"patient_id", "left", "right", "token"})
         if unknown:
-            raise _Refused(422, f"unknown form field(s) {', '.join(map(repr, unknown[:5]))}; expected patient_id, left, right")
+            raise _Refused(
+                422, f"unknown form field(s) {', '.join(map(repr, unknown[:5]))}; expected patient_id, left, right"
+            )
         patient_id = form.get("patient_id") or "patient"
         if not isinstance(patient_id, str):
             raise _Refused(422, "patient_id was sent as a file; send it as a text field")
@@ -301,8 +345,11 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
             patient_id, result = await predict_upload(request)
             body = answer_json(predictor, patient_id, result, heatmaps)
         except _Refused as exc:
-            return JSONResponse({"detail": exc.reason}, status_code=exc.status,
-                                headers={"Retry-After": "1"} if exc.status == 503 else None)
+            return JSONResponse(
+                {"detail": exc.reason},
+                status_code=exc.status,
+                headers={"Retry-After": "1"} if exc.status == 503 else None,
+            )
         except FundusError as exc:
             return JSONResponse({"detail": _one_line(exc)}, status_code=422)
         except Exception as exc:  # never a stack trace to the caller; the type alone in the log
@@ -312,7 +359,9 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
         return body
 
     def logged_in(request: Request) -> bool:
-        return token is None or secrets.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), session.encode())
+        return token is None or secrets.compare_digest(
+            request.cookies.get(SESSION_COOKIE, "").encode(), session.encode()
+        )
 
     @app.get("/", response_class=HTMLResponse)
     def form_page(request: Request):
@@ -346,8 +395,9 @@ def create_app(predictor, token: str | None = None, max_upload_mb: float = DEFAU
             log.error("prediction failed: %s", type(exc).__name__)
             return HTMLResponse(_page(predictor, needs, error="internal error while predicting"), status_code=500)
         summary = {"patients": 1, "predicted": 1, "rejected": 0}
-        return HTMLResponse(_page(predictor, needs, result=prediction_sections([card], predictor.source, summary, shown,
-                                                                               thumb=224)))
+        return HTMLResponse(
+            _page(predictor, needs, result=prediction_sections([card], predictor.source, summary, shown, thumb=224))
+        )
 
     return app
 
@@ -362,23 +412,38 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def _page(predictor, needs_token: bool, result: list[str] | None = None, error: str | None = None,
-          logged_in: bool = True) -> str:
-    parts = [f"<p><b>{AID}</b> Upload a patient's left and right fundus photos (JPEG, PNG or the camera's DICOM; "
-             "either may be missing).</p>"]
+def _page(
+    predictor, needs_token: bool, result: list[str] | None = None, error: str | None = None, logged_in: bool = True
+) -> str:
+    parts = [
+        f"<p><b>{AID}</b> Upload a patient's left and right fundus photos (JPEG, PNG or the camera's DICOM; "
+        "either may be missing).</p>"
+    ]
     if needs_token and not logged_in:  # the token goes in a small form of its own, never beside the photos
-        parts.append('<form method="post" action="/login" id="login"><label>Token <input type="password" name="token" '
-                     'autocomplete="off"></label> <button type="submit">Sign in</button></form>')
-    parts.append('<form method="post" enctype="multipart/form-data" id="upload">'
-                 '<label>Patient <input name="patient_id" value="patient"></label> '
-                 '<label>Left eye <input type="file" name="left" accept="image/*,.dcm,application/dicom"></label> '
-                 '<label>Right eye <input type="file" name="right" accept="image/*,.dcm,application/dicom"></label> '
-                 '<button type="submit" id="submit">Screen</button></form>')
+        parts.append(
+            '<form method="post" action="/login" id="login"><label>Token <input type="password" name="token" '
+            'autocomplete="off"></label> <button type="submit">Sign in</button></form>'
+        )
+    parts.append(
+        '<form method="post" enctype="multipart/form-data" id="upload">'
+        '<label>Patient <input name="patient_id" value="patient"></label> '
+        '<label>Left eye <input type="file" name="left" accept="image/*,.dcm,application/dicom"></label> '
+        '<label>Right eye <input type="file" name="right" accept="image/*,.dcm,application/dicom"></label> '
+        '<button type="submit" id="submit">Screen</button></form>'
+    )
     if error:
-        parts.append(f'<p class="error" id="error" style="color:#b00"><b>Could not screen:</b> {html.escape(error)}</p>')
+        parts.append(
+            f'<p class="error" id="error" style="color:#b00"><b>Could not screen:</b> {html.escape(error)}</p>'
+        )
     if result is None:
-        parts.append(prediction_sections([], predictor.source, {"patients": 0, "predicted": 0, "rejected": 0},
-                                         public_provenance(predictor.provenance))[1])  # the model's provenance table
+        parts.append(
+            prediction_sections(
+                [],
+                predictor.source,
+                {"patients": 0, "predicted": 0, "rejected": 0},
+                public_provenance(predictor.provenance),
+            )[1]
+        )  # the model's provenance table
     else:
         parts += result
     return page("fundus-ensemble screening station", parts)

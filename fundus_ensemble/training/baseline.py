@@ -29,8 +29,9 @@ from .hardware import data_parallel, precision, resolve_jit_compile, synchronize
 from .train import BEST_WEIGHTS, HISTORY, MODEL_NAME, TrainConfig, check_finite_history
 
 
-def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig,
-                         epochs: int | None = None) -> dict:
+def train_plain_baseline(
+    view_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig, epochs: int | None = None
+) -> dict:
     """Train the per-eye baseline on ``view_dir`` (a preprocessed view folder); returns a summary.
 
     ``epochs`` defaults to the library's ``epochs + fine_tune_epochs``.
@@ -44,8 +45,16 @@ def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike
     train, val = manifest.select("train"), manifest.select("val")
     keras.utils.set_random_seed(config.seed)
     eyes_per_batch = 2 * config.batch_size  # the patient models see 2 images per patient
-    train_eyes = EyeBatches(train, config.size, eyes_per_batch, training_augmentation(config.rotation, config.seed),
-                            shuffle=True, seed=config.seed, ragged_last="drop", workers=config.workers)
+    train_eyes = EyeBatches(
+        train,
+        config.size,
+        eyes_per_batch,
+        training_augmentation(config.rotation, config.seed),
+        shuffle=True,
+        seed=config.seed,
+        ragged_last="drop",
+        workers=config.workers,
+    )
     val_eyes = EyeBatches(val, config.size, eyes_per_batch, workers=config.workers)
     epochs = config.epochs + config.fine_tune_epochs if epochs is None else epochs
     if epochs < 1:
@@ -55,17 +64,29 @@ def train_plain_baseline(view_dir: str | os.PathLike, out_dir: str | os.PathLike
     with data_parallel(config.devices, eyes_per_batch), precision(config.precision):
         model = build_eye_model(config.backbone, config.size, config.weights, config.dropout)
         synchronize_batch_norm(model, config.devices)
-        model.compile(keras.optimizers.Adam(learning_rate), keras.losses.BinaryCrossentropy(),
-                      jit_compile=resolve_jit_compile(config.jit_compile))
-        print(f"[baseline] {len(train_eyes.eyes)} train eyes / {len(val_eyes.eyes)} val eyes, "
-              f"{config.backbone} at {config.size} px, {epochs} epochs at lr {learning_rate:g}", flush=True)
+        model.compile(
+            keras.optimizers.Adam(learning_rate),
+            keras.losses.BinaryCrossentropy(),
+            jit_compile=resolve_jit_compile(config.jit_compile),
+        )
+        print(
+            f"[baseline] {len(train_eyes.eyes)} train eyes / {len(val_eyes.eyes)} val eyes, "
+            f"{config.backbone} at {config.size} px, {epochs} epochs at lr {learning_rate:g}",
+            flush=True,
+        )
         history = model.fit(
-            train_eyes, validation_data=val_eyes, epochs=epochs, verbose=0, shuffle=False,  # the batches shuffle themselves
+            train_eyes,
+            validation_data=val_eyes,
+            epochs=epochs,
+            verbose=0,
+            shuffle=False,  # the batches shuffle themselves
             callbacks=[
                 FastMalloc(),
                 EpochProgress("[baseline]", epochs, len(train_eyes)),
                 keras.callbacks.TerminateOnNaN(),
-                keras.callbacks.ModelCheckpoint(str(out / BEST_WEIGHTS), monitor="val_loss", save_best_only=True, save_weights_only=True),
+                keras.callbacks.ModelCheckpoint(
+                    str(out / BEST_WEIGHTS), monitor="val_loss", save_best_only=True, save_weights_only=True
+                ),
                 HistoryLog(out / HISTORY, "train"),
             ],
         )

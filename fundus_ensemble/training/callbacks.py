@@ -59,8 +59,11 @@ class EpochSeeds(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.batches.set_epoch(epoch)
-        generators = [g for layer in self.model._flatten_layers(include_self=True, recursive=True)
-                      for g in getattr(layer, "_seed_generators", [])]
+        generators = [
+            g
+            for layer in self.model._flatten_layers(include_self=True, recursive=True)
+            for g in getattr(layer, "_seed_generators", [])
+        ]
         for k, generator in enumerate(generators):
             seed = int(np.random.SeedSequence([self.seed, epoch, k]).generate_state(1)[0]) >> 1  # fits int32
             generator.state.assign(np.array([seed, 0]).astype(generator.state.dtype))
@@ -85,7 +88,8 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
 
     def _layers(self) -> list[keras.layers.BatchNormalization]:
         return [
-            layer for layer in self.model._flatten_layers(include_self=False, recursive=True)
+            layer
+            for layer in self.model._flatten_layers(include_self=False, recursive=True)
             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
         ]
 
@@ -129,14 +133,22 @@ class EpochProgress(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if getattr(self.model, "_fundus_traced", None) is not self.model.train_function:
-            print(f"{self.label} compiling the training step (its time counts in the first epoch: over a minute for B3 on 2 CPU cores) ...", flush=True)
+            print(
+                f"{self.label} compiling the training step (its time counts in the first epoch: over a minute for B3 on 2 CPU cores) ...",
+                flush=True,
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         from tqdm.auto import tqdm
 
         self._epoch_start = time.perf_counter()
-        self._bar = tqdm(total=self.steps, desc=f"{self.label} epoch {epoch + 1}/{self.total_epochs}", unit="batch",
-                         leave=False, disable=None)  # disable=None: no bar when the output is not a terminal
+        self._bar = tqdm(
+            total=self.steps,
+            desc=f"{self.label} epoch {epoch + 1}/{self.total_epochs}",
+            unit="batch",
+            leave=False,
+            disable=None,
+        )  # disable=None: no bar when the output is not a terminal
 
     def on_train_batch_end(self, batch, logs=None):
         self.model._fundus_traced = self.model.train_function
@@ -149,11 +161,22 @@ class EpochProgress(keras.callbacks.Callback):
         if self._bar is not None:
             self._bar.close()
         logs = logs or {}
-        scores = "  ".join(f"{name} {logs[key]:.3f}" for name, key in (
-            ("val_loss", "val_loss"), ("kappa", "val_kappa"), ("f1", "val_f1"), ("auc", "val_auc"), ("final", "val_final_score"),
-        ) if key in logs)
-        print(f"{self.label} epoch {epoch + 1}/{self.total_epochs}: loss {logs.get('loss', float('nan')):.4f}  {scores}  "
-              f"({time.perf_counter() - self._epoch_start:.0f} s)", flush=True)
+        scores = "  ".join(
+            f"{name} {logs[key]:.3f}"
+            for name, key in (
+                ("val_loss", "val_loss"),
+                ("kappa", "val_kappa"),
+                ("f1", "val_f1"),
+                ("auc", "val_auc"),
+                ("final", "val_final_score"),
+            )
+            if key in logs
+        )
+        print(
+            f"{self.label} epoch {epoch + 1}/{self.total_epochs}: loss {logs.get('loss', float('nan')):.4f}  {scores}  "
+            f"({time.perf_counter() - self._epoch_start:.0f} s)",
+            flush=True,
+        )
 
 
 class HistoryLog(keras.callbacks.Callback):
@@ -214,7 +237,11 @@ class TensorBoardScalars(keras.callbacks.Callback):
             self._protos = None
             if not TensorBoardScalars._warned:
                 TensorBoardScalars._warned = True
-                print(f"warning: no TensorBoard logs ({exc}); pip install tensorboard to have them", file=sys.stderr, flush=True)
+                print(
+                    f"warning: no TensorBoard logs ({exc}); pip install tensorboard to have them",
+                    file=sys.stderr,
+                    flush=True,
+                )
         else:
             self._protos = (event_pb2, summary_pb2, RecordWriter)
 
@@ -246,7 +273,9 @@ class TensorBoardScalars(keras.callbacks.Callback):
                 parts[part].append(summary_pb2.Summary.Value(tag=f"epoch_{tag}", simple_value=float(value)))
         for part, summary_values in parts.items():
             if summary_values:
-                event = event_pb2.Event(wall_time=time.time(), step=epoch, summary=summary_pb2.Summary(value=summary_values))
+                event = event_pb2.Event(
+                    wall_time=time.time(), step=epoch, summary=summary_pb2.Summary(value=summary_values)
+                )
                 self._writer(part).write(event.SerializeToString())
                 self._files[part][0].flush()
 

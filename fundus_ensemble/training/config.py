@@ -45,7 +45,9 @@ class TrainConfig:
     devices: int = 1  # data-parallel devices of this machine (training.hardware.data_parallel)
     # pretrained backbones (weights not None) only:
     frozen_features: bool = True  # phase 1 learns the head on features computed once (training.features)
-    feature_store: str | None = None  # where frozen features are kept (training.features.FeatureStore); None: beside the views
+    feature_store: str | None = (
+        None  # where frozen features are kept (training.features.FeatureStore); None: beside the views
+    )
     # "epochs": the head learns by epochs on train (checkpoint chosen on val), then fine-tuning; "cross_fit": logistic
     # heads cross-fitted on the frozen features of every train and val patient, bagged (training.heads), no fine-tuning
     head_fit: str = "epochs"
@@ -53,12 +55,14 @@ class TrainConfig:
     fine_tune_fraction: float = 1.0  # share of the backbone's weighted layers, from the top, that learn in phase 2
     freeze_batchnorm: bool = True  # phase 2 keeps the backbone's BatchNorm in inference mode, its statistics fixed
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         for name in ("size", "batch_size"):
             if getattr(self, name) < 1:
                 raise FundusError(f"{name} must be positive, got {getattr(self, name)}")
         if self.epochs < 1 or self.fine_tune_epochs < 0:
-            raise FundusError(f"need epochs >= 1 and fine_tune_epochs >= 0, got {self.epochs} and {self.fine_tune_epochs}")
+            raise FundusError(
+                f"need epochs >= 1 and fine_tune_epochs >= 0, got {self.epochs} and {self.fine_tune_epochs}"
+            )
         if self.workers < 1 or self.devices < 1:
             raise FundusError(f"workers and devices must be at least 1, got {self.workers} and {self.devices}")
         if self.precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
@@ -76,11 +80,15 @@ class TrainConfig:
             raise FundusError(f"unknown head_fit {self.head_fit!r}; choose one of {', '.join(HEAD_FITS)}")
         if self.head_fit == "cross_fit":
             if self.weights is None:
-                raise FundusError("cross-fitted heads learn on a frozen pretrained backbone's features: give --weights "
-                                  "imagenet (or a file), not from-scratch weights")
+                raise FundusError(
+                    "cross-fitted heads learn on a frozen pretrained backbone's features: give --weights "
+                    "imagenet (or a file), not from-scratch weights"
+                )
             if self.fine_tune_epochs or self.eye_head_weight:
-                raise FundusError("cross-fitted heads leave the backbone frozen: use --fine-tune-epochs 0 and no "
-                                  "--eye-head-weight with --head-fit cross-fit")
+                raise FundusError(
+                    "cross-fitted heads leave the backbone frozen: use --fine-tune-epochs 0 and no "
+                    "--eye-head-weight with --head-fit cross-fit"
+                )
             if self.folds < 2:
                 raise FundusError(f"cross-fitting needs at least 2 folds, got {self.folds}")
         if not 0 < self.fine_tune_fraction <= 1:

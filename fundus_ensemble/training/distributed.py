@@ -50,17 +50,25 @@ class ProcessGroup:
         if self.count == 1:
             return self
         if not 0 <= self.index < self.count:
-            raise FundusError(f"--process-id {self.index} is not one of 0..{self.count - 1} (--num-processes {self.count})")
+            raise FundusError(
+                f"--process-id {self.index} is not one of 0..{self.count - 1} (--num-processes {self.count})"
+            )
         if self.heartbeat_timeout_s < 1:
             raise FundusError(f"--heartbeat-timeout must be at least 1 second, got {self.heartbeat_timeout_s}")
         if not self.coordinator or ":" not in self.coordinator:
-            raise FundusError(f"a run over {self.count} processes needs --coordinator HOST:PORT (process 0's address, "
-                              f"the same for every process; or {ENV_ADDRESSES})")
+            raise FundusError(
+                f"a run over {self.count} processes needs --coordinator HOST:PORT (process 0's address, "
+                f"the same for every process; or {ENV_ADDRESSES})"
+            )
         return self
 
 
-def process_group(count: int | None = None, index: int | None = None, coordinator: str | None = None,
-                  heartbeat_timeout_s: int = ProcessGroup.heartbeat_timeout_s) -> ProcessGroup:
+def process_group(
+    count: int | None = None,
+    index: int | None = None,
+    coordinator: str | None = None,
+    heartbeat_timeout_s: int = ProcessGroup.heartbeat_timeout_s,
+) -> ProcessGroup:
     """The job from the options, each missing one from Keras' environment variables."""
 
     def from_env(name: str) -> int | None:
@@ -86,8 +94,10 @@ def initialize(group: ProcessGroup) -> None:
         return
     backend = keras.backend.backend()
     if backend != "jax":
-        raise FundusError(f"a run over several processes uses JAX (KERAS_BACKEND=jax), not {backend!r}; "
-                          "docs/backends.md shows the command")
+        raise FundusError(
+            f"a run over several processes uses JAX (KERAS_BACKEND=jax), not {backend!r}; "
+            "docs/backends.md shows the command"
+        )
     import jax
 
     # Without it, XLA:CPU has no cross-process collectives; GPUs use NCCL whatever this says.
@@ -95,11 +105,14 @@ def initialize(group: ProcessGroup) -> None:
     try:
         # jax.distributed directly (what keras.distribution.initialize calls), for the heartbeat:
         # when a process dies, the others end after this long instead of waiting on it
-        jax.distributed.initialize(group.coordinator, group.count, group.index,
-                                   heartbeat_timeout_seconds=group.heartbeat_timeout_s)
+        jax.distributed.initialize(
+            group.coordinator, group.count, group.index, heartbeat_timeout_seconds=group.heartbeat_timeout_s
+        )
     except RuntimeError as exc:
-        raise FundusError(f"could not join the job at {group.coordinator} as process {group.index} of {group.count}: "
-                          f"{' '.join(str(exc).split())[:300]}") from None
+        raise FundusError(
+            f"could not join the job at {group.coordinator} as process {group.index} of {group.count}: "
+            f"{' '.join(str(exc).split())[:300]}"
+        ) from None
 
 
 def process_count() -> int:
@@ -154,8 +167,10 @@ def shard(batches) -> None:
         try:
             batches.shard(process_index(), count)
         except ValueError:
-            raise FundusError(f"--batch-size {batches.batch_size} does not split over {count} processes: each takes an "
-                              f"equal share; choose a multiple of {count}") from None
+            raise FundusError(
+                f"--batch-size {batches.batch_size} does not split over {count} processes: each takes an "
+                f"equal share; choose a multiple of {count}"
+            ) from None
 
 
 def to_global(data):
@@ -166,8 +181,11 @@ def to_global(data):
 
     distribution = keras.distribution.distribution()
     return keras.tree.map_structure(
-        lambda x: jax.make_array_from_process_local_data(distribution.get_data_layout(
-            (x.shape[0] * process_count(),) + x.shape[1:]).backend_layout, np.asarray(x)), data)
+        lambda x: jax.make_array_from_process_local_data(
+            distribution.get_data_layout((x.shape[0] * process_count(),) + x.shape[1:]).backend_layout, np.asarray(x)
+        ),
+        data,
+    )
 
 
 def predict(model: keras.Model, batches) -> np.ndarray:
@@ -186,7 +204,8 @@ def predict(model: keras.Model, batches) -> np.ndarray:
         mesh = keras.distribution.distribution().device_mesh.backend_mesh
         forward = _FORWARD[model] = jax.jit(
             lambda trainable, other, x: model.stateless_call(trainable, other, x, training=False)[0],
-            out_shardings=NamedSharding(mesh, PartitionSpec()))  # replicated: every process gets it all
+            out_shardings=NamedSharding(mesh, PartitionSpec()),
+        )  # replicated: every process gets it all
     trainable = [v.value for v in model.trainable_variables]
     other = [v.value for v in model.non_trainable_variables]
     outputs = []
@@ -219,9 +238,14 @@ def check_replicas_agree(model: keras.Model, label: str) -> str | None:
     mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(count, -1)
     digests = [row.tobytes().hex() for row in every]
-    print(f"{label} process {process_index()}/{count}: weights sha256 {digest[:16]}"
-          f"{' (the same on every process)' if len(set(digests)) == 1 else ''}", flush=True)
+    print(
+        f"{label} process {process_index()}/{count}: weights sha256 {digest[:16]}"
+        f"{' (the same on every process)' if len(set(digests)) == 1 else ''}",
+        flush=True,
+    )
     if len(set(digests)) != 1:
-        raise FundusError(f"{label} the processes' weights differ after training ({', '.join(d[:12] for d in digests)}): "
-                          "their updates were not the same")
+        raise FundusError(
+            f"{label} the processes' weights differ after training ({', '.join(d[:12] for d in digests)}): "
+            "their updates were not the same"
+        )
     return digest

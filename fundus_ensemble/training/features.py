@@ -59,8 +59,10 @@ def weights_sha256(backbone: str, weights: str | os.PathLike | None) -> str:
     from ..models.efficientnet_lite import LITE_VARIANTS
 
     if weights is None:
-        raise FundusError("frozen features need pretrained weights (--weights imagenet or a file), not from-scratch "
-                          "ones: a random backbone's features are not worth keeping")
+        raise FundusError(
+            "frozen features need pretrained weights (--weights imagenet or a file), not from-scratch "
+            "ones: a random backbone's features are not worth keeping"
+        )
     if str(weights) == "imagenet":
         if backbone in LITE_VARIANTS:
             return LITE_VARIANTS[backbone].sha256
@@ -79,9 +81,14 @@ class FeatureSpec:
     flip: bool = False
 
     def provenance(self, view: str, preprocessing: dict | None) -> dict:
-        return {"format": FEATURES_FORMAT, **asdict(self), "weights": str(self.weights),
-                "weights_sha256": weights_sha256(self.backbone, self.weights), "view": view,
-                "preprocessing": preprocessing or {}}
+        return {
+            "format": FEATURES_FORMAT,
+            **asdict(self),
+            "weights": str(self.weights),
+            "weights_sha256": weights_sha256(self.backbone, self.weights),
+            "view": view,
+            "preprocessing": preprocessing or {},
+        }
 
 
 def preprocessing_settings(view_dir: str | os.PathLike) -> dict:
@@ -128,13 +135,19 @@ class FeatureStore:
         if record.get("provenance") != provenance:
             old = record.get("provenance", {})
             changed = sorted(k for k in set(old) | set(provenance) if old.get(k) != provenance.get(k))
-            print(f"[features] {folder}: stale (made with another {', '.join(changed)}); recomputing", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[features] {folder}: stale (made with another {', '.join(changed)}); recomputing",
+                file=sys.stderr,
+                flush=True,
+            )
             return [], None
         keys = list(record.get("keys", []))
         if features.ndim != 2 or len(features) != len(keys):
-            print(f"[features] {folder}: {len(keys)} keys for features of shape {features.shape}; recomputing",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[features] {folder}: {len(keys)} keys for features of shape {features.shape}; recomputing",
+                file=sys.stderr,
+                flush=True,
+            )
             return [], None
         self._seconds = float(record.get("seconds") or 0.0)
         return keys, features
@@ -151,12 +164,21 @@ class FeatureStore:
         np.save(tmp, features)
         os.replace(tmp, folder / "features.npy")
         # the index last: until it names them, new rows are not trusted
-        atomic_write_json(folder / "index.json", {"provenance": provenance, "keys": keys, "shape": list(features.shape),
-                                                  "seconds": round(seconds, 2)})
+        atomic_write_json(
+            folder / "index.json",
+            {"provenance": provenance, "keys": keys, "shape": list(features.shape), "seconds": round(seconds, 2)},
+        )
 
-    def photo_features(self, spec: FeatureSpec, view: str, paths: list[str | os.PathLike],
-                       encoder: keras.Model | Callable[[], keras.Model], batch_size: int = 32,
-                       preprocessing: dict | None = None, progress: bool = True) -> np.ndarray:
+    def photo_features(
+        self,
+        spec: FeatureSpec,
+        view: str,
+        paths: list[str | os.PathLike],
+        encoder: keras.Model | Callable[[], keras.Model],
+        batch_size: int = 32,
+        preprocessing: dict | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
         """Features ``(len(paths), F)`` of the view files ``paths``; only photos not yet in the
         store pass through ``encoder`` (a model, or a function building one, called only then)."""
         folder = self.entry(spec, view)
@@ -168,10 +190,14 @@ class FeatureStore:
         if missing:
             path_of = {k: Path(p) for k, p in zip(wanted, paths)}
             model = encoder if isinstance(encoder, keras.Model) else encoder()
-            bar = tqdm(total=len(missing), desc=f"features {view} {spec.size}px{' flip' if spec.flip else ''}",
-                       unit="img", disable=None if progress else True)
+            bar = tqdm(
+                total=len(missing),
+                desc=f"features {view} {spec.size}px{' flip' if spec.flip else ''}",
+                unit="img",
+                disable=None if progress else True,
+            )
             for start in range(0, len(missing), CHUNK):
-                chunk = missing[start:start + CHUNK]
+                chunk = missing[start : start + CHUNK]
                 began = time.perf_counter()
                 batches = PhotoBatches([path_of[k] for k in chunk], spec.size, batch_size, FLIP if spec.flip else None)
                 new = distributed.predict(model, batches).astype(np.float32)
@@ -186,9 +212,16 @@ class FeatureStore:
             bar.close()
         return features[[row[k] for k in wanted]]
 
-    def patient_features(self, spec: FeatureSpec, view: str, manifest: Manifest,
-                         encoder: keras.Model | Callable[[], keras.Model], batch_size: int = 32,
-                         preprocessing: dict | None = None, progress: bool = True) -> np.ndarray:
+    def patient_features(
+        self,
+        spec: FeatureSpec,
+        view: str,
+        manifest: Manifest,
+        encoder: keras.Model | Callable[[], keras.Model],
+        batch_size: int = 32,
+        preprocessing: dict | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
         """``(patients, 2, F)``: each patient's left and right eye features (a one-eyed patient's
         eye twice, as the patient model is fed it)."""
         pairs = []
@@ -201,11 +234,22 @@ class FeatureStore:
         return features.reshape(len(pairs), 2, -1)
 
 
-def eye_features(encoder: keras.Model, manifest: Manifest, size: int, batch_size: int, store: str | os.PathLike,
-                 backbone: str, weights: str, view: str, flip: bool = False, preprocessing: dict | None = None) -> np.ndarray:
+def eye_features(
+    encoder: keras.Model,
+    manifest: Manifest,
+    size: int,
+    batch_size: int,
+    store: str | os.PathLike,
+    backbone: str,
+    weights: str,
+    view: str,
+    flip: bool = False,
+    preprocessing: dict | None = None,
+) -> np.ndarray:
     """Pooled features ``(patients, 2, F)`` of every patient's two eyes, through ``store``."""
-    return FeatureStore(store).patient_features(FeatureSpec(backbone, str(weights), size, flip), view, manifest, encoder,
-                                                batch_size, preprocessing)
+    return FeatureStore(store).patient_features(
+        FeatureSpec(backbone, str(weights), size, flip), view, manifest, encoder, batch_size, preprocessing
+    )
 
 
 def head_model(model: keras.Model) -> keras.Model:
@@ -219,8 +263,16 @@ def head_model(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer("labels")(x), name="head")
 
 
-def extract_features(prep_dir: str | os.PathLike, store: str | os.PathLike, backbone: str, weights: str, size: int,
-                     views: tuple[str, ...], flips: tuple[bool, ...] = (False,), batch_size: int = 32) -> dict:
+def extract_features(
+    prep_dir: str | os.PathLike,
+    store: str | os.PathLike,
+    backbone: str,
+    weights: str,
+    size: int,
+    views: tuple[str, ...],
+    flips: tuple[bool, ...] = (False,),
+    batch_size: int = 32,
+) -> dict:
     """Put every photo of a preprocessed folder's ``views`` (mirrored too when ``flips`` has True)
     into the store at ``size``; returns ``{(view, flip): (patients, 2, F)}``. The backbone is
     built once, and only when some photo is missing."""
@@ -238,6 +290,16 @@ def extract_features(prep_dir: str | os.PathLike, store: str | os.PathLike, back
     for view in views:
         manifest = load_manifest(Path(prep_dir) / view / "manifest.csv")
         for flip in flips:
-            out[view, flip] = eye_features(encoder, manifest, size, batch_size, store, backbone, weights, view, flip,
-                                           preprocessing_settings(Path(prep_dir) / view))
+            out[view, flip] = eye_features(
+                encoder,
+                manifest,
+                size,
+                batch_size,
+                store,
+                backbone,
+                weights,
+                view,
+                flip,
+                preprocessing_settings(Path(prep_dir) / view),
+            )
     return out

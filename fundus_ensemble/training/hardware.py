@@ -62,8 +62,10 @@ def cpu_backend_advice(backend: str, accelerators: int, backbone: str) -> str | 
     XLA's CPU code for those convolutions is far slower than TensorFlow's CPU kernels (predict
     with the Lite2 pair: 0.6 against 7.2 images/s, docs/backends.md). None otherwise."""
     if backend == "jax" and accelerators == 0 and backbone.startswith(("efficientnet", "mobilenet")):
-        return (f"note: {backbone} under JAX on a CPU runs its depthwise convolutions more than 10 times slower than "
-                "under TensorFlow (docs/backends.md); on a CPU, KERAS_BACKEND=tensorflow is the faster choice")
+        return (
+            f"note: {backbone} under JAX on a CPU runs its depthwise convolutions more than 10 times slower than "
+            "under TensorFlow (docs/backends.md); on a CPU, KERAS_BACKEND=tensorflow is the faster choice"
+        )
     return None
 
 
@@ -89,8 +91,10 @@ def _device_names(count: int) -> list:
     else:
         raise FundusError(f"--devices > 1 is supported on the jax and tensorflow backends, not {backend!r}")
     if len(found) < count:
-        raise FundusError(f"--devices {count}: the {backend} backend sees {len(found)} device(s) "
-                          f"({', '.join(str(getattr(d, 'name', d)) for d in found)}); {hint}")
+        raise FundusError(
+            f"--devices {count}: the {backend} backend sees {len(found)} device(s) "
+            f"({', '.join(str(getattr(d, 'name', d)) for d in found)}); {hint}"
+        )
     return list(found[:count])
 
 
@@ -108,8 +112,10 @@ def data_parallel(devices: int, batch_size: int) -> Iterator[None]:
         yield
         return
     if batch_size % devices:
-        raise FundusError(f"--batch-size {batch_size} does not split over --devices {devices}: each device takes an "
-                          f"equal share; choose a multiple of {devices} (e.g. {batch_size + devices - batch_size % devices})")
+        raise FundusError(
+            f"--batch-size {batch_size} does not split over --devices {devices}: each device takes an "
+            f"equal share; choose a multiple of {devices} (e.g. {batch_size + devices - batch_size % devices})"
+        )
     found = _device_names(devices)
     if keras.backend.backend() == "jax":
         previous = keras.distribution.distribution()
@@ -132,11 +138,15 @@ def _every_process(devices: int, batch_size: int) -> Iterator[None]:
 
     found = jax.devices()
     if devices not in (1, len(found)):
-        raise FundusError(f"--devices {devices}: a run over {process_count()} processes uses all their {len(found)} "
-                          "devices; leave --devices at 1")
+        raise FundusError(
+            f"--devices {devices}: a run over {process_count()} processes uses all their {len(found)} "
+            "devices; leave --devices at 1"
+        )
     if batch_size % len(found):
-        raise FundusError(f"--batch-size {batch_size} does not split over the {len(found)} devices of {process_count()} "
-                          f"processes; choose a multiple of {len(found)}")
+        raise FundusError(
+            f"--batch-size {batch_size} does not split over the {len(found)} devices of {process_count()} "
+            f"processes; choose a multiple of {len(found)}"
+        )
     previous = keras.distribution.distribution()
     # each process makes its own rows of every batch (distributed.shard), so Keras must not shard again
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=found, auto_shard_dataset=False))

@@ -40,9 +40,11 @@ def fuse(features: np.ndarray, fusion: str = "max_mean") -> np.ndarray:
     features = np.asarray(features, np.float32)
     if features.ndim != 3 or features.shape[1] != 2:
         raise FundusError(f"eye features must be (patients, 2, F), got shape {features.shape}")
-    parts = {"max_mean": [features.max(1), features.mean(1)],
-             "max_mean_diff": [features.max(1), features.mean(1), np.abs(features[:, 0] - features[:, 1])],
-             "mean": [features.mean(1)]}
+    parts = {
+        "max_mean": [features.max(1), features.mean(1)],
+        "max_mean_diff": [features.max(1), features.mean(1), np.abs(features[:, 0] - features[:, 1])],
+        "mean": [features.mean(1)],
+    }
     if fusion not in parts:
         raise FundusError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
     return np.concatenate(parts[fusion], axis=1)
@@ -60,11 +62,13 @@ class LinearHead:
         return 1.0 / (1.0 + np.exp(-z))
 
     @classmethod
-    def mean(cls, heads: list["LinearHead"]) -> "LinearHead":
+    def mean(cls, heads: list[LinearHead]) -> LinearHead:
         return cls(np.mean([h.weights for h in heads], axis=0), np.mean([h.bias for h in heads], axis=0))
 
 
-def fit_linear_head(x: np.ndarray, y: np.ndarray, c: float, seed: int = 0, sample_weight: np.ndarray | None = None) -> LinearHead:
+def fit_linear_head(
+    x: np.ndarray, y: np.ndarray, c: float, seed: int = 0, sample_weight: np.ndarray | None = None
+) -> LinearHead:
     """Per-class logistic regressions (L2, ``C = c``) on ``x`` standardised with its own mean and
     spread; a class with one value among these rows gets a constant at its prevalence."""
     from sklearn.linear_model import LogisticRegression
@@ -149,8 +153,14 @@ class CrossFit:
         return self.bagged.predict(fuse(features, self.fusion))
 
 
-def cross_fit(features: np.ndarray, y: np.ndarray, folds: int = DEFAULT_FOLDS, grid: tuple[float, ...] = C_GRID,
-              fusion: str = "max_mean", seed: int = 0) -> CrossFit:
+def cross_fit(
+    features: np.ndarray,
+    y: np.ndarray,
+    folds: int = DEFAULT_FOLDS,
+    grid: tuple[float, ...] = C_GRID,
+    fusion: str = "max_mean",
+    seed: int = 0,
+) -> CrossFit:
     """Cross-fit a linear head per fold for each ``C`` of ``grid`` and keep the ``C`` whose
     out-of-fold predictions have the best pooled AUC (ties: the stronger regularisation)."""
     x = fuse(features, fusion)

@@ -42,7 +42,9 @@ class Lever:
 
 
 LEVERS: dict[str, Lever] = {
-    "library": Lever("library defaults: patient fusion, weighted BCE (power 0.5), +-30 deg rotation, plateau + fine-tune lr x0.1"),
+    "library": Lever(
+        "library defaults: patient fusion, weighted BCE (power 0.5), +-30 deg rotation, plateau + fine-tune lr x0.1"
+    ),
     "plain": Lever("plain per-eye model: one B3 per eye, plain BCE, flips only, eyes averaged", plain=True),
     "no_rotation": Lever("no rotation (flips kept)", {"rotation": 0.0}),
     "plain_bce": Lever("unweighted BCE (pos-weight power 0)", {"pos_weight_power": 0.0}),
@@ -109,19 +111,31 @@ def run_row(prep_dir: Path, out_dir: Path, base: TrainConfig, name: str, view: s
     score = odir_score(y, probs)
     classes = per_class_scores(y, probs)
     result = {
-        "row": name, "what": lever.what, "view": view, "val_patients": len(val), **score,
+        "row": name,
+        "what": lever.what,
+        "view": view,
+        "val_patients": len(val),
+        **score,
         "auc_per_class": {c: classes[c]["auc"] for c in LABELS},
-        "best_epoch": best_epoch, "train_s": round(float(train_s), 1),
+        "best_epoch": best_epoch,
+        "train_s": round(float(train_s), 1),
         "train_images_per_s": round(float(images_per_s), 2) if images_per_s else None,
-        "wall_s": round(time.perf_counter() - start, 1), "config": dataclasses.asdict(config),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "config": dataclasses.asdict(config),
     }
     np.save(folder / PROBABILITIES, probs)
     atomic_write_json(folder / RESULT, result)
     return result
 
 
-def add_margins(results: list[dict], out_dir: Path, y_val: np.ndarray, reference: str = "library", seed: int = 0,
-                resamples: int = BOOTSTRAP) -> None:
+def add_margins(
+    results: list[dict],
+    out_dir: Path,
+    y_val: np.ndarray,
+    reference: str = "library",
+    seed: int = 0,
+    resamples: int = BOOTSTRAP,
+) -> None:
     """Each row's val final minus the reference row's, with the 95% paired bootstrap interval
     over val patients: a lever counts only when its interval lies above zero.
 
@@ -139,8 +153,9 @@ def add_margins(results: list[dict], out_dir: Path, y_val: np.ndarray, reference
             r["margin_interval"] = bootstrap_margin(y_val, probs[r["row"]], probs[reference], seed, resamples)
 
 
-def run_levers(prep_dir: str | os.PathLike, out_dir: str | os.PathLike, base: TrainConfig, rows: list[str],
-               view: str = "color") -> list[dict]:
+def run_levers(
+    prep_dir: str | os.PathLike, out_dir: str | os.PathLike, base: TrainConfig, rows: list[str], view: str = "color"
+) -> list[dict]:
     """Run ``rows`` in order (skipping finished ones); writes levers.json and levers.md after each."""
     prep, out = Path(prep_dir), Path(out_dir)
     for name in rows:
@@ -158,11 +173,17 @@ def run_levers(prep_dir: str | os.PathLike, out_dir: str | os.PathLike, base: Tr
 
 
 def format_levers(results: list[dict], base: TrainConfig) -> str:
-    head = ("| row | what changed | val final | vs library (95% interval) | vs own constant | kappa | F1 | AUC | "
-            + " | ".join(f"AUC {c}" for c in LABELS) + " | best epoch | train img/s | wall s |")
+    head = (
+        "| row | what changed | val final | vs library (95% interval) | vs own constant | kappa | F1 | AUC | "
+        + " | ".join(f"AUC {c}" for c in LABELS)
+        + " | best epoch | train img/s | wall s |"
+    )
     lines = [
         f"{base.backbone} at {base.size} px, {base.epochs} + {base.fine_tune_epochs} epochs, batch {base.batch_size}, "
-        f"seed {base.seed}, one view; scored on val.", "", head, "|" + "---|" * (head.count("|") - 1),
+        f"seed {base.seed}, one view; scored on val.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
     ]
     for r in results:
         aucs = " | ".join("n/a" if r["auc_per_class"][c] is None else f"{r['auc_per_class'][c]:.2f}" for c in LABELS)

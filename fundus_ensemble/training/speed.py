@@ -65,7 +65,9 @@ class SpeedReport:
         ]
         lines += [f"| input pipeline alone | {w} | {v:.1f} | |" for w, v in self.input_pipeline.items()]
         lines.append(f"| model step alone (in-memory batches) | | {self.model_step:.1f} | |")
-        lines += [f"| training (real batches) | {w} | {v:.1f} | {self.ratio(w):.2f} |" for w, v in self.training.items()]
+        lines += [
+            f"| training (real batches) | {w} | {v:.1f} | {self.ratio(w):.2f} |" for w, v in self.training.items()
+        ]
         lines.append(f"| prediction | {max(self.training, default=1)} | {self.prediction:.1f} | |")
         lines.append(f"\nfirst step (compilation included): {self.compile_s:.0f} s")
         return "\n".join(lines)
@@ -88,7 +90,9 @@ def synthetic_views(folder: Path, patients: int, size: int) -> Manifest:
     from ..data.preprocess import preprocess_manifest
     from ..data.synthetic import write_synthetic_dataset
 
-    source = write_synthetic_dataset(folder / "data", patients, seed=0, diameter=max(96, size), fractions={"train": 1.0})
+    source = write_synthetic_dataset(
+        folder / "data", patients, seed=0, diameter=max(96, size), fractions={"train": 1.0}
+    )
     preprocess_manifest(load_manifest(source), folder / "prep", size=size, progress=False)
     return load_manifest(folder / "prep" / "color" / "manifest.csv")
 
@@ -122,16 +126,37 @@ def measure_speed(
         images_per_batch = 2 * batch_size
         jit = resolve_jit_compile(jit_compile)
         report = SpeedReport(
-            settings={"backbone": backbone, "size": size, "batch_size": batch_size, "steps": steps, "precision": precision_name,
-                      "jit_compile": jit, "devices": devices, "backend": keras.backend.backend(), "patients": len(manifest),
-                      "cache": cache},
-            machine={"cpus": os.cpu_count(), "accelerators": accelerator_count(), "processor": platform.processor() or platform.machine()},
+            settings={
+                "backbone": backbone,
+                "size": size,
+                "batch_size": batch_size,
+                "steps": steps,
+                "precision": precision_name,
+                "jit_compile": jit,
+                "devices": devices,
+                "backend": keras.backend.backend(),
+                "patients": len(manifest),
+                "cache": cache,
+            },
+            machine={
+                "cpus": os.cpu_count(),
+                "accelerators": accelerator_count(),
+                "processor": platform.processor() or platform.machine(),
+            },
         )
         augment = training_augmentation()
 
         def batches(w: int, augmented: bool = True) -> PatientBatches:
-            made = PatientBatches(manifest, size, batch_size, augment if augmented else None, shuffle=augmented, workers=w,
-                                  ragged_last="drop", cache=cache)
+            made = PatientBatches(
+                manifest,
+                size,
+                batch_size,
+                augment if augmented else None,
+                shuffle=augmented,
+                workers=w,
+                ragged_last="drop",
+                cache=cache,
+            )
             if cache:
                 made._image = cached._image
             return made
@@ -169,7 +194,9 @@ def measure_speed(
                 timer = _EpochTimes()
                 model.fit(source, epochs=1 + PASSES, verbose=0, callbacks=[FastMalloc(), timer])
                 report.training[w] = len(source) * images_per_batch / min(timer.seconds[1:])
-                say(f"training, {w} worker(s): {report.training[w]:.1f} images/s ({report.ratio(w):.2f} of the model step)")
+                say(
+                    f"training, {w} worker(s): {report.training[w]:.1f} images/s ({report.ratio(w):.2f} of the model step)"
+                )
             best = max(report.training, key=report.training.get)
             source = batches(best, augmented=False)
             model.predict(source, verbose=0, callbacks=[FastMalloc()])
