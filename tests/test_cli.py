@@ -124,6 +124,9 @@ def test_the_keras_free_config_keeps_the_libraries_defaults():
     from fundus_ensemble.models.losses import DEFAULT_POWER
 
     assert TrainConfig().rotation == DEFAULT_ROTATION and TrainConfig().pos_weight_power == DEFAULT_POWER
+    from fundus_ensemble.training import heads
+
+    assert heads.DEFAULT_POWER == DEFAULT_POWER, "the cross-fitted heads weigh positives as the networks' loss does"
 
 
 def test_preprocess_help_names_the_real_exit_status():

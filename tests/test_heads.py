@@ -76,14 +76,19 @@ def test_the_bag_in_the_patient_model_is_the_heads_on_features(view_manifest, tm
     bag = heads.LinearHead.mean(fit.heads)
     z = heads.fuse(features) @ bag.weights + bag.bias
     np.testing.assert_allclose(fit.predict(features), 1 / (1 + np.exp(-z)))  # the bag averages the heads' logits
-    # a head is scikit-learn's logistic regression on standardised features, the standardisation folded in
+    # a head is scikit-learn's logistic regression on standardised features, the standardisation folded in,
+    # its positives weighted (negatives / positives) ** 0.5 as the networks' weighted BCE weighs them
     from sklearn.linear_model import LogisticRegression
 
     x = heads.fuse(features)
     standardised = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    k = int(np.argmax(y.sum(0) * (y.sum(0) < len(y))))
-    sklearn = LogisticRegression(C=0.01, max_iter=3000).fit(standardised, y[:, k]).predict_proba(standardised)[:, 1]
-    np.testing.assert_allclose(heads.fit_linear_head(x, y, 0.01).predict(x)[:, k], sklearn, atol=1e-6)
+    k = int(np.argmin(np.where(y.sum(0) > 0, y.sum(0), len(y))))  # the rarest class present: its weight is largest
+    weight = ((len(y) - y[:, k].sum()) / y[:, k].sum()) ** 0.5
+    assert weight > 1.5
+    sklearn = LogisticRegression(C=0.01, max_iter=3000, class_weight={0: 1, 1: weight}).fit(standardised, y[:, k])
+    np.testing.assert_allclose(
+        heads.fit_linear_head(x, y, 0.01).predict(x)[:, k], sklearn.predict_proba(standardised)[:, 1], atol=1e-6
+    )
     heads.set_patient_head(model, fit.bagged)
     on_images = predict_batches(model, PatientBatches(view_manifest, 48, 8))
     np.testing.assert_allclose(on_images, fit.predict(features), atol=2e-4)

@@ -31,6 +31,7 @@ from ..metrics import odir_score
 C_GRID: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01)
 FUSIONS = ("max_mean", "max_mean_diff", "mean")
 DEFAULT_FOLDS = 5
+DEFAULT_POWER = 0.5  # models.losses.DEFAULT_POWER: the networks' weighted BCE (a test keeps them equal)
 
 
 def fuse(features: np.ndarray, fusion: str = "max_mean") -> np.ndarray:
@@ -67,10 +68,12 @@ class LinearHead:
 
 
 def fit_linear_head(
-    x: np.ndarray, y: np.ndarray, c: float, seed: int = 0, sample_weight: np.ndarray | None = None
+    x: np.ndarray, y: np.ndarray, c: float, seed: int = 0, pos_weight_power: float = DEFAULT_POWER
 ) -> LinearHead:
     """Per-class logistic regressions (L2, ``C = c``) on ``x`` standardised with its own mean and
-    spread; a class with one value among these rows gets a constant at its prevalence."""
+    spread, each class's positives weighted ``(negatives / positives) ** pos_weight_power`` (the
+    paper's weighted binary cross-entropy, as :func:`..models.losses.positive_weights` weighs it
+    for the networks); a class with one value among these rows gets a constant at its prevalence."""
     from sklearn.linear_model import LogisticRegression
 
     x = np.asarray(x, np.float64)
@@ -85,7 +88,11 @@ def fit_linear_head(
             p = np.clip(column.mean(), 1e-4, 1 - 1e-4)
             bias[k] = np.log(p / (1 - p))
             continue
-        model = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(z, column, sample_weight=sample_weight)
+        positive = float(column.mean())
+        weight = ((1 - positive) / positive) ** pos_weight_power
+        model = LogisticRegression(C=c, max_iter=3000, random_state=seed, class_weight={0: 1.0, 1: weight}).fit(
+            z, column
+        )
         weights[:, k] = model.coef_[0] / scale
         bias[k] = model.intercept_[0] - float(np.dot(model.coef_[0], mean / scale))
     return LinearHead(weights, bias)
@@ -160,6 +167,7 @@ def cross_fit(
     grid: tuple[float, ...] = C_GRID,
     fusion: str = "max_mean",
     seed: int = 0,
+    pos_weight_power: float = DEFAULT_POWER,
 ) -> CrossFit:
     """Cross-fit a linear head per fold for each ``C`` of ``grid`` and keep the ``C`` whose
     out-of-fold predictions have the best pooled AUC (ties: the stronger regularisation)."""
@@ -175,7 +183,7 @@ def cross_fit(
         heads = []
         for f in range(folds):
             held = fold_of == f
-            head = fit_linear_head(x[~held], y[~held], c, seed)
+            head = fit_linear_head(x[~held], y[~held], c, seed, pos_weight_power)
             oof[held] = head.predict(x[held])
             heads.append(head)
         scores[c] = odir_score(y, oof)["auc"]

@@ -614,7 +614,7 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     )
     features_s = time.perf_counter() - start
     y = development.label_matrix()
-    fit = cross_fit(features, y, config.folds, seed=config.seed)
+    fit = cross_fit(features, y, config.folds, seed=config.seed, pos_weight_power=config.pos_weight_power)
     score = odir_score(y, fit.out_of_fold)
     print(
         f"[{view}] C {fit.c} chosen by out-of-fold pooled AUC ({', '.join(f'{c:g}: {a:.4f}' for c, a in fit.scores.items())}); "
@@ -650,7 +650,7 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
         2 * len(development),
         head={
             "fit": "cross_fit",
-            "kind": "logistic on concat(max, mean) of the eyes",
+            "kind": "logistic on concat(max, mean) of the eyes, positives weighted as the weighted BCE",
             "folds": config.folds,
             "C": fit.c,
             "out_of_fold_auc_by_C": {str(c): a for c, a in fit.scores.items()},
