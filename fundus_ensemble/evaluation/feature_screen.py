@@ -35,6 +35,7 @@ from ..errors import FundusError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..labels import LABELS, VIEWS
 from ..metrics import bootstrap_margin, odir_score, per_class_scores
+from ..training.heads import DEFAULT_POWER
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}  # the benchmark's
 BOOTSTRAP = 500
@@ -191,14 +192,22 @@ class _Screen:
         f._y_dev = self.y_dev
         return f
 
-    def cross_fit(self, backbone: str, size: int, view: str, fusion: str = "max_mean", flip: bool = False) -> _Fit:
+    def cross_fit(
+        self,
+        backbone: str,
+        size: int,
+        view: str,
+        fusion: str = "max_mean",
+        flip: bool = False,
+        power: float = DEFAULT_POWER,
+    ) -> _Fit:
         """A view's cross-fitted logistic heads: out-of-fold on development, their bag on test."""
         from ..training.heads import cross_fit
 
-        key = ("xfit", backbone, size, view, fusion, flip)
+        key = ("xfit", backbone, size, view, fusion, flip, power)
         if key not in self._cache:
             features = self.data.features(backbone, size, view, flip)
-            fit = cross_fit(features[self.dev], self.y_dev, self.config.folds, SCREEN_GRID, fusion, self.seed)
+            fit = cross_fit(features[self.dev], self.y_dev, self.config.folds, SCREEN_GRID, fusion, self.seed, power)
             self._cache[key] = self._fit(_Fit(fit.out_of_fold, fit.predict(features[self.test])))
         return self._cache[key]
 
@@ -403,6 +412,11 @@ def screen_seed(data: _Data, config: ScreenConfig, seed: int, levers: bool = Tru
             "one view's cross-fitted heads (the ensemble should beat it)",
             screen.cross_fit(backbone, size, view),
         )
+    lever(
+        "unweighted heads",
+        "positives not weighted (plain logistic loss) instead of (negatives / positives) ** 0.5",
+        screen.ensemble(backbone, size, power=0.0),
+    )
     for fusion in ("max_mean_diff", "mean"):
         lever(
             f"fusion {fusion}",
