@@ -174,6 +174,13 @@ def test_every_cpu_budget_is_named_for_its_size_and_epochs():
 
     for name, budget in BUDGETS.items():
         assert budget.name == name
+        if "xfit" in name:  # (cpu|gpu)-BACKBONE-SIZE-xfitFOLDS: cross-fitted heads, no epochs
+            match = re.fullmatch(r"[cg]pu-([a-z]+\d*)-(\d+)-xfit(\d+)", name)
+            assert match and int(match.group(2)) == budget.size and budget.changes["head_fit"] == "cross_fit", name
+            assert (
+                int(match.group(3)) == budget.changes["folds"] and budget.backbone == f"efficientnet_{match.group(1)}"
+            )
+            continue
         # (cpu|gpu)[-BACKBONE]-SIZE-EPOCHS+FINE_TUNE_EPOCHS[-LEVER]; no backbone named: B3
         match = re.fullmatch(r"[cg]pu(?:-([a-z]+\d*)-)?(\d+)-(\d+)\+(\d+)(-\w+)?", name)
         if name.startswith("cpu") or "+" in name:
@@ -378,3 +385,36 @@ def test_no_row_is_fitted_on_the_labels_it_is_scored_on(pretrained_run, tmp_path
     with np.load(out / "probe.npz") as first, np.load(copy / "probe_again.npz") as second:
         for key in (k for k in first.files if k != "meta"):
             np.testing.assert_array_equal(second[key], first[key], err_msg=key)
+
+
+def test_a_cross_fitted_run_is_calibrated_on_its_out_of_fold_predictions_not_on_val():
+    """Cross-fitted heads learned on val: what other runs fit on val comes from the out-of-fold predictions."""
+    from fundus_ensemble.evaluation.benchmark import _Predictions, _rows
+    from fundus_ensemble.evaluation.calibration import fit_calibration
+
+    rng = np.random.default_rng(0)
+    labels = {s: (rng.random((n, 8)) < 0.3).astype(int) for s, n in (("train", 60), ("val", 30), ("test", 40))}
+    p = _Predictions()
+    for view in ("color", "gray_eq"):
+        for split in ("val", "test"):
+            for tta in (False, True):
+                key = p.key(view, split, tta)
+                p.probs[key] = np.clip(0.4 * labels[split] + 0.6 * rng.random(labels[split].shape), 0.01, 0.99)
+                p.seconds[key], p.images[key] = 1.0, 2
+    oof_y = np.concatenate([labels["train"], labels["val"]])
+    oof = {
+        "labels": oof_y,
+        **{v: np.clip(0.3 * oof_y + 0.7 * rng.random(oof_y.shape), 0.01, 0.99) for v in ("color", "gray_eq")},
+    }
+    training = {v: {"seconds": 1.0, "images": 2} for v in ("color", "gray_eq")}
+    rows, probs = _rows(labels, p, training, ("color", "gray_eq"), "efficientnet_lite2", oof)
+    test = (p.probs[p.key("color", "test", False)] + p.probs[p.key("gray_eq", "test", False)]) / 2
+    expected = fit_calibration(oof_y, (oof["color"] + oof["gray_eq"]) / 2).apply(test)
+    np.testing.assert_allclose(probs["ensemble + calibration"], expected)
+    twin = probs["ensemble's image-blind twin"][0]
+    np.testing.assert_allclose(twin, ((oof["color"] + oof["gray_eq"]) / 2).mean(axis=0))
+    assert "out-of-fold" in next(r["what"] for r in rows if r["name"] == "ensemble + calibration")
+    # without out-of-fold predictions, the same rows are fitted on val
+    _, plain = _rows(labels, p, training, ("color", "gray_eq"), "efficientnet_lite2")
+    val = (p.probs[p.key("color", "val", False)] + p.probs[p.key("gray_eq", "val", False)]) / 2
+    np.testing.assert_allclose(plain["ensemble + calibration"], fit_calibration(labels["val"], val).apply(test))
