@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The screening station: a local web page and JSON API (POST /predict, GET /health, /docs) over a trained run.
+"""The screening station: a local web page and JSON API (POST /predict, GET /health, /openapi.json) over a trained run.
 
 Binds to 127.0.0.1. Serving on another interface needs --host and a token (--token, or the
 FUNDUS_SERVE_TOKEN environment variable) that every prediction must carry.
@@ -72,7 +72,7 @@ def main(argv=None):
     app = create_app(predictor, token, args.max_upload_mb, args.queue, args.batch_size, args.log_patients)
     print(
         f"serving {args.run_dir} ({', '.join(predictor.views)}, {predictor.size} px; thresholds: {predictor.source}) "
-        f"on http://{args.host}:{args.port}/  (API docs: /docs){'; token required' if token else ''}",
+        f"on http://{args.host}:{args.port}/  (API schema: /openapi.json){'; token required' if token else ''}",
         flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)

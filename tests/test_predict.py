@@ -134,3 +134,27 @@ def test_a_fitted_calibration_sets_the_thresholds(tiny_run, tmp_path):
     path.write_text(json.dumps({"fitted_on": "val", "flip_tta": True, "ensemble": cal.to_dict()}))
     with pytest.raises(FundusError, match="flip-TTA"):
         predict_photos(tiny_run, [PatientPhotos("a", good, None)], tmp_path / "o2", progress=False, calibration=path)
+
+
+def test_a_run_that_learned_nothing_is_said_so_before_it_screens_anyone(tmp_path, capsys):
+    from fundus_ensemble.inference.predict import Predictor
+    from fundus_ensemble.models import build_patient_model
+
+    run = tmp_path / "run"
+    (run / "color").mkdir(parents=True)
+    build_patient_model("mobilenet", 32, None, 0.5).save(str(run / "color" / "model.keras"))
+    card = {"view": "color", "labels": list(LABELS), "input_size": 32, "image_blind": {"final": 0.54, "auc": 0.76}}
+
+    def with_score(final: float, auc: float) -> str | None:
+        card["best_val"] = {"epoch": 3, "val_final_score": final, "val_auc": auc}
+        (run / "color" / "card.json").write_text(json.dumps(card))
+        return Predictor(run).fitness_warning
+
+    assert with_score(0.60, 0.85) is None
+    assert with_score(0.53, 0.85).startswith("this run's models do not beat a predictor that never looks at a photo")
+    assert "color (validation final 0.600, AUC 0.750; the image-blind prior's 0.540, 0.760)" in with_score(0.60, 0.75)
+    good = photo(tmp_path / "in" / "a_left.jpg")
+    predict_photos(run, [PatientPhotos("a", good, None)], tmp_path / "out", progress=False, report=True)
+    assert "warning: this run's models do not beat" in capsys.readouterr().err
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.index('id="warning"') < page.index("patients predicted"), "the warning comes first on the page"

@@ -119,7 +119,11 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
     page = (tmp_path / "out" / "report.html").read_text()
     images = check_self_contained(page)
     assert len(images) == 2 + 4, "both eyes and their D and G heatmaps"
-    assert "<b>bad</b>: rejected" in page and "not a readable image" in page
+    assert "<b>bad</b>" in page and "rejected: no photo could be used" in page and "not a readable image" in page
+    # each card starts with what to do, in words: the photo of the bad patient must be taken again
+    bad = page[page.index('data-patient="bad"') :]
+    assert bad.index('data-referral="not_gradable"') < bad.index("rejected")
+    assert "Not gradable: retake the left eye (left: not a readable image" in bad
     with open(tmp_path / "out" / "heatmaps" / "heatmaps.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {(r["eye"], r["class"]) for r in rows} == {("left", "D"), ("left", "G"), ("right", "D"), ("right", "G")}

@@ -19,6 +19,7 @@ import pytest
 
 from fundus_ensemble.data.dicom import write_dicom_photo
 from fundus_ensemble.data.synthetic import EyeSpec, render_eye
+from fundus_ensemble.inference.referral import refer
 from fundus_ensemble.labels import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +141,9 @@ def test_the_api_answers_what_predict_answers(server, photos, predicted):
         body["disclaimer"] == "A screening aid, not a diagnosis."
         and body["model"]["views"]["color"]["input_size"] == 32
     )
+    referral = refer([predicted[c]["decision"] == "1" for c in LABELS])
+    assert body["referral"] == {"kind": referral.kind, "text": referral.text}
+    assert {row["referral"] for row in predicted.values()} == {referral.text}, "decisions.csv carries the same line"
     with_maps = httpx.post(
         f"{url}/predict?heatmaps=true",
         timeout=120,
@@ -158,7 +162,7 @@ def test_bad_requests_are_one_line_4xx_and_the_server_stays_up(server, photos, t
     write_dicom_photo(tmp_path / "r.dcm", cv2.imread(str(photos["right"])), "P", "right", compression="jpeg")
     (tmp_path / "big.jpg").write_bytes(b"\xff" * 1_200_000)
     cases = [
-        ({"left": tmp_path / "broken.jpg"}, 422, "not a readable image"),
+        ({"left": tmp_path / "broken.jpg"}, 422, "Not gradable: retake the left eye (left: not a readable image"),
         ({}, 422, "no photo"),
         ({"left": tmp_path / "r.dcm"}, 422, "left photo: given as the left eye, but it is a DICOM of the right eye"),
         ({"left": tmp_path / "big.jpg"}, 413, "upload too large"),
@@ -186,7 +190,7 @@ def test_another_interface_needs_a_token(run_dir):
 class SlowPredictor:
     """Stands in for a Predictor: blocks until released, so the queue can be filled."""
 
-    thresholds, source, views, size = [0.5] * 8, "default 0.5", ("color",), 32
+    thresholds, source, views, size, fitness_warning, max_pixels = [0.5] * 8, "default 0.5", ("color",), 32, None, None
     provenance = {"run": "r", "calibrated": False, "models": {"color": {"input_size": 32}}}
 
     def __init__(self):
@@ -302,6 +306,8 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
         url, log = server
         driver.get(url + "/")
         assert "A screening aid, not a diagnosis." in driver.page_source
+        assert driver.find_element(By.NAME, "patient_id").get_attribute("value") == "", "no patient id carried over"
+        driver.find_element(By.NAME, "patient_id").send_keys("p1")
         driver.find_element(By.NAME, "left").send_keys(str(photos["left"]))
         driver.find_element(By.NAME, "right").send_keys(str(photos["right"]))
         submit_and_wait(driver)
@@ -313,7 +319,15 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
         assert len(heatmaps) == 2 * sum(decisions.values())
         if os.environ.get("FUNDUS_SCREENSHOT"):
             driver.save_screenshot(os.environ["FUNDUS_SCREENSHOT"])
+        # the answer comes first: the referral line before the photos, the form and the model
+        text = driver.find_element(By.TAG_NAME, "body").text
+        expected = refer([predicted[c]["decision"] == "1" for c in LABELS]).text
+        assert expected in text and text.index(expected) < text.index("Screen a patient") < text.index("Model"), text[
+            :600
+        ]
+        assert driver.find_element(By.CSS_SELECTOR, "[data-referral]").text == expected
         driver.get(url + "/")
+        driver.find_element(By.NAME, "patient_id").send_keys("p2")
         driver.find_element(By.NAME, "left").send_keys(str(photos["left"]))
         (tmp_path / "bad.jpg").write_bytes(b"x")
         driver.find_element(By.NAME, "right").send_keys(str(tmp_path / "bad.jpg"))

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from ..labels import INPUT_NAMES, LABELS
 from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.train import CARD_NAME
 from .explain import GradCam, ensemble_heatmaps, overlay
+from .referral import Referral, refer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", *DICOM_SUFFIXES)
 DEFAULT_PATTERN = r"(?P<id>.+)_(?P<eye>left|right)"
@@ -301,9 +303,32 @@ class Predictor:
         """Which model makes the numbers: the run, whether calibrated, and each view model's card."""
         return {
             "run": str(self.run_dir),
+            "warning": self.fitness_warning,
             "calibrated": self.fitted is not None,
             "models": {view: card for view, (_, card) in self.models.items()},
         }
+
+    @property
+    def fitness_warning(self) -> str | None:
+        """Why this run should not screen anyone, when its own validation score (out of fold for a
+        cross-fitted run) does not beat the image-blind class prior on the same patients (its card's
+        ``image_blind``); None when it does, or when its card predates the comparison."""
+        behind = []
+        for view, (_, card) in self.models.items():
+            best, blind = card.get("best_val") or {}, card.get("image_blind")
+            if not blind or "val_final_score" not in best:
+                continue
+            if best["val_final_score"] <= blind["final"] or best.get("val_auc", 1.0) <= blind["auc"]:
+                behind.append(
+                    f"{view} (validation final {best['val_final_score']:.3f}, AUC {best.get('val_auc', float('nan')):.3f}; "
+                    f"the image-blind prior's {blind['final']:.3f}, {blind['auc']:.3f})"
+                )
+        if not behind:
+            return None
+        return (
+            f"this run's models do not beat a predictor that never looks at a photo: {'; '.join(behind)}. "
+            "It learned nothing usable; do not screen patients with it"
+        )
 
     def calibrated(self, ensemble: np.ndarray) -> np.ndarray:
         """The probabilities predictions.csv holds: the ensemble's, through the calibration if any."""
@@ -398,6 +423,8 @@ def _predict_into(
 ) -> dict:
     """predict_photos' work, every output written into ``out`` (the staging folder)."""
     predictor = Predictor(run_dir, calibration, max_pixels, explain)
+    if predictor.fitness_warning:
+        print(f"warning: {predictor.fitness_warning}", file=sys.stderr, flush=True)
     views, thresholds, source = predictor.views, predictor.thresholds, predictor.source
     if explain:
         claim_folder(out / HEATMAP_DIR, "heatmaps")
@@ -483,21 +510,35 @@ def _predict_into(
     }
 
 
+def retake_of(note: str) -> dict[str, str]:
+    """The eyes whose photo was given but could not be used, and why, from a patient's note
+    (:meth:`Predictor.predict_chunk` writes each as ``"<eye>: <reason>"``, joined by ``"; "``)."""
+    parts = re.split(r"; (?=(?:left|right): )", note or "")
+    return {eye: reason for eye, _, reason in (p.partition(": ") for p in parts) if eye in ("left", "right") and reason}
+
+
+def decide(result: dict | None, note: str, thresholds: list[float]) -> tuple[list[bool] | None, Referral]:
+    """A patient's eight decisions (probability above its threshold) and its referral line, the one
+    rule for decisions.csv, the report, the station and its API."""
+    decision = None if result is None else [float(p) > t for p, t in zip(result["ensemble"], thresholds)]
+    return decision, refer(decision, retake_of(note))
+
+
 def card_of(
     patient: PatientPhotos, result: dict | None, note: str, thresholds: list[float], shown: dict | None
 ) -> dict:
-    """What a page shows of one patient (:func:`.report.prediction_cards`): its decisions, and the
-    eyes and heatmaps ``shown`` holds (the ``collect`` of :meth:`Predictor.predict_chunk`)."""
+    """What a page shows of one patient (:func:`.report.prediction_cards`): its referral line, its
+    decisions, and the eyes and heatmaps ``shown`` holds (the ``collect`` of :meth:`Predictor.predict_chunk`)."""
+    decision, referral = decide(result, note, thresholds)
     if result is None:
-        return {"patient_id": patient.patient_id, "status": "rejected", "note": note}
-    probability = [float(v) for v in result["ensemble"]]
-    decision = [p > t for p, t in zip(probability, thresholds)]  # as decisions.csv decides
+        return {"patient_id": patient.patient_id, "status": "rejected", "note": note, "referral": referral}
     return {
         "patient_id": patient.patient_id,
         "status": "ok",
         "note": note,
+        "referral": referral,
         **(shown or {"eyes": {}, "heatmaps": {}}),
-        "probability": probability,
+        "probability": [float(v) for v in result["ensemble"]],
         "threshold": list(thresholds),
         "decision": decision,
     }
@@ -663,6 +704,7 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
     eye_columns = [f"{v}_{eye}" for v in views for eye in ("left", "right")]
     header = [
         "patient_id",
+        "referral",
         "status",
         "note",
         "class",
@@ -674,8 +716,11 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
     ]
     rows = []
     for patient, result, note in results:
+        _, referral = decide(result, note, thresholds)
         if result is None:
-            rows.append([patient.patient_id, "rejected", note, "", "", "", "", "", *[""] * len(eye_columns)])
+            rows.append(
+                [patient.patient_id, referral.text, "rejected", note, "", "", "", "", "", *[""] * len(eye_columns)]
+            )
             continue
         for j, label in enumerate(LABELS):
             p = float(result["ensemble"][j])
@@ -686,6 +731,17 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
             ]
             threshold = thresholds[j]
             rows.append(
-                [patient.patient_id, "ok", note, label, exact(p), exact(threshold), source, int(p > threshold), *eyes]
+                [
+                    patient.patient_id,
+                    referral.text,
+                    "ok",
+                    note,
+                    label,
+                    exact(p),
+                    exact(threshold),
+                    source,
+                    int(p > threshold),
+                    *eyes,
+                ]
             )
     return csv_for_people(header, rows)

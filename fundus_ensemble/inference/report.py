@@ -425,10 +425,24 @@ def write_prediction_report(
     return out
 
 
-def prediction_sections(
+def _referral_line(referral) -> str:
+    """The patient's referral, first in its card: what to do, in words (:mod:`.referral`)."""
+    if referral is None:
+        return ""
+    colour = {"refer": "#b00", "not_gradable": "#a60", "inconclusive": "#a60"}.get(referral.kind, "#070")
+    return (
+        f'<p class="referral" data-referral="{referral.kind}" style="font-size:1.15em;color:{colour};margin:4px 0">'
+        f"<b>{html.escape(referral.text)}</b></p>"
+    )
+
+
+def prediction_parts(
     cards: list[dict], source: str, summary: dict, provenance: dict | None = None, thumb: int = THUMB
 ) -> list[str]:
-    """The prediction page's body (:func:`write_prediction_report`), for the web app's answer too.
+    """The pieces of a prediction page: ``warning`` (None, or why the run should not screen),
+    ``note`` (how decisions are made), ``model`` (its provenance table, or "") and ``cards`` (one per
+    patient, its referral line first); :func:`prediction_sections` lays them out for the report,
+    the station in its own order.
 
     Each decision cell carries ``data-class``, ``data-probability`` and ``data-decision``, so a
     program reads the page's decisions as a person does.
@@ -446,21 +460,24 @@ def prediction_sections(
         if provenance and provenance.get("calibrated")
         else ""
     )
-    parts = [
+    warning = (provenance or {}).get("warning")
+    how = (
         f"<p class=note>{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} "
         f"rejected. Each class is decided by the ensemble's probability against the class threshold "
         f"({html.escape(source)}); the page shows both{calibrated}. Heatmaps: Grad-CAM of the classes decided positive (or "
         f"those asked for), averaged over the view models, red = most evidence.{coarse} "
         "<b>A screening aid, not a diagnosis.</b></p>"
-    ]
-    if provenance is not None:
-        parts.append(_provenance(provenance))
-        parts.append("<h2>Patients</h2>")
+    )
+    parts: list[str] = []
     for card in cards:
         raw_id = card["patient_id"]
         pid = html.escape(raw_id)
+        line = _referral_line(card.get("referral"))
         if card["status"] != "ok":
-            parts.append(f'<div class="case"><b>{pid}</b>: rejected &middot; {html.escape(card["note"])}</div>')
+            parts.append(
+                f'<div class="case" data-patient="{pid}"><b>{pid}</b>{line}<span class=note>rejected: no photo could be '
+                f"used &middot; {html.escape(card['note'])}</span></div>"
+            )
             continue
         images = []
         img_size = f'style="width:{thumb}px"' if thumb != THUMB else ""
@@ -477,13 +494,33 @@ def prediction_sections(
                     )
         decisions = "".join(
             f'<td class="{"pos" if d else ""}" data-class="{c}" data-probability="{p!r}" data-decision="{int(d)}">'
-            f"{c} {probability_text(p, t)} {'&gt;' if d else '&le;'} {probability_text(t, p)}{' &#10003;' if d else ''}</td>"
+            f"{LABEL_NAMES[c]} {probability_text(p, t)} {'&gt;' if d else '&le;'} {probability_text(t, p)}"
+            f"{' &#10003;' if d else ''}</td>"
             for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"])
         )
         note = f"<br><span class=note>{html.escape(card['note'])}</span>" if card["note"] else ""
         parts.append(
-            f'<div class="case card" data-patient="{pid}"><b>{pid}</b>{note}<div class=photos>{"".join(images)}</div>'
+            f'<div class="case card" data-patient="{pid}"><b>{pid}</b>{line}{note}<div class=photos>{"".join(images)}</div>'
             f"<table><tr><th colspan=8>probability &gt; threshold: decided positive (&#10003;)</th></tr>"
             f"<tr>{decisions}</tr></table></div>"
         )
-    return parts
+    return {
+        "warning": (
+            f'<p class="warning" id="warning" style="color:#b00;font-weight:bold">Warning: {html.escape(warning)}.</p>'
+            if warning
+            else None
+        ),
+        "note": how,
+        "model": _provenance(provenance) if provenance is not None else "",
+        "cards": parts,
+    }
+
+
+def prediction_sections(
+    cards: list[dict], source: str, summary: dict, provenance: dict | None = None, thumb: int = THUMB
+) -> list[str]:
+    """The report page's body (:func:`write_prediction_report`): a warning first when the run should
+    not screen, how decisions are made, the model, then one card per patient."""
+    p = prediction_parts(cards, source, summary, provenance, thumb)
+    heading = ["<h2>Patients</h2>"] if provenance is not None else []
+    return [x for x in (p["warning"], p["note"], p["model"]) if x] + heading + p["cards"]

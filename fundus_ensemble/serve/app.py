@@ -28,8 +28,9 @@ from pathlib import Path
 from ..data.dicom import check_laterality
 from ..errors import FundusError, ImageError
 from ..inference.explain import overlay
-from ..inference.predict import PatientPhotos, card_of
-from ..inference.report import page, prediction_sections
+from ..inference.predict import PatientPhotos, card_of, retake_of
+from ..inference.referral import refer
+from ..inference.report import page, prediction_parts
 from ..labels import LABEL_NAMES, LABELS
 
 log = logging.getLogger("fundus_ensemble.serve")
@@ -92,8 +93,8 @@ def _png_b64(bgr) -> str:
 def answered_card(predictor, patient_id: str, result: tuple) -> tuple[dict, dict]:
     """The page's card of one answered request and its outcome; ImageError when no photo was usable."""
     (_, outcome, note), shown = result
-    if outcome is None:
-        raise ImageError(note)
+    if outcome is None:  # no photo could be used: say what to do, with why
+        raise ImageError(refer(None, retake_of(note)).text)
     return card_of(PatientPhotos(patient_id, None, None), outcome, note, predictor.thresholds, shown), outcome
 
 
@@ -114,12 +115,14 @@ def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> di
     ]
     body = {
         "patient_id": patient_id,
+        "referral": card["referral"].as_dict(),
         "classes": classes,
         "eyes": sorted({e for _, e in outcome["eyes"]}),
         "note": card["note"],
         "thresholds": predictor.source,
         "model": _model_summary(predictor),
         "disclaimer": AID,
+        "warning": predictor.fitness_warning,
     }
     if heatmaps:
         body["heatmaps"] = [
@@ -132,6 +135,7 @@ def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> di
 def public_provenance(provenance: dict) -> dict:
     """What a client may see of the model: no server paths (the run folder, the training manifest)."""
     return {
+        "warning": provenance.get("warning"),
         "calibrated": provenance["calibrated"],
         "models": {v: {k: card.get(k) for k in PUBLIC_CARD_KEYS} for v, card in provenance["models"].items()},
     }
@@ -240,6 +244,9 @@ def create_app(
         title="fundus-ensemble screening station",
         version="1",
         description=f"Eight ODIR classes from a patient's fundus photos. {AID}",
+        # Swagger's and ReDoc's pages load their scripts from a CDN: blank on a clinic's offline machine
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.worker = worker
     shown = public_provenance(predictor.provenance)
@@ -396,7 +403,7 @@ def create_app(
             return HTMLResponse(_page(predictor, needs, error="internal error while predicting"), status_code=500)
         summary = {"patients": 1, "predicted": 1, "rejected": 0}
         return HTMLResponse(
-            _page(predictor, needs, result=prediction_sections([card], predictor.source, summary, shown, thumb=224))
+            _page(predictor, needs, result=prediction_parts([card], predictor.source, summary, shown, thumb=224))
         )
 
     return app
@@ -413,37 +420,34 @@ def _one_line(exc: Exception) -> str:
 
 
 def _page(
-    predictor, needs_token: bool, result: list[str] | None = None, error: str | None = None, logged_in: bool = True
+    predictor, needs_token: bool, result: dict | None = None, error: str | None = None, logged_in: bool = True
 ) -> str:
-    parts = [
-        f"<p><b>{AID}</b> Upload a patient's left and right fundus photos (JPEG, PNG or the camera's DICOM; "
-        "either may be missing).</p>"
-    ]
+    """The station's page: a warning when the run should not screen, the answer first (the referral
+    line, then the eyes and decisions), the form for the next patient, and what decided it below.
+    ``result``: :func:`..inference.report.prediction_parts` of the answered patient."""
+    shown = prediction_parts(
+        [], predictor.source, {"patients": 0, "predicted": 0, "rejected": 0}, public_provenance(predictor.provenance)
+    )
+    parts = [shown["warning"] or "", f"<p><b>{AID}</b></p>"]
+    if error:
+        parts.append(
+            f'<p class="error" id="error" style="color:#b00"><b>Could not screen:</b> {html.escape(error)}</p>'
+        )
+    if result is not None:
+        parts += [*result["cards"], result["note"]]
     if needs_token and not logged_in:  # the token goes in a small form of its own, never beside the photos
         parts.append(
             '<form method="post" action="/login" id="login"><label>Token <input type="password" name="token" '
             'autocomplete="off"></label> <button type="submit">Sign in</button></form>'
         )
     parts.append(
+        "<h2>Screen a patient</h2><p>Upload the patient's left and right fundus photos (JPEG, PNG or the camera's "
+        "DICOM; either may be missing).</p>"
         '<form method="post" enctype="multipart/form-data" id="upload">'
-        '<label>Patient <input name="patient_id" value="patient"></label> '
+        '<label>Patient <input name="patient_id" required autocomplete="off" placeholder="patient id"></label> '
         '<label>Left eye <input type="file" name="left" accept="image/*,.dcm,application/dicom"></label> '
         '<label>Right eye <input type="file" name="right" accept="image/*,.dcm,application/dicom"></label> '
         '<button type="submit" id="submit">Screen</button></form>'
     )
-    if error:
-        parts.append(
-            f'<p class="error" id="error" style="color:#b00"><b>Could not screen:</b> {html.escape(error)}</p>'
-        )
-    if result is None:
-        parts.append(
-            prediction_sections(
-                [],
-                predictor.source,
-                {"patients": 0, "predicted": 0, "rejected": 0},
-                public_provenance(predictor.provenance),
-            )[1]
-        )  # the model's provenance table
-    else:
-        parts += result
-    return page("fundus-ensemble screening station", parts)
+    parts.append(shown["model"])
+    return page("fundus-ensemble screening station", [p for p in parts if p])

@@ -521,6 +521,7 @@ def train_view(
         cache,
         train_seconds,
         images,
+        image_blind=image_blind_score(train.label_matrix(), val.label_matrix()),
     )
     atomic_write_json(out / CARD_NAME, card)
     # model.keras now holds the best weights; this copy (with optimizer state) only served resuming
@@ -657,9 +658,18 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
             "out_of_fold": {k: float(v) for k, v in score.items()},
             "features_s": round(features_s, 1),
         },
+        image_blind=image_blind_score(y, y),
     )
     atomic_write_json(out / CARD_NAME, card)
     return card
+
+
+def image_blind_score(train_labels: np.ndarray, scored_labels: np.ndarray) -> dict:
+    """The official score of a predictor that never looks at a photo (each class's training
+    prevalence for every patient) on the patients a model's own score was measured on: a model
+    that does not beat it learned nothing usable (predict and the station warn)."""
+    prior = np.tile(np.asarray(train_labels, np.float64).mean(axis=0), (len(scored_labels), 1))
+    return {k: float(v) for k, v in odir_score(scored_labels, prior).items()}
 
 
 def _weights_source(config: TrainConfig) -> str | None:

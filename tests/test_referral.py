@@ -1,0 +1,53 @@
+"""The referral line (inference.referral): what to do, in words, by one rule for every way out."""
+
+import pytest
+
+from fundus_ensemble.inference.predict import retake_of
+from fundus_ensemble.inference.referral import refer
+from fundus_ensemble.labels import LABELS
+
+
+def decisions(*positive: str) -> list[bool]:
+    return [c in positive for c in LABELS]
+
+
+@pytest.mark.parametrize(
+    "positive, kind, text",
+    [
+        (("N",), "no_referable_finding", "No referable finding"),
+        (("G", "D"), "refer", "Refer: suspected diabetic retinopathy, glaucoma"),
+        (("A",), "refer", "Refer: suspected age-related macular degeneration"),
+        ((), "inconclusive", "Inconclusive: no class decided, not even normal; refer for a manual read"),
+        (
+            ("N", "D"),
+            "inconclusive",
+            "Inconclusive: normal and diabetic retinopathy decided together; refer for a manual read",
+        ),
+    ],
+)
+def test_each_answer_in_words(positive, kind, text):
+    referral = refer(decisions(*positive))
+    assert (referral.kind, referral.text) == (kind, text)
+
+
+def test_an_unreadable_eye_is_retaken_and_never_cleared_by_the_other():
+    note = "right: not a readable image (cannot decode); left: x"  # a reason may hold a semicolon itself
+    assert retake_of("right: image too dark; retake it; left: retina not found") == {
+        "right": "image too dark; retake it",
+        "left": "retina not found",
+    }
+    assert retake_of(note)["right"] == "not a readable image (cannot decode)"
+    cleared = refer(decisions("N"), {"right": "not a readable image"})
+    assert (
+        cleared.kind == "not_gradable"
+        and cleared.text == "Not gradable: retake the right eye (right: not a readable image)"
+    )
+    seen = refer(decisions("C"), {"left": "too dark"})
+    assert seen.text == "Not gradable: retake the left eye (left: too dark); suspected cataract in the other eye"
+    nothing = refer(None, {"left": "a", "right": "b"})
+    assert (
+        nothing.kind == "not_gradable"
+        and nothing.text == "Not gradable: retake the left eye and the right eye (left: a; right: b)"
+    )
+    with pytest.raises(ValueError):
+        refer([True, False])
