@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-calibration", action="store_true", help="decide at 0.5 even if the run has a calibration")
     p.add_argument(
+        "--no-quality-gate",
+        action="store_true",
+        help="decide on every photo that can be read, even one the gradability gate refuses (too dark, "
+        "blurred, cut off, not a fundus photo ...; docs/inference.md)",
+    )
+    p.add_argument(
         "--explain",
         nargs="?",
         const="",
@@ -131,6 +137,7 @@ def main(argv=None):
         report=args.report,
         resume=args.resume,
         shard=shard,
+        gate=False if args.no_quality_gate else None,
     )
     one_eyed = summary["eyes_rejected"]
     print(

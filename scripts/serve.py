@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding")
     p.add_argument("--queue", type=int, default=16, help="requests waiting at most; more are answered 503")
     p.add_argument("--batch-size", type=int, default=8, help="queued requests predicted together")
+    p.add_argument(
+        "--no-quality-gate",
+        action="store_true",
+        help="decide on every readable photo, even one the gradability gate refuses (as predict.py)",
+    )
     p.add_argument("--log-patients", action="store_true", help="log patient ids (off: no patient data in logs)")
     return p
 
@@ -68,7 +73,9 @@ def main(argv=None):
     from fundus_ensemble.serve.app import create_app
 
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
-    predictor = Predictor(args.run_dir, calibration, max_pixels, explain=True)
+    predictor = Predictor(
+        args.run_dir, calibration, max_pixels, explain=True, gate=False if args.no_quality_gate else None
+    )
     app = create_app(predictor, token, args.max_upload_mb, args.queue, args.batch_size, args.log_patients)
     print(
         f"serving {args.run_dir} ({', '.join(predictor.views)}, {predictor.size} px; thresholds: {predictor.source}) "

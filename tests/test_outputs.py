@@ -19,7 +19,7 @@ from fundus_ensemble.errors import FundusError
 from fundus_ensemble.evaluation.calibration import Calibration, ClassCalibration, fit_calibration, load_calibration_file
 from fundus_ensemble.fileio import OWNER_MARK, claim_folder, folder_lock, remove_owned
 from fundus_ensemble.inference.predict import PatientPhotos, predict_photos
-from fundus_ensemble.labels import LABELS
+from fundus_ensemble.labels import LABEL_NAMES, LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 # file handling, not backend arithmetic: these run once, under TensorFlow (the JAX pass runs
@@ -432,11 +432,12 @@ def test_the_prediction_page_names_its_model_and_shows_what_each_decision_compar
         assert part in text, part
     with open(tmp_path / "out" / "decisions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    decided = [c for c in page.cells if c.split(" ")[0] in LABELS and (" > " in c or " ≤ " in c)]
+    names = {name: c for c, name in LABEL_NAMES.items()}  # a page a person reads names each class in full
+    decided = [c for c in page.cells if c.split(" ")[0] in names and (" > " in c or " ≤ " in c)]
     assert len(decided) == len(LABELS)
     for cell, row in zip(decided, rows):
-        label, p, sign, t = cell.replace(" ✓", "").split(" ")
-        assert label == row["class"]
+        name, p, sign, t = cell.replace(" ✓", "").split(" ")
+        assert names[name] == row["class"]
         assert float(p) == pytest.approx(float(row["probability"]), abs=5e-4) and float(t) == pytest.approx(
             float(row["threshold"]), abs=5e-4
         )

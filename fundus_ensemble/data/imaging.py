@@ -199,7 +199,11 @@ def make_views(path: str | os.PathLike, size: int, views=tuple(VIEW_FUNCTIONS), 
     The one path from a photo to views, for preprocessing (which saves them as PNG) and for
     prediction on new photos (which feeds them on, via :func:`view_to_model_input`).
     """
-    square = crop_to_fov(decode_image(path, max_pixels), size)
+    return views_of(crop_to_fov(decode_image(path, max_pixels), size), views)
+
+
+def views_of(square: np.ndarray, views=tuple(VIEW_FUNCTIONS)) -> dict[str, np.ndarray]:
+    """The views of a photo already cropped to its retina and squared (:func:`crop_to_fov`)."""
     return {view: VIEW_FUNCTIONS[view](square) for view in views}
 
 

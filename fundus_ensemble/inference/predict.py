@@ -27,8 +27,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.dicom import DICOM_SUFFIXES, DicomHeader, check_laterality, is_dicom, read_dicom_header
-from ..data.imaging import DEFAULT_MAX_PIXELS, encode_png, make_views, view_to_model_input
+from ..data.imaging import (
+    DEFAULT_MAX_PIXELS,
+    crop_to_fov,
+    decode_image,
+    encode_png,
+    make_views,
+    view_to_model_input,
+    views_of,
+)
 from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
+from ..data.quality import grade
 from ..errors import FundusError, ImageError, warn_once
 from ..evaluation.calibration import ClassCalibration, load_calibration_file
 from ..evaluation.ensemble import average_probabilities, exact, load_view_model, predictions_csv, run_views
@@ -42,6 +51,8 @@ from ..fileio import (
     remove_owned,
 )
 from ..labels import INPUT_NAMES, LABELS
+from ..models.gate import INPUT_SIZE as GATE_SIZE
+from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
 from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.train import CARD_NAME
 from .explain import GradCam, ensemble_heatmaps, overlay
@@ -178,6 +189,7 @@ def predict_photos(
     report: bool = False,
     resume: bool = False,
     shard: tuple[int, int] | None = None,
+    gate: bool | None = None,
 ) -> dict:
     """Predict every patient; write ``predictions.csv`` and ``decisions.csv`` to ``out_dir``.
 
@@ -192,6 +204,9 @@ def predict_photos(
 
     Each batch's results are kept in ``out_dir`` as it finishes; ``resume`` continues a killed
     run of the same job from its last finished batch (no patient predicted twice, none lost).
+    ``gate`` (None: :func:`gate_default`, on) refuses the photos that are not gradable
+    (:mod:`..data.quality`, :mod:`..models.gate`): such an eye gets no decision and its reason; a
+    patient with none is "Not gradable: retake ...".
     ``shard`` ``(i, n)`` predicts only the patients whose id hashes to shard ``i`` (from 1) of ``n``, so
     ``n`` machines split a folder without talking to each other; :mod:`.merge` joins them.
     """
@@ -206,7 +221,8 @@ def predict_photos(
     with folder_lock(out, "predictions"):
         if (out / "predictions.csv").exists() and not force:  # under the lock: no other run can write here now
             raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
-        job = _job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard)
+        gate = gate_default() if gate is None else gate
+        job = {**_job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard), "gate": gate}
         staging = out / STAGING
         if resume and (staging / JOB_FILE).is_file():
             earlier = json.loads((staging / JOB_FILE).read_text(encoding="utf-8"))
@@ -222,7 +238,17 @@ def predict_photos(
         claim_folder(staging, "unfinished predictions")
         atomic_write_json(staging / JOB_FILE, job)
         summary = _predict_into(
-            staging, run_dir, patients, batch_size, max_pixels, progress, calibration, explain, explain_classes, report
+            staging,
+            run_dir,
+            patients,
+            batch_size,
+            max_pixels,
+            progress,
+            calibration,
+            explain,
+            explain_classes,
+            report,
+            gate,
         )
         atomic_write_json(
             staging / RECORD_FILE, {**job, "predicted": summary["predicted"], "rejected": summary["rejected"]}
@@ -262,6 +288,18 @@ def _job(run_dir, patients, batch_size, max_pixels, source, explain, explain_cla
     }
 
 
+GATE_VARIABLE = "FUNDUS_QUALITY_GATE"
+
+
+def gate_default() -> bool:
+    """Whether the gradability gate runs when nobody says: on, unless ``FUNDUS_QUALITY_GATE=off``
+    (the test suite's synthetic photos are no real fundus photos for it to judge)."""
+    value = os.environ.get(GATE_VARIABLE, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise FundusError(f"{GATE_VARIABLE}={value!r}: expected on or off")
+    return value == "on"
+
+
 class Predictor:
     """A run's view models, loaded once, with the thresholds its decisions are made against: the
     one path from photos to decisions, for :func:`predict_photos` and the web app (:mod:`..serve`).
@@ -276,9 +314,13 @@ class Predictor:
         calibration: str | os.PathLike | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         explain: bool = False,
+        gate: bool | None = None,
     ):
         self.run_dir = run_dir
         self.max_pixels = max_pixels
+        # the gradability gate: a photo it refuses gets no decision, only "retake" and why
+        self.gate = gate_default() if gate is None else gate
+        self._likeness: FundusLikeness | None = None
         self.fitted, self.source = (
             load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
         )
@@ -334,6 +376,38 @@ class Predictor:
         """The probabilities predictions.csv holds: the ensemble's, through the calibration if any."""
         return self.fitted.apply(ensemble) if self.fitted is not None else ensemble
 
+    def _gradable_squares(self, chunk: list[PatientPhotos]) -> tuple[dict, dict[int, list[str]]]:
+        """Each photo of ``chunk`` decoded, judged (:mod:`..data.quality`, then :mod:`..models.gate`,
+        unless the gate is off) and cropped to its retina at the models' size: ``{(patient index,
+        eye): square}``, and per patient the reasons its other photos were not used."""
+        squares, reasons, likeness = {}, {k: [] for k in range(len(chunk))}, {}
+        for k, patient in enumerate(chunk):
+            for eye in ("left", "right"):
+                photo = getattr(patient, eye)
+                if photo is None:
+                    continue
+                try:
+                    image = decode_image(photo, self.max_pixels)
+                    if self.gate:
+                        verdict = grade(image)
+                        if not verdict.gradable:
+                            raise ImageError(verdict.text)
+                        likeness[k, eye] = crop_to_fov(image, GATE_SIZE)
+                    squares[k, eye] = crop_to_fov(image, self.size)
+                except ImageError as exc:
+                    reasons[k].append(f"{eye}: {exc}")
+        if likeness:
+            if self._likeness is None:
+                self._likeness = FundusLikeness()
+            for (k, eye), mass in zip(likeness, self._likeness.mass(list(likeness.values()))):
+                if mass < MIN_FUNDUS_MASS:
+                    del squares[k, eye]
+                    reasons[k].append(
+                        f"{eye}: not a fundus photo (an ImageNet classifier gives the classes of fundus photos "
+                        f"{mass:.2f}; real ones {MIN_FUNDUS_MASS} or more)"
+                    )
+        return squares, reasons
+
     def predict_chunk(
         self,
         chunk: list[PatientPhotos],
@@ -355,27 +429,22 @@ class Predictor:
         explained: list[list[str]] = []
         images = 0
         inputs, usable, one_eyed = {v: {"left": [], "right": []} for v in views}, [], []
-        for patient in chunk:
-            made, reasons = {}, []
-            for eye in ("left", "right"):
-                photo = getattr(patient, eye)
-                if photo is None:
-                    continue
-                try:
-                    made[eye] = {
-                        v: view_to_model_input(a) for v, a in make_views(photo, size, views, self.max_pixels).items()
-                    }
-                except ImageError as exc:
-                    reasons.append(f"{eye}: {exc}")
-                images += 1
+        squares, reasons = self._gradable_squares(chunk)
+        images += sum((p.left is not None) + (p.right is not None) for p in chunk)
+        for k, patient in enumerate(chunk):
+            made = {
+                eye: {v: view_to_model_input(a) for v, a in views_of(squares[k, eye], views).items()}
+                for eye in ("left", "right")
+                if (k, eye) in squares
+            }
             if not made:
-                results.append((patient, None, "; ".join(reasons) or "no photo"))
+                results.append((patient, None, "; ".join(reasons[k]) or "no photo"))
                 continue
             left, right = made.get("left", made.get("right")), made.get("right", made.get("left"))
             for v in views:
                 inputs[v]["left"].append(left[v])
                 inputs[v]["right"].append(right[v])
-            usable.append((patient, sorted(made), "; ".join(reasons)))
+            usable.append((patient, sorted(made), "; ".join(reasons[k])))
             one_eyed.append(len(made) == 1)
         if not usable:
             return results, explained, images
@@ -419,10 +488,10 @@ class Predictor:
 
 
 def _predict_into(
-    out: Path, run_dir, patients, batch_size, max_pixels, progress, calibration, explain, explain_classes, report
+    out: Path, run_dir, patients, batch_size, max_pixels, progress, calibration, explain, explain_classes, report, gate
 ) -> dict:
     """predict_photos' work, every output written into ``out`` (the staging folder)."""
-    predictor = Predictor(run_dir, calibration, max_pixels, explain)
+    predictor = Predictor(run_dir, calibration, max_pixels, explain, gate)
     if predictor.fitness_warning:
         print(f"warning: {predictor.fitness_warning}", file=sys.stderr, flush=True)
     views, thresholds, source = predictor.views, predictor.thresholds, predictor.source

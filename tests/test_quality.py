@@ -1,0 +1,110 @@
+"""The gradability gate: each check gives its own reason on a real fundus photo degraded that way,
+non-fundus photos are refused, and predict refuses an ungradable eye with "retake" and the reason."""
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from fundus_ensemble.data import quality
+from fundus_ensemble.data.imaging import crop_to_fov
+from fundus_ensemble.labels import LABELS
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def bgr(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a[..., :3][..., ::-1]) if a.ndim == 3 else cv2.cvtColor(a, cv2.COLOR_GRAY2BGR)
+
+
+@pytest.fixture(scope="module")
+def retina() -> np.ndarray:
+    """scikit-image's fundus photograph (a real retina, 1411 px), at 512 px."""
+    return cv2.resize(bgr(skimage_data.retina()), (512, 512), interpolation=cv2.INTER_AREA)
+
+
+def clipped(image: np.ndarray, share: float) -> np.ndarray:
+    level = np.percentile(image[..., 1][image.max(axis=2) > 20], 100 * (1 - share))
+    return np.clip(image.astype(np.float32) * 255.0 / level, 0, 255).astype(np.uint8)
+
+
+def jpeg(image: np.ndarray, quality_: int) -> np.ndarray:
+    return cv2.imdecode(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality_])[1], cv2.IMREAD_COLOR)
+
+
+def cat_in_a_disc() -> np.ndarray:
+    """scikit-image's cat cut into a disc on black, as a fundus camera frames its photo."""
+    cat = bgr(skimage_data.cat())
+    side = min(cat.shape[:2])
+    disc = cat[:side, :side].copy()
+    yy, xx = np.mgrid[:side, :side]
+    disc[(yy - side / 2) ** 2 + (xx - side / 2) ** 2 > (0.48 * side) ** 2] = 0
+    return disc
+
+
+@pytest.mark.parametrize(
+    "degrade, reason",
+    [
+        (lambda a: cv2.GaussianBlur(a, (0, 0), 3), "blurred"),
+        (lambda a: (a * 0.15).astype(np.uint8), "too dark"),
+        (lambda a: (a * 0.02).astype(np.uint8), "too dark"),  # so dark no retina is found: still too dark
+        (lambda a: clipped(a, 0.4), "over-exposed"),
+        (lambda a: np.ascontiguousarray(a[:, a.shape[1] // 2 :]), "retina cut off"),
+        (lambda a: jpeg(a, 5), "heavily compressed"),
+        (lambda a: cv2.cvtColor(cv2.cvtColor(a, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR), "not a colour fundus photo"),
+    ],
+)
+def test_each_degradation_of_a_real_retina_gets_its_own_reason(retina, degrade, reason):
+    assert quality.grade(retina).gradable, quality.grade(retina).text
+    verdict = quality.grade(degrade(retina))
+    assert not verdict.gradable and verdict.reason == reason, verdict.text
+
+
+@pytest.mark.parametrize("name", ["cat", "coffee", "astronaut", "rocket", "brick"])
+def test_everyday_photos_are_no_fundus_photos(name):
+    verdict = quality.grade(bgr(getattr(skimage_data, name)()))
+    assert verdict.reason in ("not a fundus photo", "not a colour fundus photo"), verdict.text
+
+
+def test_a_photo_cut_into_a_disc_is_caught_by_the_imagenet_check(retina):
+    from fundus_ensemble.models.gate import MIN_FUNDUS_MASS, FundusLikeness
+
+    disc = cat_in_a_disc()
+    assert quality.grade(disc).gradable, "the image statistics alone let a cat on black pass"
+    real, cat_mass, cup = FundusLikeness().mass(
+        [crop_to_fov(retina, 224), crop_to_fov(disc, 224), crop_to_fov(bgr(skimage_data.coffee()), 224)]
+    )
+    assert real >= MIN_FUNDUS_MASS > max(cat_mass, cup), (real, cat_mass, cup)
+
+
+@pytest.mark.backend
+def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
+    from fundus_ensemble.inference.predict import PatientPhotos, predict_photos
+    from fundus_ensemble.models import build_patient_model
+
+    run = tmp_path / "run"
+    (run / "color").mkdir(parents=True)
+    build_patient_model("mobilenet", 32, None, 0.5).save(str(run / "color" / "model.keras"))
+    (run / "color" / "card.json").write_text(json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32}))
+    cv2.imwrite(str(tmp_path / "eye.png"), retina)
+    cv2.imwrite(str(tmp_path / "dark.png"), (retina * 0.1).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "cat.png"), cat_in_a_disc())  # only the ImageNet check refuses it
+    patients = [
+        PatientPhotos("one-bad", tmp_path / "cat.png", tmp_path / "eye.png"),
+        PatientPhotos("all-bad", tmp_path / "dark.png", tmp_path / "cat.png"),
+        PatientPhotos("good", tmp_path / "eye.png", None),
+    ]
+    summary = predict_photos(run, patients, tmp_path / "out", progress=False, gate=True)
+    assert (summary["predicted"], summary["rejected"]) == (2, 1)
+    rows = {r["patient_id"]: r for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv"))}
+    assert rows["one-bad"]["referral"].startswith("Not gradable: retake the left eye (left: not a fundus photo")
+    assert rows["all-bad"]["status"] == "rejected"
+    assert rows["all-bad"]["referral"].startswith(
+        "Not gradable: retake the left eye and the right eye (left: too dark (mean brightness"
+    )
+    assert not rows["good"]["referral"].startswith("Not gradable")
+    # off, the same photos are all decided on
+    summary = predict_photos(run, patients, tmp_path / "off", progress=False, gate=False)
+    assert (summary["predicted"], summary["rejected"]) == (3, 0)
