@@ -157,3 +157,40 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
     assert {float(r["threshold"]) for r in csv.DictReader(open(tmp_path / "plain" / "decisions.csv"))} == {0.5}, (
         plain.stderr
     )
+    # the colour view's side head: recorded, and its warnings reach decisions.csv for the slot they concern
+    assert card["side"]["accuracy"] > 0 and (run / "color" / "side.npz").is_file()
+    both = next(p for p in manifest.patients if p.split == "test" and p.left_image and p.right_image)
+    pair = ["--left", manifest.image_path(both.left_image), "--right", manifest.image_path(both.right_image)]
+    with np.load(run / "color" / "side.npz") as data:
+        arrays = dict(data)
+    for bias, slot in (
+        (20.0, "the left photo looks like a right eye"),
+        (-20.0, "the right photo looks like a left eye"),
+    ):
+        zero = np.zeros_like(arrays["weights"])  # every photo a right (left) eye, whatever it shows
+        np.savez(
+            run / "color" / "side.npz", **{**arrays, "weights": zero, "bias": np.array([bias]), "pair": np.array(0.5)}
+        )
+        done = _script("predict.py", run, *pair, "--out", tmp_path / f"side{bias}", "--no-calibration")
+        assert done.returncode == 0, done.stderr[-1500:]
+        checks = {r["side_check"] for r in csv.DictReader(open(tmp_path / f"side{bias}" / "decisions.csv"))}
+        assert len(checks) == 1 and checks.pop().startswith(slot), checks
+
+
+def test_a_side_head_tells_left_from_right_and_sets_its_warnings_on_held_back_patients():
+    rng = np.random.default_rng(0)
+    n = 300
+    features = rng.normal(size=(n, 2, 20)).astype(np.float32)
+    features[:, 0, 0] -= 1.5  # the left eye's optic disc on one side ...
+    features[:, 1, 0] += 1.5  # ... the right eye's on the other
+    both = np.ones(n, bool)
+    both[:10] = False  # one-eyed patients take no part
+    side = heads.fit_side_head(features, both, folds=5, seed=0)
+    assert side.accuracy > 0.9
+    assert (
+        side.probability_right(features[10:, 1]).mean() > 0.7 > 0.3 > side.probability_right(features[10:, 0]).mean()
+    )
+    assert 0.5 <= side.single < 1 and side.pair >= 0
+    assert side.caught_pair > side.caught_single > 0, "a swapped pair says more than one photo"
+    again = heads.SideHead.from_arrays(side.to_arrays())
+    np.testing.assert_allclose(again.probability_right(features[:5]), side.probability_right(features[:5]))

@@ -54,7 +54,8 @@ from ..labels import INPUT_NAMES, LABELS
 from ..models.gate import INPUT_SIZE as GATE_SIZE
 from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
 from ..training.hardware import accelerator_count, cpu_backend_advice
-from ..training.train import CARD_NAME
+from ..training.heads import SideHead
+from ..training.train import CARD_NAME, SIDE_HEAD
 from .explain import GradCam, ensemble_heatmaps, overlay
 from .referral import Referral, refer
 
@@ -339,6 +340,13 @@ class Predictor:
             [_raw_threshold(c) for c in self.fitted.classes] if self.fitted is not None else [THRESHOLD] * len(LABELS)
         )
         self.cams = {view: GradCam(model) for view, (model, _) in self.models.items()} if explain else {}
+        self.side, self._side_features = None, None
+        side_file = Path(run_dir) / "color" / SIDE_HEAD
+        if "color" in self.models and side_file.is_file():  # a cross-fitted run's: which eye a photo shows
+            with np.load(side_file) as data:
+                self.side = SideHead.from_arrays(data)
+            model = self.models["color"][0]
+            self._side_features = keras.Model(model.inputs, model.get_layer("fuse_eyes").input)
 
     @property
     def provenance(self) -> dict:
@@ -408,6 +416,29 @@ class Predictor:
                     )
         return squares, reasons
 
+    def _side_checks(self, inputs: dict, usable: list) -> list[str | None]:
+        """Per usable patient, a warning when a photo looks like the other eye's (the run's side head,
+        its thresholds set for 1 % false warnings on held-back patients), else None."""
+        left, right = np.stack(inputs["color"]["left"]), np.stack(inputs["color"]["right"])
+        stacked = np.asarray(self._side_features.predict_on_batch({INPUT_NAMES[0]: left, INPUT_NAMES[1]: right}))
+        p_right = self.side.probability_right(stacked)
+        n = len(left)
+        checks = []
+        for k, (_, present, _) in enumerate(usable):
+            p_left_slot, p_right_slot = p_right[k], p_right[n + k]
+            if present == ["left", "right"] and p_left_slot - p_right_slot > self.side.pair:
+                checks.append(
+                    f"the two photos look swapped: the left one like a right eye ({p_left_slot:.2f}), the right one "
+                    f"like a left eye ({1 - p_right_slot:.2f}); check which is which"
+                )
+            elif "left" in present and p_left_slot > self.side.single:
+                checks.append(f"the left photo looks like a right eye ({p_left_slot:.2f}); check which eye it is")
+            elif "right" in present and 1 - p_right_slot > self.side.single:
+                checks.append(f"the right photo looks like a left eye ({1 - p_right_slot:.2f}); check which eye it is")
+            else:
+                checks.append(None)
+        return checks
+
     def predict_chunk(
         self,
         chunk: list[PatientPhotos],
@@ -455,6 +486,7 @@ class Predictor:
             # each eye alone: the same eye in both inputs is exactly that eye's features (max = mean)
             per_eye[v] = {"left": _predict(model, left, left), "right": _predict(model, right, right)}
         ensemble = average_probabilities(per_view)
+        side_checks = self._side_checks(inputs, usable) if self.side is not None else [None] * len(usable)
         if self.cams:
             explained += _explain_chunk(
                 self.cams,
@@ -478,6 +510,7 @@ class Predictor:
                         "ensemble": ensemble[k],
                         "views": {v: per_view[v][k] for v in views},
                         "eyes": {(v, eye): per_eye[v][eye][k] for v in views for eye in present},
+                        "side_check": side_checks[k],
                     },
                     note,
                 )
@@ -606,6 +639,7 @@ def card_of(
         "status": "ok",
         "note": note,
         "referral": referral,
+        "side_check": result.get("side_check"),
         **(shown or {"eyes": {}, "heatmaps": {}}),
         "probability": [float(v) for v in result["ensemble"]],
         "threshold": list(thresholds),
@@ -623,6 +657,7 @@ def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str
                 ensemble=[float(x) for x in result["ensemble"]],
                 views={v: [float(x) for x in result["views"][v]] for v in views},
                 eyes={f"{v}/{eye}": [float(x) for x in p] for (v, eye), p in result["eyes"].items()},
+                side_check=result.get("side_check"),
             )
         rows.append(row)
     atomic_write_json(path, {"patients": rows, "explained": explained, "stems": stems})
@@ -643,6 +678,7 @@ def _load_batch(path: Path) -> tuple[list, list[list[str]]]:
                     "ensemble": np.array(row["ensemble"]),
                     "views": {v: np.array(p) for v, p in row["views"].items()},
                     "eyes": {tuple(k.split("/")): np.array(p) for k, p in row["eyes"].items()},
+                    "side_check": row.get("side_check"),
                 },
                 row["note"],
             )
@@ -774,6 +810,7 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
     header = [
         "patient_id",
         "referral",
+        "side_check",
         "status",
         "note",
         "class",
@@ -788,7 +825,7 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
         _, referral = decide(result, note, thresholds)
         if result is None:
             rows.append(
-                [patient.patient_id, referral.text, "rejected", note, "", "", "", "", "", *[""] * len(eye_columns)]
+                [patient.patient_id, referral.text, "", "rejected", note, "", "", "", "", "", *[""] * len(eye_columns)]
             )
             continue
         for j, label in enumerate(LABELS):
@@ -803,6 +840,7 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
                 [
                     patient.patient_id,
                     referral.text,
+                    result.get("side_check") or "",
                     "ok",
                     note,
                     label,

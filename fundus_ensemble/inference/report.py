@@ -499,6 +499,11 @@ def prediction_parts(
             for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"])
         )
         note = f"<br><span class=note>{html.escape(card['note'])}</span>" if card["note"] else ""
+        if card.get("side_check"):
+            note = (
+                f'<p class="side-check" style="color:#a60;font-weight:bold">Which eye? '
+                f"{html.escape(card['side_check'])}.</p>{note}"
+            )
         parts.append(
             f'<div class="case card" data-patient="{pid}"><b>{pid}</b>{line}{note}<div class=photos>{"".join(images)}</div>'
             f"<table><tr><th colspan=8>probability &gt; threshold: decided positive (&#10003;)</th></tr>"

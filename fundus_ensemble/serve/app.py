@@ -116,6 +116,7 @@ def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> di
     body = {
         "patient_id": patient_id,
         "referral": card["referral"].as_dict(),
+        "side_check": card.get("side_check"),
         "classes": classes,
         "eyes": sorted({e for _, e in outcome["eyes"]}),
         "note": card["note"],

@@ -201,3 +201,76 @@ def set_patient_head(model, head: LinearHead) -> None:
     if kernel.shape != head.weights.shape:
         raise FundusError(f"the head has weights {head.weights.shape} but the model's labels layer {kernel.shape}")
     dense.set_weights([head.weights.astype(kernel.dtype), head.bias.astype(bias.dtype)])
+
+
+SIDE_GRID = (0.003, 0.01, 0.03)
+SIDE_FALSE_WARNINGS = 0.01  # the share of correctly placed photos (or pairs) a side warning may flag
+
+
+@dataclass
+class SideHead:
+    """Which eye a photo shows, from its frozen features: ``probability_right``; and the two
+    thresholds beyond which a photo, or a patient's two photos, look like the other eye's."""
+
+    head: LinearHead  # one output: the probability that the photo is of a right eye
+    single: float  # warn when a photo's probability of the other side exceeds this
+    pair: float  # warn when the left photo's probability of right exceeds the right photo's by this
+    accuracy: float  # out of fold, photos of held-back patients
+    caught_single: float  # out of fold: share of photos in the wrong slot that the single threshold flags
+    caught_pair: float  # out of fold: share of swapped pairs the pair threshold flags
+    c: float
+
+    def probability_right(self, features: np.ndarray) -> np.ndarray:
+        return self.head.predict(np.asarray(features).reshape(-1, self.head.weights.shape[0]))[:, 0]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "weights": self.head.weights,
+            "bias": self.head.bias,
+            **{
+                k: np.array(getattr(self, k))
+                for k in ("single", "pair", "accuracy", "caught_single", "caught_pair", "c")
+            },
+        }
+
+    @classmethod
+    def from_arrays(cls, data) -> SideHead:
+        return cls(
+            LinearHead(np.asarray(data["weights"]), np.asarray(data["bias"])),
+            *(float(data[k]) for k in ("single", "pair", "accuracy", "caught_single", "caught_pair", "c")),
+        )
+
+
+def fit_side_head(features: np.ndarray, both: np.ndarray, folds: int = DEFAULT_FOLDS, seed: int = 0) -> SideHead:
+    """A side head on the eye features ``(patients, 2, F)`` of the patients with both eyes (``both``),
+    left labelled 0 and right 1, C chosen by out-of-fold accuracy over patient folds; the warning
+    thresholds are the out-of-fold quantiles that flag :data:`SIDE_FALSE_WARNINGS` of correctly
+    placed photos and pairs, and what they catch of misplaced ones is measured the same way."""
+    pairs = np.asarray(features)[np.asarray(both, bool)]
+    if len(pairs) < 2 * folds:
+        raise FundusError(f"a side head needs at least {2 * folds} patients with both eyes, got {len(pairs)}")
+    fold_of = patient_folds(len(pairs), folds, seed)
+    labels = np.tile([0, 1], len(pairs))[:, None]
+    best = None
+    for c in SIDE_GRID:
+        oof = np.zeros((len(pairs), 2))
+        for f in range(folds):
+            held = fold_of == f
+            head = fit_linear_head(
+                pairs[~held].reshape(-1, pairs.shape[-1]),
+                np.tile([0, 1], (~held).sum())[:, None],
+                c,
+                seed,
+                pos_weight_power=0.0,
+            )
+            oof[held] = head.predict(pairs[held].reshape(-1, pairs.shape[-1]))[:, 0].reshape(-1, 2)
+        accuracy = float(((oof.ravel() > 0.5) == labels.ravel()).mean())
+        if best is None or accuracy > best[0]:
+            best = (accuracy, c, oof)
+    accuracy, c, oof = best
+    other = np.concatenate([oof[:, 0], 1 - oof[:, 1]])  # each photo's probability of the side it is not
+    single = max(0.5, float(np.quantile(other, 1 - SIDE_FALSE_WARNINGS)))  # a warning leans to the other side
+    margin = oof[:, 0] - oof[:, 1]  # negative when the slots are right
+    pair = max(0.0, float(np.quantile(margin, 1 - SIDE_FALSE_WARNINGS)))
+    head = fit_linear_head(pairs.reshape(-1, pairs.shape[-1]), labels, c, seed, pos_weight_power=0.0)
+    return SideHead(head, single, pair, accuracy, float(np.mean(1 - other > single)), float(np.mean(-margin > pair)), c)

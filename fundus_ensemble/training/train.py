@@ -625,6 +625,7 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
     set_patient_head(model, fit.bagged)
     model.save(str(out / MODEL_NAME))
+    side = _side_head(out, view, features, development, config)
     ids = np.array(development.patient_ids)
     tmp = out / f".{OUT_OF_FOLD}.tmp.npz"
     np.savez(tmp, patient_id=ids, labels=y, probabilities=fit.out_of_fold, fold=fit.folds)
@@ -659,9 +660,39 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
             "features_s": round(features_s, 1),
         },
         image_blind=image_blind_score(y, y),
+        **({"side": side} if side else {}),
     )
     atomic_write_json(out / CARD_NAME, card)
     return card
+
+
+SIDE_HEAD = "side.npz"
+
+
+def _side_head(out: Path, view: str, features: np.ndarray, development, config: TrainConfig) -> dict | None:
+    """For the colour view: which eye a photo shows (:func:`.heads.fit_side_head`), kept in
+    ``side.npz`` for predict and the station to warn of a photo in the other eye's slot."""
+    from .heads import SIDE_FALSE_WARNINGS, fit_side_head
+
+    if view != "color":
+        return None
+    both = np.array([bool(p.left_image and p.right_image) for p in development.patients])
+    try:
+        side = fit_side_head(features, both, config.folds, config.seed)
+    except FundusError as exc:
+        print(f"[{view}] no side head: {exc}", flush=True)
+        return None
+    np.savez(out / SIDE_HEAD, **side.to_arrays())
+    print(
+        f"[{view}] side head: {side.accuracy:.1%} of held-back photos told left from right; a photo in the wrong slot "
+        f"is flagged {side.caught_single:.0%}, a swapped pair {side.caught_pair:.0%} of the time, at "
+        f"{SIDE_FALSE_WARNINGS:.0%} false warnings",
+        flush=True,
+    )
+    return {
+        k: round(float(getattr(side, k)), 4)
+        for k in ("accuracy", "caught_single", "caught_pair", "single", "pair", "c")
+    }
 
 
 def image_blind_score(train_labels: np.ndarray, scored_labels: np.ndarray) -> dict:
