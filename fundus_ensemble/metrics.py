@@ -100,3 +100,33 @@ def bootstrap_margin(
     if not margins:
         return None
     return [float(np.percentile(margins, 2.5)), float(np.percentile(margins, 97.5))]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """95% Wilson score interval of a proportion (None when there is nothing to count)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def sensitivity_specificity(y_true: np.ndarray, decisions: np.ndarray) -> dict[str, dict]:
+    """Per class, at the decisions made: sensitivity and specificity with their 95% Wilson
+    intervals, and the positives and negatives they were counted on."""
+    y_true = np.asarray(y_true).astype(bool)
+    decisions = np.asarray(decisions).astype(bool)
+    out = {}
+    for j, name in enumerate(LABELS[: y_true.shape[1]]):
+        positive, negative = y_true[:, j], ~y_true[:, j]
+        tp, tn = int((decisions[:, j] & positive).sum()), int((~decisions[:, j] & negative).sum())
+        out[name] = {
+            "sensitivity": tp / int(positive.sum()) if positive.any() else None,
+            "sensitivity_95": wilson_interval(tp, int(positive.sum())),
+            "specificity": tn / int(negative.sum()) if negative.any() else None,
+            "specificity_95": wilson_interval(tn, int(negative.sum())),
+            "positives": int(positive.sum()),
+            "negatives": int(negative.sum()),
+        }
+    return out

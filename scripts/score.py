@@ -31,6 +31,12 @@ def main(argv=None):
         "out-of-fold: a cross-fitted run's own calibration, fitted on every train and val patient",
     )
     parser.add_argument(
+        "--operating-point",
+        metavar="MEASURE=T",
+        help="set each class's threshold for this sensitivity or specificity on the --calibrate-on predictions "
+        "(e.g. sensitivity=0.90) instead of the official score's best; predict and the station then decide with it",
+    )
+    parser.add_argument(
         "--report",
         action="store_true",
         help="also write report.html there: curves, calibration, training curves, a gallery with heatmaps",
@@ -45,6 +51,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.gallery < 0:
         raise FundusError(f"--gallery must be 0 or more, got {args.gallery}")
+    from fundus_ensemble.evaluation.calibration import parse_operating_point
+
+    operating_point = parse_operating_point(args.operating_point) if args.operating_point else None
     from pathlib import Path
 
     # before Keras starts (seconds to minutes): the folders exist, --out is not a file
@@ -78,6 +87,7 @@ def main(argv=None):
         force=args.force,
         flip_tta=args.flip_tta,
         calibrate_on=args.calibrate_on,
+        operating_point=operating_point,
     )
     print(format_score_table(report))
     print(f"wrote {report['out_dir']}/predictions.csv, predictions_detail.csv and score.json")

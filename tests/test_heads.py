@@ -187,9 +187,7 @@ def test_a_side_head_tells_left_from_right_and_sets_its_warnings_on_held_back_pa
     both[:10] = False  # one-eyed patients take no part
     side = heads.fit_side_head(features, both, folds=5, seed=0)
     assert side.accuracy > 0.9
-    assert (
-        side.probability_right(features[10:, 1]).mean() > 0.7 > 0.3 > side.probability_right(features[10:, 0]).mean()
-    )
+    assert side.probability_right(features[10:, 1]).mean() > 0.7 > 0.3 > side.probability_right(features[10:, 0]).mean()
     assert 0.5 <= side.single < 1 and side.pair >= 0
     assert side.caught_pair > side.caught_single > 0, "a swapped pair says more than one photo"
     again = heads.SideHead.from_arrays(side.to_arrays())

@@ -259,6 +259,7 @@ def run_benchmark(
     from ..training.baseline import train_plain_baseline
     from ..training.train import library_versions, train_view
     from .calibration import write_out_of_fold_calibration
+    from .ensemble import subgroup_scores
 
     out = Path(out_dir)
     if force and resume:
@@ -359,6 +360,16 @@ def run_benchmark(
         "held_out_patients": int(labels[HELD_OUT].shape[0]),
         "rows": rows,
         "checks": checks,
+        # who it works for: the ensemble's rows by sex and age band (ODIR gives both), with intervals
+        "subgroups": {
+            name: subgroup_scores(
+                load_manifest(prep / "color" / "manifest.csv", check_files=False).select(HELD_OUT),
+                labels[HELD_OUT],
+                test_probs[name],
+            )
+            for name in ("ensemble", "ensemble + calibration")
+            if name in test_probs
+        },
         "timings_s": timings,
         "total_wall_s": sum(timings.values()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -398,18 +409,13 @@ def _score_folder(out: Path, models: tuple[str, ...], timings: dict, batch_size:
 def _out_of_fold(model_dir: Path, models: tuple[str, ...]) -> dict[str, np.ndarray] | None:
     """Cross-fitted views' out-of-fold predictions and their patients' labels (None: no view was cross-fitted)."""
     from ..training.train import OUT_OF_FOLD
+    from .calibration import load_out_of_fold
 
-    found = {
-        v: np.load(model_dir / v / OUT_OF_FOLD)
-        for v in VIEWS
-        if v in models and (model_dir / v / OUT_OF_FOLD).is_file()
-    }
-    if not found:
+    views = tuple(v for v in VIEWS if v in models and (model_dir / v / OUT_OF_FOLD).is_file())
+    if not views:
         return None
-    first = next(iter(found.values()))
-    if any(not np.array_equal(data["patient_id"], first["patient_id"]) for data in found.values()):
-        raise FundusError(f"{model_dir}: the views' out-of-fold predictions are of different patients")
-    return {"labels": first["labels"], **{v: data["probabilities"] for v, data in found.items()}}
+    labels, probs = load_out_of_fold(model_dir, views)
+    return {"labels": labels, **{v: probs[v] for v in views}}
 
 
 def _linear_probes(prep: Path, models: Path, config, path: Path, views: tuple[str, ...]) -> None:
@@ -886,5 +892,16 @@ def format_results_markdown(results: dict) -> str:
     for ours, checks in results["checks"].items():
         lines.append(f"- **{ours}**")
         lines += [f"  - {k}: {_fmt_check(v)}" for k, v in checks.items()]
+    for row, groups in results.get("subgroups", {}).items():
+        lines += ["", f"By sex and age band ({row}, test):", ""]
+        for name, g in groups.items():
+            if "final" not in g:
+                lines.append(f"- {name}: {g['patients']} patients, {g['note']}")
+                continue
+            spread = f" [{g['final_95'][0]:.3f}, {g['final_95'][1]:.3f}]" if "final_95" in g else f" ({g['note']})"
+            aucs = ", ".join(f"{c} {v:.2f}" for c, v in g["per_class_auc"].items() if v is not None)
+            lines.append(
+                f"- {name}: {g['patients']} patients, final {g['final']:.3f}{spread}, AUC {g['auc']:.3f} ({aucs})"
+            )
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()), ""]
     return "\n".join(lines)

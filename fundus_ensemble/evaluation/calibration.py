@@ -225,23 +225,34 @@ def _fit_of(path: Path) -> bytes:
         return path.read_bytes()
 
 
+def load_out_of_fold(run_dir: str | os.PathLike, views: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A cross-fitted run's out-of-fold predictions of every train and val patient: their labels,
+    and each view's probabilities and their mean (``ensemble``)."""
+    from ..training.train import OUT_OF_FOLD
+
+    run_dir = Path(run_dir)
+    folds = {}
+    for view in views:
+        path = run_dir / view / OUT_OF_FOLD
+        if not path.is_file():
+            raise FundusError(f"{path} not found: {run_dir} was not cross-fitted (train_pair --head-fit cross-fit)")
+        with np.load(path) as data:
+            folds[view] = {k: data[k] for k in data.files}
+    first = folds[views[0]]
+    if any(not np.array_equal(data["patient_id"], first["patient_id"]) for data in folds.values()):
+        raise FundusError(f"{run_dir}: the views' out-of-fold predictions are of different patients")
+    probs = {view: data["probabilities"] for view, data in folds.items()}
+    probs["ensemble"] = np.mean([probs[v] for v in views], axis=0)
+    return first["labels"], probs
+
+
 def write_out_of_fold_calibration(run_dir: str | os.PathLike, views: tuple[str, ...]) -> Path:
     """A cross-fitted run's calibration (Platt and per-class thresholds, as :func:`fit_calibration`), fitted
     on the out-of-fold predictions of every train and val patient: each view's, and their mean
     (the ensemble's), in ``score.py``'s ``calibration.json`` form, as ``RUN/calibration.json``, which
     predict and the station use by default (:func:`run_calibration`)."""
-    from ..training.train import OUT_OF_FOLD
-
-    run_dir = Path(run_dir)
-    folds = {view: np.load(run_dir / view / OUT_OF_FOLD) for view in views}
-    first = folds[views[0]]
-    for data in folds.values():
-        if not np.array_equal(data["patient_id"], first["patient_id"]):
-            raise FundusError(f"{run_dir}: the views' out-of-fold predictions are of different patients")
-    y = first["labels"]
-    probs = {view: data["probabilities"] for view, data in folds.items()}
-    probs["ensemble"] = np.mean([probs[v] for v in views], axis=0)
-    path = run_dir / RUN_CALIBRATION
+    y, probs = load_out_of_fold(run_dir, views)
+    path = Path(run_dir) / RUN_CALIBRATION
     atomic_write_json(
         path,
         {
@@ -252,3 +263,50 @@ def write_out_of_fold_calibration(run_dir: str | os.PathLike, views: tuple[str, 
         },
     )
     return path
+
+
+OPERATING_MEASURES = ("sensitivity", "specificity")
+
+
+def parse_operating_point(value: str) -> tuple[str, float]:
+    """``sensitivity=0.90`` or ``specificity=0.95`` to ``(measure, target)``, checked."""
+    measure, _, target = (value or "").partition("=")
+    measure = measure.strip().lower()
+    try:
+        number = float(target)
+    except ValueError:
+        number = float("nan")
+    if measure not in OPERATING_MEASURES or not 0 < number < 1:
+        raise FundusError(
+            f"--operating-point {value!r}: expected sensitivity=T or specificity=T with T in (0, 1), e.g. sensitivity=0.90"
+        )
+    return measure, number
+
+
+def fit_operating_point(y_true: np.ndarray, y_prob: np.ndarray, measure: str, target: float) -> Calibration:
+    """Per class, the threshold a screening programme asks for instead of the metric's best: the
+    highest threshold whose sensitivity on these patients is at least ``target`` (or the lowest
+    whose specificity is), as a calibration that moves it to 0.5 (no Platt scaling: the
+    probabilities keep their scale). A class with one value among these patients keeps 0.5."""
+    y_true, y_prob = check_prediction_arrays(y_true, y_prob)
+    if measure not in OPERATING_MEASURES:
+        raise FundusError(f"operating point measure {measure!r}: expected one of {', '.join(OPERATING_MEASURES)}")
+    classes = []
+    for j in range(y_true.shape[1]):
+        column, p = y_true[:, j].astype(bool), y_prob[:, j]
+        if column.min() == column.max():
+            classes.append(ClassCalibration())
+            continue
+        # decisions are p > t; t lies halfway to the next probability any patient has, so that the
+        # calibration's logit arithmetic cannot move a patient across it
+        values = np.unique(p)
+        if measure == "sensitivity":  # the k-th largest positive, and all above it, decided positive
+            edge = np.sort(p[column])[::-1][int(np.ceil(target * column.sum())) - 1]
+            below = values[values < edge]
+            t = (edge + below[-1]) / 2 if below.size else edge / 2
+        else:  # the k-th smallest negative, and all below it, decided negative
+            edge = np.sort(p[~column])[int(np.ceil(target * (~column).sum())) - 1]
+            above = values[values > edge]
+            t = (edge + above[0]) / 2 if above.size else (edge + 1) / 2
+        classes.append(ClassCalibration(1.0, 0.0, float(np.clip(t, 1e-6, 1 - 1e-6))))
+    return Calibration(tuple(classes))

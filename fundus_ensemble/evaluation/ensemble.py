@@ -14,10 +14,10 @@ from ..data.batches import predict_patients
 from ..data.manifest import load_manifest
 from ..errors import FundusError, ModelCardError
 from ..fileio import atomic_write_json, atomic_write_text, claim_folder, csv_for_people, refuse_overlap
-from ..labels import LABELS, VIEWS
-from ..metrics import odir_score, per_class_scores
+from ..labels import LABEL_NAMES, LABELS, VIEWS
+from ..metrics import THRESHOLD, odir_score, per_class_scores, sensitivity_specificity
 from ..training.train import CARD_NAME, MODEL_NAME
-from .calibration import Calibration, fit_calibration
+from .calibration import Calibration, fit_calibration, fit_operating_point, load_out_of_fold
 
 # files an earlier score in the folder may hold that this one might not rewrite
 STALE_SCORE_FILES = ("calibration.json", "report.html")
@@ -165,13 +165,17 @@ def score_run(
     force: bool = False,
     flip_tta: bool = False,
     calibrate_on: str | None = None,
+    operating_point: tuple[str, float] | None = None,
 ) -> dict:
     """Score each view model and their average on ``split``; write predictions.csv and score.json.
 
     ``flip_tta`` also predicts the mirrored eyes and averages. ``calibrate_on`` names another
     split whose predictions fit a per-class calibration (:mod:`.calibration`) for each model
-    and for the ensemble; it is written to ``calibration.json``. Refuses to replace an earlier
-    score in ``out_dir`` unless ``force``.
+    and for the ensemble; it is written to ``calibration.json``. ``operating_point``
+    (``("sensitivity", 0.9)``) sets each class's threshold on those predictions for that
+    sensitivity (or specificity) instead of the metric's best. The score gives, per class,
+    sensitivity and specificity with 95% intervals at the thresholds in use, and the ensemble's
+    scores by sex and age band. Refuses to replace an earlier score in ``out_dir`` unless ``force``.
     """
     views = views or run_views(run_dir)  # one view: that model alone is the ensemble
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"score_{split}"
@@ -193,6 +197,11 @@ def score_run(
             raise FundusError(
                 "the run's out-of-fold calibration is of the equal-weight ensemble; drop --ensemble-weights"
             )
+    if operating_point is not None and calibrate_on is None:
+        raise FundusError(
+            "an operating point is set on other patients' predictions: give --calibrate-on (val, or "
+            "out-of-fold for a cross-fitted run) with --operating-point"
+        )
     if calibrate_on == split:
         raise FundusError(
             f"calibrating on the scored split {split!r} would grade patients the calibration has seen; "
@@ -217,21 +226,32 @@ def score_run(
     for s in splits:
         probs[s]["ensemble"] = average_probabilities(probs[s], weights)
     scored = probs[split]
-    if calibrate_on == OUT_OF_FOLD:
+    fit_y, fit_probs = None, {}
+    if calibrate_on == OUT_OF_FOLD and operating_point is not None:
+        fit_y, fit_probs = load_out_of_fold(run_dir, views)
+    elif calibrate_on == OUT_OF_FOLD:
         fitted = json.loads((Path(run_dir) / "calibration.json").read_text())
         calibrations = {name: Calibration.from_dict(fitted[name]) for name in scored}
     elif calibrate_on is not None:
-        calibrations = {name: fit_calibration(y_true[calibrate_on], p) for name, p in probs[calibrate_on].items()}
+        fit_y, fit_probs = y_true[calibrate_on], probs[calibrate_on]
+    if fit_y is not None:
+        if operating_point is not None:
+            calibrations = {name: fit_operating_point(fit_y, p, *operating_point) for name, p in fit_probs.items()}
+        else:
+            calibrations = {name: fit_calibration(fit_y, p) for name, p in fit_probs.items()}
     if calibrate_on is not None:
         scored = {name: calibrations[name].apply(p) for name, p in scored.items()}
-        atomic_write_json(
-            out / "calibration.json",
-            {
-                "fitted_on": calibrate_on,
-                "flip_tta": flip_tta,
-                **{name: c.to_dict() for name, c in calibrations.items()},
-            },
-        )
+        record = {"fitted_on": calibrate_on, "flip_tta": flip_tta, **{n: c.to_dict() for n, c in calibrations.items()}}
+        if operating_point is not None:
+            measure, target = operating_point
+            record["operating_point"] = {
+                "measure": measure,
+                "target": target,
+                "on_fitting_patients": sensitivity_specificity(
+                    fit_y, calibrations["ensemble"].apply(fit_probs["ensemble"]) > 0.5
+                ),
+            }
+        atomic_write_json(out / "calibration.json", record)
     train_labels = (
         load_manifest(Path(prep_dir) / views[0] / "manifest.csv", check_files=False).select("train").label_matrix()
     )
@@ -241,7 +261,14 @@ def score_run(
         "ensemble_weights": weights or {v: 1.0 for v in views},
         "flip_tta": flip_tta,
         "calibrated_on": calibrate_on,
+        "operating_point": None if operating_point is None else dict(zip(("measure", "target"), operating_point)),
         "ensemble": _scores(y_true[split], scored["ensemble"]),
+        "decisions": sensitivity_specificity(y_true[split], scored["ensemble"] > THRESHOLD),
+        "subgroups": subgroup_scores(
+            load_manifest(Path(prep_dir) / views[0] / "manifest.csv", check_files=False).select(split),
+            y_true[split],
+            scored["ensemble"],
+        ),
         "models": {view: _scores(y_true[split], scored[view]) for view in views},
         "trivial": trivial_rows(train_labels, y_true[split]),
     }
@@ -262,6 +289,55 @@ OUT_OF_FOLD = "out-of-fold"  # score_run's calibrate_on for a cross-fitted run: 
 def _head_fit(run_dir: str | os.PathLike, view: str) -> str:
     card = Path(run_dir) / view / CARD_NAME
     return json.loads(card.read_text()).get("config", {}).get("head_fit", "epochs") if card.is_file() else "epochs"
+
+
+AGE_BANDS = ((0, 40, "under 40"), (40, 60, "40-59"), (60, 200, "60 and over"))
+MIN_SUBGROUP = 30  # patients a subgroup needs for a bootstrap interval
+
+
+def subgroup_scores(manifest, y_true: np.ndarray, y_prob: np.ndarray, resamples: int = 200, seed: int = 0) -> dict:
+    """The ensemble's final and pooled AUC (95% bootstrap intervals over the subgroup's patients)
+    and per-class AUC by sex and by age band, from the manifest's ``sex`` and ``age`` columns (ODIR
+    gives both); a subgroup under :data:`MIN_SUBGROUP` patients says it is too small for an interval."""
+    ages, sexes = [], []
+    for p in manifest.patients:
+        try:
+            ages.append(float(p.extra.get("age", "")))
+        except ValueError:
+            ages.append(np.nan)
+        sexes.append(str(p.extra.get("sex", "")).strip().lower())
+    ages = np.array(ages)
+    groups = {f"sex: {s}": np.array([x == s for x in sexes]) for s in ("female", "male")}
+    groups.update({f"age: {name}": (ages >= lo) & (ages < hi) for lo, hi, name in AGE_BANDS})
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, member in groups.items():
+        n = int(member.sum())
+        if n == 0:
+            continue
+        y, p = y_true[member], y_prob[member]
+        row = {"patients": n}
+        if y.min() == y.max():
+            out[name] = {**row, "note": "one label value only: no score"}
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row.update({k: float(v) for k, v in odir_score(y, p).items()})
+            row["per_class_auc"] = {c: v["auc"] for c, v in per_class_scores(y, p).items()}
+        if n < MIN_SUBGROUP:
+            row["note"] = f"too small for an interval ({n} patients; {MIN_SUBGROUP} needed)"
+        else:
+            boot = []
+            for _ in range(resamples):
+                i = rng.integers(0, n, n)
+                if y[i].min() != y[i].max():
+                    s = odir_score(y[i], p[i])
+                    boot.append((s["final"], s["auc"]))
+            boot = np.array(boot)
+            row["final_95"] = [float(v) for v in np.percentile(boot[:, 0], [2.5, 97.5])]
+            row["auc_95"] = [float(v) for v in np.percentile(boot[:, 1], [2.5, 97.5])]
+        out[name] = row
+    return out
 
 
 def format_score_table(report: dict) -> str:
@@ -292,4 +368,32 @@ def format_score_table(report: dict) -> str:
             for c, v in report["ensemble"]["per_class"].items()
         )
     )
+    if report.get("decisions"):
+        point = report.get("operating_point")
+        lines.append(
+            "the ensemble's decisions"
+            + (
+                f" (thresholds for {point['measure']} {point['target']:g} on {report['calibrated_on']})"
+                if point
+                else ""
+            )
+            + ": sensitivity / specificity per class, 95% intervals"
+        )
+        for c, v in report["decisions"].items():
+            lines.append(
+                f"  {c} ({LABEL_NAMES[c]}): {_proportion(v['sensitivity'], v['sensitivity_95'])} of "
+                f"{v['positives']} / {_proportion(v['specificity'], v['specificity_95'])} of {v['negatives']}"
+            )
+    for name, g in (report.get("subgroups") or {}).items():
+        if "final" not in g:
+            lines.append(f"  {name}: {g['patients']} patients, {g['note']}")
+            continue
+        spread = f" [{g['final_95'][0]:.3f}, {g['final_95'][1]:.3f}]" if "final_95" in g else f" ({g['note']})"
+        lines.append(f"  {name}: {g['patients']} patients, final {g['final']:.3f}{spread}, AUC {g['auc']:.3f}")
     return "\n".join(lines)
+
+
+def _proportion(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1%}" + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
