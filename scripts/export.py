@@ -33,10 +33,15 @@ def main(argv=None):
     )
     parser.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     parser.add_argument(
+        "--calibration",
+        help="calibration.json whose thresholds the export's record carries (default: the run's own, as predict.py)",
+    )
+    parser.add_argument("--no-calibration", action="store_true", help="record 0.5 for every class")
+    parser.add_argument(
         "--check-on",
         metavar="PREP_DIR",
         help="after exporting, run the export and the Keras ensemble on the val split's colour views of "
-        "this preprocessing folder and report how many decisions (p > 0.5) the export changes",
+        "this preprocessing folder and report how many decisions (at the thresholds it carries) the export changes",
     )
     args = parser.parse_args(argv)
     if args.format == "tflite" and not args.out.endswith(".tflite"):
@@ -58,7 +63,12 @@ def main(argv=None):
                 f"got {len(args.ensemble_weights)}"
             )
         weights = dict(zip(views, args.ensemble_weights))
-    record = export_run(args.run_dir, args.out, args.format, args.quantize, weights, args.force)
+    from fundus_ensemble.inference.export import AUTO
+
+    if args.calibration and args.no_calibration:
+        raise FundusError("--calibration and --no-calibration: choose one")
+    calibration = None if args.no_calibration else (args.calibration or AUTO)
+    record = export_run(args.run_dir, args.out, args.format, args.quantize, weights, args.force, calibration)
     print(
         f"wrote {args.out} ({record['bytes'] / 1e6:.1f} MB, {args.format}, weights {args.quantize}); inputs left_eye and "
         f"right_eye: uint8 RGB (1, {record['input_size']}, {record['input_size']}, 3), the eye cropped by "

@@ -114,3 +114,37 @@ def test_export_refuses_bad_requests(tiny_pair, tmp_path):
         export_run(tiny_pair, tmp_path / "taken.tflite", "tflite")
     with pytest.raises(FundusError, match="neither a .tflite file nor a SavedModel"):
         load_exported(tmp_path)
+
+
+def test_the_export_carries_the_thresholds_and_fingerprint_predict_uses(tiny_pair, tmp_path):
+    import csv
+    import shutil
+
+    import keras
+
+    from fundus_ensemble.evaluation.calibration import Calibration, ClassCalibration
+    from fundus_ensemble.inference.export import export_run
+    from fundus_ensemble.inference.predict import PatientPhotos, predict_photos
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("exports are TensorFlow formats")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pair, run)
+    fitted = Calibration(tuple(ClassCalibration(1.2, 0.1 * k - 0.3, 0.3 + 0.05 * k) for k in range(len(LABELS))))
+    (run / "calibration.json").write_text(
+        json.dumps({"fitted_on": "out-of-fold", "flip_tta": False, "ensemble": fitted.to_dict()})
+    )
+    record = export_run(run, tmp_path / "pair.tflite")
+    photo = tmp_path / "eye.png"
+    cv2.imwrite(str(photo), cv2.imread(str(ROOT / load_manifest(ROOT / "data_manifest.csv").patients[0].left_image)))
+    # as predict.py runs it: with the run's own calibration
+    predict_photos(
+        run, [PatientPhotos("a", photo, None)], tmp_path / "out", progress=False, calibration=run / "calibration.json"
+    )
+    predicted = json.loads((tmp_path / "out" / "predict.json").read_text())
+    assert record["cards_sha256"] == predicted["cards_sha256"], "one fingerprint names one model"
+    rows = {r["class"]: float(r["threshold"]) for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv"))}
+    assert record["thresholds"] == pytest.approx(rows, abs=1e-12) and record["threshold_source"].startswith(
+        "calibration.json"
+    )
+    assert len(set(record["thresholds"].values())) > 1, "the run's own thresholds, not 0.5 everywhere"

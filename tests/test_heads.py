@@ -150,9 +150,9 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
     ]
     rows = {r["class"]: r for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv"))}
     thresholds = {c: float(rows[c]["threshold"]) for c in LABELS}
-    from fundus_ensemble.inference.predict import _raw_threshold
+    from fundus_ensemble.evaluation.calibration import raw_thresholds
 
-    assert thresholds == {c: pytest.approx(_raw_threshold(k), abs=1e-6) for c, k in zip(LABELS, expected.classes)}
+    assert thresholds == {c: pytest.approx(t, abs=1e-6) for c, t in zip(LABELS, raw_thresholds(expected))}
     plain = _script("predict.py", run, "--left", photo, "--out", tmp_path / "plain", "--no-calibration")
     assert {float(r["threshold"]) for r in csv.DictReader(open(tmp_path / "plain" / "decisions.csv"))} == {0.5}, (
         plain.stderr

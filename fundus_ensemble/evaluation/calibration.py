@@ -310,3 +310,13 @@ def fit_operating_point(y_true: np.ndarray, y_prob: np.ndarray, measure: str, ta
             t = (edge + above[0]) / 2 if above.size else (edge + 1) / 2
         classes.append(ClassCalibration(1.0, 0.0, float(np.clip(t, 1e-6, 1 - 1e-6))))
     return Calibration(tuple(classes))
+
+
+def raw_thresholds(calibration: Calibration) -> list[float]:
+    """Per class, the raw probability at which the calibrated one crosses 0.5: what decides (the
+    calibration is increasing: :meth:`Calibration.from_dict` and the fits allow no other)."""
+    out = []
+    for c in calibration.classes:
+        z = (np.log(c.threshold) - np.log1p(-c.threshold) - c.intercept) / c.slope
+        out.append(float(1.0 / (1.0 + np.exp(-z))))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -117,6 +118,16 @@ def predictions_csv(ids: list[str], probs: np.ndarray) -> str:
     Ids that a spreadsheet would run as a formula are neutralised; numeric ODIR ids are unchanged.
     """
     return csv_for_people(["ID", *LABELS], [[pid, *(exact(p) for p in row)] for pid, row in zip(ids, probs)])
+
+
+def card_fingerprints(run_dir: str | os.PathLike, views: tuple[str, ...] | None = None) -> dict[str, str | None]:
+    """The run's fingerprint: the SHA-256 of each view model's card file as it is on disk (None where
+    missing), what predict records and the export records, so the two name one model alike."""
+    out = {}
+    for view in views or run_views(run_dir):
+        card = Path(run_dir) / view / CARD_NAME
+        out[view] = hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None
+    return out
 
 
 def run_views(run_dir: str | os.PathLike) -> tuple[str, ...]:

@@ -12,7 +12,6 @@ float16 weights, or int8 dynamic-range weights); :func:`load_exported` runs eith
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -24,7 +23,7 @@ import keras
 import numpy as np
 
 from ..errors import FundusError
-from ..evaluation.ensemble import load_view_model, run_views
+from ..evaluation.ensemble import card_fingerprints, load_view_model, run_views
 from ..fileio import OWNER_MARK, atomic_write_bytes, atomic_write_json, claim_folder, folder_owner
 from ..labels import INPUT_NAMES, LABELS
 from ..models.views import ColorView, EqualizedGray, WeightedAverage
@@ -34,6 +33,9 @@ QUANTIZATIONS: tuple[str, ...] = ("none", "float16", "int8")
 VIEW_LAYERS = {"color": ColorView, "gray_eq": EqualizedGray}
 SAVED_MODEL_PURPOSE = "a SavedModel export"
 SAVED_MODEL_FILES = {"saved_model.pb", "variables", "assets", "fingerprint.pb", OWNER_MARK}
+
+
+AUTO = "auto"  # export_run's calibration: the run's own (evaluation.calibration.run_calibration)
 
 
 def build_ensemble_model(
@@ -66,9 +68,7 @@ def build_ensemble_model(
             for name in INPUT_NAMES
         },
         "output": f"float32 (1, {len(LABELS)}): ensemble probabilities of {','.join(LABELS)}",
-        "cards_sha256": {
-            v: hashlib.sha256(json.dumps(loaded[v][1], sort_keys=True).encode()).hexdigest() for v in views
-        },
+        "cards_sha256": card_fingerprints(run_dir, tuple(views)),
     }
     return keras.Model(eyes, probabilities, name="fundus_ensemble"), info
 
@@ -80,8 +80,13 @@ def export_run(
     quantize: str = "none",
     weights: dict[str, float] | None = None,
     force: bool = False,
+    calibration: str | os.PathLike | None = AUTO,
 ) -> dict:
-    """Write the run's ensemble as ``fmt`` to ``out`` (a ``.tflite`` file or a SavedModel folder) and ``out.json``."""
+    """Write the run's ensemble as ``fmt`` to ``out`` (a ``.tflite`` file or a SavedModel folder) and ``out.json``.
+
+    The record beside it carries the thresholds the run decides with (``calibration``: a
+    ``calibration.json``; :data:`AUTO`, the run's own as predict uses it; None, 0.5 for every class)
+    and the run's fingerprint as predict records it, so a phone app decides as predict does."""
     if fmt not in FORMATS:
         raise FundusError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if quantize not in QUANTIZATIONS:
@@ -109,7 +114,17 @@ def export_run(
         else:
             atomic_write_bytes(out, _convert_tflite(saved, quantize))
     size_bytes = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    record = {"format": fmt, "quantize": quantize, "path": out.name, "bytes": size_bytes, **info}
+    thresholds, source = export_thresholds(run_dir, calibration)
+    record = {
+        "format": fmt,
+        "quantize": quantize,
+        "path": out.name,
+        "bytes": size_bytes,
+        **info,
+        "thresholds": dict(zip(LABELS, thresholds)),
+        "threshold_source": source,
+        "decision": "class positive when its probability > its threshold",
+    }
     atomic_write_json(_record_path(out), record)
     return record
 
@@ -167,6 +182,19 @@ def decision_changes(reference: np.ndarray, probs: np.ndarray, thresholds: float
     }
 
 
+def export_thresholds(
+    run_dir: str | os.PathLike, calibration: str | os.PathLike | None = AUTO
+) -> tuple[list[float], str]:
+    """The per-class thresholds predict would decide this run with, and where they come from."""
+    from ..evaluation.calibration import load_calibration_file, raw_thresholds, run_calibration
+
+    path = run_calibration(run_dir) if calibration == AUTO else calibration
+    if path is None:
+        return [0.5] * len(LABELS), "default 0.5"
+    fitted, source = load_calibration_file(path)
+    return raw_thresholds(fitted), source
+
+
 def check_export_on_split(
     run_dir: str | os.PathLike, exported: str | os.PathLike, prep_dir: str | os.PathLike, split: str = "val"
 ) -> dict:
@@ -193,10 +221,14 @@ def check_export_on_split(
         )
         export_probs.append(run(*eyes))
     keras_probs, export_probs = np.array(keras_probs), np.array(export_probs)
+    record = _record_path(Path(exported))
+    thresholds = (
+        np.array([json.loads(record.read_text())["thresholds"][c] for c in LABELS]) if record.is_file() else 0.5
+    )  # the export's own thresholds: the decisions a phone app makes
     return {
         "split": split,
         "max_abs_diff": float(np.abs(keras_probs - export_probs).max()),
-        **decision_changes(keras_probs, export_probs),
+        **decision_changes(keras_probs, export_probs, thresholds),
     }
 
 

@@ -39,8 +39,15 @@ from ..data.imaging import (
 from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
 from ..data.quality import grade
 from ..errors import FundusError, ImageError, warn_once
-from ..evaluation.calibration import ClassCalibration, load_calibration_file
-from ..evaluation.ensemble import average_probabilities, exact, load_view_model, predictions_csv, run_views
+from ..evaluation.calibration import load_calibration_file, raw_thresholds
+from ..evaluation.ensemble import (
+    average_probabilities,
+    card_fingerprints,
+    exact,
+    load_view_model,
+    predictions_csv,
+    run_views,
+)
 from ..fileio import (
     atomic_write_bytes,
     atomic_write_json,
@@ -55,7 +62,7 @@ from ..models.gate import INPUT_SIZE as GATE_SIZE
 from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
 from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.heads import SideHead
-from ..training.train import CARD_NAME, SIDE_HEAD
+from ..training.train import SIDE_HEAD
 from .explain import GradCam, ensemble_heatmaps, overlay
 from .referral import Referral, refer
 
@@ -271,13 +278,9 @@ def in_shard(patient_id: str, index: int, count: int) -> bool:
 def _job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard) -> dict:
     """What decides a prediction run's outputs: a resumed run must be the same job."""
     listing = hashlib.sha256("\n".join(f"{p.patient_id}\t{p.left}\t{p.right}" for p in patients).encode()).hexdigest()
-    cards = {}
-    for view in run_views(run_dir):
-        card_path = Path(run_dir) / view / CARD_NAME
-        cards[view] = hashlib.sha256(card_path.read_bytes()).hexdigest() if card_path.is_file() else None
     return {
         "run": str(Path(run_dir).resolve()),
-        "cards_sha256": cards,
+        "cards_sha256": card_fingerprints(run_dir),
         "patients": len(patients),
         "patients_sha256": listing,
         "batch_size": batch_size,
@@ -336,9 +339,7 @@ class Predictor:
         )
         if advice:
             warn_once(advice)
-        self.thresholds = (
-            [_raw_threshold(c) for c in self.fitted.classes] if self.fitted is not None else [THRESHOLD] * len(LABELS)
-        )
+        self.thresholds = raw_thresholds(self.fitted) if self.fitted is not None else [THRESHOLD] * len(LABELS)
         self.cams = {view: GradCam(model) for view, (model, _) in self.models.items()} if explain else {}
         self.side, self._side_features = None, None
         side_file = Path(run_dir) / "color" / SIDE_HEAD
@@ -796,13 +797,6 @@ def _file_stem(patient_id: str, taken: dict[str, str]) -> str:
 def _predict(model, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     batch = {INPUT_NAMES[0]: left.astype(np.float32), INPUT_NAMES[1]: right.astype(np.float32)}
     return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
-
-
-def _raw_threshold(c: ClassCalibration) -> float:
-    """The ensemble probability at which the calibrated one crosses 0.5 (the calibration is
-    increasing: :meth:`Calibration.from_dict` and the fit allow no other)."""
-    z = (np.log(c.threshold) - np.log1p(-c.threshold) - c.intercept) / c.slope
-    return float(1.0 / (1.0 + np.exp(-z)))
 
 
 def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
