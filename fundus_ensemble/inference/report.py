@@ -391,12 +391,17 @@ def _provenance(provenance: dict) -> str:
     for view, card in provenance["models"].items():
         best = card.get("best_val") or {}
         score = best.get("val_final_score")
-        shown = "n/a" if score is None else f"{score:.3f} (epoch {best.get('epoch', '?')})"
+        out_of_fold = bool(best.get("out_of_fold"))  # a cross-fitted run learned on train and val, scored out of fold
+        when = "out of fold" if out_of_fold else f"epoch {best.get('epoch', '?')}"
+        shown = "n/a" if score is None else f"{score:.3f} ({when})"
+        patients = f"{card.get('train_patients', '?')} patients"
+        if out_of_fold and isinstance(card.get("train_patients"), int) and isinstance(card.get("val_patients"), int):
+            patients = f"{card['train_patients'] + card['val_patients']} patients, cross-fitted"
         rows.append(
             f"<tr><td>{html.escape(view)}</td><td>{html.escape(str(card.get('backbone', '?')))}</td>"
             f"<td>{html.escape(str(card.get('input_size', '?')))} px</td>"
             f"<td>{html.escape(str(card.get('weights_init') or 'none (from scratch)'))}</td>"
-            f"<td>{html.escape(str(card.get('train_patients', '?')))} patients"
+            f"<td>{html.escape(patients)}"
             + (f" of <code>{html.escape(str(card['data_manifest']))}</code>" if card.get("data_manifest") else "")
             + f"</td><td>{shown}</td></tr>"
         )
@@ -405,7 +410,7 @@ def _provenance(provenance: dict) -> str:
         f"<h2>Model</h2><p class=note>{run} ensemble averages "
         f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.</p>"
         "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
-        f"<th>best validation final</th></tr>{''.join(rows)}</table>"
+        f"<th>validation final</th></tr>{''.join(rows)}</table>"
     )
 
 

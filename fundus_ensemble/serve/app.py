@@ -40,7 +40,7 @@ DEFAULT_BATCH = 8
 AID = "A screening aid, not a diagnosis."
 LOGIN_LIMIT = 4096  # bytes of a token form
 SESSION_COOKIE = "fundus_session"
-PUBLIC_CARD_KEYS = ("backbone", "input_size", "weights_init", "train_patients", "best_val")
+PUBLIC_CARD_KEYS = ("backbone", "input_size", "weights_init", "train_patients", "val_patients", "best_val")
 
 
 class Busy(Exception):
