@@ -358,7 +358,7 @@ def write_score_report(
         f"<h2>Reliability</h2><p class=note>Do the probabilities mean what they say? Points on the diagonal: among "
         f"patient-classes predicted p, a fraction p is positive.</p>{_img(_reliability(y_true, y_prob), 'reliability diagram')}",
         f"<h2>Decisions at threshold {THRESHOLD}</h2>{_confusion(y_true, y_prob, THRESHOLD)}",
-        f"<h2>Training curves</h2>{_img(_history(run, views), 'training curves')}",
+        _training_section(run, views),
     ]
     if gallery > 0:
         sections.append(
@@ -411,6 +411,32 @@ def _provenance(provenance: dict) -> str:
         f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.</p>"
         "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
         f"<th>validation final</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _training_section(run: Path, views) -> str:
+    """Training curves of epoch-trained view models; a cross-fitted run has no epochs: its out-of-fold
+    scores instead."""
+    if any((run / v / "history.csv").is_file() for v in views):
+        return f"<h2>Training curves</h2>{_img(_history(run, views), 'training curves')}"
+    rows = []
+    for view in views:
+        card = json.loads((run / view / "card.json").read_text())
+        head = card.get("head") or {}
+        scores = head.get("out_of_fold") or {}
+        if scores:
+            rows.append(
+                f"<tr><td>{html.escape(view)}</td><td>{head.get('folds', '?')}</td><td>{head.get('C', '?')}</td>"
+                + "".join(f"<td>{scores[k]:.3f}</td>" for k in ("kappa", "f1", "auc", "final"))
+                + "</tr>"
+            )
+    if not rows:
+        return ""
+    return (
+        "<h2>Cross-fitted heads</h2><p class=note>No epochs: each view's logistic heads were fitted on folds of every "
+        "train and val patient; each patient's score below comes from the heads that did not see it.</p>"
+        "<table><tr><th>view</th><th>folds</th><th>C</th><th>kappa</th><th>F1</th><th>AUC</th><th>final</th></tr>"
+        f"{''.join(rows)}</table>"
     )
 
 
