@@ -61,13 +61,12 @@ def run_dir(tmp_path_factory):
     return run
 
 
-@pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory):
+def start_station(run_dir, log: Path, *options: str):
+    """scripts/serve.py on a free loopback port with ``options``, once its /health answers: (process, url)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1"],
+            [sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1", *options],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -78,12 +77,17 @@ def server(run_dir, tmp_path_factory):
             pytest.fail(f"server exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return process, url
         except httpx.HTTPError:
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("server did not start in 240 s")
+    process.kill()
+    pytest.fail("server did not start in 240 s")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    process, url = start_station(run_dir, log)
     yield url, log
     process.terminate()
     process.wait(timeout=30)
@@ -369,24 +373,8 @@ def _raw_request(port: int, head: str, body: bytes = b"", wait: float = 10) -> t
 
 @pytest.fixture(scope="module")
 def token_server(run_dir, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("log") / "token-server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(run_dir), "--port", str(port), "--max-upload-mb", "1", "--token", TOKEN],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    yield port
+    process, url = start_station(run_dir, tmp_path_factory.mktemp("log") / "token-server.log", "--token", TOKEN)
+    yield int(url.rsplit(":", 1)[1])
     process.terminate()
     process.wait(timeout=30)
 

@@ -382,6 +382,22 @@ def trained_images(
     return image_epochs * per_epoch + (2 * (train_patients + val_patients) if on_features else 0)
 
 
+def _store_features(encoder, manifest, config: TrainConfig, store, view: str, view_dir: Path) -> np.ndarray:
+    """A manifest's frozen eye features ``(patients, 2, F)`` as this run's backbone, weights and size
+    make them, through the feature store (computed only for photos it does not hold)."""
+    return eye_features(
+        encoder,
+        manifest,
+        config.size,
+        2 * config.batch_size,
+        store,
+        config.backbone,
+        config.weights,
+        view,
+        preprocessing=preprocessing_settings(view_dir),
+    )
+
+
 def _fit_head_on_features(
     model: keras.Model, out: Path, view: str, train, val, loss, config: TrainConfig, jit, view_dir: Path
 ) -> tuple[int, float]:
@@ -394,17 +410,7 @@ def _fit_head_on_features(
     features, start = {}, time.perf_counter()
     for split, manifest in (("train", train), ("val", val)):
         print(f"[{view}] frozen features of {len(manifest)} {split} patients (store {store}) ...", flush=True)
-        features[split] = eye_features(
-            encoder,
-            manifest,
-            config.size,
-            2 * config.batch_size,
-            store,
-            config.backbone,
-            config.weights,
-            view,
-            preprocessing=preprocessing_settings(view_dir),
-        )
+        features[split] = _store_features(encoder, manifest, config, store, view, view_dir)
     features_s = time.perf_counter() - start
     head = head_model(model)
     head.compile(keras.optimizers.Adam(config.learning_rate), loss=loss, jit_compile=jit)
@@ -602,16 +608,8 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
         f"at {config.size} px (store {store}), {config.folds} folds",
         flush=True,
     )
-    features = eye_features(
-        lambda: build_backbone(config.backbone, config.size, config.weights),
-        development,
-        config.size,
-        2 * config.batch_size,
-        store,
-        config.backbone,
-        config.weights,
-        view,
-        preprocessing=preprocessing_settings(view_dir),
+    features = _store_features(
+        lambda: build_backbone(config.backbone, config.size, config.weights), development, config, store, view, view_dir
     )
     features_s = time.perf_counter() - start
     y = development.label_matrix()
