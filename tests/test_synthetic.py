@@ -58,3 +58,22 @@ def test_disc_is_on_the_nasal_side():
     brightest_left = np.unravel_index(np.argmax(cv2.GaussianBlur(left, (9, 9), 0)), left.shape)[1]
     brightest_right = np.unravel_index(np.argmax(cv2.GaussianBlur(right, (9, 9), 0)), right.shape)[1]
     assert brightest_left < left.shape[1] / 2 < brightest_right
+
+
+def test_the_demo_says_in_one_line_whether_the_run_is_healthy():
+    from fundus_ensemble.demo import health
+
+    def report(color, gray, ensemble):
+        scores = lambda auc, final: {"auc": auc, "final": final}  # noqa: E731
+        return {
+            "trivial": {"class prior (train)": scores(0.64, 0.49)},
+            "models": {"color": scores(*color), "gray_eq": scores(*gray)},
+            "ensemble": scores(*ensemble),
+        }
+
+    ok, line = health(report((0.98, 0.89), (0.93, 0.86), (0.99, 0.91)))
+    assert ok and line.startswith("healthy: every model is above the image-blind class prior")
+    assert "lowest gray_eq model 0.930 against 0.640" in line
+    for bad in (report((0.98, 0.89), (0.60, 0.86), (0.99, 0.91)), report((0.98, 0.48), (0.93, 0.86), (0.99, 0.91))):
+        ok, line = health(bad)  # one model under the prior's AUC, or under its final
+        assert not ok and line.startswith("NOT healthy:"), line
