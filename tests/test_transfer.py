@@ -60,9 +60,9 @@ def test_the_feature_store_computes_each_photo_once_and_only_what_changed(view_m
     real = feats.distributed.predict
     monkeypatch.setattr(feats.distributed, "predict", lambda m, b: computed.append(b.n_items) or real(m, b))
 
-    def factory():
+    def factory(size=48):
         built.append(1)
-        return encoder
+        return encoder if size == 48 else build_backbone("efficientnet_lite0", size, "imagenet")
 
     store, spec = feats.FeatureStore(tmp_path / "store"), feats.FeatureSpec("efficientnet_lite0", "imagenet", 48)
     photos = _photos(view_manifest)
@@ -88,8 +88,10 @@ def test_the_feature_store_computes_each_photo_once_and_only_what_changed(view_m
         (spec, "gray_eq"),
     ):
         before = sum(computed)
-        store.photo_features(other, view, photos[:2], factory, 8, progress=False)
+        store.photo_features(other, view, photos[:2], lambda size=other.size: factory(size), 8, progress=False)
         assert sum(computed) == before + 2, (other, view)
+    with pytest.raises(ValueError, match="takes 48 x 48 px photos, the feature entry is for 40 px"):
+        store.photo_features(feats.FeatureSpec("efficientnet_lite0", "imagenet", 40), "color", photos[2:3], encoder)
     before = sum(computed)
     store.photo_features(spec, "color", photos, factory, 8, progress=False)
     assert sum(computed) == before, "the first entry was kept beside the others"

@@ -190,6 +190,13 @@ class FeatureStore:
         if missing:
             path_of = {k: Path(p) for k, p in zip(wanted, paths)}
             model = encoder if isinstance(encoder, keras.Model) else encoder()
+            built_for = tuple(model.input_shape[1:3])
+            if None not in built_for and built_for != (spec.size, spec.size):
+                # TensorFlow would run it anyway with a warning, JAX refuses: say it the same way everywhere
+                raise ValueError(
+                    f"the encoder takes {built_for[0]} x {built_for[1]} px photos, the feature entry is for "
+                    f"{spec.size} px ({folder})"
+                )
             bar = tqdm(
                 total=len(missing),
                 desc=f"features {view} {spec.size}px{' flip' if spec.flip else ''}",
