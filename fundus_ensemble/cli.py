@@ -90,6 +90,33 @@ def check_run_folder(run_dir: str | os.PathLike) -> None:
         )
 
 
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a model: a run of train_pair (a view model or run.json) or a bundle."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("run.json", "bundle.json", "color/model.keras", "gray_eq/model.keras")
+    )
+
+
+def run_and_input(paths: list[str], model: str | None, single: bool) -> tuple[str, str | None]:
+    """predict.py's ``[RUN] [INPUT]``: the model to use ("bundled" when none is named) and the photos."""
+    if model is not None:
+        if len(paths) > 1:
+            raise FundusError(f"with --model give at most INPUT, got {len(paths)} paths: {' '.join(paths)}")
+        return model, (paths[0] if paths else None)
+    if len(paths) > 2:
+        raise FundusError(f"expected [RUN] [INPUT], got {len(paths)} paths: {' '.join(paths)}")
+    if len(paths) == 2:
+        return paths[0], paths[1]
+    if len(paths) == 1 and is_model_folder(paths[0]):
+        if not single:
+            raise FundusError(f"{paths[0]} is a model; give the photos too (a folder, a manifest, or --left/--right)")
+        return paths[0], None
+    return "bundled", (paths[0] if paths else None)
+
+
 def parse_fractions(values: list[float]) -> dict[str, float]:
     """``--fractions TRAIN VAL TEST`` to a split-fraction mapping."""
     if len(values) != 3:

