@@ -80,6 +80,44 @@ def health(report: dict) -> tuple[bool, str]:
     )
 
 
+BUNDLED_SHOWN = 3  # demo test patients the bundled model answers for
+
+
+def show_bundled_model(manifest, out: Path, patients: int = BUNDLED_SHOWN) -> Path | None:
+    """The model that ships with the package (trained on real ODIR patients) answers for a few demo
+    patients, through predict's own code path; prints each patient's referral line and decisions.
+    The demo's photos are synthetic: this shows the model runs after install, not how well it reads."""
+    import csv
+
+    from .inference.bundle import PACKAGED, resolve_run
+    from .inference.predict import PatientPhotos, predict_photos
+
+    if not (PACKAGED / "bundle.json").is_file():
+        print("bundled model: none in this checkout (scripts/release_model.py builds it); skipped")
+        return None
+    run = resolve_run("bundled")
+    from .evaluation.calibration import run_calibration
+
+    chosen = [p for p in manifest.patients if p.split == "test"][:patients]
+    photos = [
+        PatientPhotos(p.patient_id, manifest.image_root / p.left_image, manifest.image_root / p.right_image)
+        for p in chosen
+    ]
+    summary = predict_photos(run, photos, out, force=True, progress=False, calibration=run_calibration(run))
+    print(
+        f"the bundled model (checked against its bundle.json; see scripts/predict.py --model-card) on "
+        f"{len(photos)} demo patients, {summary['seconds']:.1f} s:"
+    )
+    with open(out / "decisions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for patient in dict.fromkeys(r["patient_id"] for r in rows):
+        mine = [r for r in rows if r["patient_id"] == patient]
+        positive = [r["class"] for r in mine if r["decision"] == "1"]
+        print(f"  {patient}: {mine[0]['referral']} (decided: {', '.join(positive) or 'none'})")
+    print(f"  wrote {out}/decisions.csv; any folder of photos: python scripts/predict.py PHOTOS --out OUT")
+    return out
+
+
 def run_demo(root: str | os.PathLike = ".", out: str | os.PathLike = "runs/demo", split: str = "test") -> dict:
     """Preprocess, train both view models and score the ensemble on the demo data, then say in one
     line whether the run is healthy (:func:`health`)."""
@@ -105,6 +143,7 @@ def run_demo(root: str | os.PathLike = ".", out: str | os.PathLike = "runs/demo"
     print(format_score_table(report))
     ok, line = health(report)
     print(line)
+    show_bundled_model(manifest, out / "bundled")
     print(f"demo finished in {time.perf_counter() - start:.0f} s; outputs under {out}")
     report["healthy"] = ok
     return report

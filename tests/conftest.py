@@ -46,3 +46,27 @@ def fresh_warn_once():
     import fundus_ensemble.errors
 
     fundus_ensemble.errors._warned.clear()
+
+
+@pytest.fixture(scope="session")
+def released(tmp_path_factory, small_dataset):
+    """A bundle released from the small dataset (Lite0, 48 px, 3 folds): (root, bundle, work, record, image root);
+    work/run is the cross-fitted run it came from."""
+    from test_benchmark import write_image_table
+
+    from fundus_ensemble.inference import bundle
+
+    root = tmp_path_factory.mktemp("release")
+    write_image_table(small_dataset, root / "labels.csv")
+    out, work = root / "bundle", root / "work"
+    record = bundle.release(
+        root / "labels.csv",
+        small_dataset.parent,
+        out,
+        work,
+        backbone="efficientnet_lite0",
+        size=48,
+        folds=3,
+        command="python scripts/release_model.py (test)",
+    )
+    return root, out, work, record, small_dataset.parent

@@ -8,29 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_benchmark import write_image_table
 
 from fundus_ensemble.inference import bundle
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def released(tmp_path_factory, small_dataset):
-    root = tmp_path_factory.mktemp("release")
-    write_image_table(small_dataset, root / "labels.csv")
-    out, work = root / "bundle", root / "work"
-    record = bundle.release(
-        root / "labels.csv",
-        small_dataset.parent,
-        out,
-        work,
-        backbone="efficientnet_lite0",
-        size=48,
-        folds=3,
-        command="python scripts/release_model.py (test)",
-    )
-    return root, out, work, record, small_dataset.parent
 
 
 def test_a_release_writes_a_checked_bundle_and_its_card(released, monkeypatch, tmp_path):

@@ -1,0 +1,189 @@
+"""Scores and site thresholds on partly labelled data: tables that label one class, or a few.
+
+Other datasets, and a clinic's own sample, rarely grade all eight ODIR labels. Here a label
+table's class columns may be absent, and a cell may be empty: **unknown, never negative**.
+Each class is scored on the patients that label it (AUC with a bootstrap interval,
+sensitivity and specificity at the thresholds in use with Wilson intervals); the ODIR final
+score needs all eight labels of every patient and is not defined here.
+
+A site calibration (:func:`fit_site_calibration`) moves the threshold of each class the sample
+labels often enough, on the model's raw ensemble probabilities, and keeps the run's own
+calibration for the others.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from ..data.manifest import read_csv_rows, read_text_file
+from ..errors import FundusError
+from ..labels import LABEL_NAMES, LABELS
+from ..metrics import wilson_interval
+from .calibration import Calibration, ClassCalibration, fit_operating_point
+
+FINAL_UNDEFINED = (
+    "the ODIR final score is not defined here: it needs all eight labels of every patient; "
+    "each labelled class is scored on its own"
+)
+MIN_POSITIVES = 5  # per class, for a site threshold; fewer keep the run's
+MIN_NEGATIVES = 5
+RESAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class PartialLabels:
+    """Patients' labels where known: ``y`` is (patients, 8) with NaN for unknown."""
+
+    patient_ids: tuple[str, ...]
+    y: np.ndarray
+    source: str
+
+    def labelled(self) -> dict[str, int]:
+        """How many patients label each class (only classes labelled at least once)."""
+        counts = (~np.isnan(self.y)).sum(axis=0)
+        return {c: int(n) for c, n in zip(LABELS, counts) if n}
+
+
+def read_partial_labels(path: str | os.PathLike) -> PartialLabels:
+    """A label table with ``patient_id`` and any of the class columns (``N`` .. ``O``); each cell
+    ``1``, ``0`` or empty (unknown). Rows without photos' columns are fine here; predicting needs them."""
+    path = Path(path)
+    header, rows = read_csv_rows(read_text_file(path, "label table"), str(path))
+    if "patient_id" not in header:
+        raise FundusError(f"{path}, row 1: missing column 'patient_id'")
+    classes = [c for c in LABELS if c in header]
+    if not classes:
+        raise FundusError(
+            f"{path}, row 1: none of the class columns {', '.join(LABELS)}; a table must label at least one class"
+        )
+    column = {name: i for i, name in enumerate(header)}
+    ids, y, seen = [], [], {}
+    for index, fields in rows:
+        pid = fields[column["patient_id"]].strip()
+        if not pid:
+            raise FundusError(f"{path}, row {index}, column 'patient_id', value '': patient id is empty")
+        if pid in seen:
+            raise FundusError(
+                f"{path}, row {index}, column 'patient_id', value {pid!r}: duplicate (first in row {seen[pid]})"
+            )
+        seen[pid] = index
+        row = np.full(len(LABELS), np.nan)
+        for c in classes:
+            value = fields[column[c]].strip()
+            if value == "":
+                continue  # unknown: this patient says nothing about the class
+            if value not in ("0", "1"):
+                raise FundusError(
+                    f"{path}, row {index}, column {c!r}, value {value!r}: expected 1, 0 or empty (unknown)"
+                )
+            row[LABELS.index(c)] = float(value)
+        ids.append(pid)
+        y.append(row)
+    if not ids:
+        raise FundusError(f"{path}: no patients")
+    y = np.array(y)
+    if np.isnan(y).all():
+        raise FundusError(f"{path}: every class cell is empty; nothing is labelled")
+    return PartialLabels(tuple(ids), y, str(path))
+
+
+def _auc_interval(y: np.ndarray, p: np.ndarray, rng: np.random.Generator) -> list[float] | None:
+    aucs = []
+    for _ in range(RESAMPLES):
+        i = rng.integers(0, len(y), len(y))
+        if 0 < y[i].sum() < len(i):
+            aucs.append(roc_auc_score(y[i], p[i]))
+    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))] if aucs else None
+
+
+def score_partial(y: np.ndarray, probs: np.ndarray, thresholds: list[float], seed: int = 0) -> dict:
+    """Per labelled class, on the patients that label it: AUC (95 % bootstrap interval) and, at
+    ``thresholds`` (raw probability; decided positive above it), sensitivity and specificity with
+    95 % Wilson intervals. Classes nobody labels are left out; ``final`` is never computed."""
+    y, probs = np.asarray(y, dtype=float), np.asarray(probs, dtype=float)
+    if y.shape != probs.shape or y.ndim != 2 or y.shape[1] != len(LABELS):
+        raise FundusError(f"labels {y.shape} and probabilities {probs.shape}: expected two (patients, 8) arrays")
+    rng = np.random.default_rng(seed)
+    classes = {}
+    for j, c in enumerate(LABELS):
+        known = ~np.isnan(y[:, j])
+        if not known.any():
+            continue
+        truth, p = y[known, j].astype(bool), probs[known, j]
+        decided = p > thresholds[j]
+        tp, tn = int((decided & truth).sum()), int((~decided & ~truth).sum())
+        positives, negatives = int(truth.sum()), int((~truth).sum())
+        both = positives and negatives
+        classes[c] = {
+            "name": LABEL_NAMES[c],
+            "labelled": int(known.sum()),
+            "positives": positives,
+            "negatives": negatives,
+            "threshold": float(thresholds[j]),
+            "auc": float(roc_auc_score(truth, p)) if both else None,
+            "auc_95": _auc_interval(truth, p, rng) if both else None,
+            "sensitivity": tp / positives if positives else None,
+            "sensitivity_95": wilson_interval(tp, positives),
+            "specificity": tn / negatives if negatives else None,
+            "specificity_95": wilson_interval(tn, negatives),
+        }
+    return {"patients": int(len(y)), "classes": classes, "final": None, "final_note": FINAL_UNDEFINED}
+
+
+def _youden_threshold(truth: np.ndarray, p: np.ndarray) -> float:
+    """The threshold with the highest sensitivity + specificity on these patients (the lowest of
+    equals: a screening programme would rather refer); halfway between neighbouring probabilities."""
+    values = np.unique(p)
+    candidates = np.concatenate([[values[0] / 2], (values[:-1] + values[1:]) / 2, [(values[-1] + 1) / 2]])
+    best, chosen = -np.inf, candidates[0]
+    positives, negatives = truth.sum(), (~truth).sum()
+    for t in candidates:
+        decided = p > t
+        j = (decided & truth).sum() / positives + (~decided & ~truth).sum() / negatives
+        if j > best + 1e-12:
+            best, chosen = j, t
+    return float(np.clip(chosen, 1e-6, 1 - 1e-6))
+
+
+def fit_site_calibration(
+    y: np.ndarray,
+    raw_probs: np.ndarray,
+    run: Calibration | None,
+    operating_point: tuple[str, float] | None = None,
+    min_positives: int = MIN_POSITIVES,
+    min_negatives: int = MIN_NEGATIVES,
+) -> tuple[Calibration, dict[str, dict]]:
+    """Per class labelled by at least ``min_positives`` positives and ``min_negatives`` negatives of
+    the sample: a new threshold on the raw ensemble probability (the most sensitive + specific one,
+    or ``operating_point`` such as ``("sensitivity", 0.9)``); every other class keeps ``run``'s own
+    calibration (0.5 when the run has none). Returns the calibration and, per class, what was done."""
+    y, raw_probs = np.asarray(y, dtype=float), np.asarray(raw_probs, dtype=float)
+    if y.shape != raw_probs.shape or y.ndim != 2 or y.shape[1] != len(LABELS):
+        raise FundusError(f"labels {y.shape} and probabilities {raw_probs.shape}: expected two (patients, 8) arrays")
+    base = run.classes if run is not None else tuple(ClassCalibration() for _ in LABELS)
+    classes, report = list(base), {}
+    for j, c in enumerate(LABELS):
+        known = ~np.isnan(y[:, j])
+        truth, p = y[known, j].astype(bool), raw_probs[known, j]
+        positives, negatives = int(truth.sum()), int((~truth).sum())
+        if positives < min_positives or negatives < min_negatives:
+            report[c] = {
+                "source": "run",
+                "positives": positives,
+                "negatives": negatives,
+                "why": f"{positives} positives and {negatives} negatives labelled; a site threshold needs "
+                f"{min_positives} and {min_negatives}",
+            }
+            continue
+        if operating_point is None:
+            t = _youden_threshold(truth, p)
+        else:
+            t = fit_operating_point(truth[:, None].astype(float), p[:, None], *operating_point).classes[0].threshold
+        classes[j] = ClassCalibration(1.0, 0.0, t)
+        report[c] = {"source": "site", "positives": positives, "negatives": negatives, "threshold": t}
+    return Calibration(tuple(classes)), report

@@ -1,0 +1,158 @@
+"""A trained pair on another site's photos: scored where they are labelled, and its thresholds
+fitted to a small labelled sample of them (:mod:`..evaluation.partial`).
+
+Both run predict's own code path (:func:`.predict.predict_photos`: the same crop, views, gate)
+on the table's photos without a calibration, so that what is fitted and scored is the raw
+ensemble probability; the thresholds then say what decides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..data.manifest import read_csv_rows, read_text_file
+from ..errors import FundusError
+from ..evaluation.calibration import load_calibration_file, raw_thresholds, run_calibration
+from ..evaluation.ensemble import card_fingerprints
+from ..evaluation.partial import (
+    FINAL_UNDEFINED,
+    PartialLabels,
+    fit_site_calibration,
+    read_partial_labels,
+    score_partial,
+)
+from ..fileio import atomic_write_json, atomic_write_text, neutralise_cell
+from ..labels import LABEL_NAMES, LABELS
+from .predict import patients_in_manifest, predict_photos
+
+RAW = "raw_predictions"  # the sub-folder holding predict's output, at no calibration
+
+
+def predict_table(
+    run_dir: str | os.PathLike,
+    table: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    out: str | os.PathLike,
+    batch_size: int = 16,
+    gate: bool | None = None,
+    progress: bool = True,
+) -> tuple[PartialLabels, np.ndarray, dict]:
+    """The table's labels, and the raw ensemble probabilities of its patients in the same order
+    (NaN rows for patients predict rejected), and predict's summary."""
+    labels = read_partial_labels(table)
+    photos = patients_in_manifest(table, image_root)
+    summary = predict_photos(
+        run_dir, photos, Path(out) / RAW, batch_size, force=True, progress=progress, calibration=None, gate=gate
+    )
+    path = Path(out) / RAW / "predictions.csv"
+    header, rows = read_csv_rows(read_text_file(path, "predictions file"), str(path))
+    by_id = {fields[0]: np.array([float(fields[header.index(c)]) for c in LABELS]) for _, fields in rows}
+    probs = np.array([by_id.get(neutralise_cell(pid), np.full(len(LABELS), np.nan)) for pid in labels.patient_ids])
+    return labels, probs, summary
+
+
+def _thresholds(run_dir, calibration) -> tuple[list[float], str, object]:
+    """The raw thresholds in use: ``calibration`` (a path; None: the run's own; False: 0.5)."""
+    if calibration is False:
+        return [0.5] * len(LABELS), "default 0.5", None
+    path = calibration if calibration is not None else run_calibration(run_dir)
+    if path is None:
+        return [0.5] * len(LABELS), "default 0.5 (the run has no calibration)", None
+    fitted, source = load_calibration_file(path)
+    return raw_thresholds(fitted), source, fitted
+
+
+def evaluate_table(
+    run_dir: str | os.PathLike,
+    table: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    out: str | os.PathLike,
+    calibration: str | os.PathLike | None | bool = None,
+    batch_size: int = 16,
+    gate: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score the run on a partly labelled table; writes ``evaluation.json`` and ``evaluation.md``."""
+    thresholds, source, _ = _thresholds(run_dir, calibration)
+    labels, probs, summary = predict_table(run_dir, table, image_root, out, batch_size, gate, progress)
+    scored = ~np.isnan(probs).any(axis=1)
+    if not scored.any():
+        raise FundusError(f"{table}: no patient could be predicted (reasons in {Path(out) / RAW / 'decisions.csv'})")
+    result = score_partial(labels.y[scored], probs[scored], thresholds)
+    result.update(
+        {
+            "table": str(table),
+            "rejected": int((~scored).sum()),
+            "thresholds_from": source,
+            "run_fingerprint": card_fingerprints(run_dir),
+        }
+    )
+    atomic_write_json(Path(out) / "evaluation.json", result)
+    atomic_write_text(Path(out) / "evaluation.md", format_partial(result))
+    return result
+
+
+def format_partial(result: dict) -> str:
+    """The per-class table of :func:`evaluate_table`, in Markdown."""
+
+    def pct(value, interval):
+        if value is None:
+            return "n/a"
+        return f"{value:.1%}" + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
+
+    lines = [
+        f"{result['patients']} patients scored ({result['rejected']} rejected by predict); thresholds: "
+        f"{result['thresholds_from']}. Only the labelled cells count: an empty cell is unknown.",
+        "",
+        "| class | labelled | positives | AUC (95 % interval) | threshold | sensitivity | specificity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, s in result["classes"].items():
+        auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f}"
+        if s["auc_95"]:
+            auc += f" [{s['auc_95'][0]:.3f}, {s['auc_95'][1]:.3f}]"
+        lines.append(
+            f"| {c} ({LABEL_NAMES[c]}) | {s['labelled']} | {s['positives']} | {auc} | {s['threshold']:.3f} | "
+            f"{pct(s['sensitivity'], s['sensitivity_95'])} | {pct(s['specificity'], s['specificity_95'])} |"
+        )
+    return "\n".join([*lines, "", f"Note: {FINAL_UNDEFINED}.", ""])
+
+
+def calibrate_site(
+    run_dir: str | os.PathLike,
+    table: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    out: str | os.PathLike,
+    work: str | os.PathLike,
+    operating_point: tuple[str, float] | None = None,
+    min_positives: int = 5,
+    min_negatives: int = 5,
+    batch_size: int = 16,
+    gate: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fit a site's thresholds on its labelled sample and write them as a ``calibration.json`` that
+    predict, the station and the export take (``--calibration``); returns what was done per class."""
+    _, _, run_fit = _thresholds(run_dir, None)
+    labels, probs, _ = predict_table(run_dir, table, image_root, work, batch_size, gate, progress)
+    scored = ~np.isnan(probs).any(axis=1)
+    fitted, report = fit_site_calibration(
+        labels.y[scored], probs[scored], run_fit, operating_point, min_positives, min_negatives
+    )
+    record = {
+        "ensemble": fitted.to_dict(),
+        "fitted_on": f"site sample {Path(table).name} ({int(scored.sum())} patients)",
+        "flip_tta": False,
+        "site": report,
+        "objective": "sensitivity + specificity"
+        if operating_point is None
+        else f"{operating_point[0]} {operating_point[1]:g}",
+        "run_fingerprint": card_fingerprints(run_dir),
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, record)
+    load_calibration_file(out)  # what predict will read, checked now
+    return record

@@ -1,0 +1,163 @@
+"""Partly labelled data (evaluation.partial, inference.site): an empty cell is unknown, never
+negative; each class is scored and thresholded on its own labelled patients; a site threshold
+replaces only the classes the sample labels often enough."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.errors import FundusError
+from fundus_ensemble.evaluation.calibration import Calibration, ClassCalibration, load_calibration_file, raw_thresholds
+from fundus_ensemble.evaluation.partial import fit_site_calibration, read_partial_labels, score_partial
+from fundus_ensemble.labels import LABELS
+
+REPO = Path(__file__).resolve().parents[1]
+G, OTHER = LABELS.index("G"), LABELS.index("O")
+
+
+def test_a_table_may_lack_classes_and_cells_and_says_which_cell_is_wrong(tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text("patient_id,left_image,right_image,G,C\na,l.png,,1,\nb,,r.png,0,1\nc,l2.png,r2.png,,0\n")
+    labels = read_partial_labels(table)
+    assert labels.patient_ids == ("a", "b", "c")
+    assert np.isnan(labels.y[0, LABELS.index("C")]) and labels.y[1, LABELS.index("C")] == 1
+    assert np.isnan(labels.y[:, LABELS.index("N")]).all(), "a missing column is unknown everywhere"
+    assert labels.labelled() == {"G": 2, "C": 2}
+    table.write_text("patient_id,G\na,1\nb,yes\n")
+    with pytest.raises(FundusError, match=r"labels\.csv, row 3, column 'G', value 'yes': expected 1, 0 or empty"):
+        read_partial_labels(table)
+    table.write_text("patient_id,left_image\na,x.png\n")
+    with pytest.raises(FundusError, match="none of the class columns"):
+        read_partial_labels(table)
+
+
+def _labels_and_probs(seed=0, n=60):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, len(LABELS))) < 0.35).astype(float)
+    probs = np.clip(0.35 * y + 0.65 * rng.random(y.shape), 0.001, 0.999)
+    return y, probs
+
+
+def test_each_class_is_scored_on_its_labelled_patients_at_its_own_threshold():
+    y, probs = _labels_and_probs()
+    partial = y.copy()
+    partial[:25, G] = np.nan  # G unknown for the first 25 patients
+    partial[:, LABELS.index("H")] = np.nan  # H not labelled at all
+    # an unknown cell that a slip would read as negative: high probabilities, so it would also move AUC
+    probs[:25, G] = 0.99
+    thresholds = [0.2 + 0.05 * j for j in range(len(LABELS))]  # a different one per class
+    result = score_partial(partial, probs, thresholds)
+    assert "H" not in result["classes"] and result["final"] is None and "not defined" in result["final_note"]
+    g = result["classes"]["G"]
+    known = slice(25, None)
+    truth = y[known, G].astype(bool)
+    assert g["labelled"] == 35 and g["positives"] == truth.sum() and g["negatives"] == (~truth).sum()
+    assert g["auc"] == pytest.approx(roc_auc_score(truth, probs[known, G]))
+    decided = probs[known, G] > thresholds[G]
+    assert g["threshold"] == thresholds[G]
+    assert g["sensitivity"] == pytest.approx((decided & truth).sum() / truth.sum())
+    assert g["specificity"] == pytest.approx((~decided & ~truth).sum() / (~truth).sum())
+    low, high = g["auc_95"]
+    assert low < g["auc"] < high
+
+
+def test_a_site_threshold_replaces_only_the_classes_the_sample_labels_enough():
+    y, probs = _labels_and_probs(1, 80)
+    partial = np.full_like(y, np.nan)
+    partial[:, G] = y[:, G]  # the sample labels glaucoma for everyone
+    partial[:6, OTHER] = [1, 1, 0, 0, 0, 1]  # and 'other' for six patients: too few
+    run = Calibration(tuple(ClassCalibration(1.0 + 0.1 * j, -0.2, 0.3 + 0.05 * j) for j in range(len(LABELS))))
+    fitted, report = fit_site_calibration(partial, probs, run)
+    assert report["G"]["source"] == "site" and report["O"]["source"] == "run" and "3 positives" in report["O"]["why"]
+    for j, c in enumerate(LABELS):
+        if c != "G":
+            assert fitted.classes[j] == run.classes[j], f"{c} keeps the run's calibration"
+    t = raw_thresholds(fitted)[G]
+    truth, p = y[:, G].astype(bool), probs[:, G]
+    youden = (p[truth] > t).mean() + (p[~truth] <= t).mean()
+    grid = np.linspace(0.01, 0.99, 99)
+    assert youden >= max((p[truth] > u).mean() + (p[~truth] <= u).mean() for u in grid) - 1e-9
+    at_90, _ = fit_site_calibration(partial, probs, run, operating_point=("sensitivity", 0.9))
+    assert (p[truth] > raw_thresholds(at_90)[G]).mean() >= 0.9
+    # the empty cells are no negatives: with them read as 0, G would have 80 labelled, not the sample's
+    assert report["G"]["positives"] + report["G"]["negatives"] == 80
+    assert report["O"]["positives"] + report["O"]["negatives"] == 6
+
+
+def _partial_table(small_dataset: Path, out: Path, classes=("N", "D", "G", "C", "M")) -> dict:
+    """The small dataset's patients as a partly labelled table: some classes only, every third cell
+    of D empty, one patient with one eye."""
+    manifest = load_manifest(small_dataset)
+    truth = {}
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", "left_image", "right_image", *classes])
+        for i, p in enumerate(manifest.patients):
+            cells = []
+            for c in classes:
+                value = str(p.labels[LABELS.index(c)])
+                cells.append("" if c == "D" and i % 3 == 0 else value)
+            truth[p.patient_id] = dict(zip(classes, cells))
+            writer.writerow([p.patient_id, p.left_image, "" if i == 0 else p.right_image, *cells])
+    return truth
+
+
+def test_evaluate_and_calibrate_site_run_predict_and_predict_takes_the_site_calibration(
+    released, small_dataset, tmp_path
+):
+    _, _, work, _, image_root = released
+    run = work / "run"
+    table = tmp_path / "site.csv"
+    truth = _partial_table(small_dataset, table)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(run), str(table), "--image-root", str(image_root)]
+        + ["--out", str(tmp_path / "eval")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert set(result["classes"]) == {"N", "D", "G", "C", "M"} and result["final"] is None
+    labelled_d = sum(v["D"] != "" for v in truth.values())
+    assert result["classes"]["D"]["labelled"] == labelled_d < len(truth)
+    assert "not defined" in done.stdout
+    run_thresholds = raw_thresholds(load_calibration_file(run / "calibration.json")[0])
+    assert [result["classes"][c]["threshold"] for c in result["classes"]] == pytest.approx(
+        [run_thresholds[LABELS.index(c)] for c in result["classes"]]
+    )
+
+    site = tmp_path / "site_calibration.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "calibrate_site.py"), str(run), str(table)]
+        + ["--image-root", str(image_root), "--out", str(site), "--min-positives", "3", "--min-negatives", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    record = json.loads(site.read_text())
+    fitted = [c for c, v in record["site"].items() if v["source"] == "site"]
+    assert fitted and "kept the run's threshold" in done.stdout
+    assert all(record["site"][c]["source"] == "run" for c in ("A", "H", "O")), "unlabelled classes keep the run's"
+    decided = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "predict.py"), str(run), str(table), "--image-root", str(image_root)]
+        + ["--out", str(tmp_path / "pred"), "--calibration", str(site)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert decided.returncode == 0, decided.stderr[-1500:]
+    with open(tmp_path / "pred" / "decisions.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["status"] == "ok"]
+    site_thresholds = raw_thresholds(load_calibration_file(site)[0])
+    for c in LABELS:
+        used = [float(r["threshold"]) for r in rows if r["class"] == c]
+        assert used and np.allclose(used, site_thresholds[LABELS.index(c)], atol=1e-6), c
