@@ -128,22 +128,26 @@ def main(argv=None):
 
     if args.calibration is not None and args.no_calibration:
         raise FundusError("--calibration and --no-calibration: choose one")
-    if not args.no_calibration and args.calibration is None:
+    bundled = args.run_dir == "bundled" or Path(args.run_dir, "bundle.json").is_file()
+    own = not args.no_calibration and args.calibration is None  # the run's own, unless told otherwise
+    if own and not bundled:
         args.calibration = run_calibration(args.run_dir)
-        if args.calibration is not None:
-            print(f"deciding with the run's calibration {args.calibration} (--no-calibration: at 0.5)", flush=True)
     if args.calibration is not None:
         load_calibration_file(args.calibration)
     import_keras()
     from fundus_ensemble.inference.bundle import resolve_run
 
-    if args.run_dir == "bundled" or Path(args.run_dir, "bundle.json").is_file():
+    if bundled:
         print(
             f"model: {'the bundled model' if args.run_dir == 'bundled' else args.run_dir} (checked against its "
             "bundle.json)",
             flush=True,
         )
     args.run_dir = resolve_run(args.run_dir)
+    if own and bundled:
+        args.calibration = run_calibration(args.run_dir)  # the bundle's, in the run built from it
+    if own and args.calibration is not None:
+        print(f"deciding with the run's calibration {args.calibration} (--no-calibration: at 0.5)", flush=True)
     from fundus_ensemble.inference.predict import (
         PatientPhotos,
         check_sides,

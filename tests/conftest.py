@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The gradability gate judges real fundus photos; about a fifth of the synthetic ones look like none to
 # its ImageNet check. Tests of everything else predict with it off (scripts they start inherit this);
 # tests/test_quality.py turns it on and checks it.
 os.environ["FUNDUS_QUALITY_GATE"] = "off"
+# a bundled model is built into this cache on first use: the tests' own, never the user's ~/.cache
+os.environ["FUNDUS_ENSEMBLE_CACHE"] = tempfile.mkdtemp(prefix="fundus-ensemble-cache-")
 
 from pathlib import Path
 

@@ -152,3 +152,29 @@ def test_no_packaged_bundle_is_said_in_one_line(monkeypatch, tmp_path):
     with pytest.raises(bundle.BundleError, match="no model is bundled with this installation") as info:
         bundle.resolve_run(bundle.BUNDLE_NAME)
     assert "\n" not in str(info.value)
+
+
+def test_predict_with_no_model_named_answers_with_the_packaged_bundle(small_dataset, tmp_path):
+    if not (bundle.PACKAGED / "bundle.json").is_file():
+        pytest.skip("no bundled model in this checkout")
+    import csv
+    import shutil
+
+    from fundus_ensemble.evaluation.calibration import load_calibration_file, raw_thresholds
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("syn0000_left.jpg", "syn0000_right.jpg"):
+        shutil.copyfile(small_dataset.parent / "images" / name, photos / name)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "predict.py"), str(photos), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "model: the bundled model (checked against its bundle.json)" in done.stdout
+    with open(tmp_path / "out" / "decisions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = raw_thresholds(load_calibration_file(bundle.PACKAGED / "calibration.json")[0])
+    assert [float(r["threshold"]) for r in rows] == pytest.approx(expected), "decided at the bundle's thresholds"

@@ -92,16 +92,18 @@ def read_partial_labels(path: str | os.PathLike) -> PartialLabels:
     return PartialLabels(tuple(ids), y, str(path))
 
 
-def _auc_interval(y: np.ndarray, p: np.ndarray, rng: np.random.Generator) -> list[float] | None:
+def _auc_interval(y: np.ndarray, p: np.ndarray, rng: np.random.Generator, resamples: int) -> list[float] | None:
     aucs = []
-    for _ in range(RESAMPLES):
+    for _ in range(resamples):
         i = rng.integers(0, len(y), len(y))
         if 0 < y[i].sum() < len(i):
             aucs.append(roc_auc_score(y[i], p[i]))
     return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))] if aucs else None
 
 
-def score_partial(y: np.ndarray, probs: np.ndarray, thresholds: list[float], seed: int = 0) -> dict:
+def score_partial(
+    y: np.ndarray, probs: np.ndarray, thresholds: list[float], seed: int = 0, resamples: int = RESAMPLES
+) -> dict:
     """Per labelled class, on the patients that label it: AUC (95 % bootstrap interval) and, at
     ``thresholds`` (raw probability; decided positive above it), sensitivity and specificity with
     95 % Wilson intervals. Classes nobody labels are left out; ``final`` is never computed."""
@@ -126,7 +128,7 @@ def score_partial(y: np.ndarray, probs: np.ndarray, thresholds: list[float], see
             "negatives": negatives,
             "threshold": float(thresholds[j]),
             "auc": float(roc_auc_score(truth, p)) if both else None,
-            "auc_95": _auc_interval(truth, p, rng) if both else None,
+            "auc_95": _auc_interval(truth, p, rng, resamples) if both else None,
             "sensitivity": tp / positives if positives else None,
             "sensitivity_95": wilson_interval(tp, positives),
             "specificity": tn / negatives if negatives else None,

@@ -325,13 +325,24 @@ def model_card(cards: dict, patients: int, labels: np.ndarray, benchmarks, grada
             f"warnings it flags {side['caught_single']:.0%} of single photos in the wrong slot and "
             f"{side['caught_pair']:.0%} of swapped pairs.",
         ]
-    lines += _benchmark_sections(benchmarks)
+    held_out, rarely = _benchmark_sections(benchmarks)
+    lines += held_out
     if gradability:
         lines += _gradability_section(gradability)
     lines += [
         "",
         "## Known failure modes",
         "",
+    ]
+    if rarely:
+        lines.append(
+            f"- Rarely decided positive at its thresholds: {', '.join(rarely)} (sensitivity under 50 % on a "
+            "held-out split above). The thresholds maximise the ODIR score, which rewards few false positives in "
+            "rare classes; a screening programme that must not miss them should decide at an operating point "
+            "(`score.py --operating-point sensitivity=0.9` on its own labelled patients, or "
+            "`scripts/calibrate_site.py`) and accept more referrals."
+        )
+    lines += [
         "- Classes it reads poorly: 'other' (a mixed bag of findings) and hypertensive retinopathy have the lowest "
         "AUC; age-related macular degeneration and glaucoma are decided with wide uncertainty (few patients).",
         "- Cameras and populations it has not seen: all training photos come from ODIR's Chinese hospitals and "
@@ -353,14 +364,15 @@ def model_card(cards: dict, patients: int, labels: np.ndarray, benchmarks, grada
     return "\n".join(lines)
 
 
-def _benchmark_sections(benchmarks) -> list[str]:
+def _benchmark_sections(benchmarks) -> tuple[list[str], list[str]]:
     """The benchmarks' held-out rows: the calibrated ensemble's scores, per-class AUC with bootstrap
-    intervals, sensitivity and specificity at its thresholds, and subgroups, per split seed."""
+    intervals, sensitivity and specificity at its thresholds, and subgroups, per split seed; and
+    the classes decided positive for fewer than half their positives on any of them."""
     from ..evaluation.benchmark import HELD_OUT, _score_folder
     from ..labels import LABEL_NAMES, LABELS
     from ..metrics import odir_score, sensitivity_specificity
 
-    out = []
+    out, rarely = [], []
     for folder in map(Path, benchmarks):
         results = json.loads((folder / "results.json").read_text())
         timings = json.loads((folder / "timings.json").read_text())
@@ -391,6 +403,8 @@ def _benchmark_sections(benchmarks) -> list[str]:
             d = decisions[c]
             auc = _auc(y[:, j], p[:, j])
             low, high = np.nanpercentile(boot[:, j], [2.5, 97.5])
+            if d["sensitivity"] is not None and d["sensitivity"] < 0.5 and LABEL_NAMES[c] not in rarely:
+                rarely.append(LABEL_NAMES[c])
             out.append(
                 f"| {LABEL_NAMES[c]} | {auc:.3f} [{low:.3f}, {high:.3f}] | {_pct(d['sensitivity'], d['sensitivity_95'])} "
                 f"| {_pct(d['specificity'], d['specificity_95'])} | {d['positives']} |"
@@ -408,7 +422,7 @@ def _benchmark_sections(benchmarks) -> list[str]:
                     f"- {name}: {g['patients']} patients, final {g.get('final', float('nan')):.3f}{spread}, "
                     f"AUC {g.get('auc', float('nan')):.3f}"
                 )
-    return out
+    return out, rarely
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -431,7 +445,9 @@ def _gradability_section(path) -> list[str]:
         "## The gradability gate",
         "",
         f"On {real['photos']} real ODIR photos (all graded by the challenge) it flagged "
-        f"{real['flagged'] / real['photos']:.1%}. Degraded copies (docs/measurements/gradability.py):",
+        f"{real['flagged'] / real['photos']:.1%}. Degraded copies of "
+        f"{next((r['photos'] for r in data.values() if isinstance(r, dict) and 'right' in r), 0)} of them per "
+        "degradation (`docs/measurements/gradability.py`):",
         "",
         "| degradation | flagged | for the right reason |",
         "|---|---|---|",
