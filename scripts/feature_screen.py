@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="screen folder (views per size, the feature store, results)")
     p.add_argument("--backbones", nargs="+", default=list(d.backbones))
     p.add_argument("--sizes", nargs="+", type=int, default=list(d.sizes))
+    p.add_argument("--no-levers", action="store_true", help="the backbone x size table only")
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="split seeds (the benchmark's)")
     p.add_argument("--folds", type=int, default=d.folds)
     p.add_argument(
@@ -47,6 +48,7 @@ def main(argv=None):
         args.folds,
         (args.reference[0], int(args.reference[1])),
         args.flips,
+        levers=not args.no_levers,
     )
     prepare(args.table, args.image_root, args.out, config, args.image_dir)
     if args.prepare_only:

@@ -52,6 +52,7 @@ class ScreenConfig:
     reference: tuple[str, int] = ("efficientnet_lite2", 260)
     flips: bool = False  # also the mirrored photos' features (a lever)
     bootstrap: int = BOOTSTRAP
+    levers: bool = True  # False: the backbone x size table only
 
 
 def prepare(
@@ -337,8 +338,9 @@ def screen_seed(data: _Data, config: ScreenConfig, seed: int, levers: bool = Tru
             row.update(backbone=backbone, size=size, heads_s=time.perf_counter() - start)
             table.append(row)
             print(
-                f"[screen] seed {seed} {backbone} {size} px: test final {row['test']['final']:.3f} calibrated "
-                f"{row['test_calibrated']['final']:.3f} AUC {row['test']['auc']:.3f}",
+                f"[screen] seed {seed} {backbone} {size} px: development out of fold, calibrated: final "
+                f"{row['dev_out_of_fold_calibrated']['final']:.3f}; test final {row['test']['final']:.3f} calibrated "
+                f"{row['test_calibrated']['final']:.3f} AUC {row['test']['auc']:.3f}; heads {row['heads_s']:.0f} s",
                 flush=True,
             )
     out = {
@@ -502,7 +504,7 @@ def run_screen(out: str | os.PathLike, config: ScreenConfig) -> dict:
     results = {
         "config": dataclasses.asdict(config),
         "extraction_s": extraction,
-        "seeds": [screen_seed(data, config, seed) for seed in config.seeds],
+        "seeds": [screen_seed(data, config, seed, config.levers) for seed in config.seeds],
     }
     results["default"] = choose_default(results, extraction)
     atomic_write_json(out / "screen.json", results)
