@@ -1,6 +1,8 @@
 """The model in the box (inference.bundle): a release writes it, a load checks every file and
 builds the run predict uses, a changed byte is refused, and the package's own bundle is intact."""
 
+import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,9 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fundus_ensemble.data.manifest import load_manifest
+from fundus_ensemble.evaluation.calibration import load_calibration_file, raw_thresholds
 from fundus_ensemble.inference import bundle
+from fundus_ensemble.labels import LABELS
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    """A script's module, loaded in this process (its main(argv) runs without a new interpreter)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_a_release_writes_a_checked_bundle_and_its_card(released, monkeypatch, tmp_path):
@@ -178,3 +191,66 @@ def test_predict_with_no_model_named_answers_with_the_packaged_bundle(small_data
         rows = list(csv.DictReader(handle))
     expected = raw_thresholds(load_calibration_file(bundle.PACKAGED / "calibration.json")[0])
     assert [float(r["threshold"]) for r in rows] == pytest.approx(expected), "decided at the bundle's thresholds"
+
+
+# A released run on another site's partly labelled table (here with test_bundle's release, built once per
+# process): evaluate.py, calibrate_site.py, and predict.py taking the site's calibration.
+
+
+def _partial_table(small_dataset: Path, out: Path, classes=("N", "D", "G", "C", "M")) -> dict:
+    """The small dataset's patients as a partly labelled table: some classes only, every third cell
+    of D empty, one patient with one eye."""
+    manifest = load_manifest(small_dataset)
+    truth = {}
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", "left_image", "right_image", *classes])
+        for i, p in enumerate(manifest.patients):
+            cells = []
+            for c in classes:
+                value = str(p.labels[LABELS.index(c)])
+                cells.append("" if c == "D" and i % 3 == 0 else value)
+            truth[p.patient_id] = dict(zip(classes, cells))
+            writer.writerow([p.patient_id, p.left_image, "" if i == 0 else p.right_image, *cells])
+    return truth
+
+
+def test_evaluate_and_calibrate_site_run_predict_and_predict_takes_the_site_calibration(
+    released, small_dataset, tmp_path, capsys
+):
+    _, _, work, _, image_root = released
+    run = work / "run"
+    table = tmp_path / "site.csv"
+    truth = _partial_table(small_dataset, table)
+    script("evaluate").main([str(run), str(table), "--image-root", str(image_root), "--out", str(tmp_path / "eval")])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert set(result["classes"]) == {"N", "D", "G", "C", "M"} and result["final"] is None
+    labelled_d = sum(v["D"] != "" for v in truth.values())
+    assert result["classes"]["D"]["labelled"] == labelled_d < len(truth)
+    assert "not defined" in printed
+    run_thresholds = raw_thresholds(load_calibration_file(run / "calibration.json")[0])
+    assert [result["classes"][c]["threshold"] for c in result["classes"]] == pytest.approx(
+        [run_thresholds[LABELS.index(c)] for c in result["classes"]]
+    )
+
+    site = tmp_path / "site_calibration.json"
+    script("calibrate_site").main(
+        [str(run), str(table), "--image-root", str(image_root), "--out", str(site)]
+        + ["--min-positives", "3", "--min-negatives", "3"]
+    )
+    printed = capsys.readouterr().out
+    record = json.loads(site.read_text())
+    fitted = [c for c, v in record["site"].items() if v["source"] == "site"]
+    assert fitted and "kept the run's threshold" in printed
+    assert all(record["site"][c]["source"] == "run" for c in ("A", "H", "O")), "unlabelled classes keep the run's"
+    script("predict").main(
+        [str(run), str(table), "--image-root", str(image_root), "--out", str(tmp_path / "pred")]
+        + ["--calibration", str(site)]
+    )
+    with open(tmp_path / "pred" / "decisions.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["status"] == "ok"]
+    site_thresholds = raw_thresholds(load_calibration_file(site)[0])
+    for c in LABELS:
+        used = [float(r["threshold"]) for r in rows if r["class"] == c]
+        assert used and np.allclose(used, site_thresholds[LABELS.index(c)], atol=1e-6), c
