@@ -113,17 +113,26 @@ def main() -> None:
             predict_photos(run, photos, folder / "predicted", force=True, progress=False, calibration=None, gate=False)
             with open(folder / "predicted" / "predictions.csv", newline="") as handle:
                 by_id = {row["ID"]: [float(row[c]) for c in LABELS] for row in csv.DictReader(handle)}
-            np.save(done, np.array([by_id[r["patient_id"]] for r in patients]))
-        raw = np.load(done)
+            # a patient predict rejected (no usable eye after the shift) is a NaN row, counted below
+            missing = [np.nan] * len(LABELS)
+            np.save(done, np.array([by_id.get(r["patient_id"], missing) for r in patients]))
+        all_raw = np.load(done)
+        kept = ~np.isnan(all_raw).any(axis=1)
+        raw, yk = all_raw[kept], y[kept]
         decided = raw > thresholds
-        present = [j for j in range(len(LABELS)) if 0 < y[:, j].sum() < len(y)]
+        present = [j for j in range(len(LABELS)) if 0 < yk[:, j].sum() < len(yk)]
         results[name] = {
-            "auc": float(roc_auc_score(y.ravel(), raw.ravel())),
-            "class_auc": {LABELS[j]: float(roc_auc_score(y[:, j], raw[:, j])) for j in present},
-            "sensitivity": {LABELS[j]: float(decided[y[:, j] == 1, j].mean()) for j in present},
-            "specificity": {LABELS[j]: float((~decided[y[:, j] == 0, j]).mean()) for j in present},
+            "rejected": int((~kept).sum()),
+            "auc": float(roc_auc_score(yk.ravel(), raw.ravel())),
+            "class_auc": {LABELS[j]: float(roc_auc_score(yk[:, j], raw[:, j])) for j in present},
+            "sensitivity": {LABELS[j]: float(decided[yk[:, j] == 1, j].mean()) for j in present},
+            "specificity": {LABELS[j]: float((~decided[yk[:, j] == 0, j]).mean()) for j in present},
         }
-        print(f"[shift] {name}: pooled AUC {results[name]['auc']:.3f}", file=sys.stderr, flush=True)
+        print(
+            f"[shift] {name}: pooled AUC {results[name]['auc']:.3f} ({results[name]['rejected']} patients rejected)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     base = results["none"]
     print(f"Run `{run}` (calibrated thresholds of `{calibration.name}`), {len(patients)} test patients, gate off.\n")
@@ -152,6 +161,8 @@ def main() -> None:
 
     worst = max((n for n in results if n != "none"), key=lambda n: spread(results[n]))
     raw = np.load(args.out / f"shift-{list(SHIFTS).index(worst):02d}" / "raw.npy")
+    usable = ~np.isnan(raw).any(axis=1)
+    raw, y = raw[usable], y[usable]
     rng = np.random.default_rng(0)
     print(
         f"\nSite calibration on '{worst}' (the shift that moved a class's sensitivity most): per draw, "
