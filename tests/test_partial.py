@@ -25,6 +25,9 @@ def test_a_table_may_lack_classes_and_cells_and_says_which_cell_is_wrong(tmp_pat
     table.write_text("patient_id,G\na,1\nb,yes\n")
     with pytest.raises(FundusError, match=r"labels\.csv, row 3, column 'G', value 'yes': expected 1, 0 or empty"):
         read_partial_labels(table)
+    table.write_text("patient_id,G\na,1\na,0\n")
+    with pytest.raises(FundusError, match=r"row 3, column 'patient_id', value 'a': duplicate \(first in row 2\)"):
+        read_partial_labels(table)
     table.write_text("patient_id,left_image\na,x.png\n")
     with pytest.raises(FundusError, match="none of the class columns"):
         read_partial_labels(table)

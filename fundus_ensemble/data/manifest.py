@@ -118,6 +118,20 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+def claim_patient_id(value: str, path: str | os.PathLike, index: int, seen: dict[str, int]) -> str:
+    """A row's ``patient_id``, stripped and checked: not empty, not seen before (``seen`` maps each
+    id to its first row and is updated)."""
+    pid = value.strip()
+    if not pid:
+        raise ManifestError(f"{path}, row {index}, column 'patient_id', value '': patient id is empty")
+    if pid in seen:
+        raise ManifestError(
+            f"{path}, row {index}, column 'patient_id', value {pid!r}: duplicate (first in row {seen[pid]})"
+        )
+    seen[pid] = index
+    return pid
+
+
 def read_csv_rows(text: str, source: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and ``(row number, fields)`` of CSV ``text``, validated for shape.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ..data.manifest import read_csv_rows, read_text_file
+from ..data.manifest import claim_patient_id, read_csv_rows, read_text_file
 from ..errors import FundusError
 from ..labels import LABEL_NAMES, LABELS
 from ..metrics import wilson_interval
@@ -64,14 +64,7 @@ def read_partial_labels(path: str | os.PathLike) -> PartialLabels:
     column = {name: i for i, name in enumerate(header)}
     ids, y, seen = [], [], {}
     for index, fields in rows:
-        pid = fields[column["patient_id"]].strip()
-        if not pid:
-            raise FundusError(f"{path}, row {index}, column 'patient_id', value '': patient id is empty")
-        if pid in seen:
-            raise FundusError(
-                f"{path}, row {index}, column 'patient_id', value {pid!r}: duplicate (first in row {seen[pid]})"
-            )
-        seen[pid] = index
+        pid = claim_patient_id(fields[column["patient_id"]], path, index, seen)
         row = np.full(len(LABELS), np.nan)
         for c in classes:
             value = fields[column[c]].strip()

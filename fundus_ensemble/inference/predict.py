@@ -36,7 +36,13 @@ from ..data.imaging import (
     view_to_model_input,
     views_of,
 )
-from ..data.manifest import check_image_file, check_relative_path, read_csv_rows, read_text_file
+from ..data.manifest import (
+    check_image_file,
+    check_relative_path,
+    claim_patient_id,
+    read_csv_rows,
+    read_text_file,
+)
 from ..data.quality import grade
 from ..errors import FundusError, ImageError, warn_once
 from ..evaluation.calibration import load_calibration_file, raw_thresholds
@@ -163,14 +169,7 @@ def patients_in_manifest(path: str | os.PathLike, image_root: str | os.PathLike 
     column = {name: i for i, name in enumerate(header)}
     patients, seen = [], {}
     for index, fields in rows:
-        pid = fields[column["patient_id"]].strip()
-        if not pid:
-            raise FundusError(f"{path}, row {index}, column 'patient_id', value '': patient id is empty")
-        if pid in seen:
-            raise FundusError(
-                f"{path}, row {index}, column 'patient_id', value {pid!r}: duplicate (first in row {seen[pid]})"
-            )
-        seen[pid] = index
+        pid = claim_patient_id(fields[column["patient_id"]], path, index, seen)
         eyes = {}
         for eye in ("left", "right"):
             value = fields[column[f"{eye}_image"]].strip()
