@@ -121,8 +121,10 @@ def choose_cache(images: int, size: int, available: int | None = None) -> tuple[
         return True, f"keeping the decoded views in memory ({_amount(need)}; available memory unknown)"
     if need <= CACHE_SHARE * available:
         return True, (f"keeping the decoded views in memory: {_amount(need)} of {_amount(available)} available")
-    return False, (f"decoding the views from disk for every batch: keeping them would take {_amount(need)}, over "
-                   f"{CACHE_SHARE:.0%} of the {_amount(available)} available (--cache on keeps them anyway)")
+    return False, (
+        f"decoding the views from disk for every batch: keeping them would take {_amount(need)}, over "
+        f"{CACHE_SHARE:.0%} of the {_amount(available)} available (--cache on keeps them anyway)"
+    )
 
 
 class ImageStore:
@@ -145,8 +147,17 @@ class ImageStore:
 class _FixedShapeBatches(keras.utils.PyDataset):
     """Order, shuffling and fixed-shape batches (see the module doc) over ``n_items`` items."""
 
-    def __init__(self, n_items: int, size: int, batch_size: int, augment: A.Compose | None, shuffle: bool, seed: int,
-                 ragged_last: str, workers: int = 1):
+    def __init__(
+        self,
+        n_items: int,
+        size: int,
+        batch_size: int,
+        augment: A.Compose | None,
+        shuffle: bool,
+        seed: int,
+        ragged_last: str,
+        workers: int = 1,
+    ):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(10, 2 * workers))
@@ -169,8 +180,10 @@ class _FixedShapeBatches(keras.utils.PyDataset):
         """Make only process ``process_index``'s rows of every batch (``batch_size / process_count``
         contiguous rows; the order, shuffling and augmentation stay the global batch's)."""
         if self.batch_size % process_count or not 0 <= process_index < process_count:
-            raise ValueError(f"batches of {self.batch_size} cannot be split into {process_count} equal shares "
-                             f"(process {process_index})")
+            raise ValueError(
+                f"batches of {self.batch_size} cannot be split into {process_count} equal shares "
+                f"(process {process_index})"
+            )
         self.process_index, self.process_count = process_index, process_count
 
     @property
@@ -186,8 +199,11 @@ class _FixedShapeBatches(keras.utils.PyDataset):
         """Make the batches of epoch ``epoch`` (from 0). Their order and augmentation depend on the
         seed and the epoch alone, so a resumed run makes what the uninterrupted run made."""
         self._epoch = epoch
-        self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_items) if self.shuffle \
+        self._order = (
+            np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+            if self.shuffle
             else np.arange(self.n_items)
+        )
 
     def on_epoch_end(self) -> None:
         self.set_epoch(self._epoch + 1)
@@ -281,7 +297,12 @@ FLIP = A.Compose([A.HorizontalFlip(p=1.0)])
 
 
 def predict_patients(
-    model: keras.Model, manifest: Manifest, size: int, batch_size: int = 16, cache: bool = False, flip_tta: bool = False,
+    model: keras.Model,
+    manifest: Manifest,
+    size: int,
+    batch_size: int = 16,
+    cache: bool = False,
+    flip_tta: bool = False,
 ) -> np.ndarray:
     """Probabilities (n_patients, 8) of ``model`` for every patient of ``manifest``, in order.
 
@@ -337,7 +358,11 @@ class EyeBatches(_FixedShapeBatches):
 
 
 def predict_eye_average(
-    model: keras.Model, manifest: Manifest, size: int, batch_size: int = 32, flip_tta: bool = False,
+    model: keras.Model,
+    manifest: Manifest,
+    size: int,
+    batch_size: int = 32,
+    flip_tta: bool = False,
 ) -> np.ndarray:
     """Per-patient probabilities (n_patients, 8) of a per-eye model: the mean over the patient's eyes."""
     eyes = EyeBatches(manifest, size, batch_size)
@@ -353,12 +378,21 @@ class FeatureBatches(_FixedShapeBatches):
     """Keras dataset over patients' frozen eye features ``(patients, 2, F)``, left eye first:
     ``({"left_features", "right_features"}, labels)``, for a head trained on a frozen backbone."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 ragged_last: str = "pad"):
+    def __init__(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        ragged_last: str = "pad",
+    ):
         features = np.asarray(features, np.float32)
         if features.ndim != 3 or features.shape[1] != 2 or len(features) != len(labels):
-            raise ValueError(f"features must be (patients, 2, F) with one label row per patient, got {features.shape} "
-                             f"and {np.shape(labels)}")
+            raise ValueError(
+                f"features must be (patients, 2, F) with one label row per patient, got {features.shape} "
+                f"and {np.shape(labels)}"
+            )
         super().__init__(len(features), 0, batch_size, None, shuffle, seed, ragged_last)
         self.features = features
         self.labels = np.asarray(labels, np.float32)
@@ -372,7 +406,9 @@ class PhotoBatches(_FixedShapeBatches):
     """Keras dataset of photos named by path, ``(images, zeros)``, in order: the input of a
     frozen backbone computing each photo's features once (:mod:`..training.features`)."""
 
-    def __init__(self, paths: list[Path], size: int, batch_size: int, augment: A.Compose | None = None, workers: int = 1):
+    def __init__(
+        self, paths: list[Path], size: int, batch_size: int, augment: A.Compose | None = None, workers: int = 1
+    ):
         super().__init__(len(paths), size, batch_size, augment, False, 0, "pad", workers)
         self.paths = [Path(p) for p in paths]
 

@@ -60,7 +60,9 @@ def _read(path: Path, stop_before_pixels: bool, max_pixels: int | None):
         with warnings.catch_warnings():  # a damaged file's warnings: the ImageError below says it once
             warnings.simplefilter("ignore")
             meta = pydicom.filereader.read_file_meta_info(path)
-            source = _inflated(path, meta, inflate_limit(max_pixels)) if meta.get("TransferSyntaxUID") == DEFLATED else path
+            source = (
+                _inflated(path, meta, inflate_limit(max_pixels)) if meta.get("TransferSyntaxUID") == DEFLATED else path
+            )
             return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
     except ImageError:
         raise
@@ -88,8 +90,10 @@ def _inflated(path: Path, meta, limit: int) -> io.BytesIO:
     except zlib.error as exc:
         raise ImageError(f"damaged deflated DICOM dataset ({exc})") from None
     if len(dataset) > limit or inflater.unconsumed_tail:
-        raise ImageError(f"deflated DICOM dataset inflates past {limit / 1e6:.0f} MB ({len(compressed) / 1e6:.2f} MB "
-                         "compressed); refused before reading it (the limit follows --max-megapixels)")
+        raise ImageError(
+            f"deflated DICOM dataset inflates past {limit / 1e6:.0f} MB ({len(compressed) / 1e6:.2f} MB "
+            "compressed); refused before reading it (the limit follows --max-megapixels)"
+        )
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = DicomBytesIO()
     out.write(b"\0" * _MAGIC_OFFSET + b"DICM")
@@ -122,8 +126,10 @@ def check_laterality(path: str | os.PathLike, eye: str, max_pixels: int | None =
         return
     said = read_dicom_header(path, max_pixels).laterality
     if said is not None and said != eye:
-        raise ImageError(f"given as the {eye} eye, but it is a DICOM of the {said} eye (ImageLaterality); give it as "
-                         f"the {said} eye or fix its header")
+        raise ImageError(
+            f"given as the {eye} eye, but it is a DICOM of the {said} eye (ImageLaterality); give it as "
+            f"the {said} eye or fix its header"
+        )
 
 
 def decode_dicom(path: str | os.PathLike, max_pixels: int | None) -> np.ndarray:
@@ -141,8 +147,10 @@ def decode_dicom(path: str | os.PathLike, max_pixels: int | None) -> np.ndarray:
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if max_pixels is not None and rows * columns * frames > max_pixels:
-        raise ImageError(f"image too large ({columns} x {rows} x {frames} frames = {rows * columns * frames / 1e6:.0f} "
-                         f"megapixels; the limit is {max_pixels / 1e6:.0f}, set by --max-megapixels)")
+        raise ImageError(
+            f"image too large ({columns} x {rows} x {frames} frames = {rows * columns * frames / 1e6:.0f} "
+            f"megapixels; the limit is {max_pixels / 1e6:.0f}, set by --max-megapixels)"
+        )
     if frames > 1:
         raise ImageError(f"multi-frame DICOM ({frames} frames); export the one photo of each eye as its own file")
     if ds.file_meta.get("TransferSyntaxUID") is not None and ds.file_meta.TransferSyntaxUID.is_encapsulated:
@@ -153,8 +161,9 @@ def decode_dicom(path: str | os.PathLike, max_pixels: int | None) -> np.ndarray:
     try:
         pixels = ds.pixel_array  # pydicom converts YBR_* to RGB here
     except Exception as exc:  # an unsupported or damaged compressed stream
-        raise ImageError(f"cannot decode the DICOM pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}: "
-                         f"{_reason(exc)})") from None
+        raise ImageError(
+            f"cannot decode the DICOM pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}: {_reason(exc)})"
+        ) from None
     if pixels.ndim not in (2, 3) or pixels.shape[:2] != (rows, columns):
         raise ImageError(f"DICOM pixel data of shape {pixels.shape} does not match its {columns} x {rows} header")
     bits = int(ds.get("BitsStored", 8) or 8)
@@ -190,11 +199,11 @@ def compressed_frame_size(frame: bytes) -> tuple[int, int] | None:
             if marker == 0xFF:  # fill byte
                 at += 1
                 continue
-            (length,) = struct.unpack(">H", frame[at + 2:at + 4])
+            (length,) = struct.unpack(">H", frame[at + 2 : at + 4])
             if marker in _SOF:
                 if at + 9 > len(frame):
                     return None
-                rows, columns = struct.unpack(">HH", frame[at + 5:at + 9])
+                rows, columns = struct.unpack(">HH", frame[at + 5 : at + 9])
                 return columns, rows
             if marker == 0xDA or length < 2:  # scan data before any frame header
                 return None
@@ -202,7 +211,7 @@ def compressed_frame_size(frame: bytes) -> tuple[int, int] | None:
         return None
     siz = frame.find(b"\xff\x4f\xff\x51")  # JPEG 2000 codestream (raw, or inside a JP2 file's box)
     if siz >= 0 and siz + 24 <= len(frame):
-        x, y, x0, y0 = struct.unpack(">IIII", frame[siz + 8:siz + 24])
+        x, y, x0, y0 = struct.unpack(">IIII", frame[siz + 8 : siz + 24])
         return x - x0, y - y0
     return None
 
@@ -220,15 +229,23 @@ def _check_frame_size(ds, rows: int, columns: int) -> None:
         raise ImageError(f"cannot read the DICOM's compressed frame ({syntax.name}: {_reason(exc)})") from None
     size = compressed_frame_size(frame)
     if size is None:
-        raise ImageError(f"cannot find the image size in the DICOM's compressed frame ({syntax.name}); refused "
-                         "before decoding")
+        raise ImageError(
+            f"cannot find the image size in the DICOM's compressed frame ({syntax.name}); refused before decoding"
+        )
     if size != (columns, rows):
-        raise ImageError(f"the DICOM's compressed frame holds a {size[0]} x {size[1]} image but its header says "
-                         f"{columns} x {rows}; refused before decoding")
+        raise ImageError(
+            f"the DICOM's compressed frame holds a {size[0]} x {size[1]} image but its header says "
+            f"{columns} x {rows}; refused before decoding"
+        )
 
 
-def write_dicom_photo(path: str | os.PathLike, bgr: np.ndarray, patient_id: str = "", laterality: str | None = None,
-                      compression: str | None = None) -> Path:
+def write_dicom_photo(
+    path: str | os.PathLike,
+    bgr: np.ndarray,
+    patient_id: str = "",
+    laterality: str | None = None,
+    compression: str | None = None,
+) -> Path:
     """Write ``bgr`` as a camera stores a photo: an Ophthalmic Photography 8-bit DICOM file.
 
     ``laterality`` "left"/"right" sets ImageLaterality; ``compression`` None stores RGB pixels,

@@ -46,8 +46,10 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_P
     width_height, orientation = _header(path)
     if max_pixels is not None and width_height and width_height[0] * width_height[1] > max_pixels:
         w, h = width_height
-        raise ImageError(f"image too large ({w} x {h} = {w * h / 1e6:.0f} megapixels; the limit is "
-                         f"{max_pixels / 1e6:.0f}, set by --max-megapixels)")
+        raise ImageError(
+            f"image too large ({w} x {h} = {w * h / 1e6:.0f} megapixels; the limit is "
+            f"{max_pixels / 1e6:.0f}, set by --max-megapixels)"
+        )
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
@@ -122,7 +124,9 @@ def find_fov(image: np.ndarray) -> tuple[int, int, int, int]:
     """
     height, width = image.shape[:2]
     scale = min(1.0, 512.0 / max(height, width))
-    small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+    )
     brightness = cv2.medianBlur(small.max(axis=2), 5)
     mask = (brightness > BORDER_LEVEL).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
@@ -193,7 +197,9 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
-def make_views(path: str | os.PathLike, size: int, views=tuple(VIEW_FUNCTIONS), max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+def make_views(
+    path: str | os.PathLike, size: int, views=tuple(VIEW_FUNCTIONS), max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> dict[str, np.ndarray]:
     """A photo file to its views (OpenCV arrays): decode, crop to the retina, square, resize.
 
     The one path from a photo to views, for preprocessing (which saves them as PNG) and for

@@ -96,7 +96,9 @@ def read_image_table(path: str | os.PathLike) -> dict[str, _Draft]:
         if eye not in ("left", "right"):
             raise ManifestError(f"{path}, row {index}, column 'eye', value {row['eye']!r}: expected left or right")
         if eye in draft.images:
-            raise ManifestError(f"{path}, row {index}, column 'eye', value {eye!r}: patient {row['ID']!r} has two {eye} images")
+            raise ManifestError(
+                f"{path}, row {index}, column 'eye', value {eye!r}: patient {row['ID']!r} has two {eye} images"
+            )
         draft.images[eye] = _image_name(row, "filename", path, index)
         draft.image_rows[eye] = (index, "filename")
         _carry(draft, row, {"eye_keywords": f"{eye}_keywords", "patient_age": "age", "patient_sex": "sex"})
@@ -113,10 +115,16 @@ def read_kaggle_full_df(path: str | os.PathLike) -> dict[str, _Draft]:
             if row[column]:
                 draft.images[eye] = _image_name(row, column, path, index)
                 draft.image_rows[eye] = (index, column)
-        _carry(draft, row, {
-            "Left-Diagnostic Keywords": "left_keywords", "Right-Diagnostic Keywords": "right_keywords",
-            "Patient Age": "age", "Patient Sex": "sex",
-        })
+        _carry(
+            draft,
+            row,
+            {
+                "Left-Diagnostic Keywords": "left_keywords",
+                "Right-Diagnostic Keywords": "right_keywords",
+                "Patient Age": "age",
+                "Patient Sex": "sex",
+            },
+        )
     return drafts
 
 

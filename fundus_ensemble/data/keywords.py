@@ -43,21 +43,54 @@ KEYWORD_CLASSES: dict[str, str] = {
     "myopic maculopathy": "M",
 }
 # ODIR's "other" findings seen in odir5k-256-dev; a keyword in no list is counted as O too, and reported
-OTHER_KEYWORDS: frozenset[str] = frozenset({
-    "macular epiretinal membrane", "epiretinal membrane", "epiretinal membrane over the macula",
-    "suspected macular epimacular membrane", "drusen", "myelinated nerve fibers", "vitreous degeneration",
-    "vitreous opacity", "refractive media opacity", "laser spot", "post laser photocoagulation",
-    "fundus laser photocoagulation spots", "maculopathy", "branch retinal vein occlusion",
-    "old branch retinal vein occlusion", "old central retinal vein occlusion", "atrophic change", "white vessel",
-    "spotted membranous change", "vessel tortuosity", "chorioretinal atrophy", "diffuse chorioretinal atrophy",
-    "optic disc edema", "optic nerve atrophy", "retinitis pigmentosa", "retina fold", "retinal pigmentation",
-    "retinal pigment epithelial hypertrophy", "choroidal nevus", "diffuse retinal atrophy", "tessellated fundus",
-})
+OTHER_KEYWORDS: frozenset[str] = frozenset(
+    {
+        "macular epiretinal membrane",
+        "epiretinal membrane",
+        "epiretinal membrane over the macula",
+        "suspected macular epimacular membrane",
+        "drusen",
+        "myelinated nerve fibers",
+        "vitreous degeneration",
+        "vitreous opacity",
+        "refractive media opacity",
+        "laser spot",
+        "post laser photocoagulation",
+        "fundus laser photocoagulation spots",
+        "maculopathy",
+        "branch retinal vein occlusion",
+        "old branch retinal vein occlusion",
+        "old central retinal vein occlusion",
+        "atrophic change",
+        "white vessel",
+        "spotted membranous change",
+        "vessel tortuosity",
+        "chorioretinal atrophy",
+        "diffuse chorioretinal atrophy",
+        "optic disc edema",
+        "optic nerve atrophy",
+        "retinitis pigmentosa",
+        "retina fold",
+        "retinal pigmentation",
+        "retinal pigment epithelial hypertrophy",
+        "choroidal nevus",
+        "diffuse retinal atrophy",
+        "tessellated fundus",
+    }
+)
 # about the photograph, not the eye
-NO_FINDING: frozenset[str] = frozenset({
-    "normal fundus", "normal", "lens dust", "low image quality", "image offset",
-    "optic disk photographically invisible", "no fundus image", "anterior segment image",
-})
+NO_FINDING: frozenset[str] = frozenset(
+    {
+        "normal fundus",
+        "normal",
+        "lens dust",
+        "low image quality",
+        "image offset",
+        "optic disk photographically invisible",
+        "no fundus image",
+        "anterior segment image",
+    }
+)
 _SEPARATORS = re.compile(r"[,，;；]")
 
 
@@ -103,25 +136,37 @@ class KeywordComparison:
 
     patients: int = 0  # with keywords for every photo they have
     agree: int = 0
-    missing: Counter = field(default_factory=Counter)  # class -> patients labelled positive that no eye's keywords explain
-    extra: Counter = field(default_factory=Counter)  # class -> patients whose eyes' keywords say positive, labelled negative
+    missing: Counter = field(
+        default_factory=Counter
+    )  # class -> patients labelled positive that no eye's keywords explain
+    extra: Counter = field(
+        default_factory=Counter
+    )  # class -> patients whose eyes' keywords say positive, labelled negative
     unknown_keywords: Counter = field(default_factory=Counter)  # keywords in no list (counted as O)
     skipped: int = 0  # patients with a photo but no keywords
 
     def lines(self) -> list[str]:
         share = self.agree / self.patients if self.patients else float("nan")
-        out = [f"{self.agree} of {self.patients} patients ({share:.1%}) have labels equal to their eyes' keywords "
-               f"(D..O: either eye; N: both eyes); {self.skipped} without keywords skipped"]
+        out = [
+            f"{self.agree} of {self.patients} patients ({share:.1%}) have labels equal to their eyes' keywords "
+            f"(D..O: either eye; N: both eyes); {self.skipped} without keywords skipped"
+        ]
         if self.missing["N"] or self.extra["N"]:
-            out.append(f"  N: {self.missing['N']} labelled normal though an eye has a finding, "
-                       f"{self.extra['N']} with both eyes normal by their keywords but labelled not normal")
+            out.append(
+                f"  N: {self.missing['N']} labelled normal though an eye has a finding, "
+                f"{self.extra['N']} with both eyes normal by their keywords but labelled not normal"
+            )
         for c in LABELS[1:]:
             if self.missing[c] or self.extra[c]:
-                out.append(f"  {c}: {self.missing[c]} labelled positive without a keyword for it, "
-                           f"{self.extra[c]} with a keyword but labelled negative")
+                out.append(
+                    f"  {c}: {self.missing[c]} labelled positive without a keyword for it, "
+                    f"{self.extra[c]} with a keyword but labelled negative"
+                )
         if self.unknown_keywords:
-            out.append("  keywords in no list (counted as O): "
-                       + ", ".join(f"{k} ({n})" for k, n in self.unknown_keywords.most_common()))
+            out.append(
+                "  keywords in no list (counted as O): "
+                + ", ".join(f"{k} ({n})" for k, n in self.unknown_keywords.most_common())
+            )
         return out
 
 

@@ -66,7 +66,7 @@ class Manifest:
     def image_path(self, relative: str) -> Path:
         return self.image_root / relative
 
-    def select(self, split: str) -> "Manifest":
+    def select(self, split: str) -> Manifest:
         """The patients of one split (raises if the split is unknown or empty)."""
         if split not in SPLITS:
             raise ManifestError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -76,7 +76,7 @@ class Manifest:
             raise ManifestError(f"{self.source}: split {split!r} has no patients (split sizes: {counts})")
         return replace(self, patients=chosen)
 
-    def with_patients(self, patients: list[Patient] | tuple[Patient, ...]) -> "Manifest":
+    def with_patients(self, patients: list[Patient] | tuple[Patient, ...]) -> Manifest:
         return replace(self, patients=tuple(patients))
 
 
@@ -189,7 +189,10 @@ def parse_manifest(
         patient = _parse_row(cell, source, index, root, check_files)
         if patient.patient_id in first_row_of:
             raise _problem(
-                source, index, "patient_id", patient.patient_id,
+                source,
+                index,
+                "patient_id",
+                patient.patient_id,
                 f"duplicate patient id (first seen in row {first_row_of[patient.patient_id]}); "
                 "ODIR labels belong to the patient, so each patient must be one row",
             )
@@ -204,9 +207,11 @@ def _check_header(header: list[str], source: str) -> None:
     missing = [name for name in REQUIRED_COLUMNS if name not in header]
     if missing:
         raise _problem(
-            source, 1, None, None,
-            f"missing required column(s) {', '.join(repr(m) for m in missing)}; "
-            f"required: {','.join(REQUIRED_COLUMNS)}",
+            source,
+            1,
+            None,
+            None,
+            f"missing required column(s) {', '.join(repr(m) for m in missing)}; required: {','.join(REQUIRED_COLUMNS)}",
         )
 
 
@@ -249,8 +254,13 @@ def check_image_file(root: Path, relative: str, source: str, row: int, column: s
         raise _problem(source, row, column, value, f"image file not found at {path}")
     resolved = path.resolve()
     if not resolved.is_relative_to(root.resolve()):
-        raise _problem(source, row, column, value,
-                       f"image path leads outside the image root {root} through a symbolic link (to {resolved})")
+        raise _problem(
+            source,
+            row,
+            column,
+            value,
+            f"image path leads outside the image root {root} through a symbolic link (to {resolved})",
+        )
 
 
 def load_manifest(
@@ -278,10 +288,16 @@ def manifest_to_csv(patients: list[Patient] | tuple[Patient, ...]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*REQUIRED_COLUMNS, *optional])
     for p in patients:
-        writer.writerow([
-            p.patient_id, p.left_image or "", p.right_image or "", *p.labels, p.split,
-            *(p.extra.get(name, "") for name in optional),
-        ])
+        writer.writerow(
+            [
+                p.patient_id,
+                p.left_image or "",
+                p.right_image or "",
+                *p.labels,
+                p.split,
+                *(p.extra.get(name, "") for name in optional),
+            ]
+        )
     return out.getvalue()
 
 

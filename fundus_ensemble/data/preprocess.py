@@ -256,7 +256,9 @@ def preprocess_manifest(
             _tally(relative, reason, failures, summary, bar)
     else:
         map_in_processes(
-            _process_one, todo, workers,
+            _process_one,
+            todo,
+            workers,
             on_result=lambda task, result: _tally(*result, failures, summary, bar),
             on_crash=lambda task: _tally(task[0], WORKER_DIED, failures, summary, bar),
         )
@@ -286,9 +288,12 @@ def _write_outputs(manifest: Manifest, out: Path, summary: PreprocessSummary, re
     for view in VIEWS:
         write_manifest(patients, out / view / "manifest.csv")
     record["summary"] = {k: v for k, v in asdict(summary).items() if k not in ("rejected", "dropped_patients")} | {
-        "rejected": len(summary.rejected), "dropped_patients": len(summary.dropped_patients),
+        "rejected": len(summary.rejected),
+        "dropped_patients": len(summary.dropped_patients),
     }
-    record["rejected_images"] = [list(item) for item in summary.rejected]  # rejects.csv is for people: cells neutralised
+    record["rejected_images"] = [
+        list(item) for item in summary.rejected
+    ]  # rejects.csv is for people: cells neutralised
     atomic_write_json(out / "preprocess.json", record)
 
 
@@ -313,7 +318,9 @@ def shard_of(manifest: Manifest, index: int, count: int) -> Manifest:
     return manifest.with_patients(manifest.patients[index - 1 :: count])
 
 
-def preprocess_shard(manifest: Manifest, out_dir: str | os.PathLike, index: int, count: int, **options: Any) -> PreprocessSummary:
+def preprocess_shard(
+    manifest: Manifest, out_dir: str | os.PathLike, index: int, count: int, **options: Any
+) -> PreprocessSummary:
     """Preprocess one shard into ``OUT/shards/<i>-of-<n>``, a complete output folder of its own, so
     that n copies (a SLURM array, a Kubernetes job) never write the same file;
     :func:`merge_shards` then makes ``OUT`` what one run would have made."""
@@ -323,7 +330,9 @@ def preprocess_shard(manifest: Manifest, out_dir: str | os.PathLike, index: int,
     return preprocess_manifest(shard_of(manifest, index, count), shard_folder(out, index, count), **options)
 
 
-def merge_shards(manifest: Manifest, out_dir: str | os.PathLike, count: int, size: int = DEFAULT_SIZE) -> PreprocessSummary:
+def merge_shards(
+    manifest: Manifest, out_dir: str | os.PathLike, count: int, size: int = DEFAULT_SIZE
+) -> PreprocessSummary:
     """Move the views of all ``count`` finished shards into ``out_dir`` and write its manifests,
     ``rejects.csv`` and ``preprocess.json`` as one run over ``manifest`` would; the shard
     folders are removed. Refuses if a shard is missing, unfinished, or made with other settings
@@ -336,23 +345,33 @@ def merge_shards(manifest: Manifest, out_dir: str | os.PathLike, count: int, siz
         record_path = folder / "preprocess.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if "summary" not in record:
-            raise FundusError(f"shard {index}/{count} is missing or unfinished ({folder}): run preprocess.py --shard {index}/{count} first")
+            raise FundusError(
+                f"shard {index}/{count} is missing or unfinished ({folder}): run preprocess.py --shard {index}/{count} first"
+            )
         if record["settings"] != settings:
-            raise FundusError(f"shard {index}/{count} was made with other settings ({record['settings']}; now {settings}): "
-                              "run it again with the same --size")
+            raise FundusError(
+                f"shard {index}/{count} was made with other settings ({record['settings']}; now {settings}): "
+                "run it again with the same --size"
+            )
         if record.get("source_manifest_sha256") != _manifest_hash(manifest):
             raise FundusError(f"shard {index}/{count} ({folder}) was made from another manifest than {manifest.source}")
-        expected = {img for p in shard_of(manifest, index, count).patients for img in (p.left_image, p.right_image) if img}
+        expected = {
+            img for p in shard_of(manifest, index, count).patients for img in (p.left_image, p.right_image) if img
+        }
         if record["summary"]["images"] != len(expected):
-            raise FundusError(f"shard {index}/{count} holds {record['summary']['images']} images, its share of "
-                              f"{manifest.source} is {len(expected)}: was it made with another shard count?")
+            raise FundusError(
+                f"shard {index}/{count} holds {record['summary']['images']} images, its share of "
+                f"{manifest.source} is {len(expected)}: was it made with another shard count?"
+            )
         records.append(record)
 
     claim_folder(out, "preprocessed views", adopt_if=("preprocess.json", SHARDS))
     previous = json.loads((out / "preprocess.json").read_text()) if (out / "preprocess.json").is_file() else {}
     if previous and previous.get("settings") != settings and any((out / v).is_dir() for v in VIEWS):
-        raise FundusError(f"{out} holds views made with other settings ({previous.get('settings')}); "
-                          "delete them with a plain preprocess.py --force run, or merge into another --out")
+        raise FundusError(
+            f"{out} holds views made with other settings ({previous.get('settings')}); "
+            "delete them with a plain preprocess.py --force run, or merge into another --out"
+        )
     summary = PreprocessSummary(out_dir=str(out))
     for view in VIEWS:
         claim_folder(out / view, f"the {view} views", adopt_if=("manifest.csv",))
@@ -389,8 +408,12 @@ def _refuse_unsafe_output(out: Path, manifest: Manifest, images: list[str]) -> N
 
 
 def _refuse_clashes(manifest: Manifest, targets: dict[str, dict[str, str]]) -> None:
-    where = {img: f"{img} (row {p.row}, patient {p.patient_id})" if p.row else f"{img} (patient {p.patient_id})"
-             for p in manifest.patients for img in (p.left_image, p.right_image) if img}
+    where = {
+        img: f"{img} (row {p.row}, patient {p.patient_id})" if p.row else f"{img} (patient {p.patient_id})"
+        for p in manifest.patients
+        for img in (p.left_image, p.right_image)
+        if img
+    }
     first: dict[str, str] = {}
     for image, views in targets.items():
         other = first.setdefault(views["color"], image)
@@ -412,5 +435,8 @@ def _tally(relative: str, reason: str | None, failures: dict[str, str], summary:
 def _write_rejects(path: Path, summary: PreprocessSummary, manifest: Manifest) -> None:
     owner = {img: p.patient_id for p in manifest.patients for img in (p.left_image, p.right_image) if img}
     rows = [["image", image, owner.get(image, ""), reason] for image, reason in summary.rejected]
-    rows += [["patient", "", pid, "no usable image: patient left out of the view manifests"] for pid in summary.dropped_patients]
+    rows += [
+        ["patient", "", pid, "no usable image: patient left out of the view manifests"]
+        for pid in summary.dropped_patients
+    ]
     atomic_write_text(path, csv_for_people(["kind", "image", "patient_id", "reason"], rows))

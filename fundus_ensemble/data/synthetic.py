@@ -175,7 +175,17 @@ def _branch(img, rng, start, angle, length, width, wiggle, colour, depth) -> Non
         point = point + step * np.array([np.cos(angle), np.sin(angle)])
         pts.append(point.copy())
         if depth < 2 and i in (5, 9) and rng.random() < 0.7:
-            _branch(img, rng, point.copy(), angle + rng.choice([-0.7, 0.7]), length * 0.45, width * 0.7, wiggle, colour, depth + 1)
+            _branch(
+                img,
+                rng,
+                point.copy(),
+                angle + rng.choice([-0.7, 0.7]),
+                length * 0.45,
+                width * 0.7,
+                wiggle,
+                colour,
+                depth + 1,
+            )
     thickness = max(1, int(round(width)))
     cv2.polylines(img, [np.round(np.array(pts)).astype(np.int32)], False, colour, thickness, cv2.LINE_AA)
 
@@ -198,11 +208,15 @@ def _spots(img, rng, centre, radius, n, size_range, colour) -> None:
 def _diabetic(img, rng, cx, cy, r, disc, disc_r) -> None:
     s = r / 128.0
     for p in _random_points(rng, cx, cy, r, int(rng.integers(14, 28)), disc, 2 * disc_r, 0.7):
-        cv2.circle(img, (int(p[0]), int(p[1])), max(1, int(round(rng.uniform(1.0, 2.0) * s))), (20, 20, 90), -1, cv2.LINE_AA)
+        cv2.circle(
+            img, (int(p[0]), int(p[1])), max(1, int(round(rng.uniform(1.0, 2.0) * s))), (20, 20, 90), -1, cv2.LINE_AA
+        )
     for p in _random_points(rng, cx, cy, r, int(rng.integers(3, 7)), disc, 2 * disc_r, 0.7):
         cv2.circle(img, (int(p[0]), int(p[1])), int(round(rng.uniform(3.5, 6.0) * s)), (15, 15, 70), -1, cv2.LINE_AA)
     for p in _random_points(rng, cx, cy, r, int(rng.integers(8, 18)), disc, 2 * disc_r, 0.6):
-        cv2.circle(img, (int(p[0]), int(p[1])), max(1, int(round(rng.uniform(1.5, 3.0) * s))), (60, 225, 245), -1, cv2.LINE_AA)
+        cv2.circle(
+            img, (int(p[0]), int(p[1])), max(1, int(round(rng.uniform(1.5, 3.0) * s))), (60, 225, 245), -1, cv2.LINE_AA
+        )
 
 
 def _other(img, rng, cx, cy, r, disc, disc_r, side) -> None:
@@ -223,8 +237,12 @@ def _other(img, rng, cx, cy, r, disc, disc_r, side) -> None:
 
 # one ODIR keyword per planted finding (data.keywords maps them back to the classes)
 FINDING_KEYWORDS: dict[str, str] = {
-    "D": "moderate non proliferative retinopathy", "G": "glaucoma", "C": "cataract",
-    "A": "dry age-related macular degeneration", "H": "hypertensive retinopathy", "M": "pathological myopia",
+    "D": "moderate non proliferative retinopathy",
+    "G": "glaucoma",
+    "C": "cataract",
+    "A": "dry age-related macular degeneration",
+    "H": "hypertensive retinopathy",
+    "M": "pathological myopia",
     "O": "myelinated nerve fibers",
 }
 
@@ -234,7 +252,9 @@ def eye_keywords(findings: frozenset[str]) -> str:
     return ",".join(FINDING_KEYWORDS[f] for f in LABELS if f in findings) or "normal fundus"
 
 
-def make_patients(n: int, seed: int, prevalence: dict[str, float] = DEMO_PREVALENCE) -> list[tuple[str, tuple[int, ...], dict[str, EyeSpec]]]:
+def make_patients(
+    n: int, seed: int, prevalence: dict[str, float] = DEMO_PREVALENCE
+) -> list[tuple[str, tuple[int, ...], dict[str, EyeSpec]]]:
     """``n`` patients as (id, labels, {eye: spec}); the same seed gives the same patients."""
     rng = np.random.default_rng(seed)
     patients = []
