@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tl.add_argument("--folds", type=int, default=d.folds, help="folds of --head-fit cross-fit")
     tl.add_argument(
+        "--head-fusion",
+        choices=["max_mean", "max_mean_diff", "mean"],
+        default=d.head_fusion,
+        help="--head-fit cross-fit: the eyes' features fused as concat(max, mean), that and |left - right| "
+        "(the recommended recipe's: docs/results.md), or their mean",
+    )
+    tl.add_argument(
         "--feature-store",
         default=None,
         help="folder keeping each photo's frozen features for every later run (default: PREP_DIR/features)",
@@ -201,6 +208,7 @@ def config_from_args(args: argparse.Namespace):
         feature_store=args.feature_store,
         head_fit=args.head_fit.replace("-", "_"),
         folds=args.folds,
+        head_fusion=args.head_fusion,
     )
 
 

@@ -36,6 +36,29 @@ def test_out_of_fold_predictions_come_from_heads_that_never_saw_the_patient():
         np.testing.assert_allclose(head.predict(heads.fuse(features[held])), fit.out_of_fold[held])
 
 
+def test_augmented_copies_train_only_their_own_folds_heads_and_are_used():
+    rng = np.random.default_rng(4)
+    noise = rng.normal(size=(200, 2, 100)).astype(np.float32)
+    y = (rng.random((200, 8)) < 0.3).astype(int)
+    # a copy identical to each patient's features: were a held-out patient's copy in its fold's
+    # training rows, the barely regularised head would memorise it and the out-of-fold AUC would soar
+    leak = heads.cross_fit(noise, y, folds=5, grid=(1000.0,), seed=0, augmented=(noise.copy(),))
+    assert _mean_auc(y, leak.out_of_fold) < 0.62, "a held-out patient's copy trained the head that predicts it"
+    # copies that show the labels (the unshifted photos do not): only a head that learned from them
+    # ranks new patients whose features show the labels
+    shown = noise.copy()
+    shown[:, :, :8] += 2.0 * y[:, None, :]
+    fit = heads.cross_fit(noise, y, folds=5, grid=(0.01,), seed=0, augmented=(shown,))
+    plain = heads.cross_fit(noise, y, folds=5, grid=(0.01,), seed=0)
+    new_y = (rng.random((100, 8)) < 0.3).astype(int)
+    new = rng.normal(size=(100, 2, 100)).astype(np.float32)
+    new[:, :, :8] += 2.0 * new_y[:, None, :]
+    learned, not_learned = _mean_auc(new_y, fit.predict(new)), _mean_auc(new_y, plain.predict(new))
+    assert learned > 0.7 and not_learned < 0.6, (learned, not_learned)
+    with pytest.raises(FundusError, match="augmented copy 0 has features"):
+        heads.cross_fit(noise, y, folds=5, grid=(0.01,), augmented=(noise[:10],))
+
+
 def test_folds_are_stratified_and_c_is_chosen_by_out_of_fold_auc():
     rng = np.random.default_rng(1)
     n = 300
@@ -92,6 +115,24 @@ def test_the_bag_in_the_patient_model_is_the_heads_on_features(view_manifest, tm
     heads.set_patient_head(model, fit.bagged)
     on_images = predict_batches(model, PatientBatches(view_manifest, 48, 8))
     np.testing.assert_allclose(on_images, fit.predict(features), atol=2e-4)
+    # heads fitted on another fusion of the eyes go into the same model, folded into concat(max, mean)
+    diff = heads.cross_fit(features, y, folds=3, grid=(0.01,), seed=0, fusion="max_mean_diff")
+    heads.set_patient_head(model, diff.patient_head)
+    np.testing.assert_allclose(
+        predict_batches(model, PatientBatches(view_manifest, 48, 8)), diff.predict(features), atol=2e-4
+    )
+
+
+def test_every_fusion_folds_exactly_into_a_head_on_max_and_mean():
+    rng = np.random.default_rng(7)
+    eyes = rng.normal(size=(50, 2, 6))
+    for fusion, width in (("max_mean", 12), ("max_mean_diff", 18), ("mean", 6)):
+        head = heads.LinearHead(rng.normal(size=(width, 8)), rng.normal(size=8))
+        folded = head.as_max_mean(fusion)
+        assert folded.weights.shape == (12, 8)
+        np.testing.assert_allclose(
+            folded.predict(heads.fuse(eyes, "max_mean")), head.predict(heads.fuse(eyes, fusion)), rtol=1e-5
+        )
 
 
 def _script(name: str, *args) -> subprocess.CompletedProcess:
@@ -122,6 +163,8 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
         "3",
         "--fine-tune-epochs",
         "0",
+        "--head-fusion",
+        "max_mean_diff",
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--calibrate-on out-of-fold" in done.stdout
@@ -131,6 +174,24 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
     assert list(oof["color"]["patient_id"]) == development, "every train and val patient, and no test patient"
     card = json.loads((run / "color" / "card.json").read_text())
     assert card["head"]["folds"] == 3 and card["best_val"]["out_of_fold"]
+    # the heads were fitted on the fusion asked for (the recipe's concat(max, mean, |left - right|))
+    from fundus_ensemble.training.features import eye_features, preprocessing_settings
+
+    dev_manifest = manifest.with_patients([p for p in manifest.patients if p.split in ("train", "val")])
+    features = eye_features(
+        None,
+        dev_manifest,
+        48,
+        8,
+        prep / "features",
+        "efficientnet_lite0",
+        "imagenet",
+        "color",
+        preprocessing=preprocessing_settings(prep / "color"),
+    )
+    again = heads.cross_fit(features, dev_manifest.label_matrix(), folds=3, seed=0, fusion="max_mean_diff")
+    assert card["head"]["fusion"] == "max_mean_diff"
+    np.testing.assert_allclose(oof["color"]["probabilities"], again.out_of_fold, atol=1e-6)
     # the run's calibration is the one fitted on the ensemble's out-of-fold predictions
     fitted = json.loads((run / "calibration.json").read_text())
     expected = fit_calibration(

@@ -52,6 +52,9 @@ class TrainConfig:
     # heads cross-fitted on the frozen features of every train and val patient, bagged (training.heads), no fine-tuning
     head_fit: str = "epochs"
     folds: int = 5  # head_fit "cross_fit": folds over the train and val patients
+    # head_fit "cross_fit": how the two eyes' features are fused before the heads (training.heads.FUSIONS); every
+    # fusion folds exactly into the patient model's concat(max, mean) head (LinearHead.as_max_mean)
+    head_fusion: str = "max_mean"
     fine_tune_fraction: float = 1.0  # share of the backbone's weighted layers, from the top, that learn in phase 2
     freeze_batchnorm: bool = True  # phase 2 keeps the backbone's BatchNorm in inference mode, its statistics fixed
 
@@ -91,6 +94,10 @@ class TrainConfig:
                 )
             if self.folds < 2:
                 raise FundusError(f"cross-fitting needs at least 2 folds, got {self.folds}")
+        from .heads import FUSIONS
+
+        if self.head_fusion not in FUSIONS:
+            raise FundusError(f"unknown head_fusion {self.head_fusion!r}; choose one of {', '.join(FUSIONS)}")
         if not 0 < self.fine_tune_fraction <= 1:
             raise FundusError(f"fine_tune_fraction must lie in (0, 1], got {self.fine_tune_fraction}")
         if not 0 <= self.dropout < 1:

@@ -66,6 +66,19 @@ class LinearHead:
     def mean(cls, heads: list[LinearHead]) -> LinearHead:
         return cls(np.mean([h.weights for h in heads], axis=0), np.mean([h.bias for h in heads], axis=0))
 
+    def as_max_mean(self, fusion: str) -> LinearHead:
+        """The same head on concat(max, mean) of the eyes, the patient model's fusion: since
+        max(l, r) = mean + |l - r| / 2, the |l - r| part of ``max_mean_diff`` is 2 (max - mean), and
+        ``mean`` alone is concat(max, mean) with no weight on max. Exact, not an approximation."""
+        if fusion == "max_mean":
+            return self
+        if fusion == "mean":
+            return LinearHead(np.concatenate([np.zeros_like(self.weights), self.weights]), self.bias)
+        if fusion == "max_mean_diff":
+            w_max, w_mean, w_diff = np.split(self.weights, 3)
+            return LinearHead(np.concatenate([w_max + 2 * w_diff, w_mean - 2 * w_diff]), self.bias)
+        raise FundusError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+
 
 def fit_linear_head(
     x: np.ndarray, y: np.ndarray, c: float, seed: int = 0, pos_weight_power: float = DEFAULT_POWER
@@ -155,6 +168,11 @@ class CrossFit:
     def bagged(self) -> LinearHead:
         return LinearHead.mean(self.heads)
 
+    @property
+    def patient_head(self) -> LinearHead:
+        """The bag as the patient model's head (on concat(max, mean) of the eyes, whatever the fusion)."""
+        return self.bagged.as_max_mean(self.fusion)
+
     def predict(self, features: np.ndarray) -> np.ndarray:
         """The bag's probabilities for new patients' eye features ``(patients, 2, F)``."""
         return self.bagged.predict(fuse(features, self.fusion))
@@ -168,13 +186,23 @@ def cross_fit(
     fusion: str = "max_mean",
     seed: int = 0,
     pos_weight_power: float = DEFAULT_POWER,
+    augmented: tuple[np.ndarray, ...] = (),
 ) -> CrossFit:
     """Cross-fit a linear head per fold for each ``C`` of ``grid`` and keep the ``C`` whose
-    out-of-fold predictions have the best pooled AUC (ties: the stronger regularisation)."""
+    out-of-fold predictions have the best pooled AUC (ties: the stronger regularisation).
+
+    ``augmented``: more eye features of the same patients in the same order (their photos as
+    other cameras might take them, :func:`..data.acquisition.random_acquisition`); a fold's head
+    also learns from the copies of its own training patients, never from a held-out patient's,
+    and the out-of-fold predictions (and so the ``C`` chosen) stay those of the unshifted photos."""
     x = fuse(features, fusion)
     y = np.asarray(y)
     if len(x) != len(y):
         raise FundusError(f"{len(x)} patients' features but {len(y)} label rows")
+    copies = [fuse(a, fusion) for a in augmented]
+    for i, a in enumerate(copies):
+        if a.shape != x.shape:
+            raise FundusError(f"augmented copy {i} has features {a.shape}, the patients' are {x.shape}")
     fold_of = patient_folds(len(x), folds, seed, y)
     best = None
     scores = {}
@@ -183,7 +211,8 @@ def cross_fit(
         heads = []
         for f in range(folds):
             held = fold_of == f
-            head = fit_linear_head(x[~held], y[~held], c, seed, pos_weight_power)
+            rows = np.concatenate([x[~held]] + [a[~held] for a in copies])
+            head = fit_linear_head(rows, np.tile(y[~held], (1 + len(copies), 1)), c, seed, pos_weight_power)
             oof[held] = head.predict(x[held])
             heads.append(head)
         scores[c] = odir_score(y, oof)["auc"]

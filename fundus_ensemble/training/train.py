@@ -614,7 +614,9 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     )
     features_s = time.perf_counter() - start
     y = development.label_matrix()
-    fit = cross_fit(features, y, config.folds, seed=config.seed, pos_weight_power=config.pos_weight_power)
+    fit = cross_fit(
+        features, y, config.folds, fusion=config.head_fusion, seed=config.seed, pos_weight_power=config.pos_weight_power
+    )
     score = odir_score(y, fit.out_of_fold)
     print(
         f"[{view}] C {fit.c} chosen by out-of-fold pooled AUC ({', '.join(f'{c:g}: {a:.4f}' for c, a in fit.scores.items())}); "
@@ -622,7 +624,7 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
         flush=True,
     )
     model = build_patient_model(config.backbone, config.size, config.weights, config.dropout)
-    set_patient_head(model, fit.bagged)
+    set_patient_head(model, fit.patient_head)
     model.save(str(out / MODEL_NAME))
     side = _side_head(out, view, features, development, config)
     ids = np.array(development.patient_ids)
@@ -651,7 +653,9 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
         2 * len(development),
         head={
             "fit": "cross_fit",
-            "kind": "logistic on concat(max, mean) of the eyes, positives weighted as the weighted BCE",
+            "kind": "logistic on concat(max, mean) of the eyes, positives weighted as the weighted BCE"
+            + ("" if config.head_fusion == "max_mean" else f" (fitted on fusion {config.head_fusion}, folded into it)"),
+            "fusion": config.head_fusion,
             "folds": config.folds,
             "C": fit.c,
             "out_of_fold_auc_by_C": {str(c): a for c, a in fit.scores.items()},
