@@ -24,45 +24,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from fundus_ensemble.cli import import_keras
-
-SHIFTS = {
-    "none": lambda a: a,
-    "resampled to 224 px": lambda a: cv2.resize(a, (224, 224), interpolation=cv2.INTER_AREA),
-    "resampled to 160 px": lambda a: cv2.resize(a, (160, 160), interpolation=cv2.INTER_AREA),
-    "upsampled to 512 px": lambda a: cv2.resize(a, (512, 512), interpolation=cv2.INTER_CUBIC),
-    "blurred (sigma 1.5)": lambda a: cv2.GaussianBlur(a, (0, 0), 1.5),
-    "JPEG quality 20": lambda a: cv2.imdecode(cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 20])[1], 1),
-    "gamma 0.7 (brighter mid-tones)": lambda a: _gamma(a, 0.7),
-    "gamma 1.4 (darker mid-tones)": lambda a: _gamma(a, 1.4),
-    "brightness x0.7": lambda a: np.clip(a * 0.7, 0, 255).astype(np.uint8),
-    "brightness x1.3": lambda a: np.clip(a * 1.3, 0, 255).astype(np.uint8),
-    "warm cast (R x1.15, B x0.8)": lambda a: _cast(a, (0.8, 1.0, 1.15)),
-    "cool cast (R x0.85, B x1.2)": lambda a: _cast(a, (1.2, 1.0, 0.85)),
-    "retina smaller (75 % of the frame)": lambda a: _scale_retina(a, 0.75),
-    "retina larger (edges cut, 120 %)": lambda a: _scale_retina(a, 1.2),
-}
-
-
-def _gamma(a: np.ndarray, g: float) -> np.ndarray:
-    table = (255 * (np.arange(256) / 255) ** g).astype(np.uint8)
-    return cv2.LUT(a, table)
-
-
-def _cast(a: np.ndarray, bgr: tuple[float, float, float]) -> np.ndarray:
-    return np.clip(a * np.array(bgr), 0, 255).astype(np.uint8)
-
-
-def _scale_retina(a: np.ndarray, factor: float) -> np.ndarray:
-    h, w = a.shape[:2]
-    scaled = cv2.resize(a, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_AREA)
-    out = np.zeros_like(a)
-    if factor < 1:
-        y, x = (h - scaled.shape[0]) // 2, (w - scaled.shape[1]) // 2
-        out[y : y + scaled.shape[0], x : x + scaled.shape[1]] = scaled
-    else:
-        y, x = (scaled.shape[0] - h) // 2, (scaled.shape[1] - w) // 2
-        out = scaled[y : y + h, x : x + w]
-    return out
+from fundus_ensemble.data.acquisition import SHIFTS
 
 
 def test_patients(bench: Path) -> list[dict]:
