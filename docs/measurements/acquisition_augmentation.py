@@ -31,7 +31,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from fundus_ensemble.cli import import_keras
-from fundus_ensemble.data.acquisition import SHIFTS, random_acquisition
+from fundus_ensemble.data.acquisition import SHIFTS, acquisition_rng, random_acquisition
 
 
 def main() -> None:
@@ -71,13 +71,13 @@ def main() -> None:
     seconds = {}
 
     def features(patients, folder: Path, transform) -> dict[str, dict[str, np.ndarray]]:
-        """view -> patient id -> (2, F): the patients' photos through ``transform(photo, patient index, eye)``,
+        """view -> patient id -> (2, F): the patients' photos through ``transform(photo, name)``,
         cropped and made into views as every run does; patients preprocessing refused are absent."""
         began = time.perf_counter()
         rows = []
-        for i, q in enumerate(patients):
+        for q in patients:
             eyes = {}
-            for e, eye in enumerate(("left", "right")):
+            for eye in ("left", "right"):
                 relative = getattr(q, f"{eye}_image")
                 if not relative:
                     eyes[eye] = None
@@ -86,7 +86,7 @@ def main() -> None:
                 if not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     photo = cv2.imread(str(args.image_root / relative))
-                    cv2.imwrite(str(target), transform(photo, i, e))
+                    cv2.imwrite(str(target), transform(photo, relative))
                 eyes[eye] = f"photos/{target.name}"
             rows.append(dataclasses.replace(q, left_image=eyes["left"], right_image=eyes["right"], split="train"))
         write_manifest(rows, folder / "manifest.csv")
@@ -108,12 +108,12 @@ def main() -> None:
         print(f"[acquisition] {folder.name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
         return out
 
-    clean = features(dev, args.out / "dev-clean", lambda a, i, e: a)
+    clean = features(dev, args.out / "dev-clean", lambda a, name: a)
     copies = [
         features(
             dev,
             args.out / f"dev-copy-{k}",
-            lambda a, i, e, k=k: random_acquisition(a, np.random.default_rng([seed, k, i, e])),
+            lambda a, name, k=k: random_acquisition(a, acquisition_rng(seed, k, name)),
         )
         for k in range(args.copies)
     ]
@@ -139,7 +139,7 @@ def main() -> None:
 
     results = {name: {} for name in models}
     for index, (shift_name, shift) in enumerate(SHIFTS.items()):
-        shifted = features(test, args.out / f"test-shift-{index:02d}", lambda a, i, e, s=shift: s(a))
+        shifted = features(test, args.out / f"test-shift-{index:02d}", lambda a, name, s=shift: s(a))
         kept = [j for j, q in enumerate(test) if all(q.patient_id in shifted[v] for v in VIEWS)]
         yk = y_test[kept]
         for name, (fits, thresholds) in models.items():

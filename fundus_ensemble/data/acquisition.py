@@ -11,6 +11,7 @@ photo, so heads can learn from photos as other cameras take them.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 
 import cv2
@@ -88,6 +89,13 @@ ACQUISITION_RANGES = {
     "blur_sigma": (0.3, 2.0),
     "jpeg_quality": (15, 90),
 }
+
+
+def acquisition_rng(seed: int, copy: int, name: str) -> np.random.Generator:
+    """The random state of one photo's ``copy``-th shifted copy: the same for the same seed, copy and
+    photo name wherever it is made (preprocessing, a measurement), so its view has the same bytes
+    and its features are found in a feature store."""
+    return np.random.default_rng([seed, copy, zlib.crc32(name.encode("utf-8"))])
 
 
 def random_acquisition(photo: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
