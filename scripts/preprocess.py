@@ -11,6 +11,7 @@ from fundus_ensemble.data.preprocess import (
     DEFAULT_SIZE,
     merge_shards,
     parse_shard,
+    preprocess_acquisition_copies,
     preprocess_manifest,
     preprocess_shard,
 )
@@ -52,7 +53,19 @@ def main(argv=None):
         metavar="N",
         help="move the N finished shards' views into --out and write its manifests, as one run would",
     )
+    parser.add_argument(
+        "--acquisition-copies",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also K randomly shifted copies of every train and val photo (blur, JPEG, resolution, exposure, "
+        "white balance, framing: as other cameras take photos) into OUT/acquisition/copy-<k>, for "
+        "train_pair.py --acquisition-copies K (docs/evaluation.md#another-clinics-camera)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the acquisition copies' shifts")
     args = parser.parse_args(argv)
+    if args.acquisition_copies and (args.shard or args.merge_shards):
+        raise FundusError("--acquisition-copies runs without --shard / --merge-shards: make the copies in one run")
     if args.shard and args.merge_shards:
         raise FundusError("--shard processes one shard and --merge-shards joins them: run them as separate steps")
     manifest = load_manifest(args.manifest, image_root=args.image_root)
@@ -69,6 +82,8 @@ def main(argv=None):
     print(summary.describe())
     if summary.rejected:
         print(f"rejected images and reasons: {summary.out_dir}/rejects.csv")
+    for copy in preprocess_acquisition_copies(manifest, args.out, args.acquisition_copies, args.seed, **options):
+        print(f"acquisition copy: {copy.describe()}")
     if summary.reject_fraction > args.max_reject_fraction:
         raise FundusError(
             f"{summary.reject_fraction:.1%} of images rejected, more than --max-reject-fraction {args.max_reject_fraction:.1%}"

@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(the recommended recipe's: docs/results.md), or their mean",
     )
     tl.add_argument(
+        "--acquisition-copies",
+        type=int,
+        default=d.acquisition_copies,
+        metavar="K",
+        help="--head-fit cross-fit: the heads also learn from K shifted copies of each train and val photo, made "
+        "by preprocess.py --acquisition-copies K (for photos from other cameras; docs/evaluation.md)",
+    )
+    tl.add_argument(
         "--feature-store",
         default=None,
         help="folder keeping each photo's frozen features for every later run (default: PREP_DIR/features)",
@@ -209,6 +217,7 @@ def config_from_args(args: argparse.Namespace):
         head_fit=args.head_fit.replace("-", "_"),
         folds=args.folds,
         head_fusion=args.head_fusion,
+        acquisition_copies=args.acquisition_copies,
     )
 
 

@@ -1,9 +1,17 @@
 """The camera-shift protocol's shifts and the random acquisition shifts (data.acquisition)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from fundus_ensemble.data import acquisition
 from fundus_ensemble.data.synthetic import EyeSpec, render_eye
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _photo() -> np.ndarray:
@@ -49,3 +57,72 @@ def test_random_acquisition_is_repeatable_for_a_seed_and_varies_across_seeds():
     # with every family applied the photo changes; with none it is the photo
     assert not np.array_equal(acquisition.random_acquisition(photo, np.random.default_rng(3), p=1.0), photo)
     np.testing.assert_array_equal(acquisition.random_acquisition(photo, np.random.default_rng(3), p=0.0), photo)
+
+
+def _run(script: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *map(str, args)], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.backend
+def test_heads_learn_from_the_acquisition_copies_of_train_and_val_photos_only(small_dataset, tmp_path):
+    from fundus_ensemble.data.manifest import load_manifest
+    from fundus_ensemble.data.preprocess import acquisition_copy_dir
+    from fundus_ensemble.training import heads
+    from fundus_ensemble.training.features import eye_features, preprocessing_settings
+
+    prep, run = tmp_path / "prep", tmp_path / "run"
+    train = ["--out", run, "--backbone", "efficientnet_lite0", "--weights", "imagenet", "--head-fit", "cross-fit"]
+    train += ["--folds", "3", "--fine-tune-epochs", "0", "--acquisition-copies", "1"]
+    done = _run("preprocess.py", small_dataset, "--out", prep, "--size", "48", "--workers", "1")
+    assert done.returncode == 0, done.stderr[-1500:]
+    refused = _run("train_pair.py", prep, *train)
+    assert refused.returncode == 2 and "--acquisition-copies 1 and the same --out first" in refused.stderr, (
+        refused.stderr[-1500:]
+    )
+    done = _run(
+        "preprocess.py", small_dataset, "--out", prep, "--size", "48", "--workers", "1", "--acquisition-copies", "1"
+    )
+    assert done.returncode == 0 and "acquisition copy:" in done.stdout, done.stderr[-1500:]
+    manifest = load_manifest(prep / "color" / "manifest.csv")
+    copy_dir = acquisition_copy_dir(prep, 0)
+    copies = load_manifest(copy_dir / "color" / "manifest.csv")
+    development = [p.patient_id for p in manifest.patients if p.split in ("train", "val")]
+    assert copies.patient_ids == development, "a copy of every train and val patient, and of no test patient"
+    recorded = json.loads((copy_dir / "preprocess.json").read_text())["settings"]
+    assert recorded["acquisition"]["copy"] == 0
+    # one feature entry holds photos and copies: the copy's shift is in its bytes, not in the entry's provenance
+    assert preprocessing_settings(copy_dir / "color") == preprocessing_settings(prep / "color")
+    shifted = sum(
+        (copy_dir / "color" / p.left_image).read_bytes() != (prep / "color" / p.left_image).read_bytes()
+        for p in copies.patients
+        if p.left_image
+    )
+    assert shifted >= len(development) // 2, "most copies differ from their photo"
+
+    done = _run("train_pair.py", prep, *train)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stale" not in done.stdout + done.stderr, "photos and copies took turns replacing one feature entry"
+    card = json.loads((run / "color" / "card.json").read_text())
+    assert card["head"]["acquisition_copies"] == 1
+    # the heads are cross_fit's on the photos' features with the copies' features as augmented rows
+    dev = manifest.with_patients([p for p in manifest.patients if p.split in ("train", "val")])
+
+    def features(m, view_dir):
+        return eye_features(
+            None,
+            m,
+            48,
+            8,
+            prep / "features",
+            "efficientnet_lite0",
+            "imagenet",
+            "color",
+            preprocessing=preprocessing_settings(view_dir),
+        )
+
+    plain, copied = features(dev, prep / "color"), features(copies, copy_dir / "color")
+    expected = heads.cross_fit(plain, dev.label_matrix(), folds=3, seed=0, augmented=(copied,))
+    with np.load(run / "color" / "out_of_fold.npz") as oof:
+        np.testing.assert_allclose(oof["probabilities"], expected.out_of_fold, atol=1e-6)

@@ -5,6 +5,8 @@ Output layout under ``out_dir``::
     color/<image path>.png      gray_eq/<image path>.png
     color/manifest.csv          gray_eq/manifest.csv      (valid manifests of each view)
     rejects.csv                 preprocess.json           (what was refused, and how it was made)
+    acquisition/copy-<k>/...    the same layout for the k-th shifted copy of each train and val
+                                photo (:func:`preprocess_acquisition_copies`), when asked
 
 A view's file is up to date when it exists, is newer than its source, and was made with the
 same settings (recorded in ``preprocess.json`` before any work); up-to-date files are not
@@ -50,7 +52,7 @@ from ..fileio import (
 )
 from ..labels import VIEWS
 from .dicom import check_laterality
-from .imaging import DEFAULT_MAX_PIXELS, encode_png, make_views
+from .imaging import DEFAULT_MAX_PIXELS, crop_to_fov, decode_image, encode_png, make_views, views_of
 from .manifest import Manifest, write_manifest
 
 DEFAULT_SIZE = 448  # the paper's input resolution
@@ -82,8 +84,13 @@ class PreprocessSummary:
 SHARDS = "shards"
 
 
-def _settings(size: int) -> dict:
-    return {"size": size, "views": list(VIEWS), "crop": "largest-bright-region/pad-square", "version": __version__}
+def _settings(size: int, acquisition: tuple[int, int] | None = None) -> dict:
+    settings = {"size": size, "views": list(VIEWS), "crop": "largest-bright-region/pad-square", "version": __version__}
+    if acquisition is not None:
+        from .acquisition import ACQUISITION_RANGES
+
+        settings["acquisition"] = {"seed": acquisition[0], "copy": acquisition[1], "ranges": ACQUISITION_RANGES}
+    return json.loads(json.dumps(settings))  # tuples as lists, as preprocess.json reads back
 
 
 def _manifest_hash(manifest: Manifest) -> str | None:
@@ -98,12 +105,20 @@ def view_relative_path(image: str) -> str:
 WORKER_DIED = "the process working on this image died (killed by the system, e.g. out of memory)"
 
 
-def _process_one(task: tuple[str, str, dict[str, str], int, int | None, str | None]) -> tuple[str, str | None]:
-    relative, source, targets, size, max_pixels, eye = task
+def _process_one(task: tuple) -> tuple[str, str | None]:
+    relative, source, targets, size, max_pixels, eye, acquisition = task
     try:
         if eye is not None:
             check_laterality(source, eye, max_pixels)
-        for view, image in make_views(source, size, tuple(targets), max_pixels).items():
+        if acquisition is None:
+            views = make_views(source, size, tuple(targets), max_pixels)
+        else:  # the photo as another camera might have taken it, before the crop, where a camera acts
+            from .acquisition import acquisition_rng, random_acquisition
+
+            seed, copy = acquisition
+            photo = random_acquisition(decode_image(source, max_pixels), acquisition_rng(seed, copy, relative))
+            views = views_of(crop_to_fov(photo, size), tuple(targets))
+        for view, image in views.items():
             atomic_write_bytes(targets[view], encode_png(image))
     except ImageError as exc:
         return relative, str(exc)
@@ -187,16 +202,19 @@ def preprocess_manifest(
     progress: bool = True,
     force: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    acquisition: tuple[int, int] | None = None,
 ) -> PreprocessSummary:
     """Write both views of every image in ``manifest`` under ``out_dir``; see the module doc.
 
     ``force`` deletes views made earlier with other settings (refused otherwise);
-    ``max_pixels`` rejects larger photos before decoding them.
+    ``max_pixels`` rejects larger photos before decoding them; ``acquisition`` ``(seed, copy)``
+    makes the views of each photo's ``copy``-th randomly shifted copy instead
+    (:func:`.acquisition.random_acquisition`, recorded in the settings).
     """
     if size < 32:
         raise FundusError(f"size must be at least 32 pixels (the backbones' minimum), got {size}")
     out = Path(out_dir)
-    settings = _settings(size)
+    settings = _settings(size, acquisition)
     record_path = out / "preprocess.json"
 
     images = sorted({img for p in manifest.patients for img in (p.left_image, p.right_image) if img})
@@ -245,7 +263,7 @@ def preprocess_manifest(
         if same_settings and _is_fresh(source, targets[img]):
             summary.up_to_date += 1
         else:
-            todo.append((img, str(source), targets[img], size, max_pixels, eye_of[img]))
+            todo.append((img, str(source), targets[img], size, max_pixels, eye_of[img], acquisition))
 
     failures: dict[str, str] = {}
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
@@ -267,6 +285,33 @@ def preprocess_manifest(
     summary.rejected = sorted(failures.items())
     _write_outputs(manifest, out, summary, record)
     return summary
+
+
+ACQUISITION_DIR = "acquisition"
+
+
+def acquisition_copy_dir(out_dir: str | os.PathLike, copy: int) -> Path:
+    """Where :func:`preprocess_acquisition_copies` puts the ``copy``-th copies' views of ``out_dir``."""
+    return Path(out_dir) / ACQUISITION_DIR / f"copy-{copy}"
+
+
+def preprocess_acquisition_copies(
+    manifest: Manifest, out_dir: str | os.PathLike, copies: int, seed: int = 0, **options
+) -> list[PreprocessSummary]:
+    """``copies`` randomly shifted copies of every train and val photo (as other cameras might take
+    them: :func:`.acquisition.random_acquisition`), each copy's views preprocessed as the photos'
+    are, into :func:`acquisition_copy_dir`; cross-fitted heads learn from them too
+    (``train_pair.py --acquisition-copies``). Test patients get none: nothing learns from them."""
+    if copies < 0:
+        raise FundusError(f"acquisition copies must not be negative, got {copies}")
+    development = [p for p in manifest.patients if p.split in ("train", "val")]
+    if copies and not development:
+        raise FundusError(f"{manifest.source}: no train or val patient to make acquisition copies of")
+    part = replace(manifest, patients=tuple(development))
+    return [
+        preprocess_manifest(part, acquisition_copy_dir(out_dir, k), acquisition=(seed, k), **options)
+        for k in range(copies)
+    ]
 
 
 def _write_outputs(manifest: Manifest, out: Path, summary: PreprocessSummary, record: dict) -> None:

@@ -55,6 +55,9 @@ class TrainConfig:
     # head_fit "cross_fit": how the two eyes' features are fused before the heads (training.heads.FUSIONS); every
     # fusion folds exactly into the patient model's concat(max, mean) head (LinearHead.as_max_mean)
     head_fusion: str = "max_mean"
+    # head_fit "cross_fit": shifted copies of each train and val photo the heads also learn from (made by
+    # preprocess.py --acquisition-copies; data.acquisition), for photos from other cameras
+    acquisition_copies: int = 0
     fine_tune_fraction: float = 1.0  # share of the backbone's weighted layers, from the top, that learn in phase 2
     freeze_batchnorm: bool = True  # phase 2 keeps the backbone's BatchNorm in inference mode, its statistics fixed
 
@@ -96,6 +99,10 @@ class TrainConfig:
                 raise FundusError(f"cross-fitting needs at least 2 folds, got {self.folds}")
         from .heads import FUSIONS
 
+        if self.acquisition_copies < 0 or (self.acquisition_copies and self.head_fit != "cross_fit"):
+            raise FundusError(
+                f"acquisition_copies ({self.acquisition_copies}) must not be negative, and needs head_fit cross_fit"
+            )
         if self.head_fusion not in FUSIONS:
             raise FundusError(f"unknown head_fusion {self.head_fusion!r}; choose one of {', '.join(FUSIONS)}")
         if not 0 < self.fine_tune_fraction <= 1:

@@ -93,12 +93,15 @@ class FeatureSpec:
 
 def preprocessing_settings(view_dir: str | os.PathLike) -> dict:
     """The settings a preprocessed view folder was made with, less its size (a photo's own file
-    says that), from its ``preprocess.json``; empty when it has none."""
+    says that) and an acquisition copy's shift (the copy's view has its own bytes, so its own key),
+    from its ``preprocess.json``; empty when it has none. Photos and their shifted copies share
+    one store entry."""
     record = Path(view_dir).parent / "preprocess.json"
     if not record.is_file():
         return {}
     settings = dict(json.loads(record.read_text()).get("settings", {}))
     settings.pop("size", None)
+    settings.pop("acquisition", None)
     return settings
 
 

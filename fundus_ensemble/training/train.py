@@ -612,10 +612,17 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     features = _store_features(
         lambda: build_backbone(config.backbone, config.size, config.weights), development, config, store, view, view_dir
     )
+    augmented = _acquisition_features(development, features, config, store, view, view_dir)
     features_s = time.perf_counter() - start
     y = development.label_matrix()
     fit = cross_fit(
-        features, y, config.folds, fusion=config.head_fusion, seed=config.seed, pos_weight_power=config.pos_weight_power
+        features,
+        y,
+        config.folds,
+        fusion=config.head_fusion,
+        seed=config.seed,
+        pos_weight_power=config.pos_weight_power,
+        augmented=augmented,
     )
     score = odir_score(y, fit.out_of_fold)
     print(
@@ -656,6 +663,7 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
             "kind": "logistic on concat(max, mean) of the eyes, positives weighted as the weighted BCE"
             + ("" if config.head_fusion == "max_mean" else f" (fitted on fusion {config.head_fusion}, folded into it)"),
             "fusion": config.head_fusion,
+            "acquisition_copies": config.acquisition_copies,
             "folds": config.folds,
             "C": fit.c,
             "out_of_fold_auc_by_C": {str(c): a for c, a in fit.scores.items()},
@@ -667,6 +675,44 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     )
     atomic_write_json(out / CARD_NAME, card)
     return card
+
+
+def _acquisition_features(development, features: np.ndarray, config: TrainConfig, store, view: str, view_dir: Path):
+    """The eye features of each acquisition copy of the development patients, in their order (a
+    patient whose copy preprocessing refused keeps its own photos' features there)."""
+    from ..data.preprocess import acquisition_copy_dir
+    from ..models import build_backbone
+
+    out = []
+    for k in range(config.acquisition_copies):
+        copy_dir = acquisition_copy_dir(view_dir.parent, k) / view
+        if not (copy_dir / "manifest.csv").is_file():
+            raise FundusError(
+                f"{copy_dir} holds no acquisition copy; run preprocess.py with --acquisition-copies "
+                f"{config.acquisition_copies} and the same --out first"
+            )
+        copies = load_manifest(copy_dir / "manifest.csv")
+        by_id = {p.patient_id: p for p in copies.patients}
+        kept = [by_id[p.patient_id] for p in development.patients if p.patient_id in by_id]
+        print(f"[{view}] acquisition copy {k}: {len(kept)} of {len(development)} patients", flush=True)
+        f = _store_features(
+            lambda: build_backbone(config.backbone, config.size, config.weights),
+            copies.with_patients(kept),
+            config,
+            store,
+            view,
+            copy_dir,
+        )
+        row = {p.patient_id: i for i, p in enumerate(kept)}
+        out.append(
+            np.stack(
+                [
+                    f[row[p.patient_id]] if p.patient_id in row else features[j]
+                    for j, p in enumerate(development.patients)
+                ]
+            )
+        )
+    return tuple(out)
 
 
 SIDE_HEAD = "side.npz"
