@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="none (from scratch) | imagenet | PATH to a local backbone weights file (default: the budget's)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the initialization and the augmentation")
+    p.add_argument(
+        "--feature-store",
+        help="a feature store to read and fill (e.g. a feature screen's OUT/store): photos already in it are "
+        "not passed through the backbone again (default: one beside the benchmark's views)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted benchmark in --out")
     p.add_argument("--force", action="store_true", help="delete a benchmark already in --out and start over")
     return p
@@ -65,6 +70,7 @@ def main(argv=None):
         resume=args.resume,
         force=args.force,
         models=tuple(args.models),
+        feature_store=args.feature_store,
     )
     print(format_results_markdown(results))
     print(f"written: {args.out}/results.md and {args.out}/results.json")

@@ -24,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gradability", help="JSON of docs/measurements/gradability.py, for the model card")
     p.add_argument("--backbone", default="efficientnet_lite2")
-    p.add_argument("--size", type=int, default=260)
+    p.add_argument("--size", type=int, default=380, help="the feature screen's choice (docs/results.md)")
+    p.add_argument("--head-fusion", default="max_mean_diff", choices=["max_mean", "max_mean_diff", "mean"])
+    p.add_argument(
+        "--feature-store",
+        help="a feature store to read and fill instead of the one under --work (a screen's OUT/store)",
+    )
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -51,6 +56,8 @@ def main(argv=None):
         args.seed,
         args.image_dir,
         command,
+        args.feature_store,
+        args.head_fusion,
     )
     print(f"wrote the bundle to {args.out}: {', '.join(record['files'])} ({record['patients']} patients)")
 

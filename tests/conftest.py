@@ -54,7 +54,7 @@ def fresh_warn_once():
 @pytest.fixture(scope="session")
 def released(tmp_path_factory, small_dataset):
     """A bundle released from the small dataset (Lite0, 48 px, 3 folds): (root, bundle, work, record, image root);
-    work/run is the cross-fitted run it came from."""
+    work/run is the cross-fitted run it came from, root/store the feature store it filled."""
     from test_benchmark import write_image_table
 
     from fundus_ensemble.inference import bundle
@@ -71,5 +71,6 @@ def released(tmp_path_factory, small_dataset):
         size=48,
         folds=3,
         command="python scripts/release_model.py (test)",
+        feature_store=root / "store",
     )
     return root, out, work, record, small_dataset.parent

@@ -167,6 +167,41 @@ def test_the_readme_names_the_default_budget():
     )
 
 
+def test_the_recommended_recipe_is_one_recipe_in_the_readme_the_demo_and_the_release():
+    """The default budget, the README's steps 2 and 3, the demo and the bundled model's release train
+    the same thing: a change to one that forgets another fails here."""
+    import inspect
+    import re
+
+    from fundus_ensemble.demo import demo_train_config
+    from fundus_ensemble.evaluation.benchmark import BUDGETS, DEFAULT_BUDGET
+    from fundus_ensemble.inference.bundle import release
+
+    budget = BUDGETS[DEFAULT_BUDGET]
+    config = budget.train_config("imagenet", 0)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    step2 = re.search(r"# 2\..*?\n```|# 2\..*?# 3\.", readme, re.S).group(0)
+    step3 = re.search(r"# 3\..*?# 4\.", readme, re.S).group(0)
+    assert f"--size {config.size}" in step2, step2
+    for flag, value in (
+        ("--backbone", config.backbone),
+        ("--weights", config.weights),
+        ("--head-fit", config.head_fit.replace("_", "-")),
+        ("--folds", config.folds),
+        ("--head-fusion", config.head_fusion),
+        ("--fine-tune-epochs", config.fine_tune_epochs),
+    ):
+        assert f"{flag} {value}" in step3, (flag, value, step3)
+    assert demo_train_config() == config
+    defaults = {k: v.default for k, v in inspect.signature(release).parameters.items()}
+    assert (defaults["backbone"], defaults["size"], defaults["folds"], defaults["head_fusion"]) == (
+        config.backbone,
+        config.size,
+        config.folds,
+        config.head_fusion,
+    )
+
+
 def test_every_cpu_budget_is_named_for_its_size_and_epochs():
     import re
 

@@ -85,19 +85,27 @@ def test_a_changed_byte_is_refused_in_one_line_and_a_changed_cache_is_rebuilt(re
     assert "\n" not in str(info.value)
 
 
-def test_a_second_release_gives_the_same_weights(released, tmp_path):
+def test_a_second_release_gives_the_same_weights_from_the_store_it_is_given(released, tmp_path):
     root, out, work, _, image_root = released
-    second = tmp_path / "again"
+    assert not (work / "prep" / "features").exists(), "the release put its features beside its views, not in the store"
+    entries = sorted((root / "store").rglob("features.npy"))
+    assert len(entries) == 2, entries  # one entry per view
+    before = {p: p.stat().st_mtime_ns for p in entries}
+    second, other_work = tmp_path / "again", tmp_path / "work"
     bundle.release(
         root / "labels.csv",
         image_root,
         second,
-        work,
+        other_work,
         backbone="efficientnet_lite0",
         size=48,
         folds=3,
         image_dir="images",
+        feature_store=root / "store",
     )
+    # a fresh work folder, the same store: every photo's features read from it, none computed again
+    assert {p: p.stat().st_mtime_ns for p in entries} == before
+    assert not (other_work / "prep" / "features").exists()
     for view in ("color", "gray_eq"):
         with np.load(out / f"{view}.npz") as a, np.load(second / f"{view}.npz") as b:
             np.testing.assert_allclose(a["weights"], b["weights"], atol=1e-9)

@@ -225,17 +225,20 @@ def release(
     benchmarks: tuple[str | os.PathLike, ...] = (),
     gradability: str | os.PathLike | None = None,
     backbone: str = "efficientnet_lite2",
-    size: int = 260,
+    size: int = 380,
     folds: int = 5,
     seed: int = 0,
     image_dir: str = "images",
     command: str = "",
+    feature_store: str | os.PathLike | None = None,
+    head_fusion: str = "max_mean_diff",
 ) -> dict:
     """Train the recommended recipe on every patient of a label table and write it as a bundle in
     ``out``, with its model card: the benchmark runs in ``benchmarks`` (the same recipe on held-out
     patients, :mod:`..evaluation.benchmark`) give the card its test rows, and ``gradability`` (the
     JSON of ``docs/measurements/gradability.py``) the gate's rates. ``work`` keeps the views, the
-    feature store and the run, so a second release computes no feature again."""
+    feature store and the run, so a second release computes no feature again; ``feature_store``
+    names another store to read and fill (a feature screen's, say) instead of the one in ``work``."""
     from dataclasses import replace
 
     from ..data.importers import import_label_table
@@ -262,11 +265,20 @@ def release(
         head_fit="cross_fit",
         folds=folds,
         seed=seed,
-    )
+        feature_store=None if feature_store is None else str(feature_store),
+        head_fusion=head_fusion,
+    ).check()
     cards = train_pair(work / "prep", work / "run", config, force=True)
     write_out_of_fold_calibration(work / "run", tuple(cards))
     card = model_card(cards, len(manifest), manifest.label_matrix(), benchmarks, gradability, command)
     return write_bundle(work / "run", out, card, {"patients": len(manifest), "command": command})
+
+
+FUSION_WORDS = {
+    "max_mean": "concat(max, mean)",
+    "max_mean_diff": "concat(max, mean, |left - right|)",
+    "mean": "the mean",
+}
 
 
 def model_card(cards: dict, patients: int, labels: np.ndarray, benchmarks, gradability, command: str) -> str:
@@ -285,9 +297,9 @@ def model_card(cards: dict, patients: int, labels: np.ndarray, benchmarks, grada
         "",
         f"- Two view models (the paper's colour and histogram-equalised gray views), each {first['backbone']} with "
         f"its ImageNet weights ({first.get('weights_source') or first['weights_init']}), frozen, at {first['input_size']} px, "
-        f"and a logistic head per class on concat(max, mean) of the two eyes' pooled features; the head is the "
-        f"average of {first['config']['folds']} heads cross-fitted over the training patients; positives weighted "
-        f"(negatives / positives) ** 0.5.",
+        f"and a logistic head per class on {FUSION_WORDS[first['config'].get('head_fusion', 'max_mean')]} of the two "
+        f"eyes' pooled features; the head is the average of {first['config']['folds']} heads cross-fitted over the "
+        f"training patients; positives weighted (negatives / positives) ** 0.5.",
         "- The ensemble averages the two views; each class is decided against a threshold fitted on the out-of-fold "
         "predictions (Platt scaling, then the threshold that maximises the ODIR score).",
         "- A side head (colour view) warns when a photo looks like the other eye's; a gradability gate refuses photos "
