@@ -3,7 +3,6 @@
 label table, written as a bundle (heads, side head, calibration, cards, MODEL_CARD.md) to --out."""
 
 import argparse
-import shlex
 import sys
 
 from fundus_ensemble.cli import HelpFormatter, run
@@ -40,9 +39,9 @@ def main(argv=None):
     from fundus_ensemble.cli import import_keras
 
     import_keras()
-    from fundus_ensemble.inference.bundle import release
+    from fundus_ensemble.inference.bundle import rebuild_command, release
 
-    command = "python scripts/release_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = rebuild_command(argv or sys.argv[1:], args.image_root)
     record = release(
         args.table,
         args.image_root,

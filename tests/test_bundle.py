@@ -262,3 +262,17 @@ def test_evaluate_and_calibrate_site_run_predict_and_predict_takes_the_site_cali
     for c in LABELS:
         used = [float(r["threshold"]) for r in rows if r["class"] == c]
         assert used and np.allclose(used, site_thresholds[LABELS.index(c)], atol=1e-6), c
+
+
+def test_the_cards_rebuild_command_names_no_folder_of_the_machine():
+    root = "/srv/data/odir5k"
+    argv = [f"{root}/labels.csv", "--image-root", root + "/", "--out", "fundus_ensemble/bundled", "--benchmarks", "b 0"]
+    command = bundle.rebuild_command(argv, root)
+    assert command == (
+        'python scripts/release_model.py "$DATA"/labels.csv --image-root "$DATA" --out fundus_ensemble/bundled '
+        "--benchmarks 'b 0'"
+    )
+    assert "/srv" not in bundle.rebuild_command([f"{root}/images/x.csv"], root)
+    assert bundle.rebuild_command(["/srv/data/odir5k-other/t.csv"], root) == (
+        "python scripts/release_model.py /srv/data/odir5k-other/t.csv"
+    ), "a sibling folder whose name starts like the data folder's is not inside it"

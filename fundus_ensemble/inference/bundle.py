@@ -274,6 +274,24 @@ def release(
     return write_bundle(work / "run", out, card, {"patients": len(manifest), "command": command})
 
 
+def rebuild_command(argv: list[str], image_root: str | os.PathLike) -> str:
+    """The release command as the model card prints it: the data folder (``image_root``, and any
+    path inside it) written as ``$DATA``, so the card names no folder of the machine it was made on."""
+    import shlex
+
+    root = os.path.normpath(str(image_root))
+    words = []
+    for arg in argv:
+        path = os.path.normpath(arg)
+        if path == root:
+            words.append('"$DATA"')
+        elif path.startswith(root + os.sep):
+            words.append('"$DATA"' + shlex.quote(path[len(root) :]))
+        else:
+            words.append(shlex.quote(arg))
+    return " ".join(["python scripts/release_model.py", *words])
+
+
 FUSION_WORDS = {
     "max_mean": "concat(max, mean)",
     "max_mean_diff": "concat(max, mean, |left - right|)",
