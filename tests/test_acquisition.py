@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fundus_ensemble.data import acquisition
 from fundus_ensemble.data.synthetic import EyeSpec, render_eye
@@ -65,7 +64,6 @@ def _run(script: str, *args) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.backend
 def test_heads_learn_from_the_acquisition_copies_of_train_and_val_photos_only(small_dataset, tmp_path):
     from fundus_ensemble.data.manifest import load_manifest
     from fundus_ensemble.data.preprocess import acquisition_copy_dir
