@@ -47,6 +47,7 @@ def main() -> None:
     from fundus_ensemble.data.preprocess import preprocess_manifest
     from fundus_ensemble.evaluation.calibration import fit_calibration, raw_thresholds
     from fundus_ensemble.labels import LABELS, VIEWS
+    from fundus_ensemble.metrics import odir_score
     from fundus_ensemble.models import build_backbone
     from fundus_ensemble.training.features import FeatureSpec, FeatureStore, default_store, preprocessing_settings
     from fundus_ensemble.training.heads import cross_fit
@@ -123,7 +124,7 @@ def main() -> None:
             [by_id.get(q.patient_id, None if fallback is None else fallback[q.patient_id]) for q in patients]
         )
 
-    models = {}
+    models, finals, calibrations = {}, {}, {}
     for name, augmented in (("before", False), ("after", True)):
         began = time.perf_counter()
         fits = {}
@@ -134,6 +135,8 @@ def main() -> None:
         oof = np.mean([f.out_of_fold for f in fits.values()], axis=0)
         calibration = fit_calibration(y_dev, oof)
         models[name] = (fits, np.array(raw_thresholds(calibration)))
+        finals[name] = {"development out of fold, calibrated": odir_score(y_dev, calibration.apply(oof))["final"]}
+        calibrations[name] = calibration
         seconds[f"heads {name}"] = time.perf_counter() - began
         print(f"[acquisition] heads {name}: {seconds[f'heads {name}']:.0f} s", file=sys.stderr, flush=True)
 
@@ -145,6 +148,9 @@ def main() -> None:
         for name, (fits, thresholds) in models.items():
             raw = np.mean([fits[v].predict(stack(shifted[v], [test[j] for j in kept])) for v in VIEWS], axis=0)
             decided = raw > thresholds
+            if shift_name == "none":
+                finals[name]["test, raw"] = odir_score(yk, raw)["final"]
+                finals[name]["test, calibrated"] = odir_score(yk, calibrations[name].apply(raw))["final"]
             present = [j for j in range(len(LABELS)) if 0 < yk[:, j].sum() < len(yk)]
             results[name][shift_name] = {
                 "rejected": len(test) - len(kept),
@@ -152,7 +158,9 @@ def main() -> None:
                 "class_auc": {LABELS[j]: float(roc_auc_score(yk[:, j], raw[:, j])) for j in present},
                 "sensitivity": {LABELS[j]: float(decided[yk[:, j] == 1, j].mean()) for j in present},
             }
-    (args.out / "acquisition.json").write_text(json.dumps({"results": results, "seconds": seconds}, indent=1))
+    (args.out / "acquisition.json").write_text(
+        json.dumps({"results": results, "finals": finals, "seconds": seconds}, indent=1)
+    )
 
     print(
         f"Benchmark `{args.bench}` ({backbone}, {size} px, fusion {fusion}, split seed {seed}): heads cross-fitted over its "
@@ -190,6 +198,10 @@ def main() -> None:
             f"{100 * results['after']['none']['sensitivity'][c]:.0f}%"
             for c in results["before"]["none"]["sensitivity"]
         )
+    )
+    print(
+        "\nODIR final on the unshifted photos, before / after: "
+        + ", ".join(f"{k} {finals['before'][k]:.3f} / {finals['after'][k]:.3f}" for k in finals["before"])
     )
     print("\nSeconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
 
