@@ -41,6 +41,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="shifted photos, their views and the results")
     p.add_argument("--feature-store", type=Path, help="default: the benchmark's own, beside its views")
     p.add_argument("--copies", type=int, default=1, help="shifted copies of each development photo")
+    p.add_argument(
+        "--shifts",
+        nargs="+",
+        type=int,
+        help="only these shifts, by their index in data.acquisition.SHIFTS (0: none, always scored)",
+    )
     args = p.parse_args()
     import_keras()
     from fundus_ensemble.data.manifest import load_manifest, write_manifest
@@ -141,7 +147,10 @@ def main() -> None:
         print(f"[acquisition] heads {name}: {seconds[f'heads {name}']:.0f} s", file=sys.stderr, flush=True)
 
     results = {name: {} for name in models}
+    chosen = [n for i, n in enumerate(SHIFTS) if args.shifts is None or i == 0 or i in args.shifts]
     for index, (shift_name, shift) in enumerate(SHIFTS.items()):
+        if shift_name not in chosen:
+            continue
         shifted = features(test, args.out / f"test-shift-{index:02d}", lambda a, name, s=shift: s(a))
         kept = [j for j, q in enumerate(test) if all(q.patient_id in shifted[v] for v in VIEWS)]
         yk = y_test[kept]
@@ -173,7 +182,7 @@ def main() -> None:
         "largest sensitivity change before / after | meets both targets before / after |"
     )
     print("|---|---|---|---|---|---|")
-    for shift_name in SHIFTS:
+    for shift_name in chosen:
         cells = {}
         for name in models:
             base, r = results[name]["none"], results[name][shift_name]
