@@ -9,6 +9,10 @@ from fundus_ensemble.cli import HelpFormatter, run
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fundus_ensemble.evaluation.benchmark import BUDGETS, DEFAULT_BUDGET
+    from fundus_ensemble.training.heads import FUSIONS
+
+    recipe = BUDGETS[DEFAULT_BUDGET].train_config("imagenet", 0)  # the recommended recipe, as the benchmark runs it
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("table", help="per-image label table (odir5k-256-dev/labels.csv)")
     p.add_argument("--image-root", required=True, help="folder holding the image folder")
@@ -22,14 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="finished benchmark folders of the same recipe, for the model card's held-out rows",
     )
     p.add_argument("--gradability", help="JSON of docs/measurements/gradability.py, for the model card")
-    p.add_argument("--backbone", default="efficientnet_lite2")
-    p.add_argument("--size", type=int, default=380, help="the feature screen's choice (docs/results.md)")
-    p.add_argument("--head-fusion", default="max_mean_diff", choices=["max_mean", "max_mean_diff", "mean"])
+    p.add_argument("--backbone", default=recipe.backbone)
+    p.add_argument("--size", type=int, default=recipe.size, help="the feature screen's choice (docs/results.md)")
+    p.add_argument("--head-fusion", default=recipe.head_fusion, choices=FUSIONS)
     p.add_argument(
         "--feature-store",
         help="a feature store to read and fill instead of the one under --work (a screen's OUT/store)",
     )
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=recipe.folds)
     p.add_argument("--seed", type=int, default=0)
     return p
 

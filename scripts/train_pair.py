@@ -9,6 +9,7 @@ from fundus_ensemble.cli import AUTO_ON_OFF, HelpFormatter, run
 
 def build_parser() -> argparse.ArgumentParser:
     from fundus_ensemble.training.config import TrainConfig
+    from fundus_ensemble.training.heads import FUSIONS
 
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--folds", type=int, default=d.folds, help="folds of --head-fit cross-fit")
     tl.add_argument(
         "--head-fusion",
-        choices=["max_mean", "max_mean_diff", "mean"],
+        choices=FUSIONS,
         default=d.head_fusion,
         help="--head-fit cross-fit: the eyes' features fused as concat(max, mean), that and |left - right| "
         "(the recommended recipe's: docs/results.md), or their mean",

@@ -77,7 +77,7 @@ class Budget:
     baseline_epochs: int | None = None  # the plain baseline's; None: epochs + fine_tune_epochs
 
     def train_config(self, weights: str | None, seed: int):
-        from ..training.train import TrainConfig
+        from ..training.config import TrainConfig
 
         config = TrainConfig(
             backbone=self.backbone,

@@ -609,10 +609,12 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
         f"at {config.size} px (store {store}), {config.folds} folds",
         flush=True,
     )
-    features = _store_features(
-        lambda: build_backbone(config.backbone, config.size, config.weights), development, config, store, view, view_dir
-    )
-    augmented = _acquisition_features(development, features, config, store, view, view_dir)
+
+    def encoder():  # built only if some photo's (or copy's) features are not in the store yet
+        return build_backbone(config.backbone, config.size, config.weights)
+
+    features = _store_features(encoder, development, config, store, view, view_dir)
+    augmented = _acquisition_features(encoder, development, features, config, store, view, view_dir)
     features_s = time.perf_counter() - start
     y = development.label_matrix()
     fit = cross_fit(
@@ -677,11 +679,12 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     return card
 
 
-def _acquisition_features(development, features: np.ndarray, config: TrainConfig, store, view: str, view_dir: Path):
+def _acquisition_features(
+    encoder, development, features: np.ndarray, config: TrainConfig, store, view: str, view_dir: Path
+):
     """The eye features of each acquisition copy of the development patients, in their order (a
     patient whose copy preprocessing refused keeps its own photos' features there)."""
     from ..data.preprocess import acquisition_copy_dir
-    from ..models import build_backbone
 
     out = []
     for k in range(config.acquisition_copies):
@@ -695,14 +698,7 @@ def _acquisition_features(development, features: np.ndarray, config: TrainConfig
         by_id = {p.patient_id: p for p in copies.patients}
         kept = [by_id[p.patient_id] for p in development.patients if p.patient_id in by_id]
         print(f"[{view}] acquisition copy {k}: {len(kept)} of {len(development)} patients", flush=True)
-        f = _store_features(
-            lambda: build_backbone(config.backbone, config.size, config.weights),
-            copies.with_patients(kept),
-            config,
-            store,
-            view,
-            copy_dir,
-        )
+        f = _store_features(encoder, copies.with_patients(kept), config, store, view, copy_dir)
         row = {p.patient_id: i for i, p in enumerate(kept)}
         out.append(
             np.stack(
