@@ -36,6 +36,57 @@ def test_out_of_fold_predictions_come_from_heads_that_never_saw_the_patient():
         np.testing.assert_allclose(head.predict(heads.fuse(features[held])), fit.out_of_fold[held])
 
 
+def _eyes_with_own_labels(rng, n=300, features=60):
+    """Patients whose left eye alone carries a finding (shown in its features) and right eye is normal."""
+    eye_y = np.zeros((n, 2, 8), int)
+    sick = rng.random(n) < 0.5
+    eye_y[sick, 0, 1] = 1  # D in the left eye only
+    eye_y[:, :, 0] = (eye_y[:, :, 1:].sum(-1) == 0).astype(int)
+    x = rng.normal(size=(n, 2, features)).astype(np.float32)
+    x[:, :, 0] += 2.5 * eye_y[:, :, 1]
+    return x, eye_y
+
+
+def test_the_eye_head_answers_each_eye_with_its_own_labels_out_of_fold():
+    rng = np.random.default_rng(5)
+    x, eye_y = _eyes_with_own_labels(rng)
+    folds = heads.patient_folds(len(x), 5, 0)
+    fit = heads.cross_fit_eyes(x, eye_y, folds, grid=(0.1,), seed=0)
+    assert fit.mask.all()
+    # the healthy right eye of a patient whose left eye is sick: Normal, not the patient's D
+    p = fit.predict(x)
+    sick = eye_y[:, 0, 1] == 1
+    assert p[sick, 1, 0].mean() > 0.6 and p[sick, 0, 0].mean() < 0.4, (p[sick, 1, 0].mean(), p[sick, 0, 0].mean())
+    for f, head in enumerate(fit.heads):
+        held = folds == f
+        np.testing.assert_allclose(
+            head.predict(x[held].reshape(-1, x.shape[-1])).reshape(-1, 2, 8), fit.out_of_fold[held]
+        )
+    # noise, barely regularised: out of fold it cannot memorise
+    noise = rng.normal(size=x.shape).astype(np.float32)
+    leak = heads.cross_fit_eyes(noise, eye_y, folds, grid=(1000.0,), seed=0)
+    assert _mean_auc(eye_y.reshape(-1, 8), leak.out_of_fold.reshape(-1, 8)) < 0.62
+
+
+def test_eyes_without_labels_and_a_one_eyed_patients_second_slot_are_not_rows():
+    rng = np.random.default_rng(6)
+    x, eye_y = _eyes_with_own_labels(rng, n=120)
+    x[:10, 1] = x[:10, 0]  # ten one-eyed patients: their photo in both slots
+    eye_y[:10, 1] = eye_y[:10, 0]
+    eye_y[10:30, 1] = -1  # twenty right eyes without keywords
+    mask = heads.eye_mask(eye_y, heads.single_eyed(x))
+    assert mask[:, 0].all() and not mask[:30, 1].any() and mask[30:, 1].all()
+    folds = heads.patient_folds(len(x), 4, 0)
+    fit = heads.cross_fit_eyes(x, eye_y, folds, grid=(0.1,), seed=0)
+    np.testing.assert_array_equal(fit.mask, mask)
+    # the head of fold 0 is the one fitted on exactly the masked rows of the other folds
+    rows = mask & (folds != 0)[:, None]
+    expected = heads.fit_linear_head(x[rows], eye_y[rows], 0.1, 0)
+    np.testing.assert_allclose(fit.heads[0].weights, expected.weights)
+    with pytest.raises(FundusError, match="no eye has labels"):
+        heads.cross_fit_eyes(x, np.full_like(eye_y, -1), folds, grid=(0.1,))
+
+
 def test_augmented_copies_train_only_their_own_folds_heads_and_are_used():
     rng = np.random.default_rng(4)
     noise = rng.normal(size=(200, 2, 100)).astype(np.float32)
@@ -213,6 +264,27 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
     thresholds = {c: float(rows[c]["threshold"]) for c in LABELS}
     from fundus_ensemble.evaluation.calibration import raw_thresholds
 
+    # one photo alone is answered by the one-eye heads, at the thresholds fitted on their out-of-fold eyes
+    eyes = {v: np.load(run / v / "eye_out_of_fold.npz") for v in ("color", "gray_eq")}
+    mask = eyes["color"]["mask"]
+    from fundus_ensemble.data.batches import manifest_eye_labels
+
+    # each eye learned its own keywords' labels, not its patient's
+    np.testing.assert_array_equal(eyes["color"]["labels"], manifest_eye_labels(dev_manifest))
+    assert (eyes["color"]["labels"][mask] != np.repeat(dev_manifest.label_matrix()[:, None], 2, 1)[mask]).any()
+    assert mask.sum() > len(development), "both eyes of most patients are rows of their own"
+    expected_eye = fit_calibration(
+        eyes["color"]["labels"][mask], (eyes["color"]["probabilities"] + eyes["gray_eq"]["probabilities"])[mask] / 2
+    )
+    assert Calibration.from_dict(fitted["eye"]) == expected_eye
+    assert rows["N"]["answered_from"] == "left eye"
+    assert thresholds == {c: pytest.approx(t, abs=1e-6) for c, t in zip(LABELS, raw_thresholds(expected_eye))}
+    both = next(p for p in manifest.patients if p.split == "test" and p.left_image and p.right_image)
+    pair = ["--left", manifest.image_path(both.left_image), "--right", manifest.image_path(both.right_image)]
+    assert _script("predict.py", run, *pair, "--out", tmp_path / "pair").returncode == 0
+    rows = {r["class"]: r for r in csv.DictReader(open(tmp_path / "pair" / "decisions.csv"))}
+    assert rows["N"]["answered_from"] == "both eyes"
+    thresholds = {c: float(rows[c]["threshold"]) for c in LABELS}
     assert thresholds == {c: pytest.approx(t, abs=1e-6) for c, t in zip(LABELS, raw_thresholds(expected))}
     plain = _script("predict.py", run, "--left", photo, "--out", tmp_path / "plain", "--no-calibration")
     assert {float(r["threshold"]) for r in csv.DictReader(open(tmp_path / "plain" / "decisions.csv"))} == {0.5}, (
@@ -220,8 +292,6 @@ def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_pre
     )
     # the colour view's side head: recorded, and its warnings reach decisions.csv for the slot they concern
     assert card["side"]["accuracy"] > 0 and (run / "color" / "side.npz").is_file()
-    both = next(p for p in manifest.patients if p.split == "test" and p.left_image and p.right_image)
-    pair = ["--left", manifest.image_path(both.left_image), "--right", manifest.image_path(both.right_image)]
     with np.load(run / "color" / "side.npz") as data:
         arrays = dict(data)
     for bias, slot in (

@@ -252,6 +252,7 @@ def write_out_of_fold_calibration(run_dir: str | os.PathLike, views: tuple[str, 
     (the ensemble's), in ``score.py``'s ``calibration.json`` form, as ``RUN/calibration.json``, which
     predict and the station use by default (:func:`run_calibration`)."""
     y, probs = load_out_of_fold(run_dir, views)
+    eyes = load_eye_out_of_fold(run_dir, views)
     path = Path(run_dir) / RUN_CALIBRATION
     atomic_write_json(
         path,
@@ -260,9 +261,51 @@ def write_out_of_fold_calibration(run_dir: str | os.PathLike, views: tuple[str, 
             "flip_tta": False,
             "patients": int(len(y)),
             **{name: fit_calibration(y, p).to_dict() for name, p in probs.items()},
+            **({"eye": fit_calibration(*eyes).to_dict(), "eyes": int(len(eyes[0]))} if eyes else {}),
         },
     )
     return path
+
+
+def load_eye_out_of_fold(run_dir: str | os.PathLike, views: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """A cross-fitted run's one-eye heads' out-of-fold predictions: the eyes' own labels and the
+    views' mean probability, one row per eye that was a row (:func:`..training.heads.eye_mask`);
+    None when a view has no one-eye head."""
+    from ..training.train import EYE_OUT_OF_FOLD
+
+    folds = []
+    for view in views:
+        path = Path(run_dir) / view / EYE_OUT_OF_FOLD
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            folds.append({k: data[k] for k in data.files})
+    first = folds[0]
+    if any(
+        not np.array_equal(f["patient_id"], first["patient_id"]) or not np.array_equal(f["mask"], first["mask"])
+        for f in folds
+    ):
+        raise FundusError(f"{run_dir}: the views' one-eye out-of-fold predictions are of different eyes")
+    mask = first["mask"].astype(bool)
+    return first["labels"][mask], np.mean([f["probabilities"] for f in folds], axis=0)[mask]
+
+
+def load_eye_calibration(path: str | os.PathLike) -> Calibration | None:
+    """The one-eye answers' calibration (``eye``) of a ``calibration.json``; None when it has none
+    (a site's file, or a run made before one-eye heads)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FundusError(f"{path}: not a readable calibration.json ({exc})") from None
+    if not isinstance(data, dict) or "eye" not in data:
+        return None
+    try:
+        fitted = Calibration.from_dict(data["eye"])
+    except FundusError as exc:
+        raise FundusError(f"{path}, eye, {exc}") from None
+    if len(fitted.classes) != len(LABELS):
+        raise FundusError(f"{path}, eye: {len(fitted.classes)} classes, expected {len(LABELS)}")
+    return fitted
 
 
 OPERATING_MEASURES = ("sensitivity", "specificity")

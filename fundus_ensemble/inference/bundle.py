@@ -6,7 +6,10 @@ each view's logistic head (a few thousand numbers), the side head, the calibrati
 cards. A **bundle** is those files and ``bundle.json``, which names the backbone, the input
 size, the weights' SHA-256 and the SHA-256 of every file:
 
-    bundle.json  color.npz  gray_eq.npz  side.npz  calibration.json  cards/color.json  cards/gray_eq.json  MODEL_CARD.md
+    bundle.json  color.npz  gray_eq.npz  color_eye.npz  gray_eq_eye.npz  side.npz  calibration.json
+    cards/color.json  cards/gray_eq.json  MODEL_CARD.md
+
+(``<view>_eye.npz``: the view's head for a photo given alone, in bundles released with one.)
 
 :func:`materialize` checks every file against ``bundle.json`` (one changed byte is refused in
 one line, naming the file), then builds the run folder predict, the station and the export
@@ -35,7 +38,8 @@ BUNDLE_FORMAT = "fundus-ensemble bundle 1"
 BUNDLE_NAME = "bundled"  # what --model / the run argument take to mean the packaged bundle
 CACHE_VARIABLE = "FUNDUS_ENSEMBLE_CACHE"
 MODEL_CARD = "MODEL_CARD.md"
-RUN_LAYOUT = 2  # what materialize writes into a run folder
+RUN_LAYOUT = 3  # what materialize writes into a run folder (3: the one-eye heads)
+EYE_SUFFIX = "_eye.npz"  # a view's one-eye head in a bundle: color_eye.npz, gray_eq_eye.npz
 
 
 def model_card_path(run_dir: str | os.PathLike) -> Path | None:
@@ -93,7 +97,7 @@ def write_bundle(
 ) -> dict:
     """A cross-fitted run (``train_pair --head-fit cross-fit``) as a bundle in ``out``."""
     from ..evaluation.calibration import RUN_CALIBRATION
-    from ..training.train import CARD_NAME, SIDE_HEAD
+    from ..training.train import CARD_NAME, EYE_HEAD, SIDE_HEAD
 
     run, out = Path(run_dir), Path(out)
     views = [v for v in VIEWS if (run / v / CARD_NAME).is_file()]
@@ -110,6 +114,13 @@ def write_bundle(
         model = keras.saving.load_model(str(run / view / "model.keras"), compile=False, safe_mode=True)
         kernel, bias = model.get_layer("labels").get_weights()
         _write_npz(out / f"{view}.npz", weights=kernel.astype(np.float32), bias=bias.astype(np.float32))
+        if (run / view / EYE_HEAD).is_file():
+            with np.load(run / view / EYE_HEAD, allow_pickle=False) as eye:
+                _write_npz(
+                    out / f"{view}{EYE_SUFFIX}",
+                    weights=eye["weights"].astype(np.float32),
+                    bias=eye["bias"].astype(np.float32),
+                )
         public = {k: v for k, v in cards[view].items() if k not in ("data_manifest", "created")}  # no paths, no clock
         public["config"] = {k: v for k, v in public.get("config", {}).items() if k != "feature_store"}
         atomic_write_json(out / "cards" / f"{view}.json", public)
@@ -145,7 +156,7 @@ def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
     from ..evaluation.calibration import RUN_CALIBRATION
     from ..models import build_patient_model
     from ..training.heads import LinearHead, set_patient_head
-    from ..training.train import CARD_NAME, MODEL_NAME, SIDE_HEAD
+    from ..training.train import CARD_NAME, EYE_HEAD, MODEL_NAME, SIDE_HEAD
 
     folder = Path(folder)
     record = read_bundle(folder)
@@ -166,6 +177,8 @@ def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
             set_patient_head(model, LinearHead(head["weights"].astype(np.float64), head["bias"].astype(np.float64)))
         model.save(str(work / view / MODEL_NAME))
         shutil.copyfile(folder / "cards" / f"{view}.json", work / view / CARD_NAME)
+        if f"{view}{EYE_SUFFIX}" in record["files"]:  # the one-eye head: listed, so checked above
+            shutil.copyfile(folder / f"{view}{EYE_SUFFIX}", work / view / EYE_HEAD)
     if (folder / SIDE_HEAD).is_file():
         shutil.copyfile(folder / SIDE_HEAD, work / "color" / SIDE_HEAD)
     shutil.copyfile(folder / RUN_CALIBRATION, work / RUN_CALIBRATION)

@@ -222,6 +222,97 @@ def cross_fit(
     return best[1]
 
 
+def single_eyed(features: np.ndarray) -> np.ndarray:
+    """Which patients of ``(patients, 2, F)`` eye features have one photo (it fills both slots:
+    two photos never give identical features)."""
+    features = np.asarray(features)
+    return np.all(features[:, 0] == features[:, 1], axis=-1)
+
+
+def eye_mask(eye_labels: np.ndarray, single: np.ndarray) -> np.ndarray:
+    """``(patients, 2)``: the eyes that count as rows of their own: labels known (not -1), and a
+    one-eyed patient's photo once, not once per slot."""
+    eye_labels = np.asarray(eye_labels)
+    mask = eye_labels[:, :, 0] >= 0
+    mask[:, 1] &= ~np.asarray(single, bool)
+    return mask
+
+
+@dataclass
+class EyeFit:
+    """``k`` heads on single eyes over the development patients' folds: each eye's out-of-fold
+    prediction and the heads' bag, which answers a photo given alone."""
+
+    out_of_fold: np.ndarray  # (patients, 2, classes), each eye from the head whose fold held its patient out
+    mask: np.ndarray  # (patients, 2): the eyes that were rows (labels known, a one-eyed patient's eye once)
+    heads: list[LinearHead]
+    c: float
+    scores: dict = field(default_factory=dict)  # out-of-fold pooled AUC over the eyes, per C tried
+
+    @property
+    def bagged(self) -> LinearHead:
+        return LinearHead.mean(self.heads)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """``(patients, 2, F)`` eye features to each eye's own probabilities ``(patients, 2, classes)``."""
+        features = np.asarray(features)
+        flat = features.reshape(-1, features.shape[-1])
+        return self.bagged.predict(flat).reshape(*features.shape[:-1], -1)
+
+
+def cross_fit_eyes(
+    features: np.ndarray,
+    eye_labels: np.ndarray,
+    folds: np.ndarray,
+    grid: tuple[float, ...] = C_GRID,
+    seed: int = 0,
+    pos_weight_power: float = DEFAULT_POWER,
+    augmented: tuple[np.ndarray, ...] = (),
+) -> EyeFit:
+    """A head for one eye given alone: per-eye rows ``features[i, k]`` labelled with that eye's own
+    labels ``eye_labels[i, k]`` (ODIR's per-eye keywords, :func:`..data.batches.manifest_eye_labels`;
+    -1 unknown, never a row), cross-fitted over the patients' ``folds`` (the pair heads' own, so a
+    patient is held out of both together), ``C`` chosen by the eyes' out-of-fold pooled AUC.
+
+    The pair heads are fitted on two different eyes; a photo alone put in both slots gives them
+    max = mean and |left - right| = 0, which no training row had. This head has seen only single eyes.
+    ``augmented``: the same patients' eye features from other acquisitions, rows of the folds that
+    train on their patient, as in :func:`cross_fit`."""
+    features = np.asarray(features, np.float32)
+    eye_labels = np.asarray(eye_labels)
+    folds = np.asarray(folds)
+    if features.ndim != 3 or features.shape[1] != 2:
+        raise FundusError(f"eye features must be (patients, 2, F), got shape {features.shape}")
+    if eye_labels.shape[:2] != features.shape[:2]:
+        raise FundusError(f"eye labels {eye_labels.shape} do not match the eye features {features.shape}")
+    if len(folds) != len(features):
+        raise FundusError(f"{len(folds)} folds for {len(features)} patients")
+    mask = eye_mask(eye_labels, single_eyed(features))
+    if not mask.any():
+        raise FundusError("no eye has labels of its own (per-eye keywords): an eye head cannot be fitted")
+    for i, a in enumerate(augmented):
+        if np.shape(a) != features.shape:
+            raise FundusError(f"augmented copy {i} has features {np.shape(a)}, the patients' are {features.shape}")
+    n_folds = int(folds.max()) + 1
+    best = None
+    scores = {}
+    for c in sorted(grid):
+        oof = np.zeros((*features.shape[:2], eye_labels.shape[-1]))
+        heads = []
+        for f in range(n_folds):
+            train = mask & (folds != f)[:, None]
+            rows = np.concatenate([features[train]] + [np.asarray(a)[train] for a in augmented])
+            head = fit_linear_head(rows, np.tile(eye_labels[train], (1 + len(augmented), 1)), c, seed, pos_weight_power)
+            held = folds == f
+            oof[held] = head.predict(features[held].reshape(-1, features.shape[-1])).reshape(int(held.sum()), 2, -1)
+            heads.append(head)
+        scores[c] = odir_score(eye_labels[mask], oof[mask])["auc"]
+        if best is None or scores[c] > best[0] + 1e-9:
+            best = (scores[c], EyeFit(oof, mask, heads, c))
+    best[1].scores = scores
+    return best[1]
+
+
 def set_patient_head(model, head: LinearHead) -> None:
     """Put a linear head on ``concat(max, mean)`` into the patient model's ``labels`` layer (its
     dropout is off at inference, so the model on images is the head on their features)."""

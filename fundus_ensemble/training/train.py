@@ -636,6 +636,7 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
     set_patient_head(model, fit.patient_head)
     model.save(str(out / MODEL_NAME))
     side = _side_head(out, view, features, development, config)
+    eye = _eye_head(out, view, features, augmented, development, fit.folds, config)
     ids = np.array(development.patient_ids)
     tmp = out / f".{OUT_OF_FOLD}.tmp.npz"
     np.savez(tmp, patient_id=ids, labels=y, probabilities=fit.out_of_fold, fold=fit.folds)
@@ -674,6 +675,7 @@ def _cross_fit_view(view_dir: Path, out: Path, config: TrainConfig, view: str, m
         },
         image_blind=image_blind_score(y, y),
         **({"side": side} if side else {}),
+        **({"eye_head": eye} if eye else {}),
     )
     atomic_write_json(out / CARD_NAME, card)
     return card
@@ -712,6 +714,68 @@ def _acquisition_features(
 
 
 SIDE_HEAD = "side.npz"
+EYE_HEAD = "eye_head.npz"  # a view's head for one photo given alone (training.heads.cross_fit_eyes)
+EYE_OUT_OF_FOLD = "eye_out_of_fold.npz"  # its out-of-fold eye predictions: what the one-eye calibration is fitted on
+
+
+def _eye_head(out: Path, view: str, features, augmented, development, folds, config: TrainConfig) -> dict | None:
+    """The view's one-eye head (:func:`.heads.cross_fit_eyes`): single eyes labelled from their own
+    keywords, over the pair heads' folds, kept in ``eye_head.npz`` with its out-of-fold predictions;
+    None, said so, when the manifest has no per-eye keywords (a photo alone is then answered by the
+    pair head with the photo in both slots)."""
+    from ..data.batches import manifest_eye_labels
+    from .heads import cross_fit_eyes
+
+    eye_labels = manifest_eye_labels(development)
+    try:
+        fit = cross_fit_eyes(
+            features, eye_labels, folds, seed=config.seed, pos_weight_power=config.pos_weight_power, augmented=augmented
+        )
+    except FundusError as exc:
+        print(f"[{view}] no one-eye head: {exc}; a photo given alone is answered by the pair head", flush=True)
+        return None
+    head = fit.bagged
+    np.savez(out / EYE_HEAD, weights=head.weights, bias=head.bias, c=np.array(fit.c))
+    tmp = out / f".{EYE_OUT_OF_FOLD}.tmp.npz"
+    np.savez(
+        tmp,
+        patient_id=np.array(development.patient_ids),
+        labels=eye_labels,
+        probabilities=fit.out_of_fold,
+        mask=fit.mask,
+    )
+    os.replace(tmp, out / EYE_OUT_OF_FOLD)
+    score = odir_score(eye_labels[fit.mask], fit.out_of_fold[fit.mask])
+    print(
+        f"[{view}] one-eye head: {int(fit.mask.sum())} eyes labelled from their own keywords, C {fit.c}; out of fold: "
+        f"auc {score['auc']:.3f}  final {score['final']:.3f}",
+        flush=True,
+    )
+    return {"eyes": int(fit.mask.sum()), "C": fit.c, "out_of_fold": {k: float(v) for k, v in score.items()}}
+
+
+def load_eye_heads(run_dir: str | os.PathLike, views) -> dict:
+    """The run's one-eye heads per view (``<view>/eye_head.npz``), all or none: {} when a view lacks one."""
+    from .heads import LinearHead
+
+    heads = {}
+    for view in views:
+        path = Path(run_dir) / view / EYE_HEAD
+        if not path.is_file():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                weights, bias = np.asarray(data["weights"], np.float64), np.asarray(data["bias"], np.float64)
+        except (OSError, ValueError, KeyError) as exc:
+            raise FundusError(f"{path}: not a one-eye head ({exc})") from None
+        if (
+            weights.ndim != 2
+            or bias.shape != (weights.shape[1],)
+            or not (np.isfinite(weights).all() and np.isfinite(bias).all())
+        ):
+            raise FundusError(f"{path}: a one-eye head needs finite weights (F, classes) and bias (classes,)")
+        heads[view] = LinearHead(weights, bias)
+    return heads
 
 
 def _side_head(out: Path, view: str, features: np.ndarray, development, config: TrainConfig) -> dict | None:
