@@ -63,14 +63,18 @@ def main(argv=None):
         args.batch_size,
         False if args.no_quality_gate else None,
     )
-    for c, what in record["site"].items():
-        if what["source"] == "site":
-            print(
-                f"  {c} ({LABEL_NAMES[c]}): site threshold {what['threshold']:.3f} on the raw probability "
-                f"({what['positives']} positives, {what['negatives']} negatives)"
-            )
-        else:
-            print(f"  {c} ({LABEL_NAMES[c]}): kept the run's threshold ({what['why']})")
+    for title, key in (("patients with both eyes", "site"), ("patients answered from one eye", "site_one_eye")):
+        if key not in record:
+            continue
+        print(f"{title}:")
+        for c, what in record[key].items():
+            if what["source"] == "site":
+                print(
+                    f"  {c} ({LABEL_NAMES[c]}): site threshold {what['threshold']:.3f} on the raw probability "
+                    f"({what['positives']} positives, {what['negatives']} negatives)"
+                )
+            else:
+                print(f"  {c} ({LABEL_NAMES[c]}): kept the run's threshold ({what['why']})")
     print(f"wrote {out}; use it with predict.py / serve.py / export.py --calibration {out}")
 
 

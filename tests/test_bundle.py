@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fundus_ensemble.data.manifest import load_manifest
-from fundus_ensemble.evaluation.calibration import load_calibration_file, raw_thresholds
+from fundus_ensemble.evaluation.calibration import load_calibration_file, load_eye_calibration, raw_thresholds
 from fundus_ensemble.inference import bundle
 from fundus_ensemble.labels import LABELS
 
@@ -259,9 +259,14 @@ def test_evaluate_and_calibrate_site_run_predict_and_predict_takes_the_site_cali
     with open(tmp_path / "pred" / "decisions.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["status"] == "ok"]
     site_thresholds = raw_thresholds(load_calibration_file(site)[0])
+    site_eye_thresholds = raw_thresholds(load_eye_calibration(site))
+    kinds = {r["answered_from"] for r in rows}
+    assert "both eyes" in kinds and kinds - {"both eyes"}, "the table has patients with one eye and with two"
     for c in LABELS:
-        used = [float(r["threshold"]) for r in rows if r["class"] == c]
-        assert used and np.allclose(used, site_thresholds[LABELS.index(c)], atol=1e-6), c
+        pair = [float(r["threshold"]) for r in rows if r["class"] == c and r["answered_from"] == "both eyes"]
+        single = [float(r["threshold"]) for r in rows if r["class"] == c and r["answered_from"] != "both eyes"]
+        assert pair and np.allclose(pair, site_thresholds[LABELS.index(c)], atol=1e-6), c
+        assert single and np.allclose(single, site_eye_thresholds[LABELS.index(c)], atol=1e-6), c
 
 
 def test_the_cards_rebuild_command_names_no_folder_of_the_machine():

@@ -158,3 +158,123 @@ def test_a_run_that_learned_nothing_is_said_so_before_it_screens_anyone(tmp_path
     assert "warning: this run's models do not beat" in capsys.readouterr().err
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.index('id="warning"') < page.index("patients predicted"), "the warning comes first on the page"
+
+
+def _pair_of_photos(folder: Path) -> tuple[Path, Path]:
+    left = folder / "p_left.png"
+    right = folder / "p_right.png"
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(left), render_eye(EyeSpec(frozenset({"D"}), "left", 3), 90))
+    cv2.imwrite(str(right), render_eye(EyeSpec(frozenset(), "right", 4), 90))
+    return left, right
+
+
+def _model_inputs(predictor, *photos):
+    from fundus_ensemble.data.imaging import crop_to_fov, decode_image, view_to_model_input, views_of
+
+    return [
+        view_to_model_input(views_of(crop_to_fov(decode_image(p), predictor.size), ("color",))["color"]) for p in photos
+    ]
+
+
+def test_each_photo_goes_through_the_backbone_once_and_the_heads_are_the_models(tiny_run, tmp_path, monkeypatch):
+    import numpy as np
+
+    from fundus_ensemble.inference.predict import Predictor
+
+    predictor = Predictor(tiny_run, gate=False)
+    left, right = _pair_of_photos(tmp_path)
+    encoder = predictor.encoders["color"]
+    passed = []
+    real = encoder.predict_on_batch
+    monkeypatch.setattr(encoder, "predict_on_batch", lambda x: passed.append(len(x)) or real(x))
+    patients = [PatientPhotos("pair", left, right), PatientPhotos("one", None, right)]
+    results, _, read = predictor.predict_chunk(patients)
+    assert read == 3 and sum(passed) == 3, f"3 photos, {sum(passed)} backbone passes"
+    model = predictor.models["color"][0]
+    a, b = _model_inputs(predictor, left, right)
+    expected = model.predict_on_batch({"left_eye": np.stack([a, b]), "right_eye": np.stack([b, a])})
+    pair = results[0][1]
+    np.testing.assert_allclose(pair["ensemble"], expected[0], atol=1e-5)
+    # a run without one-eye heads: each eye alone is the pair model with the photo in both slots
+    alone = model.predict_on_batch({"left_eye": np.stack([a, b]), "right_eye": np.stack([a, b])})
+    np.testing.assert_allclose(pair["eyes"]["color", "left"], alone[0], atol=1e-5)
+    np.testing.assert_allclose(pair["eyes"]["color", "right"], alone[1], atol=1e-5)
+    one = results[1][1]
+    np.testing.assert_allclose(one["ensemble"], alone[1], atol=1e-5)
+    assert (pair["answered_from"], one["answered_from"]) == ("both eyes", "right eye")
+
+
+def _with_eye_head(tiny_run, tmp_path, bias: float):
+    import shutil
+
+    import numpy as np
+
+    from fundus_ensemble.evaluation.calibration import Calibration, ClassCalibration
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    from fundus_ensemble.inference.predict import Predictor
+
+    features = int(Predictor(tiny_run).encoders["color"].output.shape[-1])
+    weights = np.zeros((features, len(LABELS)))
+    weights[0] = 0.01
+    np.savez(run / "color" / "eye_head.npz", weights=weights, bias=np.full(len(LABELS), bias), c=np.array(0.1))
+    pair = Calibration(tuple(ClassCalibration(threshold=0.5) for _ in LABELS))
+    eye = Calibration(tuple(ClassCalibration(threshold=0.3) for _ in LABELS))
+    (run / "calibration.json").write_text(
+        json.dumps({"fitted_on": "out-of-fold", "flip_tta": False, "ensemble": pair.to_dict(), "eye": eye.to_dict()})
+    )
+    return run
+
+
+def test_a_photo_alone_is_answered_by_the_one_eye_head_at_its_own_thresholds(tiny_run, tmp_path):
+    import numpy as np
+
+    from fundus_ensemble.evaluation.calibration import load_eye_calibration, raw_thresholds
+    from fundus_ensemble.inference.predict import Predictor, decide
+
+    run = _with_eye_head(tiny_run, tmp_path, bias=-1.0)
+    predictor = Predictor(run, calibration=run / "calibration.json", gate=False)
+    left, right = _pair_of_photos(tmp_path / "photos")
+    results, _, _ = predictor.predict_chunk([PatientPhotos("pair", left, right), PatientPhotos("one", left, None)])
+    (_, pair, _), (_, one, note) = results
+    features = predictor.encoders["color"].predict_on_batch(np.stack(_model_inputs(predictor, left)))
+    eye = 1 / (1 + np.exp(-(features @ predictor.eye_heads["color"].weights + predictor.eye_heads["color"].bias)))
+    np.testing.assert_allclose(one["ensemble"], eye[0], atol=1e-5)
+    np.testing.assert_allclose(pair["eyes"]["color", "left"], eye[0], atol=1e-5)
+    assert not np.allclose(pair["ensemble"], eye[0], atol=1e-3), "a pair stays with the pair heads"
+    eye_thresholds = raw_thresholds(load_eye_calibration(run / "calibration.json"))
+    assert one["thresholds"] == pytest.approx(eye_thresholds) and pair["thresholds"] == pytest.approx([0.5] * 8)
+    # every class at 0.27 against the one-eye thresholds (0.3): nothing decided, and the line names the eye
+    _, referral = decide(one, note, predictor.thresholds)
+    assert referral.text.endswith("(left eye); the right eye was not screened"), referral.text
+
+
+def test_the_side_check_reads_each_slot_with_a_head_that_looks_at_the_photo(tiny_run, tmp_path):
+    import numpy as np
+
+    from fundus_ensemble.inference.predict import Predictor
+    from fundus_ensemble.training.heads import LinearHead, SideHead
+
+    predictor = Predictor(tiny_run, gate=False)
+    left, right = _pair_of_photos(tmp_path)
+    f = predictor.encoders["color"].predict_on_batch(np.stack(_model_inputs(predictor, left, right)))
+    direction = (f[1] - f[0]) / np.sum((f[1] - f[0]) ** 2)
+    middle = float((f[0] + f[1]) @ direction / 2)
+    # probability of a right eye: high for the right photo, low for the left one, from what each shows
+    head = LinearHead(20 * direction[:, None], np.array([-20 * middle]))
+    predictor.side = SideHead(head, single=0.9, pair=0.5, accuracy=1, caught_single=1, caught_pair=1, c=1)
+    cases = {
+        "placed": PatientPhotos("a", left, right),
+        "swapped": PatientPhotos("b", right, left),
+        "right photo as the left": PatientPhotos("c", right, None),
+        "left photo as the right": PatientPhotos("d", None, left),
+        "left alone": PatientPhotos("e", left, None),
+    }
+    results, _, _ = predictor.predict_chunk(list(cases.values()))
+    checks = dict(zip(cases, (r["side_check"] for _, r, _ in results)))
+    assert checks["placed"] is None and checks["left alone"] is None, checks
+    assert checks["swapped"].startswith("the two photos look swapped"), checks
+    assert checks["right photo as the left"].startswith("the left photo looks like a right eye"), checks
+    assert checks["left photo as the right"].startswith("the right photo looks like a left eye"), checks

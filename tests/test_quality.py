@@ -60,6 +60,37 @@ def test_each_degradation_of_a_real_retina_gets_its_own_reason(retina, degrade, 
     assert quality.grade(retina).gradable, quality.grade(retina).text
     verdict = quality.grade(degrade(retina))
     assert not verdict.gradable and verdict.reason == reason, verdict.text
+    # a poor photo whose retina is found is screened (a cloudy lens does the same); the rest are refused
+    assert verdict.usable == (reason in quality.POOR and verdict.statistics != {}), verdict.text
+
+
+def test_a_half_lit_retina_is_screened_and_a_half_photographed_one_is_cut_off(retina):
+    lit = retina.copy()
+    lit[:, : lit.shape[1] * 2 // 5] = (lit[:, : lit.shape[1] * 2 // 5] * 0.05).astype(np.uint8)  # the left part unlit
+    verdict = quality.grade(lit)
+    assert verdict.reason == "partly dark" and verdict.usable, verdict.text
+    cut = np.ascontiguousarray(retina[:, retina.shape[1] // 2 :])
+    assert quality.grade(cut).reason == "retina cut off" and not quality.grade(cut).usable
+
+
+def test_a_camera_with_a_white_surround_is_a_fundus_camera(retina):
+    white = retina.copy()
+    white[retina.max(axis=2) <= 20] = 255
+    verdict = quality.grade(white)
+    assert verdict.reason != "not a fundus photo", verdict.text
+
+
+@pytest.mark.parametrize("side", [2000, 3000])
+@pytest.mark.parametrize("quality_", [85, 95])
+def test_a_large_photo_saved_at_usual_jpeg_quality_is_not_heavily_compressed(retina, side, quality_):
+    # softened and enlarged from 512 px: smoother than a camera's photo, the hardest case for the block
+    # check (at 3,000 px and quality 85 its block edges are 2.4 times the others, yet 0.2 gray levels)
+    soft = cv2.GaussianBlur(retina, (0, 0), 2)
+    big = jpeg(cv2.resize(soft, (side, side), interpolation=cv2.INTER_CUBIC), quality_)
+    assert quality.grade(big).reason != "heavily compressed", quality.grade(big).text
+    # the check still sees blocks a reader sees: quality 10 at 2,000 px
+    small = jpeg(cv2.resize(retina, (2000, 2000), interpolation=cv2.INTER_CUBIC), 10)
+    assert quality.grade(small).reason == "heavily compressed", quality.grade(small).text
 
 
 @pytest.mark.parametrize("name", ["cat", "coffee", "astronaut", "rocket", "brick"])
@@ -89,22 +120,30 @@ def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
     build_patient_model("mobilenet", 32, None, 0.5).save(str(run / "color" / "model.keras"))
     (run / "color" / "card.json").write_text(json.dumps({"view": "color", "labels": list(LABELS), "input_size": 32}))
     cv2.imwrite(str(tmp_path / "eye.png"), retina)
-    cv2.imwrite(str(tmp_path / "dark.png"), (retina * 0.1).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "dark.png"), (retina * 0.07).astype(np.uint8))
     cv2.imwrite(str(tmp_path / "cat.png"), cat_in_a_disc())  # only the ImageNet check refuses it
+    cv2.imwrite(str(tmp_path / "hazy.png"), cv2.GaussianBlur(retina, (0, 0), 3))
     patients = [
         PatientPhotos("one-bad", tmp_path / "cat.png", tmp_path / "eye.png"),
         PatientPhotos("all-bad", tmp_path / "dark.png", tmp_path / "cat.png"),
         PatientPhotos("good", tmp_path / "eye.png", None),
+        PatientPhotos("hazy", tmp_path / "hazy.png", tmp_path / "eye.png"),
     ]
     summary = predict_photos(run, patients, tmp_path / "out", progress=False, gate=True)
-    assert (summary["predicted"], summary["rejected"]) == (2, 1)
-    rows = {r["patient_id"]: r for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv"))}
+    assert (summary["predicted"], summary["rejected"]) == (3, 1)
+    rows = {}
+    for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv")):
+        rows.setdefault(r["patient_id"], r)
     assert rows["one-bad"]["referral"].startswith("Not gradable: retake the left eye (left: not a fundus photo")
     assert rows["all-bad"]["status"] == "rejected"
     assert rows["all-bad"]["referral"].startswith(
-        "Not gradable: retake the left eye and the right eye (left: too dark (mean brightness"
+        "Not gradable: retake the left eye and the right eye (left: too dark ("
     )
     assert not rows["good"]["referral"].startswith("Not gradable")
+    # a blurred photo is screened (a cloudy lens blurs too): decided on, never cleared, told what to do
+    hazy = rows["hazy"]
+    assert hazy["status"] == "ok" and hazy["photo_quality"].startswith("left: blurred (sharpness"), hazy
+    assert "the left photo is blurred" in hazy["referral"] and not hazy["referral"].startswith("No referable")
     # off, the same photos are all decided on
     summary = predict_photos(run, patients, tmp_path / "off", progress=False, gate=False)
-    assert (summary["predicted"], summary["rejected"]) == (3, 0)
+    assert (summary["predicted"], summary["rejected"]) == (4, 0)

@@ -51,3 +51,26 @@ def test_an_unreadable_eye_is_retaken_and_never_cleared_by_the_other():
     )
     with pytest.raises(ValueError):
         refer([True, False])
+
+
+@pytest.mark.parametrize(
+    "positive, kind, text",
+    [
+        (("N",), "no_referable_finding", "No referable finding in the left eye; the right eye was not screened"),
+        (("G",), "refer", "Refer: suspected glaucoma (left eye); the right eye was not screened"),
+        (
+            (),
+            "inconclusive",
+            "Inconclusive: no class decided, not even normal; refer for a manual read (left eye); "
+            "the right eye was not screened",
+        ),
+    ],
+)
+def test_an_answer_from_one_eye_says_which_and_that_the_other_was_not_screened(positive, kind, text):
+    referral = refer(decisions(*positive), not_screened=["right"])
+    assert (referral.kind, referral.text) == (kind, text)
+    # an eye given but unreadable is a retake, not "not screened"
+    retake = refer(decisions("N"), {"right": "too dark"}, not_screened=["right"])
+    assert retake.kind == "not_gradable" and "not screened" not in retake.text
+    with pytest.raises(ValueError):
+        refer(decisions("N"), not_screened=["left", "right"])

@@ -200,7 +200,7 @@ class SlowPredictor:
     def __init__(self):
         self.release = threading.Event()
 
-    def calibrated(self, p):
+    def calibrated(self, p, one_eye=None):
         return p
 
     def predict_chunk(self, chunk, **_):

@@ -1,30 +1,48 @@
 """Is this a gradable retina photo? A verdict per photo before any diagnosis.
 
-A screening tool must not answer for a photo it cannot read: a cat, a coffee cup, a photo too
-dark, washed out, blurred, blocky from compression, or with half the retina outside the frame.
-Each check below is an image statistic measured on the decoded photo (the retina's crop, resized
-to :data:`WORK_SIZE` px, so a check means the same at every camera resolution), in this order,
-the first that fails giving the reason:
+A screening tool must not answer for a photo it cannot read: a cat, a coffee cup, a photo with
+no retina in it, half the retina outside the frame, or blocky from compression. It must not turn
+away the sick either: a cloudy lens (cataract) or another opacity of the eye's media makes a
+hazy, washed-out, dark or pale photo, and a retake cannot fix that; it is itself a finding.
+So each check below is one of two kinds:
 
-1. **retina not found / too dark**: no bright region big enough for a retina (the crop's own
-   finding); too dark when even the brightest pixels are dim;
-2. **over-exposed**: more than :data:`MAX_CLIPPED` of the retina's green channel at 250 or more;
-3. **too dark**: the retina's mean brightness (max over channels) below :data:`MIN_BRIGHTNESS`;
-4. **not a colour fundus photo**: colour saturation below :data:`MIN_SATURATION` or a red share
+- **refused** (no decision; "retake" and why): the photo is no retina photo, or its retina
+  cannot be read whatever the eye has;
+- **poor** (:data:`POOR`: screened, never clears the patient): the retina is found, but the photo
+  is blurred, washed out, too dark or pale. The model still decides (a cataract is still decided
+  C), and the referral says to retake the photo and, if a retake is no clearer, to refer, since
+  a cloudy lens is a reason to refer (:mod:`..inference.referral`).
+
+Each check is an image statistic measured on the decoded photo (the retina's crop, resized to
+:data:`WORK_SIZE` px, so a check means the same at every camera resolution), in this order, the
+first that fails giving the reason:
+
+1. **retina not found / too dark** (refused): no bright region big enough for a retina (the
+   crop's own finding); too dark when even the brightest pixels are dim, or the retina's mean
+   brightness is below :data:`UNREADABLE_BRIGHTNESS` (nothing left to read);
+2. **not a fundus photo** (refused): less than :data:`MIN_DARK_CORNERS` of the box's corners
+   (outside the inscribed disc) dark or camera white: a fundus photo is a disc on the camera's
+   black (or, for some cameras, white) surround;
+3. **not a colour fundus photo** (refused): gray (saturation below :data:`GRAY_SATURATION`) or
+   hardly red (red share below :data:`GRAY_RED_SHARE`): a red-free or gray photo, or no retina;
+4. **retina cut off** (refused): the retina's box at least :data:`MAX_ASPECT` times longer one
+   way than the other, its short side at the photo's edge (half a disc: the rest is outside);
+5. **heavily compressed** (refused): JPEG's 8 x 8 block edges :data:`MAX_BLOCKINESS` times
+   stronger than the edges between them and :data:`MIN_BLOCK_STEP` gray levels stronger (on the
+   photo's own grid): blocks a reader sees, not those of a 2,000 px photo saved at quality 85;
+6. **over-exposed** (poor): more than :data:`MAX_CLIPPED` of the retina's green channel at 250 or more;
+7. **too dark** (poor): the retina's mean brightness (max over channels) below :data:`MIN_BRIGHTNESS`;
+   **partly dark** (poor): the lit part's box :data:`MAX_ASPECT` times longer one way, inside the photo;
+8. **pale or discoloured** (poor): colour saturation below :data:`MIN_SATURATION` or a red share
    below :data:`MIN_RED_SHARE` where the retina is not clipped (a fundus is an orange-red disc);
-5. **retina cut off**: the retina's box at least :data:`MAX_ASPECT` times longer one way than the
-   other while its corners are dark (half a disc); with bright corners it is 6;
-6. **not a fundus photo**: less than :data:`MIN_DARK_CORNERS` of the box's corners (outside the
-   inscribed disc) dark: a fundus photo is a disc on the camera's black;
-7. **blurred**: the finest detail (the image less its blur at sigma 1) below
-   :data:`MIN_SHARPNESS` times the coarser detail (sigma 1 less sigma 4);
-8. **heavily compressed**: JPEG's 8 x 8 block edges :data:`MAX_BLOCKINESS` times stronger than
-   the edges between them (measured at the photo's own resolution, on its own block grid).
+9. **blurred or hazy** (poor): the finest detail (the image less its blur at sigma 1) below
+   :data:`MIN_SHARPNESS` times the coarser detail (sigma 1 less sigma 4).
 
 The thresholds were set on real ODIR-5K photographs (every fifth photo of odir5k-256-dev, all of
 them graded by the challenge) and degraded copies of every tenth: each lies beyond the 99.5th
 percentile of the real photos' statistic and short of most degraded copies'.
-``docs/measurements/gradability.py`` measures the rates on every photo (docs/reliability.md).
+``docs/measurements/gradability.py`` measures the rates on every photo and
+``docs/measurements/gate_by_class.py`` per class (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -42,11 +60,16 @@ MAX_CLIPPED = 0.10  # real photos: 99.5th percentile 0.068
 MIN_BRIGHTNESS = 45.0  # real: 0.5th percentile 56
 MIN_SATURATION = 40.0  # real: 0.5th percentile 64 (HSV saturation, 0-255)
 MIN_RED_SHARE = 0.36  # real: 0.5th percentile 0.379 (R / (R + G + B) in the retina)
+GRAY_SATURATION = 12.0  # below: a gray photo (a hazy cataract's is paler, not gray: 25 and up on ODIR)
+GRAY_RED_SHARE = 0.25  # below: a red-free (green) photo, not a colour fundus (a dark cataract's: 0.29 on ODIR)
 MAX_ASPECT = 1.5  # real: 99.5th percentile 1.23; half a retina: about 2
 MIN_DARK_CORNERS = 0.30  # real: 0.5th percentile 0.50; a retina cut in half keeps about 0.37 or more
+CAMERA_WHITE = 235  # a corner pixel this bright in every channel is a camera's white surround, not retina
 MIN_SHARPNESS = 0.32  # real: 1st percentile 0.36; Gaussian blur sigma 1.5: 95th percentile 0.29
 MAX_BLOCKINESS = 2.2  # real: 99th percentile 1.87; JPEG quality 10: 5th percentile 2.8
+MIN_BLOCK_STEP = 1.5  # gray levels: real 256 px photos reach 1.3; quality 10 at 256 px 2.8 and more
 DIM_LEVEL = 80  # with no retina found: when the brightest pixels are below this, the photo is too dark
+UNREADABLE_BRIGHTNESS = 20.0  # a retina darker than this is refused, not screened (real: darkest 25)
 
 REASONS = (
     "retina not found",
@@ -57,6 +80,14 @@ REASONS = (
     "not a fundus photo",
     "blurred",
     "heavily compressed",
+    "pale or discoloured",
+    "partly dark",
+)
+# the retina is found but hard to read: a cloudy lens does this too, so the photo is screened and never clears
+POOR = ("over-exposed", "too dark", "partly dark", "pale or discoloured", "blurred")
+POOR_ADVICE = (
+    "retake it; if a retake is no clearer, refer: a cloudy lens (cataract) or another opacity of the eye "
+    "can cause this, and is itself a reason to refer"
 )
 
 
@@ -72,6 +103,15 @@ class Verdict:
     @property
     def text(self) -> str:
         return "gradable" if self.gradable else f"{self.reason} ({self.detail})"
+
+    @property
+    def usable(self) -> bool:
+        """Screened by the model: gradable, or :data:`POOR` (the retina found, hard to read, not
+        darker than :data:`UNREADABLE_BRIGHTNESS`)."""
+        if self.gradable:
+            return True
+        readable = bool(self.statistics) and self.statistics.get("brightness", 0.0) >= UNREADABLE_BRIGHTNESS
+        return self.reason in POOR and readable
 
 
 def statistics(image: np.ndarray) -> dict:
@@ -112,11 +152,19 @@ def statistics(image: np.ndarray) -> dict:
         "saturation": saturation,
         "red_share": float(r / (r + g + b + 1e-6)),
         "aspect": max(x1 - x0, y1 - y0) / max(1, min(x1 - x0, y1 - y0)),
-        "dark_corners": float((bright[radius2 >= (0.5 * WORK_SIZE) ** 2] <= BORDER_LEVEL + 10).mean()),
+        # the box's short side at the frame's edge: the retina runs out of the photo (else it is only partly lit)
+        "at_edge": float((x0 <= 1 or x1 >= width - 1) if (x1 - x0) < (y1 - y0) else (y0 <= 1 or y1 >= height - 1)),
+        "dark_corners": float(_frame(square)[radius2 >= (0.5 * WORK_SIZE) ** 2].mean()),
         "sharpness": float(np.sqrt((fine[inside] ** 2).mean() / ((coarse[inside] ** 2).mean() + 1e-6))),
         "blockiness": float(on_grid / (off_grid + 1e-6)),
+        "block_step": float(on_grid - off_grid),
         "frame_fraction": (x1 - x0) * (y1 - y0) / (height * width),
     }
+
+
+def _frame(square: np.ndarray) -> np.ndarray:
+    """Pixels of the camera's surround: black, or (some cameras) flat white."""
+    return (square.max(axis=2) <= BORDER_LEVEL + 10) | (square.min(axis=2) >= CAMERA_WHITE)
 
 
 def grade(image: np.ndarray) -> Verdict:
@@ -128,23 +176,34 @@ def grade(image: np.ndarray) -> Verdict:
         if top < DIM_LEVEL:
             return Verdict(False, "too dark", f"its brightest pixels reach {top:.0f} of 255")
         return Verdict(False, "retina not found", str(exc))
-    not_colour = s["saturation"] < MIN_SATURATION or s["red_share"] < MIN_RED_SHARE
+    colour = f"saturation {s['saturation']:.0f}, red share {s['red_share']:.2f}"
     checks = (
         (
             "not a fundus photo",
             s["dark_corners"] < MIN_DARK_CORNERS,
             f"{s['dark_corners']:.0%} of its corners dark; a fundus photo is a disc on black",
         ),
-        ("not a colour fundus photo", not_colour, f"saturation {s['saturation']:.0f}, red share {s['red_share']:.2f}"),
+        ("not a colour fundus photo", s["saturation"] < GRAY_SATURATION or s["red_share"] < GRAY_RED_SHARE, colour),
+        (
+            "retina cut off",
+            s["aspect"] >= MAX_ASPECT and s["at_edge"] > 0,
+            f"the retina's box is {s['aspect']:.1f} times longer one way, at the photo's edge",
+        ),
+        (
+            "heavily compressed",
+            s["blockiness"] > MAX_BLOCKINESS and s["block_step"] > MIN_BLOCK_STEP,
+            f"JPEG blocks {s['blockiness']:.1f} times the detail",
+        ),
+        ("too dark", s["brightness"] < UNREADABLE_BRIGHTNESS, f"mean brightness {s['brightness']:.0f} of 255"),
         ("over-exposed", s["clipped"] > MAX_CLIPPED, f"{s['clipped']:.0%} of the retina clipped white"),
         ("too dark", s["brightness"] < MIN_BRIGHTNESS, f"mean brightness {s['brightness']:.0f} of 255"),
         (
-            "retina cut off",
+            "partly dark",
             s["aspect"] >= MAX_ASPECT,
-            f"the retina's box is {s['aspect']:.1f} times longer one way",
+            f"only part of the retina is lit: its lit box is {s['aspect']:.1f} times longer one way",
         ),
+        ("pale or discoloured", s["saturation"] < MIN_SATURATION or s["red_share"] < MIN_RED_SHARE, colour),
         ("blurred", s["sharpness"] < MIN_SHARPNESS, f"sharpness {s['sharpness']:.2f}"),
-        ("heavily compressed", s["blockiness"] > MAX_BLOCKINESS, f"JPEG blocks {s['blockiness']:.1f} times the detail"),
     )
     for reason, failed, detail in checks:
         if failed:

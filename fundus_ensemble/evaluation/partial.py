@@ -98,11 +98,15 @@ def score_partial(
     y: np.ndarray, probs: np.ndarray, thresholds: list[float], seed: int = 0, resamples: int = RESAMPLES
 ) -> dict:
     """Per labelled class, on the patients that label it: AUC (95 % bootstrap interval) and, at
-    ``thresholds`` (raw probability; decided positive above it), sensitivity and specificity with
+    ``thresholds`` (raw probability; decided positive above it; per class, or per patient and class
+    when patients were decided at different thresholds), sensitivity and specificity with
     95 % Wilson intervals. Classes nobody labels are left out; ``final`` is never computed."""
     y, probs = np.asarray(y, dtype=float), np.asarray(probs, dtype=float)
     if y.shape != probs.shape or y.ndim != 2 or y.shape[1] != len(LABELS):
         raise FundusError(f"labels {y.shape} and probabilities {probs.shape}: expected two (patients, 8) arrays")
+    thresholds = np.asarray(thresholds, dtype=float)
+    if thresholds.shape not in ((len(LABELS),), probs.shape):
+        raise FundusError(f"thresholds {thresholds.shape}: expected ({len(LABELS)},) or one row per patient")
     rng = np.random.default_rng(seed)
     classes = {}
     for j, c in enumerate(LABELS):
@@ -110,7 +114,7 @@ def score_partial(
         if not known.any():
             continue
         truth, p = y[known, j].astype(bool), probs[known, j]
-        decided = p > thresholds[j]
+        decided = p > (thresholds[known, j] if thresholds.ndim == 2 else thresholds[j])
         tp, tn = int((decided & truth).sum()), int((~decided & ~truth).sum())
         positives, negatives = int(truth.sum()), int((~truth).sum())
         both = positives and negatives
@@ -119,7 +123,9 @@ def score_partial(
             "labelled": int(known.sum()),
             "positives": positives,
             "negatives": negatives,
-            "threshold": float(thresholds[j]),
+            # the threshold most of these patients were decided at (a patient answered from one eye
+            # has the one-eye answers' own)
+            "threshold": float(np.median(thresholds[known, j]) if thresholds.ndim == 2 else thresholds[j]),
             "auc": float(roc_auc_score(truth, p)) if both else None,
             "auc_95": _auc_interval(truth, p, rng, resamples) if both else None,
             "sensitivity": tp / positives if positives else None,

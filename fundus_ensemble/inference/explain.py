@@ -51,11 +51,24 @@ class GradCam:
         x = self.preprocess(ops.convert_to_tensor(np.asarray(images, np.float32)))
         return np.asarray(ops.convert_to_numpy(self.maps_model(x, training=False)), np.float32)
 
-    def logits(self, maps_left, maps_right):
-        """The class logits of the patient head from both eyes' feature maps (inference mode)."""
+    @staticmethod
+    def pooled(maps: np.ndarray) -> np.ndarray:
+        """The backbone's pooled features of :meth:`feature_maps`' maps: the same numbers its global
+        average pooling gives, so one pass through the backbone serves the heads and the heatmaps."""
+        return np.asarray(maps, np.float32).mean(axis=(1, 2))
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The patient head's kernel on concat(max, mean) of the eyes, and its bias."""
+        kernel, bias = self.dense.get_weights()
+        return np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
+
+    def logits(self, maps_left, maps_right, head: tuple[np.ndarray, np.ndarray] | None = None):
+        """The class logits of a head on concat(max, mean) of both eyes' pooled maps (inference
+        mode); ``head`` (kernel, bias), default the patient model's own."""
         pooled = ops.concatenate([ops.mean(maps_left, axis=(1, 2)), ops.mean(maps_right, axis=(1, 2))], axis=0)
         fused = self.fusion(pooled)
-        return ops.matmul(fused, self.dense.kernel) + self.dense.bias
+        kernel, bias = (self.dense.kernel, self.dense.bias) if head is None else head
+        return ops.matmul(fused, ops.convert_to_tensor(kernel)) + ops.convert_to_tensor(bias)
 
     def heatmaps(
         self, left: np.ndarray, right: np.ndarray, classes: list[int], same_eye: np.ndarray | None = None
@@ -79,18 +92,31 @@ class GradCam:
                 "Grad-CAM's reconstruction of the model head does not reproduce its probabilities "
                 f"(max difference {np.max(np.abs(probs - expected)):.2e})"
             )
-        same = np.zeros(len(left), bool) if same_eye is None else np.asarray(same_eye, bool)
-        out = np.zeros((len(classes), len(left), 2, *maps_left.shape[1:3]), np.float32)
+        return self.heatmaps_of_maps(maps_left, maps_right, classes, same_eye), probs
+
+    def heatmaps_of_maps(
+        self,
+        maps_left: np.ndarray,
+        maps_right: np.ndarray,
+        classes: list[int],
+        same_eye: np.ndarray | None = None,
+        head: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """:meth:`heatmaps` from maps already computed (:meth:`feature_maps`), through ``head``
+        (kernel, bias on concat(max, mean); default the model's): a one-eyed patient's decision made
+        by another head is explained through that head."""
+        same = np.zeros(len(maps_left), bool) if same_eye is None else np.asarray(same_eye, bool)
+        out = np.zeros((len(classes), len(maps_left), 2, *maps_left.shape[1:3]), np.float32)
         for i, c in enumerate(classes):
             grad_left, grad_right = _gradients(
-                lambda a, b, c=c: ops.sum(self.logits(a, b)[:, c]), maps_left, maps_right
+                lambda a, b, c=c: ops.sum(self.logits(a, b, head)[:, c]), maps_left, maps_right
             )
             alpha_left, alpha_right = grad_left.mean(axis=(1, 2)), grad_right.mean(axis=(1, 2))
             alpha_left[same] += alpha_right[same]
             alpha_right[same] = alpha_left[same]
             out[i, :, 0] = np.maximum(np.einsum("bhwk,bk->bhw", maps_left, alpha_left), 0)
             out[i, :, 1] = np.maximum(np.einsum("bhwk,bk->bhw", maps_right, alpha_right), 0)
-        return out, probs
+        return out
 
 
 def _gradients(fn: Callable, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,13 @@ from ..data.manifest import (
 )
 from ..data.quality import grade
 from ..errors import FundusError, ImageError, warn_once
-from ..evaluation.calibration import load_calibration_file, raw_thresholds
+from ..evaluation.calibration import (
+    Calibration,
+    load_calibration_file,
+    load_eye_calibration,
+    raw_thresholds,
+    run_calibration,
+)
 from ..evaluation.ensemble import (
     average_probabilities,
     card_fingerprints,
@@ -63,12 +69,12 @@ from ..fileio import (
     folder_lock,
     remove_owned,
 )
-from ..labels import INPUT_NAMES, LABELS
+from ..labels import LABELS
 from ..models.gate import INPUT_SIZE as GATE_SIZE
 from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
 from ..training.hardware import accelerator_count, cpu_backend_advice
-from ..training.heads import SideHead
-from ..training.train import SIDE_HEAD
+from ..training.heads import LinearHead, SideHead, fuse
+from ..training.train import SIDE_HEAD, load_eye_heads
 from .bundle import model_card_path
 from .explain import GradCam, ensemble_heatmaps, overlay
 from .referral import Referral, refer
@@ -341,13 +347,33 @@ class Predictor:
             warn_once(advice)
         self.thresholds = raw_thresholds(self.fitted) if self.fitted is not None else [THRESHOLD] * len(LABELS)
         self.cams = {view: GradCam(model) for view, (model, _) in self.models.items()} if explain else {}
-        self.side, self._side_features = None, None
+        # every head reads the backbone's pooled features of one photo: one pass per photo and view
+        self.encoders = {view: model.get_layer("eye_encoder") for view, (model, _) in self.models.items()}
+        self.heads = {view: _dense_head(model) for view, (model, _) in self.models.items()}
+        self.eye_heads = load_eye_heads(run_dir, self.views)  # {} for a run without: the pair head answers
+        self.eye_fitted = self._eye_calibration(calibration) if self.eye_heads else None
+        if not self.eye_heads:
+            self.eye_thresholds = self.thresholds
+        elif self.eye_fitted is not None:
+            self.eye_thresholds = raw_thresholds(self.eye_fitted)
+        else:
+            self.eye_thresholds = [THRESHOLD] * len(LABELS)
+        self.side = None
         side_file = Path(run_dir) / "color" / SIDE_HEAD
         if "color" in self.models and side_file.is_file():  # a cross-fitted run's: which eye a photo shows
             with np.load(side_file) as data:
                 self.side = SideHead.from_arrays(data)
-            model = self.models["color"][0]
-            self._side_features = keras.Model(model.inputs, model.get_layer("fuse_eyes").input)
+
+    def _eye_calibration(self, calibration) -> Calibration | None:
+        """The calibration of the one-eye answers: the ``eye`` fit of the calibration given, else of
+        the run's own (a site's thresholds are for pairs); None when neither has one (0.5 decides)."""
+        if self.fitted is None and calibration is None:
+            return None
+        for path in (calibration, run_calibration(self.run_dir)):
+            fitted = load_eye_calibration(path) if path is not None else None
+            if fitted is not None:
+                return fitted
+        return None
 
     @property
     def provenance(self) -> dict:
@@ -382,15 +408,21 @@ class Predictor:
             "It learned nothing usable; do not screen patients with it"
         )
 
-    def calibrated(self, ensemble: np.ndarray) -> np.ndarray:
-        """The probabilities predictions.csv holds: the ensemble's, through the calibration if any."""
-        return self.fitted.apply(ensemble) if self.fitted is not None else ensemble
+    def calibrated(self, ensemble: np.ndarray, one_eye: np.ndarray | None = None) -> np.ndarray:
+        """The probabilities predictions.csv holds: the ensemble's, through the calibration if any;
+        rows answered from one eye (``one_eye``) through the one-eye answers' own."""
+        out = self.fitted.apply(ensemble) if self.fitted is not None else np.array(ensemble, np.float64)
+        if one_eye is not None and np.any(one_eye) and self.eye_heads:
+            single = np.asarray(one_eye, bool)
+            out[single] = self.eye_fitted.apply(ensemble[single]) if self.eye_fitted is not None else ensemble[single]
+        return out
 
-    def _gradable_squares(self, chunk: list[PatientPhotos]) -> tuple[dict, dict[int, list[str]]]:
+    def _gradable_squares(self, chunk: list[PatientPhotos]) -> tuple[dict, dict[int, list[str]], dict]:
         """Each photo of ``chunk`` decoded, judged (:mod:`..data.quality`, then :mod:`..models.gate`,
         unless the gate is off) and cropped to its retina at the models' size: ``{(patient index,
-        eye): square}``, and per patient the reasons its other photos were not used."""
-        squares, reasons, likeness = {}, {k: [] for k in range(len(chunk))}, {}
+        eye): square}``, per patient the reasons its other photos were not used, and ``{(patient
+        index, eye): caution}`` for the photos screened though poor (:data:`..data.quality.POOR`)."""
+        squares, reasons, likeness, poor = {}, {k: [] for k in range(len(chunk))}, {}, {}
         for k, patient in enumerate(chunk):
             for eye in ("left", "right"):
                 photo = getattr(patient, eye)
@@ -400,8 +432,10 @@ class Predictor:
                     image = decode_image(photo, self.max_pixels)
                     if self.gate:
                         verdict = grade(image)
-                        if not verdict.gradable:
+                        if not verdict.usable:
                             raise ImageError(verdict.text)
+                        if not verdict.gradable:
+                            poor[k, eye] = verdict.text
                         likeness[k, eye] = crop_to_fov(image, GATE_SIZE)
                     squares[k, eye] = crop_to_fov(image, self.size)
                 except ImageError as exc:
@@ -412,22 +446,21 @@ class Predictor:
             for (k, eye), mass in zip(likeness, self._likeness.mass(list(likeness.values()))):
                 if mass < MIN_FUNDUS_MASS:
                     del squares[k, eye]
+                    poor.pop((k, eye), None)
                     reasons[k].append(
                         f"{eye}: not a fundus photo (an ImageNet classifier gives the classes of fundus photos "
                         f"{mass:.2f}; real ones {MIN_FUNDUS_MASS} or more)"
                     )
-        return squares, reasons
+        return squares, reasons, poor
 
-    def _side_checks(self, inputs: dict, usable: list) -> list[str | None]:
+    def _side_checks(self, features: np.ndarray, usable: list) -> list[str | None]:
         """Per usable patient, a warning when a photo looks like the other eye's (the run's side head,
-        its thresholds set for 1 % false warnings on held-back patients), else None."""
-        left, right = np.stack(inputs["color"]["left"]), np.stack(inputs["color"]["right"])
-        stacked = np.asarray(self._side_features.predict_on_batch({INPUT_NAMES[0]: left, INPUT_NAMES[1]: right}))
-        p_right = self.side.probability_right(stacked)
-        n = len(left)
+        its thresholds set for 1 % false warnings on held-back patients), else None. ``features``:
+        the colour view's (patients, 2, F), the left slot first."""
+        p_right = self.side.probability_right(features).reshape(-1, 2)
         checks = []
         for k, (_, present, _) in enumerate(usable):
-            p_left_slot, p_right_slot = p_right[k], p_right[n + k]
+            p_left_slot, p_right_slot = p_right[k]
             if present == ["left", "right"] and p_left_slot - p_right_slot > self.side.pair:
                 checks.append(
                     f"the two photos look swapped: the left one like a right eye ({p_left_slot:.2f}), the right one "
@@ -440,6 +473,14 @@ class Predictor:
             else:
                 checks.append(None)
         return checks
+
+    def _photo_features(self, view: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each photo's pooled features in ``view`` (photos, F), one backbone pass each; with Grad-CAM
+        readied, the pass keeps the last block's maps too (the features are their mean)."""
+        if view in self.cams:
+            maps = self.cams[view].feature_maps(images)
+            return GradCam.pooled(maps), maps
+        return np.asarray(self.encoders[view].predict_on_batch(images.astype(np.float32)), np.float32), None
 
     def predict_chunk(
         self,
@@ -460,49 +501,58 @@ class Predictor:
         views, size = self.views, self.size
         results: list[tuple[PatientPhotos, dict | None, str]] = []
         explained: list[list[str]] = []
-        images = 0
-        inputs, usable, one_eyed = {v: {"left": [], "right": []} for v in views}, [], []
-        squares, reasons = self._gradable_squares(chunk)
-        images += sum((p.left is not None) + (p.right is not None) for p in chunk)
+        squares, reasons, poor = self._gradable_squares(chunk)
+        images = sum((p.left is not None) + (p.right is not None) for p in chunk)
+        photos: dict[tuple[int, str], int] = {}  # (patient, eye) -> row of the chunk's photo arrays
+        inputs = {v: [] for v in views}
+        usable, slot_rows, cautions = [], [], []
         for k, patient in enumerate(chunk):
-            made = {
-                eye: {v: view_to_model_input(a) for v, a in views_of(squares[k, eye], views).items()}
-                for eye in ("left", "right")
-                if (k, eye) in squares
-            }
-            if not made:
+            present = [eye for eye in ("left", "right") if (k, eye) in squares]
+            if not present:
                 results.append((patient, None, "; ".join(reasons[k]) or "no photo"))
                 continue
-            left, right = made.get("left", made.get("right")), made.get("right", made.get("left"))
-            for v in views:
-                inputs[v]["left"].append(left[v])
-                inputs[v]["right"].append(right[v])
-            usable.append((patient, sorted(made), "; ".join(reasons[k])))
-            one_eyed.append(len(made) == 1)
+            for eye in present:
+                photos[k, eye] = len(inputs[views[0]])
+                for v, a in views_of(squares[k, eye], views).items():
+                    inputs[v].append(view_to_model_input(a))
+            usable.append((patient, present, "; ".join(reasons[k])))
+            cautions.append({eye: poor[k, eye] for eye in present if (k, eye) in poor})
+            # the left and right slot's photo: a one-eyed patient's photo in both
+            slot_rows.append([photos[k, present[0]], photos[k, present[-1]]])
         if not usable:
             return results, explained, images
-        per_view, per_eye = {}, {}
-        for v, (model, _) in self.models.items():
-            left, right = np.stack(inputs[v]["left"]), np.stack(inputs[v]["right"])
-            per_view[v] = _predict(model, left, right)
-            # each eye alone: the same eye in both inputs is exactly that eye's features (max = mean)
-            per_eye[v] = {"left": _predict(model, left, left), "right": _predict(model, right, right)}
-        ensemble = average_probabilities(per_view)
-        side_checks = self._side_checks(inputs, usable) if self.side is not None else [None] * len(usable)
+        slots = np.array(slot_rows)
+        one_eyed = np.array([len(present) == 1 for _, present, _ in usable])
+        per_view, per_eye, eye_features, maps = {}, {}, {}, {}
+        for v in views:
+            features, maps[v] = self._photo_features(v, np.stack(inputs[v]))
+            eye_features[v] = features[slots]  # (patients, 2, F), left slot first
+            per_view[v] = self.heads[v].predict(fuse(eye_features[v], "max_mean"))
+            per_eye[v] = self._each_eye(v, eye_features[v])
+        pair = average_probabilities(per_view)
+        alone = average_probabilities(per_eye)  # (patients, 2, classes): each eye's own answer
+        # a patient with one usable photo is answered by that eye alone (the one-eye head, when the
+        # run has one, with its own thresholds); a pair by the pair heads
+        ensemble = np.where(one_eyed[:, None], alone[:, 0], pair) if self.eye_heads else pair
+        thresholds = np.where(one_eyed[:, None], self.eye_thresholds, self.thresholds)
+        side_checks = (
+            self._side_checks(eye_features["color"], usable) if self.side is not None else [None] * len(usable)
+        )
         if self.cams:
             explained += _explain_chunk(
                 self.cams,
-                inputs,
-                np.array(one_eyed),
+                {v: maps[v][slots] for v in views},
+                one_eyed,
                 usable,
                 ensemble,
-                self.thresholds,
+                thresholds,
                 explain_classes,
                 size,
                 heatmap_folder,
                 self.max_pixels,
                 stems if stems is not None else {},
                 collect,
+                {v: _as_pair_head(h) for v, h in self.eye_heads.items()},
             )
         for k, (patient, present, note) in enumerate(usable):
             results.append(
@@ -511,8 +561,13 @@ class Predictor:
                     {
                         "ensemble": ensemble[k],
                         "views": {v: per_view[v][k] for v in views},
-                        "eyes": {(v, eye): per_eye[v][eye][k] for v in views for eye in present},
+                        "eyes": {
+                            (v, eye): per_eye[v][k, ("left", "right").index(eye)] for v in views for eye in present
+                        },
                         "side_check": side_checks[k],
+                        "answered_from": ANSWERED_FROM_PAIR if len(present) == 2 else f"{present[0]} eye",
+                        "thresholds": [float(t) for t in thresholds[k]],
+                        "quality": cautions[k],
                     },
                     note,
                 )
@@ -520,6 +575,35 @@ class Predictor:
         order = {id(p): i for i, p in enumerate(chunk)}  # rejected first above: back to the input's order
         results.sort(key=lambda r: order[id(r[0])])
         return results, explained, images
+
+    def _each_eye(self, view: str, features: np.ndarray) -> np.ndarray:
+        """(patients, 2, classes): each slot's photo answered alone, by the view's one-eye head, or,
+        in a run without one, by the pair head with the photo in both slots."""
+        if view in self.eye_heads:
+            return (
+                self.eye_heads[view].predict(features.reshape(-1, features.shape[-1])).reshape(*features.shape[:2], -1)
+            )
+        head = self.heads[view]
+        return np.stack([head.predict(fuse(features[:, [k, k]], "max_mean")) for k in (0, 1)], axis=1)
+
+
+ANSWERED_FROM_PAIR = "both eyes"
+
+
+def _dense_head(model: keras.Model) -> LinearHead:
+    """The patient model's ``labels`` layer as a head on concat(max, mean) of the eyes' features
+    (its dropout is off at inference, so this is the model on those features)."""
+    kernel, bias = model.get_layer("labels").get_weights()
+    return LinearHead(np.asarray(kernel, np.float64), np.asarray(bias, np.float64))
+
+
+def _as_pair_head(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
+    """A one-eye head as a head on concat(max, mean) of a photo put in both slots (max = mean = the
+    photo's features): what Grad-CAM explains a one-eyed patient's decision through."""
+    return (
+        np.concatenate([np.zeros_like(head.weights), head.weights]).astype(np.float32),
+        np.asarray(head.bias, np.float32),
+    )
 
 
 def _predict_into(
@@ -582,7 +666,7 @@ def _predict_into(
         explained += batch_explained
     ok = [(p, r) for p, r, _ in results if r is not None]
     probs = np.array([r["ensemble"] for _, r in ok]).reshape(-1, len(LABELS))
-    probs = predictor.calibrated(probs)
+    probs = predictor.calibrated(probs, np.array([r.get("answered_from") != ANSWERED_FROM_PAIR for _, r in ok]))
     atomic_write_text(out / "predictions.csv", predictions_csv([p.patient_id for p, _ in ok], probs))
     atomic_write_text(out / "decisions.csv", _decisions_csv(results, views, thresholds, source))
     if explain:
@@ -622,10 +706,18 @@ def retake_of(note: str) -> dict[str, str]:
 
 
 def decide(result: dict | None, note: str, thresholds: list[float]) -> tuple[list[bool] | None, Referral]:
-    """A patient's eight decisions (probability above its threshold) and its referral line, the one
-    rule for decisions.csv, the report, the station and its API."""
-    decision = None if result is None else [float(p) > t for p, t in zip(result["ensemble"], thresholds)]
-    return decision, refer(decision, retake_of(note))
+    """A patient's eight decisions (probability above its threshold: the result's own, which a
+    one-eye answer has, else ``thresholds``) and its referral line, the one rule for decisions.csv,
+    the report, the station and its API. An answer from one eye says so, and which eye was not
+    screened when no photo of it was given."""
+    if result is None:
+        return None, refer(None, retake_of(note))
+    used = result.get("thresholds") or thresholds
+    decision = [float(p) > t for p, t in zip(result["ensemble"], used)]
+    retake = retake_of(note)
+    screened = result.get("answered_from", ANSWERED_FROM_PAIR)
+    missing = [e for e in ("left", "right") if screened not in (ANSWERED_FROM_PAIR, f"{e} eye") and e not in retake]
+    return decision, refer(decision, retake, not_screened=missing, poor=result.get("quality"))
 
 
 def card_of(
@@ -642,9 +734,11 @@ def card_of(
         "note": note,
         "referral": referral,
         "side_check": result.get("side_check"),
+        "answered_from": result.get("answered_from", ANSWERED_FROM_PAIR),
+        "photo_quality": result.get("quality") or {},
         **(shown or {"eyes": {}, "heatmaps": {}}),
         "probability": [float(v) for v in result["ensemble"]],
-        "threshold": list(thresholds),
+        "threshold": list(result.get("thresholds") or thresholds),
         "decision": decision,
     }
 
@@ -660,6 +754,9 @@ def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str
                 views={v: [float(x) for x in result["views"][v]] for v in views},
                 eyes={f"{v}/{eye}": [float(x) for x in p] for (v, eye), p in result["eyes"].items()},
                 side_check=result.get("side_check"),
+                answered_from=result.get("answered_from", ANSWERED_FROM_PAIR),
+                thresholds=result.get("thresholds"),
+                quality=result.get("quality") or {},
             )
         rows.append(row)
     atomic_write_json(path, {"patients": rows, "explained": explained, "stems": stems})
@@ -681,6 +778,9 @@ def _load_batch(path: Path) -> tuple[list, list[list[str]]]:
                     "views": {v: np.array(p) for v, p in row["views"].items()},
                     "eyes": {tuple(k.split("/")): np.array(p) for k, p in row["eyes"].items()},
                     "side_check": row.get("side_check"),
+                    "answered_from": row.get("answered_from", ANSWERED_FROM_PAIR),
+                    "thresholds": row.get("thresholds"),
+                    "quality": row.get("quality") or {},
                 },
                 row["note"],
             )
@@ -711,7 +811,7 @@ def _move_in(staging: Path, out: Path) -> None:
 
 def _explain_chunk(
     cams,
-    inputs,
+    maps: dict[str, np.ndarray],
     one_eyed,
     usable,
     ensemble,
@@ -722,9 +822,13 @@ def _explain_chunk(
     max_pixels,
     stems: dict[str, str],
     collect: dict | None = None,
+    eye_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[list[str]]:
     """Grad-CAM of one batch of patients, averaged over the view models; writes PNG overlays and .npy arrays.
 
+    ``maps`` per view: (patients, 2, h, w, channels), the last block's maps of the left and right
+    slot, from the pass that gave the features. A one-eyed patient's heatmaps are taken through the
+    head that decided it (``eye_heads`` per view, as heads on concat(max, mean); none: the pair head).
     ``collect`` receives, per patient, the eye photos and heatmaps a report card shows; with
     ``folder`` None nothing is written (the web app answers from memory).
     """
@@ -736,9 +840,14 @@ def _explain_chunk(
     heat = None
     if needed:
         per_view = {}
+        one_eyed = np.asarray(one_eyed, bool)
         for view, cam in cams.items():
-            left, right = np.stack(inputs[view]["left"]), np.stack(inputs[view]["right"])
-            per_view[view], _ = cam.heatmaps(left, right, needed, same_eye=one_eyed)
+            left, right = maps[view][:, 0], maps[view][:, 1]
+            per_view[view] = cam.heatmaps_of_maps(left, right, needed, one_eyed)
+            if eye_heads and view in eye_heads and one_eyed.any():
+                per_view[view][:, one_eyed] = cam.heatmaps_of_maps(
+                    left[one_eyed], right[one_eyed], needed, one_eyed[one_eyed], eye_heads[view]
+                )
         heat = ensemble_heatmaps(per_view, size)
     display = max(size, DISPLAY_SIZE)
     rows = []
@@ -795,17 +904,14 @@ def _file_stem(patient_id: str, taken: dict[str, str]) -> str:
     return stem
 
 
-def _predict(model, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    batch = {INPUT_NAMES[0]: left.astype(np.float32), INPUT_NAMES[1]: right.astype(np.float32)}
-    return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
-
-
 def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
     eye_columns = [f"{v}_{eye}" for v in views for eye in ("left", "right")]
     header = [
         "patient_id",
         "referral",
         "side_check",
+        "answered_from",
+        "photo_quality",
         "status",
         "note",
         "class",
@@ -820,7 +926,17 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
         _, referral = decide(result, note, thresholds)
         if result is None:
             rows.append(
-                [patient.patient_id, referral.text, "", "rejected", note, "", "", "", "", "", *[""] * len(eye_columns)]
+                [
+                    patient.patient_id,
+                    referral.text,
+                    "",
+                    "",
+                    "",
+                    "rejected",
+                    note,
+                    *[""] * 5,
+                    *[""] * len(eye_columns),
+                ]
             )
             continue
         for j, label in enumerate(LABELS):
@@ -830,12 +946,14 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
                 for v in views
                 for eye in ("left", "right")
             ]
-            threshold = thresholds[j]
+            threshold = (result.get("thresholds") or thresholds)[j]
             rows.append(
                 [
                     patient.patient_id,
                     referral.text,
                     result.get("side_check") or "",
+                    result.get("answered_from", ANSWERED_FROM_PAIR),
+                    "; ".join(f"{e}: {r}" for e, r in sorted((result.get("quality") or {}).items())),
                     "ok",
                     note,
                     label,

@@ -11,6 +11,11 @@ what to do. The rule, in order:
 3. **Refer**: a disease decided positive, named in full ("suspected glaucoma, diabetic
    retinopathy").
 4. **No referable finding**: Normal alone.
+
+With one eye's photo (the other not given), the decisions are that eye's alone, and the line
+says so: "No referable finding in the left eye; the right eye was not screened". A photo screened
+though hard to read (blurred, washed out, dark, pale: a cloudy lens does this) never clears: the
+line says to retake it and, if a retake is no clearer, to refer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..data.quality import POOR_ADVICE
 from ..labels import LABELS
 
 # what each ODIR label is called where a person reads a referral
@@ -47,10 +53,38 @@ def _eyes(eyes: Sequence[str]) -> str:
     return " and ".join(f"the {e} eye" for e in eyes)
 
 
-def refer(decisions: Sequence[bool] | None, retake: dict[str, str] | None = None) -> Referral:
-    """The patient's line from its eight decisions (None: no photo was usable) and the eyes whose
-    photo was given but could not be used (``retake``: eye to reason)."""
+def refer(
+    decisions: Sequence[bool] | None,
+    retake: dict[str, str] | None = None,
+    not_screened: Sequence[str] = (),
+    poor: dict[str, str] | None = None,
+) -> Referral:
+    """The patient's line from its eight decisions (None: no photo was usable), the eyes whose
+    photo was given but could not be used (``retake``: eye to reason), the eyes no photo was
+    given of (``not_screened``): the decisions are then about the other eye alone, and the line says
+    which eye they are about and that the other was not screened; and the eyes whose photo was
+    screened though hard to read (``poor``: eye to reason, :data:`..data.quality.POOR`): such a photo
+    never clears the patient, and the line says to retake it and, if a retake is no clearer, to refer."""
     retake = dict(retake or {})
+    referral = _refer(decisions, retake)
+    poor = {e: r for e, r in (poor or {}).items() if e not in retake}
+    if decisions is not None and poor and referral.kind != "not_gradable":
+        photos = "; ".join(f"the {e} photo is {r}" for e, r in sorted(poor.items()))
+        if referral.kind == "no_referable_finding":
+            referral = Referral("inconclusive", f"Inconclusive: {photos}: {POOR_ADVICE}")
+        else:
+            referral = Referral(referral.kind, f"{referral.text}; {photos}")
+    missing = sorted(set(not_screened) - set(retake))
+    if decisions is None or not missing:
+        return referral
+    if len(missing) == 2:
+        raise ValueError("decisions were given, yet neither eye was screened")
+    seen = "right" if missing == ["left"] else "left"
+    about = f" in the {seen} eye" if referral.kind == "no_referable_finding" else f" ({seen} eye)"
+    return Referral(referral.kind, f"{referral.text}{about}; the {missing[0]} eye was not screened")
+
+
+def _refer(decisions: Sequence[bool] | None, retake: dict[str, str]) -> Referral:
     if decisions is None:
         eyes = sorted(retake) or ["left", "right"]
         why = "; ".join(f"{e}: {r}" for e, r in sorted(retake.items()))

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..data.manifest import read_csv_rows, read_text_file
 from ..errors import FundusError
-from ..evaluation.calibration import load_calibration_file, raw_thresholds, run_calibration
-from ..evaluation.ensemble import card_fingerprints
+from ..evaluation.calibration import load_calibration_file, load_eye_calibration, raw_thresholds, run_calibration
+from ..evaluation.ensemble import card_fingerprints, run_views
 from ..evaluation.partial import (
     FINAL_UNDEFINED,
     PartialLabels,
@@ -26,7 +26,7 @@ from ..evaluation.partial import (
 )
 from ..fileio import atomic_write_json, atomic_write_text, neutralise_cell
 from ..labels import LABEL_NAMES, LABELS
-from .predict import patients_in_manifest, predict_photos
+from .predict import ANSWERED_FROM_PAIR, patients_in_manifest, predict_photos
 
 RAW = "raw_predictions"  # the sub-folder holding predict's output, at no calibration
 
@@ -39,9 +39,10 @@ def predict_table(
     batch_size: int = 16,
     gate: bool | None = None,
     progress: bool = True,
-) -> tuple[PartialLabels, np.ndarray, dict]:
-    """The table's labels, and the raw ensemble probabilities of its patients in the same order
-    (NaN rows for patients predict rejected), and predict's summary."""
+) -> tuple[PartialLabels, np.ndarray, dict, np.ndarray]:
+    """The table's labels, the raw ensemble probabilities of its patients in the same order (NaN rows
+    for patients predict rejected), predict's summary, and which patients were answered from one eye
+    (their probabilities are the one-eye heads', on their own scale)."""
     labels = read_partial_labels(table)
     photos = patients_in_manifest(table, image_root)
     summary = predict_photos(
@@ -51,7 +52,25 @@ def predict_table(
     header, rows = read_csv_rows(read_text_file(path, "predictions file"), str(path))
     by_id = {fields[0]: np.array([float(fields[header.index(c)]) for c in LABELS]) for _, fields in rows}
     probs = np.array([by_id.get(neutralise_cell(pid), np.full(len(LABELS), np.nan)) for pid in labels.patient_ids])
-    return labels, probs, summary
+    path = Path(out) / RAW / "decisions.csv"
+    header, rows = read_csv_rows(read_text_file(path, "decisions file"), str(path))
+    column = header.index("answered_from")
+    single = {fields[0] for _, fields in rows if fields[column] not in ("", ANSWERED_FROM_PAIR)}
+    one_eye = np.array([neutralise_cell(pid) in single for pid in labels.patient_ids])
+    return labels, probs, summary, one_eye
+
+
+def _eye_thresholds(run_dir, calibration, pair: list[float]) -> tuple[list[float], object]:
+    """The one-eye answers' raw thresholds as predict sets them (:meth:`.predict.Predictor._eye_calibration`)."""
+    from ..training.train import load_eye_heads
+
+    if calibration is False or not load_eye_heads(run_dir, run_views(run_dir)):
+        return pair, None
+    for path in (calibration, run_calibration(run_dir)):
+        fitted = load_eye_calibration(path) if path is not None else None
+        if fitted is not None:
+            return raw_thresholds(fitted), fitted
+    return [0.5] * len(LABELS), None
 
 
 def _thresholds(run_dir, calibration) -> tuple[list[float], str, object]:
@@ -77,14 +96,18 @@ def evaluate_table(
 ) -> dict:
     """Score the run on a partly labelled table; writes ``evaluation.json`` and ``evaluation.md``."""
     thresholds, source, _ = _thresholds(run_dir, calibration)
-    labels, probs, summary = predict_table(run_dir, table, image_root, out, batch_size, gate, progress)
+    eye_thresholds, _ = _eye_thresholds(run_dir, calibration, thresholds)
+    labels, probs, summary, one_eye = predict_table(run_dir, table, image_root, out, batch_size, gate, progress)
     scored = ~np.isnan(probs).any(axis=1)
     if not scored.any():
         raise FundusError(f"{table}: no patient could be predicted (reasons in {Path(out) / RAW / 'decisions.csv'})")
-    result = score_partial(labels.y[scored], probs[scored], thresholds)
+    # each patient at the thresholds that decided it: a pair at the pair thresholds, one eye at the one-eye ones
+    per_patient = np.where(one_eye[:, None], eye_thresholds, thresholds)
+    result = score_partial(labels.y[scored], probs[scored], per_patient[scored])
     result.update(
         {
             "table": str(table),
+            "one_eye": int((one_eye & scored).sum()),
             "rejected": int((~scored).sum()),
             "thresholds_from": source,
             "run_fingerprint": card_fingerprints(run_dir),
@@ -104,7 +127,8 @@ def format_partial(result: dict) -> str:
         return f"{value:.1%}" + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
 
     lines = [
-        f"{result['patients']} patients scored ({result['rejected']} rejected by predict); thresholds: "
+        f"{result['patients']} patients scored ({result['rejected']} rejected by predict; "
+        f"{result.get('one_eye', 0)} answered from one eye, at the one-eye thresholds); thresholds: "
         f"{result['thresholds_from']}. Only the labelled cells count: an empty cell is unknown.",
         "",
         "| class | labelled | positives | AUC (95 % interval) | threshold | sensitivity | specificity |",
@@ -136,14 +160,24 @@ def calibrate_site(
 ) -> dict:
     """Fit a site's thresholds on its labelled sample and write them as a ``calibration.json`` that
     predict, the station and the export take (``--calibration``); returns what was done per class."""
-    _, _, run_fit = _thresholds(run_dir, None)
-    labels, probs, _ = predict_table(run_dir, table, image_root, work, batch_size, gate, progress)
+    pair_thresholds, _, run_fit = _thresholds(run_dir, None)
+    _, run_eye_fit = _eye_thresholds(run_dir, None, pair_thresholds)
+    labels, probs, _, one_eye = predict_table(run_dir, table, image_root, work, batch_size, gate, progress)
     scored = ~np.isnan(probs).any(axis=1)
+    pairs, singles = scored & ~one_eye, scored & one_eye
+    # pairs and single eyes are answered by different heads, on different scales: each gets its own thresholds
     fitted, report = fit_site_calibration(
-        labels.y[scored], probs[scored], run_fit, operating_point, min_positives, min_negatives
+        labels.y[pairs], probs[pairs], run_fit, operating_point, min_positives, min_negatives
     )
+    eye = {}
+    if run_eye_fit is not None:
+        eye_fitted, eye_report = fit_site_calibration(
+            labels.y[singles], probs[singles], run_eye_fit, operating_point, min_positives, min_negatives
+        )
+        eye = {"eye": eye_fitted.to_dict(), "site_one_eye": eye_report}
     record = {
         "ensemble": fitted.to_dict(),
+        **eye,
         "fitted_on": f"site sample {Path(table).name} ({int(scored.sum())} patients)",
         "flip_tta": False,
         "site": report,

@@ -25,6 +25,8 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
+
 from ..data.dicom import check_laterality
 from ..errors import FundusError, ImageError
 from ..inference.bundle import model_card_path
@@ -103,7 +105,8 @@ def answered_card(predictor, patient_id: str, result: tuple) -> tuple[dict, dict
 def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> dict:
     """The API's answer for one patient: per class the probability, threshold and decision."""
     card, outcome = answered_card(predictor, patient_id, result)
-    calibrated = predictor.calibrated(outcome["ensemble"][None])[0]
+    one_eye = np.array([outcome.get("answered_from", "both eyes") != "both eyes"])
+    calibrated = predictor.calibrated(outcome["ensemble"][None], one_eye)[0]
     classes = [
         {
             "class": c,
@@ -121,6 +124,8 @@ def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> di
         "side_check": card.get("side_check"),
         "classes": classes,
         "eyes": sorted({e for _, e in outcome["eyes"]}),
+        "answered_from": card["answered_from"],
+        "photo_quality": card["photo_quality"],
         "note": card["note"],
         "thresholds": predictor.source,
         "model": _model_summary(predictor),
