@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-calibration", action="store_true", help="decide at 0.5 even if the run has a calibration")
     p.add_argument(
+        "--site",
+        help="site.json of scripts/adapt_site.py: this camera's alignment to the training photos, made for this "
+        "model from 50 or more of the camera's unlabelled photos",
+    )
+    p.add_argument(
         "--no-quality-gate",
         action="store_true",
         help="decide on every photo that can be read, even one the gradability gate refuses (too dark, "
@@ -149,6 +154,7 @@ def main(argv=None):
     if own and args.calibration is not None:
         print(f"deciding with the run's calibration {args.calibration} (--no-calibration: at 0.5)", flush=True)
     from fundus_ensemble.inference.predict import (
+        UNLIKE_SHARE,
         PatientPhotos,
         check_sides,
         patients_in_folder,
@@ -177,6 +183,7 @@ def main(argv=None):
         resume=args.resume,
         shard=shard,
         gate=False if args.no_quality_gate else None,
+        site=args.site,
     )
     one_eyed = summary["eyes_rejected"]
     print(
@@ -190,6 +197,19 @@ def main(argv=None):
             print(f"  {what}: {patient_id}: {note}")
         if len(cases) > SHOWN:
             print(f"  ... and {len(cases) - SHOWN} more {what} (decisions.csv gives every reason)")
+    if summary["unlike_training"] > UNLIKE_SHARE * max(1, summary["photos_screened"]):
+        print(
+            f"warning: {summary['unlike_training']} of {summary['photos_screened']} photos look unlike the training "
+            f"photos (1 % of held-back training photos do; decisions.csv, column unlike_training, names them)"
+            + (
+                f". Photos of another camera? Run scripts/adapt_site.py {args.run_dir} on 50 or more of them "
+                "and predict with --site"
+                if summary["site"] is None
+                else f", even with --site {summary['site']}"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"wrote {summary['out_dir']}/predictions.csv and decisions.csv")
     if not summary["predicted"]:
         raise FundusError(

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN/calibration.json or RUN/score_*/calibration.json, as predict.py)",
     )
     p.add_argument("--no-calibration", action="store_true", help="decide at 0.5 even if the run has a calibration")
+    p.add_argument("--site", help="site.json of scripts/adapt_site.py for this camera (made for this model)")
     p.add_argument("--max-upload-mb", type=float, default=40.0, help="largest request (both photos) in MB")
     p.add_argument("--max-megapixels", type=float, default=100.0, help="reject larger photos before decoding")
     p.add_argument("--queue", type=int, default=16, help="requests waiting at most; more are answered 503")
@@ -84,7 +85,12 @@ def main(argv=None):
 
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None
     predictor = Predictor(
-        args.run_dir, calibration, max_pixels, explain=True, gate=False if args.no_quality_gate else None
+        args.run_dir,
+        calibration,
+        max_pixels,
+        explain=True,
+        gate=False if args.no_quality_gate else None,
+        site=args.site,
     )
     app = create_app(predictor, token, args.max_upload_mb, args.queue, args.batch_size, args.log_patients)
     print(

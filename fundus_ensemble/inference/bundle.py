@@ -9,7 +9,8 @@ size, the weights' SHA-256 and the SHA-256 of every file:
     bundle.json  color.npz  gray_eq.npz  color_eye.npz  gray_eq_eye.npz  side.npz  calibration.json
     cards/color.json  cards/gray_eq.json  MODEL_CARD.md
 
-(``<view>_eye.npz``: the view's head for a photo given alone, in bundles released with one.)
+(``<view>_eye.npz``: the view's head for a photo given alone; ``<view>_reference.npz``: its training
+photos' feature reference, for site alignment and the unlike-photo warning; in bundles released with them.)
 
 :func:`materialize` checks every file against ``bundle.json`` (one changed byte is refused in
 one line, naming the file), then builds the run folder predict, the station and the export
@@ -40,6 +41,7 @@ CACHE_VARIABLE = "FUNDUS_ENSEMBLE_CACHE"
 MODEL_CARD = "MODEL_CARD.md"
 RUN_LAYOUT = 3  # what materialize writes into a run folder (3: the one-eye heads)
 EYE_SUFFIX = "_eye.npz"  # a view's one-eye head in a bundle: color_eye.npz, gray_eq_eye.npz
+REFERENCE_SUFFIX = "_reference.npz"  # a view's feature reference (training.adaptation)
 
 
 def model_card_path(run_dir: str | os.PathLike) -> Path | None:
@@ -97,7 +99,7 @@ def write_bundle(
 ) -> dict:
     """A cross-fitted run (``train_pair --head-fit cross-fit``) as a bundle in ``out``."""
     from ..evaluation.calibration import RUN_CALIBRATION
-    from ..training.train import CARD_NAME, EYE_HEAD, SIDE_HEAD
+    from ..training.train import CARD_NAME, EYE_HEAD, REFERENCE, SIDE_HEAD
 
     run, out = Path(run_dir), Path(out)
     views = [v for v in VIEWS if (run / v / CARD_NAME).is_file()]
@@ -121,6 +123,8 @@ def write_bundle(
                     weights=eye["weights"].astype(np.float32),
                     bias=eye["bias"].astype(np.float32),
                 )
+        if (run / view / REFERENCE).is_file():
+            shutil.copyfile(run / view / REFERENCE, out / f"{view}{REFERENCE_SUFFIX}")
         public = {k: v for k, v in cards[view].items() if k not in ("data_manifest", "created")}  # no paths, no clock
         public["config"] = {k: v for k, v in public.get("config", {}).items() if k != "feature_store"}
         atomic_write_json(out / "cards" / f"{view}.json", public)
@@ -156,7 +160,7 @@ def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
     from ..evaluation.calibration import RUN_CALIBRATION
     from ..models import build_patient_model
     from ..training.heads import LinearHead, set_patient_head
-    from ..training.train import CARD_NAME, EYE_HEAD, MODEL_NAME, SIDE_HEAD
+    from ..training.train import CARD_NAME, EYE_HEAD, MODEL_NAME, REFERENCE, SIDE_HEAD
 
     folder = Path(folder)
     record = read_bundle(folder)
@@ -179,6 +183,8 @@ def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
         shutil.copyfile(folder / "cards" / f"{view}.json", work / view / CARD_NAME)
         if f"{view}{EYE_SUFFIX}" in record["files"]:  # the one-eye head: listed, so checked above
             shutil.copyfile(folder / f"{view}{EYE_SUFFIX}", work / view / EYE_HEAD)
+        if f"{view}{REFERENCE_SUFFIX}" in record["files"]:
+            shutil.copyfile(folder / f"{view}{REFERENCE_SUFFIX}", work / view / REFERENCE)
     if (folder / SIDE_HEAD).is_file():
         shutil.copyfile(folder / SIDE_HEAD, work / "color" / SIDE_HEAD)
     shutil.copyfile(folder / RUN_CALIBRATION, work / RUN_CALIBRATION)

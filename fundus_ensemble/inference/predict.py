@@ -10,6 +10,7 @@ streamed in batches, so memory does not grow with the folder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -68,13 +69,14 @@ from ..fileio import (
     csv_for_people,
     folder_lock,
     remove_owned,
+    sha256_file,
 )
 from ..labels import LABELS
 from ..models.gate import INPUT_SIZE as GATE_SIZE
 from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
 from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.heads import LinearHead, SideHead, fuse
-from ..training.train import SIDE_HEAD, load_eye_heads
+from ..training.train import SIDE_HEAD, load_eye_heads, load_references
 from .bundle import model_card_path
 from .explain import GradCam, ensemble_heatmaps, overlay
 from .referral import Referral, refer
@@ -204,6 +206,7 @@ def predict_photos(
     resume: bool = False,
     shard: tuple[int, int] | None = None,
     gate: bool | None = None,
+    site: str | os.PathLike | None = None,
 ) -> dict:
     """Predict every patient; write ``predictions.csv`` and ``decisions.csv`` to ``out_dir``.
 
@@ -221,6 +224,7 @@ def predict_photos(
     ``gate`` (None: :func:`gate_default`, on) refuses the photos that are not gradable
     (:mod:`..data.quality`, :mod:`..models.gate`): such an eye gets no decision and its reason; a
     patient with none is "Not gradable: retake ...".
+    ``site`` is a ``site.json`` of ``scripts/adapt_site.py``: the camera's alignment, folded into the heads.
     ``shard`` ``(i, n)`` predicts only the patients whose id hashes to shard ``i`` (from 1) of ``n``, so
     ``n`` machines split a folder without talking to each other; :mod:`.merge` joins them.
     """
@@ -231,12 +235,20 @@ def predict_photos(
     if shard is not None:
         patients = [p for p in patients if in_shard(p.patient_id, *shard)]
     _, source = load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
+    if site is not None and not Path(site).is_file():
+        raise FundusError(
+            f"--site {site}: {'is a folder; give the site.json in it' if Path(site).is_dir() else 'not found'}"
+        )
     claim_folder(out, "predictions")
     with folder_lock(out, "predictions"):
         if (out / "predictions.csv").exists() and not force:  # under the lock: no other run can write here now
             raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
         gate = gate_default() if gate is None else gate
-        job = {**_job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard), "gate": gate}
+        job = {
+            **_job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard),
+            "gate": gate,
+            "site": None if site is None else sha256_file(site),
+        }
         staging = out / STAGING
         if resume and (staging / JOB_FILE).is_file():
             earlier = json.loads((staging / JOB_FILE).read_text(encoding="utf-8"))
@@ -263,6 +275,7 @@ def predict_photos(
             explain_classes,
             report,
             gate,
+            site,
         )
         atomic_write_json(
             staging / RECORD_FILE, {**job, "predicted": summary["predicted"], "rejected": summary["rejected"]}
@@ -325,6 +338,7 @@ class Predictor:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         explain: bool = False,
         gate: bool | None = None,
+        site: str | os.PathLike | None = None,
     ):
         self.run_dir = run_dir
         self.max_pixels = max_pixels
@@ -334,7 +348,7 @@ class Predictor:
         self.fitted, self.source = (
             load_calibration_file(calibration) if calibration is not None else (None, "default 0.5")
         )
-        self.views = run_views(run_dir)
+        self.views = tuple(run_views(run_dir))
         self.models = {view: load_view_model(run_dir, view) for view in self.views}
         sizes = {card["input_size"] for _, card in self.models.values()}
         if len(sizes) != 1:
@@ -363,6 +377,15 @@ class Predictor:
         if "color" in self.models and side_file.is_file():  # a cross-fitted run's: which eye a photo shows
             with np.load(side_file) as data:
                 self.side = SideHead.from_arrays(data)
+        self.references = load_references(run_dir, self.views)  # {} for a run without: no unlike-photo warning
+        self.site, self.alignments, self.site_path = None, {}, site
+        if site is not None:
+            self.site, self.alignments = load_site(site, run_dir, self.references)
+            # the site's alignment folded into every head: exact (affine per feature, positive scale)
+            self.heads = {v: a.fold(self.heads[v], 2) for v, a in self.alignments.items()}
+            self.eye_heads = {v: self.alignments[v].fold(h) for v, h in self.eye_heads.items()}
+            if self.side is not None and "color" in self.alignments:
+                self.side = dataclasses.replace(self.side, head=self.alignments["color"].fold(self.side.head))
 
     def _eye_calibration(self, calibration) -> Calibration | None:
         """The calibration of the one-eye answers: the ``eye`` fit of the calibration given, else of
@@ -482,6 +505,36 @@ class Predictor:
             return GradCam.pooled(maps), maps
         return np.asarray(self.encoders[view].predict_on_batch(images.astype(np.float32)), np.float32), None
 
+    def read_chunk(self, chunk: list[PatientPhotos]) -> ChunkInputs:
+        """Each photo of ``chunk`` decoded, judged by the gate and made into every view's model input
+        (:func:`..data.imaging.views_of`, preprocessing's own path), one row per photo."""
+        squares, reasons, poor = self._gradable_squares(chunk)
+        read = ChunkInputs(images=sum((p.left is not None) + (p.right is not None) for p in chunk))
+        read.inputs = {v: [] for v in self.views}
+        for k, patient in enumerate(chunk):
+            present = [eye for eye in ("left", "right") if (k, eye) in squares]
+            if not present:
+                read.rejected.append((patient, None, "; ".join(reasons[k]) or "no photo"))
+                continue
+            rows = {}
+            for eye in present:
+                rows[eye] = len(read.inputs[self.views[0]])
+                for v, a in views_of(squares[k, eye], self.views).items():
+                    read.inputs[v].append(view_to_model_input(a))
+            read.usable.append((patient, present, "; ".join(reasons[k])))
+            read.cautions.append({eye: poor[k, eye] for eye in present if (k, eye) in poor})
+            read.slots.append([rows[present[0]], rows[present[-1]]])  # a one-eyed patient's photo in both slots
+            read.photos.append(rows)
+        return read
+
+    def photo_features(self, chunk: list[PatientPhotos]) -> tuple[dict[str, np.ndarray], ChunkInputs]:
+        """Every usable photo's pooled features per view ``(photos, F)``, as the heads read them, and
+        what :meth:`read_chunk` found (site alignment is fitted on these: the site's own features)."""
+        read = self.read_chunk(chunk)
+        if not read.usable:
+            return {v: np.zeros((0, 0), np.float32) for v in self.views}, read
+        return {v: self._photo_features(v, np.stack(read.inputs[v]))[0] for v in self.views}, read
+
     def predict_chunk(
         self,
         chunk: list[PatientPhotos],
@@ -499,33 +552,21 @@ class Predictor:
         the eyes' photos put in ``collect`` per patient when given.
         """
         views, size = self.views, self.size
-        results: list[tuple[PatientPhotos, dict | None, str]] = []
         explained: list[list[str]] = []
-        squares, reasons, poor = self._gradable_squares(chunk)
-        images = sum((p.left is not None) + (p.right is not None) for p in chunk)
-        photos: dict[tuple[int, str], int] = {}  # (patient, eye) -> row of the chunk's photo arrays
-        inputs = {v: [] for v in views}
-        usable, slot_rows, cautions = [], [], []
-        for k, patient in enumerate(chunk):
-            present = [eye for eye in ("left", "right") if (k, eye) in squares]
-            if not present:
-                results.append((patient, None, "; ".join(reasons[k]) or "no photo"))
-                continue
-            for eye in present:
-                photos[k, eye] = len(inputs[views[0]])
-                for v, a in views_of(squares[k, eye], views).items():
-                    inputs[v].append(view_to_model_input(a))
-            usable.append((patient, present, "; ".join(reasons[k])))
-            cautions.append({eye: poor[k, eye] for eye in present if (k, eye) in poor})
-            # the left and right slot's photo: a one-eyed patient's photo in both
-            slot_rows.append([photos[k, present[0]], photos[k, present[-1]]])
+        read = self.read_chunk(chunk)
+        results, usable, images = read.rejected, read.usable, read.images
         if not usable:
             return results, explained, images
+        inputs, cautions, slot_rows, photo_rows = read.inputs, read.cautions, read.slots, read.photos
         slots = np.array(slot_rows)
         one_eyed = np.array([len(present) == 1 for _, present, _ in usable])
         per_view, per_eye, eye_features, maps = {}, {}, {}, {}
+        unlike = np.zeros(len(inputs[views[0]]), bool)
         for v in views:
             features, maps[v] = self._photo_features(v, np.stack(inputs[v]))
+            if v == UNLIKE_VIEW and v in self.references:
+                aligned = self.alignments[v].apply(features) if v in self.alignments else features
+                unlike = self.references[v].distance(aligned) > self.references[v].warn_distance
             eye_features[v] = features[slots]  # (patients, 2, F), left slot first
             per_view[v] = self.heads[v].predict(fuse(eye_features[v], "max_mean"))
             per_eye[v] = self._each_eye(v, eye_features[v])
@@ -553,6 +594,7 @@ class Predictor:
                 stems if stems is not None else {},
                 collect,
                 {v: _as_pair_head(h) for v, h in self.eye_heads.items()},
+                {v: _kernel(h) for v, h in self.heads.items()},
             )
         for k, (patient, present, note) in enumerate(usable):
             results.append(
@@ -568,6 +610,7 @@ class Predictor:
                         "answered_from": ANSWERED_FROM_PAIR if len(present) == 2 else f"{present[0]} eye",
                         "thresholds": [float(t) for t in thresholds[k]],
                         "quality": cautions[k],
+                        "unlike_training": [e for e in present if unlike[photo_rows[k][e]]],
                     },
                     note,
                 )
@@ -587,7 +630,55 @@ class Predictor:
         return np.stack([head.predict(fuse(features[:, [k, k]], "max_mean")) for k in (0, 1)], axis=1)
 
 
+@dataclass
+class ChunkInputs:
+    """A chunk of patients read for the models (:meth:`Predictor.read_chunk`)."""
+
+    images: int = 0  # photos given
+    rejected: list = dataclasses.field(default_factory=list)  # (patient, None, why) with no usable photo
+    usable: list = dataclasses.field(default_factory=list)  # (patient, eyes used, why others were not)
+    cautions: list = dataclasses.field(default_factory=list)  # per usable patient: eye -> poor-photo caution
+    slots: list = dataclasses.field(default_factory=list)  # per usable patient: [left slot row, right slot row]
+    photos: list = dataclasses.field(default_factory=list)  # per usable patient: eye -> row
+    inputs: dict = dataclasses.field(default_factory=dict)  # view -> one model input per row
+
+
 ANSWERED_FROM_PAIR = "both eyes"
+UNLIKE_VIEW = "color"  # the view whose features say a photo looks unlike the training photos (a camera's colour)
+UNLIKE_SHARE = 0.05  # a batch with more photos unlike the training photos than this is said so (1 % expected)
+SITE_FORMAT = "fundus-ensemble site alignment 1"
+SITE_MAX_BYTES = 4_000_000  # a site file is two views' 2 x F numbers: about 100 kB
+
+
+def load_site(path: str | os.PathLike, run_dir, references: dict) -> tuple[dict, dict]:
+    """A ``site.json`` of ``scripts/adapt_site.py``, checked: made for this run (its fingerprint),
+    one alignment per view of the run; returns the record and the alignments per view."""
+    from ..training.adaptation import SiteAlignment
+
+    path = Path(path)
+    if not path.is_file():
+        raise FundusError(f"--site {path}: {'is a folder; give the site.json in it' if path.is_dir() else 'not found'}")
+    if path.stat().st_size > SITE_MAX_BYTES:
+        raise FundusError(f"--site {path}: {path.stat().st_size} bytes; a site file is about 100 kB")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FundusError(f"--site {path}: not a site file of scripts/adapt_site.py ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != SITE_FORMAT or not isinstance(record.get("views"), dict):
+        raise FundusError(f"--site {path}: not a {SITE_FORMAT!r} file of scripts/adapt_site.py")
+    if not references:
+        raise FundusError(f"--site {path}: the run {run_dir} has no feature references (trained before them)")
+    if record.get("run_fingerprint") != card_fingerprints(run_dir):
+        raise FundusError(
+            f"--site {path} was made for another model (its run fingerprint differs from {run_dir}'s); "
+            "run scripts/adapt_site.py with this model"
+        )
+    if set(record["views"]) != set(references):
+        raise FundusError(f"--site {path}: views {sorted(record['views'])}, the run's are {sorted(references)}")
+    alignments = {
+        v: SiteAlignment.from_dict(record["views"][v], references[v], f"--site {path}, view {v}") for v in references
+    }
+    return record, alignments
 
 
 def _dense_head(model: keras.Model) -> LinearHead:
@@ -595,6 +686,10 @@ def _dense_head(model: keras.Model) -> LinearHead:
     (its dropout is off at inference, so this is the model on those features)."""
     kernel, bias = model.get_layer("labels").get_weights()
     return LinearHead(np.asarray(kernel, np.float64), np.asarray(bias, np.float64))
+
+
+def _kernel(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(head.weights, np.float32), np.asarray(head.bias, np.float32)
 
 
 def _as_pair_head(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
@@ -607,10 +702,21 @@ def _as_pair_head(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _predict_into(
-    out: Path, run_dir, patients, batch_size, max_pixels, progress, calibration, explain, explain_classes, report, gate
+    out: Path,
+    run_dir,
+    patients,
+    batch_size,
+    max_pixels,
+    progress,
+    calibration,
+    explain,
+    explain_classes,
+    report,
+    gate,
+    site=None,
 ) -> dict:
     """predict_photos' work, every output written into ``out`` (the staging folder)."""
-    predictor = Predictor(run_dir, calibration, max_pixels, explain, gate)
+    predictor = Predictor(run_dir, calibration, max_pixels, explain, gate, site)
     if predictor.fitness_warning:
         print(f"warning: {predictor.fitness_warning}", file=sys.stderr, flush=True)
     views, thresholds, source = predictor.views, predictor.thresholds, predictor.source
@@ -695,6 +801,10 @@ def _predict_into(
         "heatmaps": len(explained),
         "rejections": [(p.patient_id, note) for p, r, note in results if r is None],
         "eyes_rejected": [(p.patient_id, note) for p, r, note in results if r is not None and note],
+        "photos_screened": sum(len({e for _, e in r["eyes"]}) for _, r in ok),
+        "unlike_training": sum(len(r.get("unlike_training") or []) for _, r in ok),
+        "unlike_checked": bool(predictor.references),
+        "site": str(predictor.site_path) if predictor.site is not None else None,
     }
 
 
@@ -757,6 +867,7 @@ def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str
                 answered_from=result.get("answered_from", ANSWERED_FROM_PAIR),
                 thresholds=result.get("thresholds"),
                 quality=result.get("quality") or {},
+                unlike_training=result.get("unlike_training") or [],
             )
         rows.append(row)
     atomic_write_json(path, {"patients": rows, "explained": explained, "stems": stems})
@@ -781,6 +892,7 @@ def _load_batch(path: Path) -> tuple[list, list[list[str]]]:
                     "answered_from": row.get("answered_from", ANSWERED_FROM_PAIR),
                     "thresholds": row.get("thresholds"),
                     "quality": row.get("quality") or {},
+                    "unlike_training": row.get("unlike_training") or [],
                 },
                 row["note"],
             )
@@ -823,6 +935,7 @@ def _explain_chunk(
     stems: dict[str, str],
     collect: dict | None = None,
     eye_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    pair_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[list[str]]:
     """Grad-CAM of one batch of patients, averaged over the view models; writes PNG overlays and .npy arrays.
 
@@ -843,7 +956,7 @@ def _explain_chunk(
         one_eyed = np.asarray(one_eyed, bool)
         for view, cam in cams.items():
             left, right = maps[view][:, 0], maps[view][:, 1]
-            per_view[view] = cam.heatmaps_of_maps(left, right, needed, one_eyed)
+            per_view[view] = cam.heatmaps_of_maps(left, right, needed, one_eyed, (pair_heads or {}).get(view))
             if eye_heads and view in eye_heads and one_eyed.any():
                 per_view[view][:, one_eyed] = cam.heatmaps_of_maps(
                     left[one_eyed], right[one_eyed], needed, one_eyed[one_eyed], eye_heads[view]
@@ -912,6 +1025,7 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
         "side_check",
         "answered_from",
         "photo_quality",
+        "unlike_training",
         "status",
         "note",
         "class",
@@ -929,6 +1043,7 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
                 [
                     patient.patient_id,
                     referral.text,
+                    "",
                     "",
                     "",
                     "",
@@ -954,6 +1069,7 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
                     result.get("side_check") or "",
                     result.get("answered_from", ANSWERED_FROM_PAIR),
                     "; ".join(f"{e}: {r}" for e, r in sorted((result.get("quality") or {}).items())),
+                    " ".join(result.get("unlike_training") or []),
                     "ok",
                     note,
                     label,

@@ -190,3 +190,64 @@ def calibrate_site(
     atomic_write_json(out, record)
     load_calibration_file(out)  # what predict will read, checked now
     return record
+
+
+def adapt_site(
+    run_dir: str | os.PathLike,
+    patients: list,
+    out: str | os.PathLike,
+    batch_size: int = 16,
+    gate: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """Align a camera's photos to the run's training photos without a label
+    (:func:`..training.adaptation.fit_alignment`, per view) and write ``out`` (``site.json``), which
+    predict, the station and the export take (``--site``); it names the model it was made for."""
+    from tqdm.auto import tqdm
+
+    from ..training.adaptation import MIN_SITE_PHOTOS, fit_alignment
+    from .predict import SITE_FORMAT, UNLIKE_VIEW, Predictor
+
+    predictor = Predictor(run_dir, gate=gate)
+    if not predictor.references or not predictor.eye_heads:
+        raise FundusError(
+            f"{run_dir} has no feature references or one-eye heads (a cross-fitted run trained before them): "
+            "retrain it with train_pair.py --head-fit cross-fit, or use the bundled model"
+        )
+    features = {v: [] for v in predictor.views}
+    refused = []
+    bar = tqdm(total=len(patients), desc="site photos", unit="patient", disable=None if progress else True)
+    for first in range(0, len(patients), batch_size):
+        chunk = patients[first : first + batch_size]
+        got, read = predictor.photo_features(chunk)
+        refused += [(p.patient_id, note) for p, _, note in read.rejected]
+        if read.usable:
+            for v in predictor.views:
+                features[v].append(got[v])
+        bar.update(len(chunk))
+    bar.close()
+    photos = sum(len(f) for f in features[predictor.views[0]])
+    if photos < MIN_SITE_PHOTOS:
+        raise FundusError(
+            f"{photos} usable photos of the site ({len(refused)} patients refused by the gate); adapting needs "
+            f"{MIN_SITE_PHOTOS} or more"
+        )
+    stacked = {v: np.concatenate(f) for v, f in features.items()}
+    alignments = {
+        v: fit_alignment(stacked[v], predictor.references[v], predictor.eye_heads[v]) for v in predictor.views
+    }
+    ref = predictor.references[UNLIKE_VIEW]
+    before = float(np.mean(ref.distance(stacked[UNLIKE_VIEW]) > ref.warn_distance))
+    after = float(np.mean(ref.distance(alignments[UNLIKE_VIEW].apply(stacked[UNLIKE_VIEW])) > ref.warn_distance))
+    record = {
+        "format": SITE_FORMAT,
+        "run_fingerprint": card_fingerprints(run_dir),
+        "photos": photos,
+        "patients_refused": len(refused),
+        "method": "aligned on the site's most normal-looking photos (training.adaptation)",
+        "unlike_training": {"before": before, "after": after},
+        "views": {v: a.to_dict() for v, a in alignments.items()},
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, record)
+    return record

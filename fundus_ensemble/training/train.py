@@ -716,6 +716,7 @@ def _acquisition_features(
 SIDE_HEAD = "side.npz"
 EYE_HEAD = "eye_head.npz"  # a view's head for one photo given alone (training.heads.cross_fit_eyes)
 EYE_OUT_OF_FOLD = "eye_out_of_fold.npz"  # its out-of-fold eye predictions: what the one-eye calibration is fitted on
+REFERENCE = "reference.npz"  # the view's training photos' features, for site alignment and the unlike-photo warning
 
 
 def _eye_head(out: Path, view: str, features, augmented, development, folds, config: TrainConfig) -> dict | None:
@@ -724,6 +725,7 @@ def _eye_head(out: Path, view: str, features, augmented, development, folds, con
     None, said so, when the manifest has no per-eye keywords (a photo alone is then answered by the
     pair head with the photo in both slots)."""
     from ..data.batches import manifest_eye_labels
+    from .adaptation import fit_reference
     from .heads import cross_fit_eyes
 
     eye_labels = manifest_eye_labels(development)
@@ -745,13 +747,39 @@ def _eye_head(out: Path, view: str, features, augmented, development, folds, con
         mask=fit.mask,
     )
     os.replace(tmp, out / EYE_OUT_OF_FOLD)
+    # the view's feature reference (training.adaptation): a site's photos are aligned to it, and told from it
+    eye_folds = np.repeat(np.asarray(folds)[:, None], 2, axis=1)[fit.mask]
+    reference = fit_reference(features[fit.mask], fit.out_of_fold[fit.mask][:, 0], eye_folds)
+    np.savez(out / REFERENCE, **reference.to_arrays())
     score = odir_score(eye_labels[fit.mask], fit.out_of_fold[fit.mask])
     print(
         f"[{view}] one-eye head: {int(fit.mask.sum())} eyes labelled from their own keywords, C {fit.c}; out of fold: "
         f"auc {score['auc']:.3f}  final {score['final']:.3f}",
         flush=True,
     )
-    return {"eyes": int(fit.mask.sum()), "C": fit.c, "out_of_fold": {k: float(v) for k, v in score.items()}}
+    return {
+        "eyes": int(fit.mask.sum()),
+        "C": fit.c,
+        "out_of_fold": {k: float(v) for k, v in score.items()},
+        "unlike_training_distance": round(reference.warn_distance, 4),
+    }
+
+
+def load_references(run_dir: str | os.PathLike, views) -> dict:
+    """The run's feature references per view (``<view>/reference.npz``), all or none."""
+    from .adaptation import FeatureReference
+
+    out = {}
+    for view in views:
+        path = Path(run_dir) / view / REFERENCE
+        if not path.is_file():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                out[view] = FeatureReference.from_arrays(data, str(path))
+        except (OSError, ValueError) as exc:
+            raise FundusError(f"{path}: not a feature reference ({exc})") from None
+    return out
 
 
 def load_eye_heads(run_dir: str | os.PathLike, views) -> dict:
