@@ -39,6 +39,7 @@ def main(argv=None):
         help="calibration.json whose thresholds the export's record carries (default: the run's own, as predict.py)",
     )
     parser.add_argument("--no-calibration", action="store_true", help="record 0.5 for every class")
+    parser.add_argument("--site", help="site.json of scripts/adapt_site.py: this camera's alignment, folded in")
     parser.add_argument(
         "--check-on",
         metavar="PREP_DIR",
@@ -73,7 +74,7 @@ def main(argv=None):
     if args.calibration and args.no_calibration:
         raise FundusError("--calibration and --no-calibration: choose one")
     calibration = None if args.no_calibration else (args.calibration or AUTO)
-    record = export_run(args.run_dir, args.out, args.format, args.quantize, weights, args.force, calibration)
+    record = export_run(args.run_dir, args.out, args.format, args.quantize, weights, args.force, calibration, args.site)
     print(
         f"wrote {args.out} ({record['bytes'] / 1e6:.1f} MB, {args.format}, weights {args.quantize}); inputs left_eye and "
         f"right_eye: uint8 RGB (1, {record['input_size']}, {record['input_size']}, 3), the eye cropped by "

@@ -134,6 +134,15 @@ def test_adapt_site_writes_a_site_file_for_this_model_that_predict_applies_and_a
     with_site = list(csv.DictReader(open(tmp_path / "with" / "predictions.csv")))
     without = list(csv.DictReader(open(tmp_path / "without" / "predictions.csv")))
     assert with_site != without, "the alignment changes the answers"
+    # the export folds the same alignment into each view's head
+    from fundus_ensemble.inference.export import build_ensemble_model
+
+    exported, info = build_ensemble_model(run, site=site)
+    kernel, bias = exported.get_layer("color_model").get_layer("labels").get_weights()
+    folded = Predictor(run, gate=False, site=site).heads["color"]
+    np.testing.assert_allclose(kernel, folded.weights, atol=1e-5)
+    np.testing.assert_allclose(bias, folded.bias, atol=1e-5)
+    assert info["site"]["file"] == "site.json"
     other = json.loads(site.read_text())
     other["run_fingerprint"] = {"color": "0" * 64, "gray_eq": "0" * 64}
     (tmp_path / "other.json").write_text(json.dumps(other))

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import FundusError
 from ..evaluation.ensemble import card_fingerprints, load_view_model, run_views
-from ..fileio import OWNER_MARK, atomic_write_bytes, atomic_write_json, claim_folder, folder_owner
+from ..fileio import OWNER_MARK, atomic_write_bytes, atomic_write_json, claim_folder, folder_owner, sha256_file
 from ..labels import INPUT_NAMES, LABELS
 from ..models.views import ColorView, EqualizedGray, WeightedAverage
 
@@ -39,9 +39,11 @@ AUTO = "auto"  # export_run's calibration: the run's own (evaluation.calibration
 
 
 def build_ensemble_model(
-    run_dir: str | os.PathLike, weights: dict[str, float] | None = None
+    run_dir: str | os.PathLike, weights: dict[str, float] | None = None, site: str | os.PathLike | None = None
 ) -> tuple[keras.Model, dict]:
-    """The run's view models as one model: ``left_eye``/``right_eye`` uint8 (1, size, size, 3) to (1, 8)."""
+    """The run's view models as one model: ``left_eye``/``right_eye`` uint8 (1, size, size, 3) to (1, 8);
+    with ``site`` (a ``site.json`` of ``scripts/adapt_site.py`` made for this run) its alignment folded
+    into each view's head, exactly as predict folds it."""
     views = run_views(run_dir)
     weights = weights or {v: 1.0 for v in views}
     if set(weights) != set(views) or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
@@ -51,6 +53,15 @@ def build_ensemble_model(
     if len(sizes) != 1:
         raise FundusError(f"{run_dir}: the view models take different sizes {sorted(sizes)}")
     size = sizes.pop()
+    if site is not None:
+        from ..training.heads import LinearHead, set_patient_head
+        from ..training.train import load_references
+        from .predict import load_site
+
+        _, alignments = load_site(site, run_dir, load_references(run_dir, tuple(views)))
+        for view, (model, _) in loaded.items():
+            kernel, bias = model.get_layer("labels").get_weights()
+            set_patient_head(model, alignments[view].fold(LinearHead(kernel.astype(np.float64), bias), 2))
     eyes = {name: keras.Input((size, size, 3), batch_size=1, dtype="uint8", name=name) for name in INPUT_NAMES}
     outputs = []
     for view in views:
@@ -69,6 +80,9 @@ def build_ensemble_model(
         },
         "output": f"float32 (1, {len(LABELS)}): ensemble probabilities of {','.join(LABELS)}",
         "cards_sha256": card_fingerprints(run_dir, tuple(views)),
+        "site": None if site is None else {"file": Path(site).name, "sha256": sha256_file(site)},
+        "one_eye": "the model answers a pair; a photo alone put in both slots is answered by the pair heads, "
+        "not by the one-eye heads predict uses",
     }
     return keras.Model(eyes, probabilities, name="fundus_ensemble"), info
 
@@ -81,6 +95,7 @@ def export_run(
     weights: dict[str, float] | None = None,
     force: bool = False,
     calibration: str | os.PathLike | None = AUTO,
+    site: str | os.PathLike | None = None,
 ) -> dict:
     """Write the run's ensemble as ``fmt`` to ``out`` (a ``.tflite`` file or a SavedModel folder) and ``out.json``.
 
@@ -99,7 +114,7 @@ def export_run(
         )
     out = Path(out)
     check_export_target(out, fmt, force)
-    model, info = build_ensemble_model(run_dir, weights)
+    model, info = build_ensemble_model(run_dir, weights, site)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         saved = Path(work) / "saved_model"
