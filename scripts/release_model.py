@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="finished benchmark folders of the same recipe, for the model card's held-out rows",
     )
     p.add_argument("--gradability", help="JSON of docs/measurements/gradability.py, for the model card")
+    p.add_argument("--gate-by-class", help="JSON of docs/measurements/gate_by_class.py, for the model card")
+    p.add_argument("--one-eye", help="JSON of docs/measurements/one_eye.py, for the model card")
+    p.add_argument("--adaptation", help="adaptation.json of docs/measurements/site_adaptation.py, for the model card")
     p.add_argument("--backbone", default=recipe.backbone)
     p.add_argument("--size", type=int, default=recipe.size, help="the feature screen's choice (docs/results.md)")
     p.add_argument("--head-fusion", default=recipe.head_fusion, choices=FUSIONS)
@@ -61,6 +64,7 @@ def main(argv=None):
         command,
         args.feature_store,
         args.head_fusion,
+        {"one_eye": args.one_eye, "gate_by_class": args.gate_by_class, "adaptation": args.adaptation},
     )
     print(f"wrote the bundle to {args.out}: {', '.join(record['files'])} ({record['patients']} patients)")
 

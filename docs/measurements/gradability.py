@@ -26,13 +26,19 @@ LIKENESS = FundusLikeness()
 
 
 def gate(images: list[np.ndarray]) -> list[str | None]:
-    """The whole gate, as predict runs it: the image checks, then the ImageNet check on what passed."""
-    reasons = [grade(a).reason for a in images]
-    passed = [i for i, r in enumerate(reasons) if r is None]
-    mass = LIKENESS.mass([crop_to_fov(images[i], 224) for i in passed])
-    for i, m in zip(passed, mass):
+    """The whole gate, as predict runs it: the image checks, then the ImageNet check on every photo they
+    let be screened (gradable, or poor: data.quality.POOR). Each photo's reason, None when gradable;
+    :data:`REFUSED` collects the photos refused (not screened at all)."""
+    verdicts = [grade(a) for a in images]
+    reasons = [v.reason for v in verdicts]
+    usable = [i for i, v in enumerate(verdicts) if v.usable]
+    mass = LIKENESS.mass([crop_to_fov(images[i], 224) for i in usable])
+    refused = {i for i, v in enumerate(verdicts) if not v.usable}
+    for i, m in zip(usable, mass):
         if m < MIN_FUNDUS_MASS:
             reasons[i] = "not a fundus photo"
+            refused.add(i)
+    gate.refused = len(refused)
     return reasons
 
 
@@ -97,28 +103,44 @@ def main(argv=None):
     p.add_argument("--json", help="also write the counts here")
     args = p.parse_args(argv)
     files = sorted(glob.glob(f"{args.images}/*.jpg") + glob.glob(f"{args.images}/*.png"))
-    real = Counter()
+    real, refused = Counter(), 0
     for start in range(0, len(files), 256):
         real.update(gate([cv2.imread(f) for f in files[start : start + 256]]))
+        refused += gate.refused
     flagged = len(files) - real[None]
-    out = {"real": {"photos": len(files), "flagged": flagged, "reasons": {k: v for k, v in real.items() if k}}}
+    out = {
+        "real": {
+            "photos": len(files),
+            "flagged": flagged,
+            "refused": refused,
+            "reasons": {k: v for k, v in real.items() if k},
+        }
+    }
     lines = [
         "| photos | n | flagged | flagged for the right reason | reasons given |",
         "|---|---|---|---|---|",
-        f"| real ODIR photos (all graded) | {len(files)} | {flagged / len(files):.1%} | - | "
+        f"| real ODIR photos (all graded; {refused / len(files):.1%} refused, the rest screened as poor) | "
+        f"{len(files)} | {flagged / len(files):.1%} | - | "
         + ", ".join(f"{k} {v}" for k, v in real.most_common() if k)
         + " |",
     ]
     sample = files[:: args.every]
     for (reason, strength), degrade in DEGRADATIONS.items():
-        got = Counter()
+        got, refused = Counter(), 0
         for start in range(0, len(sample), 256):
             got.update(gate([degrade(cv2.imread(f)) for f in sample[start : start + 256]]))
+            refused += gate.refused
         n = len(sample)
         right = got[reason]
-        out[f"{reason}: {strength}"] = {"photos": n, "flagged": n - got[None], "right": right, "reasons": dict(got)}
+        out[f"{reason}: {strength}"] = {
+            "photos": n,
+            "flagged": n - got[None],
+            "refused": refused,
+            "right": right,
+            "reasons": dict(got),
+        }
         lines.append(
-            f"| {reason}: {strength} | {n} | {(n - got[None]) / n:.1%} | {right / n:.1%} | "
+            f"| {reason}: {strength} ({refused / n:.0%} refused) | {n} | {(n - got[None]) / n:.1%} | {right / n:.1%} | "
             + ", ".join(f"{k or 'gradable'} {v}" for k, v in got.most_common())
             + " |"
         )

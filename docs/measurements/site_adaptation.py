@@ -113,15 +113,16 @@ def main() -> None:
 
     import_keras()
     from fundus_ensemble.data.acquisition import SHIFTS
-    from fundus_ensemble.evaluation.feature_screen import _Data
-
     from fundus_ensemble.data.manifest import load_manifest
+    from fundus_ensemble.evaluation.feature_screen import _Data
 
     data = _Data(args.screen)
     test_any = np.zeros(len(data.manifest), bool)
     for seed in args.seeds:
         test_any |= data.split(seed) == "test"
-    originals = {q.patient_id: q for q in load_manifest(args.screen / "manifest.csv", image_root=args.image_root).patients}
+    originals = {
+        q.patient_id: q for q in load_manifest(args.screen / "manifest.csv", image_root=args.image_root).patients
+    }
     patients = [originals[q.patient_id] for q, t in zip(data.manifest.patients, test_any) if t]
     row_of = {q.patient_id: i for i, q in enumerate(patients)}
     chosen = [i for i in range(len(SHIFTS)) if args.shifts is None or i == 0 or i in args.shifts]
@@ -135,6 +136,8 @@ def main() -> None:
     if args.prepare_only:
         return
     results = {seed: analyse(args, data, seed, shifted, row_of) for seed in args.seeds}
+    for r in results.values():
+        r["met"] = met_counts(r)
     (args.out / "adaptation.json").write_text(json.dumps(results, indent=1))
     print_tables(results, args)
 
@@ -270,6 +273,22 @@ def meets(r: dict, base: dict) -> tuple[bool, float]:
     """(both targets met, the largest sensitivity change in points)."""
     worst = max(abs(r["sensitivity"][c] - base["sensitivity"][c]) for c in base["sensitivity"] if c in r["sensitivity"])
     return (r["auc"] - base["auc"] >= -0.02 and worst <= 0.05), 100 * worst
+
+
+def met_counts(r: dict) -> dict:
+    """Per method, the shifts under which both targets are met (each against the same patients unshifted)."""
+    count = {"shifts": len(r["shift_order"]), "none": 0, **{m: 0 for m in MIXES}, "standardised": 0}
+    count.update({"labelled 20": 0, "labelled 50": 0})
+    for name in r["shift_order"]:
+        s = r["shifts"][name]
+        first = s["methods"][MIXES[0]]
+        count["none"] += meets(first["none"], first["unshifted"])[0]
+        count["standardised"] += meets(first["standardised"], first["unshifted"])[0]
+        for m in MIXES:
+            count[m] += meets(s["methods"][m]["aligned"], s["methods"][m]["unshifted"])[0]
+        for k in (20, 50):
+            count[f"labelled {k}"] += meets(s["labelled"][k], s["labelled"][f"{k} unshifted"])[0]
+    return count
 
 
 def print_tables(results: dict, args) -> None:
