@@ -212,3 +212,80 @@ def folder_lock(path: str | os.PathLike, purpose: str) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+JSON_MAX_BYTES = 2_000_000  # a model's JSON (bundle record, card, calibration, site file) is tens of kB
+NPZ_MAX_ELEMENTS = 20_000_000  # a model's arrays: the largest is a reference's 32 x 1408 components
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = JSON_MAX_BYTES) -> Any:
+    """A JSON file a model is made of, read only when it is at most ``max_bytes`` (its size is checked
+    first) and parsed without unbounded nesting; every failure is one :class:`FundusError` naming it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FundusError(f"{path}: {what} not found") from None
+    if path.is_dir():
+        raise FundusError(f"{path}: is a folder, not {what}")
+    if size > max_bytes:
+        raise FundusError(f"{path}: {size} bytes; {what} is at most {max_bytes} (refused unread)")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise FundusError(f"{path}: not {what} (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FundusError(f"{path}: not readable as {what} ({exc})") from None
+
+
+def read_npz(
+    path: str | os.PathLike,
+    what: str,
+    shapes: dict[str, tuple[int | None, ...]],
+    max_elements: int = NPZ_MAX_ELEMENTS,
+) -> dict[str, Any]:
+    """The arrays of an ``.npz`` a model is made of, each named in ``shapes`` (``None``: any length
+    there), after its header says a number array of that shape and no larger than ``max_elements``
+    in all; float arrays must be finite. Nothing is decompressed before the headers pass; no object
+    arrays (pickles) are read; every failure is one :class:`FundusError` naming the file."""
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npy
+
+    path = Path(path)
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {n.removesuffix(".npy"): n for n in archive.namelist()}
+            missing = sorted(set(shapes) - set(members))
+            if missing:
+                raise FundusError(f"{path}: {what} lacks {', '.join(missing)}")
+            for name in shapes:
+                with archive.open(members[name]) as stream:
+                    version = npy.read_magic(stream)
+                    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    headers[name] = read(stream, max_header_size=10_000)
+    except FundusError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        raise FundusError(f"{path}: not readable as {what} ({exc})") from None
+    total = 0
+    for name, (shape, _, dtype) in headers.items():
+        if dtype.hasobject or dtype.kind not in "fiub":
+            raise FundusError(f"{path}: {what}'s {name} holds {dtype} values; numbers only (no pickled objects)")
+        want = shapes[name]
+        if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
+            raise FundusError(f"{path}: {what}'s {name} has shape {shape}, expected {want}")
+        total += int(np.prod(shape, dtype=np.int64))
+    if total > max_elements:
+        raise FundusError(f"{path}: {what} declares {total} values; at most {max_elements} (refused unread)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: np.asarray(data[name]) for name in shapes}
+    except (OSError, ValueError) as exc:
+        raise FundusError(f"{path}: not readable as {what} ({exc})") from None
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise FundusError(f"{path}: {what}'s {name} holds NaN or infinite values")
+    return arrays

@@ -281,3 +281,111 @@ def test_the_cards_rebuild_command_names_no_folder_of_the_machine():
     assert bundle.rebuild_command(["/srv/data/odir5k-other/t.csv"], root) == (
         "python scripts/release_model.py /srv/data/odir5k-other/t.csv"
     ), "a sibling folder whose name starts like the data folder's is not inside it"
+
+
+def _crafted(out, tmp_path, name: str, change) -> "Path":
+    """A copy of the bundle with one file changed by ``change(path)`` and bundle.json re-signed to match:
+    what a hostile or careless hand would make, past the SHA-256 check."""
+    import shutil
+
+    from fundus_ensemble.fileio import sha256_file
+
+    copy = tmp_path / f"bundle-{name.replace('/', '_')}"
+    shutil.copytree(out, copy)
+    change(copy / name)
+    if name == "bundle.json":
+        return copy
+    record = json.loads((copy / "bundle.json").read_text())
+    if (copy / name).is_file() and name in record["files"]:
+        record["files"][name] = sha256_file(copy / name)
+    (copy / "bundle.json").write_text(json.dumps(record))
+    return copy
+
+
+def _npz(arrays_of):
+    def change(path):
+        with np.load(path) as data:
+            arrays = dict(data)
+        arrays = arrays_of(arrays)
+        with open(path, "wb") as handle:  # np.savez appends .npz to a name without it
+            np.savez(handle, **arrays)
+
+    return change
+
+
+def _huge_header(path):
+    """A 1 kB .npz whose weights claim 10**9 floats (the data is not there)."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    buffer = io.BytesIO()
+    npy.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (125_000_000, 8)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("weights.npy", buffer.getvalue() + b"\0" * 64)
+        archive.writestr("bias.npy", npy_bytes(np.zeros(8)))
+
+
+def npy_bytes(a):
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, a)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, change, words",
+    [
+        ("color.npz", _npz(lambda a: {**a, "weights": np.array([object()] * 8, dtype=object)}), "numbers only"),
+        ("color.npz", _npz(lambda a: {**a, "bias": np.full_like(a["bias"], np.nan)}), "NaN or infinite"),
+        ("color.npz", _npz(lambda a: {**a, "weights": a["weights"][:, :7]}), "expected"),
+        ("color.npz", _huge_header, "refused unread"),
+        ("gray_eq_eye.npz", _npz(lambda a: {**a, "bias": np.full_like(a["bias"], np.inf)}), "NaN or infinite"),
+        ("side.npz", _npz(lambda a: {**a, "single": np.array(np.nan)}), "NaN or infinite"),
+        ("side.npz", _npz(lambda a: {**a, "pair": np.array(-0.5)}), "thresholds must be"),
+        ("color_reference.npz", _npz(lambda a: {**a, "scales": -a["scales"]}), "positive scales"),
+        ("bundle.json", lambda p: p.write_text('{"a": ' * 100_000 + "1" + "}" * 100_000), "nested too deeply"),
+        ("bundle.json", lambda p: p.write_bytes(b" " * 3_000_000), "refused unread"),
+        ("bundle.json", lambda p: p.write_text(p.read_text().replace('"gray_eq"', '"/tmp/outside"')), "views"),
+        ("extra.npz", lambda p: np.save(p.with_suffix(".npy"), np.zeros(3)), "not in bundle.json"),
+    ],
+)
+def test_a_crafted_model_file_is_refused_in_one_line_naming_it_before_any_prediction(
+    released, tmp_path, monkeypatch, name, change, words
+):
+    _, out, _, _, _ = released
+    monkeypatch.setenv(bundle.CACHE_VARIABLE, str(tmp_path / "cache"))
+    copy = _crafted(out, tmp_path, name, change)
+    with pytest.raises(bundle.BundleError, match=words) as info:
+        bundle.resolve_run(copy)
+    message = str(info.value)
+    assert "\n" not in message and str(copy) in message, message
+    assert not any(p.name == "outside" for p in Path("/tmp").glob("outside*")), "nothing written outside the cache"
+    made = list((tmp_path / "cache").glob("bundle-*")) if (tmp_path / "cache").exists() else []
+    assert not [m for m in made if not m.name.startswith(".")], "no model was built from a broken bundle"
+
+
+def test_predict_refuses_a_crafted_bundle_with_an_error_line_and_status_2(released, tmp_path):
+    _, out, _, _, image_root = released
+    copy = _crafted(out, tmp_path, "color.npz", _npz(lambda a: {**a, "bias": np.full_like(a["bias"], np.nan)}))
+    photo = next(Path(image_root).rglob("*.jpg"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "predict.py"),
+            "--model",
+            str(copy),
+            "--left",
+            str(photo),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, bundle.CACHE_VARIABLE: str(tmp_path / "cache")},
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr[-800:]
+    assert "color.npz" in done.stderr and not (tmp_path / "o" / "predictions.csv").exists()

@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from ..errors import FundusError, warn_once
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, read_json_file
 from ..labels import LABELS
 from ..metrics import check_prediction_arrays, odir_score
 
@@ -172,14 +172,14 @@ def load_calibration_file(path: str | os.PathLike, option: str = "--calibration"
     Refuses one fitted on flip-TTA predictions: predict does not flip, so its thresholds
     would not fit."""
     path = Path(path)
+    if path.is_dir():
+        raise FundusError(f"{option} {path}: is a folder; give the calibration.json in it")
+    if not path.exists():
+        raise FundusError(f"{option} {path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FundusError(f"{option} {path}: file not found") from None
-    except IsADirectoryError:
-        raise FundusError(f"{option} {path}: is a folder; give the calibration.json in it") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FundusError(f"{option} {path}: not a calibration.json of score.py --calibrate-on ({exc})") from None
+        data = read_json_file(path, "a calibration.json of score.py --calibrate-on")
+    except FundusError as exc:
+        raise FundusError(f"{option} {exc}") from None
     if not isinstance(data, dict) or "ensemble" not in data:
         raise FundusError(
             f"{option} {path}: no 'ensemble' calibration; not a calibration.json of score.py --calibrate-on"
@@ -293,10 +293,7 @@ def load_eye_out_of_fold(run_dir: str | os.PathLike, views: tuple[str, ...]) -> 
 def load_eye_calibration(path: str | os.PathLike) -> Calibration | None:
     """The one-eye answers' calibration (``eye``) of a ``calibration.json``; None when it has none
     (a site's file, or a run made before one-eye heads)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FundusError(f"{path}: not a readable calibration.json ({exc})") from None
+    data = read_json_file(path, "a calibration.json")
     if not isinstance(data, dict) or "eye" not in data:
         return None
     try:

@@ -14,7 +14,7 @@ import numpy as np
 from ..data.batches import predict_patients
 from ..data.manifest import load_manifest
 from ..errors import FundusError, ModelCardError
-from ..fileio import atomic_write_json, atomic_write_text, claim_folder, csv_for_people, refuse_overlap
+from ..fileio import atomic_write_json, atomic_write_text, claim_folder, csv_for_people, read_json_file, refuse_overlap
 from ..labels import LABEL_NAMES, LABELS, VIEWS
 from ..metrics import THRESHOLD, odir_score, per_class_scores, sensitivity_specificity
 from ..training.train import CARD_NAME, MODEL_NAME
@@ -39,9 +39,9 @@ def load_view_model(run_dir: str | os.PathLike, view: str) -> tuple[keras.Model,
             f"{folder}: no trained {view} model ({MODEL_NAME} and {CARD_NAME}); run scripts/train_pair.py first"
         )
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelCardError(f"{card_path}: not a readable model card ({exc})") from None
+        card = read_json_file(card_path, "a model card")
+    except FundusError as exc:
+        raise ModelCardError(str(exc)) from None
     if not isinstance(card, dict):
         raise ModelCardError(f"{card_path}: not a model card (a JSON object)")
     if card.get("view") != view:

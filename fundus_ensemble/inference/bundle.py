@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FundusError
-from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from ..fileio import atomic_write_bytes, atomic_write_json, read_json_file, read_npz, sha256_file
 from ..labels import VIEWS
 
 PACKAGED = Path(__file__).resolve().parents[1] / "bundled"
@@ -71,27 +71,62 @@ def read_bundle(folder: str | os.PathLike) -> dict:
     if not record_path.is_file():
         raise BundleError(f"{folder}: no bundle.json; not a model bundle (scripts/release_model.py makes one)")
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"{record_path}: not readable ({exc})") from None
+        record = read_json_file(record_path, "a bundle record")
+    except FundusError as exc:
+        raise BundleError(str(exc)) from None
     if (
         not isinstance(record, dict)
         or record.get("format") != BUNDLE_FORMAT
         or not isinstance(record.get("files"), dict)
     ):
         raise BundleError(f"{record_path}: not a {BUNDLE_FORMAT!r} record")
+    _check_record(record, record_path)
+    root = folder.resolve()
     for name, digest in record["files"].items():
         path = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleError(f"{record_path}: file {name!r} lies outside the bundle")
         if not path.is_file():
             raise BundleError(f"{path}: missing from the bundle")
-        if sha256_file(path) != digest:
+        if path.is_symlink() or not path.resolve().is_relative_to(root):
+            raise BundleError(f"{path}: a link; a bundle's files are its own, inside {folder}")
+        if not isinstance(digest, str) or sha256_file(path) != digest:
             raise BundleError(
                 f"{path} was changed after the bundle was made (its SHA-256 differs from bundle.json's); "
                 "reinstall the package or rebuild it with scripts/release_model.py"
             )
+    listed = {str(Path(n)) for n in record["files"]} | {"bundle.json"}
+    unlisted = sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if not p.is_dir() and str(p.relative_to(folder)) not in listed
+    )
+    if unlisted:
+        raise BundleError(
+            f"{folder / unlisted[0]}: not in bundle.json; every file of a bundle is listed and checked "
+            "(remove it, or rebuild the bundle with scripts/release_model.py)"
+        )
     return record
+
+
+def _check_record(record: dict, record_path: Path) -> None:
+    """Every entry materialize reads from ``bundle.json`` is one it can trust: known views (a view
+    name becomes a path), a known backbone and a sensible input size."""
+    from ..models.backbone import BACKBONES
+
+    views = record.get("views")
+    if (
+        not isinstance(views, list)
+        or not views
+        or len(set(map(str, views))) != len(views)
+        or not set(views) <= set(VIEWS)
+    ):
+        raise BundleError(f"{record_path}: views {views!r}; expected some of {', '.join(VIEWS)}")
+    if record.get("backbone") not in BACKBONES:
+        raise BundleError(f"{record_path}: backbone {record.get('backbone')!r} is not one of {', '.join(BACKBONES)}")
+    size = record.get("input_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
+        raise BundleError(f"{record_path}: input_size {size!r}; expected a whole number of pixels from 32 to 1024")
 
 
 def write_bundle(
@@ -157,11 +192,6 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
     """The run folder of a bundle (checked; built once into :func:`cache_root`); see the module doc."""
-    from ..evaluation.calibration import RUN_CALIBRATION
-    from ..models import build_patient_model
-    from ..training.heads import LinearHead, set_patient_head
-    from ..training.train import CARD_NAME, EYE_HEAD, MODEL_NAME, REFERENCE, SIDE_HEAD
-
     folder = Path(folder)
     record = read_bundle(folder)
     # the layout's version is in the key: a cache built by an older release of this code is not reused
@@ -174,27 +204,59 @@ def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
         shutil.rmtree(run)
     work = run.with_name(f".{run.name}.tmp")
     shutil.rmtree(work, ignore_errors=True)
-    for view in record["views"]:
-        (work / view).mkdir(parents=True)
-        model = build_patient_model(record["backbone"], record["input_size"], "imagenet")
-        with np.load(folder / f"{view}.npz") as head:
-            set_patient_head(model, LinearHead(head["weights"].astype(np.float64), head["bias"].astype(np.float64)))
-        model.save(str(work / view / MODEL_NAME))
-        shutil.copyfile(folder / "cards" / f"{view}.json", work / view / CARD_NAME)
-        if f"{view}{EYE_SUFFIX}" in record["files"]:  # the one-eye head: listed, so checked above
-            shutil.copyfile(folder / f"{view}{EYE_SUFFIX}", work / view / EYE_HEAD)
-        if f"{view}{REFERENCE_SUFFIX}" in record["files"]:
-            shutil.copyfile(folder / f"{view}{REFERENCE_SUFFIX}", work / view / REFERENCE)
-    if (folder / SIDE_HEAD).is_file():
-        shutil.copyfile(folder / SIDE_HEAD, work / "color" / SIDE_HEAD)
-    shutil.copyfile(folder / RUN_CALIBRATION, work / RUN_CALIBRATION)
-    if (folder / MODEL_CARD).is_file():
-        shutil.copyfile(folder / MODEL_CARD, work / MODEL_CARD)
+    try:
+        _build_run(folder, record, work)
+    except BundleError:
+        raise
+    except FundusError as exc:  # a file of the bundle failed its check: the bundle's error, nothing built
+        shutil.rmtree(work, ignore_errors=True)
+        raise BundleError(str(exc)) from None
     atomic_write_json(work / "run.json", {"views": record["views"], "bundle": str(folder)})
     atomic_write_json(work / "materialized.json", {"bundle_sha256": key, "files": _run_files(work)})
     run.parent.mkdir(parents=True, exist_ok=True)
     os.replace(work, run)
     return run
+
+
+def _build_run(folder: Path, record: dict, work: Path) -> None:
+    """The run folder of a checked bundle, in ``work``; each array checked before a model is built from it."""
+    from ..evaluation.calibration import RUN_CALIBRATION, load_calibration_file
+    from ..models import build_patient_model
+    from ..training.adaptation import FeatureReference
+    from ..training.heads import LinearHead, SideHead, set_patient_head
+    from ..training.train import CARD_NAME, EYE_HEAD, MODEL_NAME, REFERENCE, SIDE_HEAD
+
+    for view in record["views"]:
+        (work / view).mkdir(parents=True)
+        model = build_patient_model(record["backbone"], record["input_size"], "imagenet")
+        # every array is checked (shapes, sizes, finite numbers) before a model is built from it
+        head = _read_head(folder / f"{view}.npz", "a patient head")
+        set_patient_head(model, LinearHead(head["weights"].astype(np.float64), head["bias"].astype(np.float64)))
+        model.save(str(work / view / MODEL_NAME))
+        read_json_file(folder / "cards" / f"{view}.json", "a model card")
+        shutil.copyfile(folder / "cards" / f"{view}.json", work / view / CARD_NAME)
+        if f"{view}{EYE_SUFFIX}" in record["files"]:
+            _read_head(folder / f"{view}{EYE_SUFFIX}", "a one-eye head")
+            shutil.copyfile(folder / f"{view}{EYE_SUFFIX}", work / view / EYE_HEAD)
+        if f"{view}{REFERENCE_SUFFIX}" in record["files"]:
+            FeatureReference.load(folder / f"{view}{REFERENCE_SUFFIX}")
+            shutil.copyfile(folder / f"{view}{REFERENCE_SUFFIX}", work / view / REFERENCE)
+    if SIDE_HEAD in record["files"]:
+        SideHead.load(folder / SIDE_HEAD)
+        shutil.copyfile(folder / SIDE_HEAD, work / "color" / SIDE_HEAD)
+    load_calibration_file(folder / RUN_CALIBRATION, "the bundle's calibration")
+    shutil.copyfile(folder / RUN_CALIBRATION, work / RUN_CALIBRATION)
+    if MODEL_CARD in record["files"]:
+        shutil.copyfile(folder / MODEL_CARD, work / MODEL_CARD)
+
+
+def _read_head(path: Path, what: str) -> dict:
+    from ..labels import LABELS
+
+    try:
+        return read_npz(path, what, {"weights": (None, len(LABELS)), "bias": (len(LABELS),)})
+    except FundusError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _run_files(run: Path) -> dict[str, str]:

@@ -68,6 +68,7 @@ from ..fileio import (
     claim_folder,
     csv_for_people,
     folder_lock,
+    read_json_file,
     remove_owned,
     sha256_file,
 )
@@ -375,8 +376,7 @@ class Predictor:
         self.side = None
         side_file = Path(run_dir) / "color" / SIDE_HEAD
         if "color" in self.models and side_file.is_file():  # a cross-fitted run's: which eye a photo shows
-            with np.load(side_file) as data:
-                self.side = SideHead.from_arrays(data)
+            self.side = SideHead.load(side_file)
         self.references = load_references(run_dir, self.views)  # {} for a run without: no unlike-photo warning
         self.site, self.alignments, self.site_path = None, {}, site
         if site is not None:
@@ -656,14 +656,9 @@ def load_site(path: str | os.PathLike, run_dir, references: dict) -> tuple[dict,
     from ..training.adaptation import SiteAlignment
 
     path = Path(path)
-    if not path.is_file():
-        raise FundusError(f"--site {path}: {'is a folder; give the site.json in it' if path.is_dir() else 'not found'}")
-    if path.stat().st_size > SITE_MAX_BYTES:
-        raise FundusError(f"--site {path}: {path.stat().st_size} bytes; a site file is about 100 kB")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FundusError(f"--site {path}: not a site file of scripts/adapt_site.py ({exc})") from None
+    if path.is_dir():
+        raise FundusError(f"--site {path}: is a folder; give the site.json in it")
+    record = read_json_file(path, "a site file of scripts/adapt_site.py", SITE_MAX_BYTES)
     if not isinstance(record, dict) or record.get("format") != SITE_FORMAT or not isinstance(record.get("views"), dict):
         raise FundusError(f"--site {path}: not a {SITE_FORMAT!r} file of scripts/adapt_site.py")
     if not references:

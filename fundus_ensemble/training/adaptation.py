@@ -91,6 +91,23 @@ class FeatureReference:
         }
 
     @classmethod
+    def load(cls, path) -> FeatureReference:
+        """A ``reference.npz``, its headers checked before its arrays are read (:func:`..fileio.read_npz`)."""
+        from ..fileio import read_npz
+
+        shapes = {
+            "normal_mean": (None,),
+            "normal_spread": (None,),
+            "mean": (None,),
+            "components": (None, None),
+            "scales": (None,),
+            "warn_distance": (),
+            "normal_level": (),
+            "fraction": (),
+        }
+        return cls.from_arrays(read_npz(path, "a feature reference", shapes), str(path))
+
+    @classmethod
     def from_arrays(cls, data, source: str = "feature reference") -> FeatureReference:
         try:
             ref = cls(

@@ -353,12 +353,29 @@ class SideHead:
             },
         }
 
+    SCALARS = ("single", "pair", "accuracy", "caught_single", "caught_pair", "c")
+
     @classmethod
     def from_arrays(cls, data) -> SideHead:
         return cls(
             LinearHead(np.asarray(data["weights"]), np.asarray(data["bias"])),
-            *(float(data[k]) for k in ("single", "pair", "accuracy", "caught_single", "caught_pair", "c")),
+            *(float(data[k]) for k in cls.SCALARS),
         )
+
+    @classmethod
+    def load(cls, path) -> SideHead:
+        """A ``side.npz``, checked before use (:func:`..fileio.read_npz`): finite weights of one output and
+        thresholds where a warning means something (a NaN threshold would switch the check off unseen)."""
+        from ..fileio import read_npz
+
+        data = read_npz(path, "a side head", {"weights": (None, 1), "bias": (1,), **{k: () for k in cls.SCALARS}})
+        side = cls.from_arrays(data)
+        if not (0.5 <= side.single < 1 and 0 <= side.pair < 1 and 0 <= side.accuracy <= 1):
+            raise FundusError(
+                f"{path}: a side head's thresholds must be 0.5 <= single < 1 and 0 <= pair < 1 "
+                f"(single {side.single}, pair {side.pair}, accuracy {side.accuracy})"
+            )
+        return side
 
 
 def fit_side_head(features: np.ndarray, both: np.ndarray, folds: int = DEFAULT_FOLDS, seed: int = 0) -> SideHead:

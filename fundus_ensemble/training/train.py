@@ -42,7 +42,15 @@ from ..data.augment import training_augmentation
 from ..data.batches import FastMalloc, FeatureBatches, PatientBatches, choose_cache
 from ..data.manifest import load_manifest
 from ..errors import FundusError
-from ..fileio import atomic_write_json, atomic_write_text, claim_folder, refuse_overlap, remove_owned, sha256_file
+from ..fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    claim_folder,
+    read_npz,
+    refuse_overlap,
+    remove_owned,
+    sha256_file,
+)
 from ..labels import LABELS, VIEWS
 from ..metrics import odir_score
 from ..models import build_patient_model
@@ -774,11 +782,7 @@ def load_references(run_dir: str | os.PathLike, views) -> dict:
         path = Path(run_dir) / view / REFERENCE
         if not path.is_file():
             return {}
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                out[view] = FeatureReference.from_arrays(data, str(path))
-        except (OSError, ValueError) as exc:
-            raise FundusError(f"{path}: not a feature reference ({exc})") from None
+        out[view] = FeatureReference.load(path)
     return out
 
 
@@ -791,18 +795,8 @@ def load_eye_heads(run_dir: str | os.PathLike, views) -> dict:
         path = Path(run_dir) / view / EYE_HEAD
         if not path.is_file():
             return {}
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                weights, bias = np.asarray(data["weights"], np.float64), np.asarray(data["bias"], np.float64)
-        except (OSError, ValueError, KeyError) as exc:
-            raise FundusError(f"{path}: not a one-eye head ({exc})") from None
-        if (
-            weights.ndim != 2
-            or bias.shape != (weights.shape[1],)
-            or not (np.isfinite(weights).all() and np.isfinite(bias).all())
-        ):
-            raise FundusError(f"{path}: a one-eye head needs finite weights (F, classes) and bias (classes,)")
-        heads[view] = LinearHead(weights, bias)
+        data = read_npz(path, "a one-eye head", {"weights": (None, len(LABELS)), "bias": (len(LABELS),)})
+        heads[view] = LinearHead(data["weights"].astype(np.float64), data["bias"].astype(np.float64))
     return heads
 
 
