@@ -267,6 +267,18 @@ def test_evaluate_and_calibrate_site_run_predict_and_predict_takes_the_site_cali
         single = [float(r["threshold"]) for r in rows if r["class"] == c and r["answered_from"] != "both eyes"]
         assert pair and np.allclose(pair, site_thresholds[LABELS.index(c)], atol=1e-6), c
         assert single and np.allclose(single, site_eye_thresholds[LABELS.index(c)], atol=1e-6), c
+    # a site calibration names the model it was fitted for: another model refuses it, here and in the export
+    other = json.loads(site.read_text())
+    other["run_fingerprint"] = {v: "0" * 64 for v in other["run_fingerprint"]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    from fundus_ensemble.errors import FundusError
+    from fundus_ensemble.inference.export import export_thresholds
+    from fundus_ensemble.inference.predict import Predictor
+
+    with pytest.raises(FundusError, match="fitted for another model"):
+        Predictor(run, calibration=tmp_path / "other.json", gate=False)
+    with pytest.raises(FundusError, match="fitted for another model"):
+        export_thresholds(run, tmp_path / "other.json")
 
 
 def test_the_cards_rebuild_command_names_no_folder_of_the_machine():

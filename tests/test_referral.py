@@ -74,3 +74,27 @@ def test_an_answer_from_one_eye_says_which_and_that_the_other_was_not_screened(p
     assert retake.kind == "not_gradable" and "not screened" not in retake.text
     with pytest.raises(ValueError):
         refer(decisions("N"), not_screened=["left", "right"])
+
+
+@pytest.mark.parametrize("c", LABELS[1:])
+def test_every_finding_alone_refers_by_its_name_and_with_normal_is_inconclusive(c):
+    from fundus_ensemble.inference.referral import FINDINGS
+
+    alone = refer(decisions(c))
+    assert (alone.kind, alone.text) == ("refer", f"Refer: suspected {FINDINGS[c]}")
+    both = refer(decisions("N", c))
+    assert both.kind == "inconclusive" and f"normal and {FINDINGS[c]} decided together" in both.text
+    # each finding has its own words: a slip that names the neighbouring class fails here
+    assert len(set(FINDINGS.values())) == len(LABELS)
+
+
+@pytest.mark.parametrize("poor_kind", ["no_referable_finding", "refer", "inconclusive"])
+def test_a_poor_photo_never_clears_and_says_what_to_do(poor_kind):
+    positive = {"no_referable_finding": ("N",), "refer": ("C",), "inconclusive": ()}[poor_kind]
+    line = refer(decisions(*positive), poor={"left": "blurred (sharpness 0.21)"})
+    assert line.kind != "no_referable_finding"
+    assert "the left photo is blurred (sharpness 0.21)" in line.text
+    if poor_kind == "no_referable_finding":
+        assert line.kind == "inconclusive" and "a cloudy lens" in line.text
+    else:
+        assert line.kind == poor_kind

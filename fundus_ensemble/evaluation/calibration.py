@@ -165,9 +165,12 @@ def fit_calibration(
     return calibration
 
 
-def load_calibration_file(path: str | os.PathLike, option: str = "--calibration") -> tuple[Calibration, str]:
+def load_calibration_file(
+    path: str | os.PathLike, option: str = "--calibration", run_dir: str | os.PathLike | None = None
+) -> tuple[Calibration, str]:
     """The ensemble's calibration from a ``calibration.json`` of ``score.py --calibrate-on``,
-    checked (:meth:`Calibration.from_dict`), and words saying where it came from.
+    checked (:meth:`Calibration.from_dict`), and words saying where it came from. With ``run_dir``,
+    a file that records the model it was fitted for (a site calibration does) must name this one.
 
     Refuses one fitted on flip-TTA predictions: predict does not flip, so its thresholds
     would not fit."""
@@ -195,6 +198,14 @@ def load_calibration_file(path: str | os.PathLike, option: str = "--calibration"
         )
     if len(fitted.classes) != len(LABELS):
         raise FundusError(f"{option} {path}: {len(fitted.classes)} classes, expected {len(LABELS)}")
+    if run_dir is not None and "run_fingerprint" in data:
+        from .ensemble import card_fingerprints
+
+        if data["run_fingerprint"] != card_fingerprints(run_dir):
+            raise FundusError(
+                f"{option} {path} was fitted for another model (its run fingerprint differs from {run_dir}'s); "
+                "fit a site calibration for this model with scripts/calibrate_site.py"
+            )
     return fitted, f"{path.name} (fitted on {data.get('fitted_on', '?')})"
 
 
