@@ -98,3 +98,31 @@ def test_a_poor_photo_never_clears_and_says_what_to_do(poor_kind):
         assert line.kind == "inconclusive" and "a cloudy lens" in line.text
     else:
         assert line.kind == poor_kind
+
+
+def test_the_referral_score_past_its_threshold_refers_a_patient_normal_alone():
+    cleared = refer(decisions("N"), referral=(0.30, 0.41))
+    assert cleared.kind == "no_referable_finding"
+    referred = refer(decisions("N"), referral=(0.52, 0.41))
+    assert referred.kind == "refer" and "a referable finding is likely (score 0.52 above 0.41)" in referred.text
+    # a finding decided is named whatever the score
+    assert refer(decisions("G"), referral=(0.10, 0.41)).text == "Refer: suspected glaucoma"
+
+
+def test_the_referral_threshold_is_set_for_the_stated_sensitivity_out_of_fold():
+    import numpy as np
+
+    from fundus_ensemble.evaluation.calibration import fit_referral, referral_scores
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((400, 8), int)
+    sick = rng.random(400) < 0.6
+    y[~sick, 0] = 1
+    y[sick, 1] = 1
+    p = rng.random((400, 8))
+    p[:, 0] = np.clip(0.5 + 0.3 * (~sick) - 0.3 * sick + rng.normal(0, 0.2, 400), 0.01, 0.99)
+    fitted = fit_referral(y, p, 0.9)
+    score = referral_scores(p)
+    assert fitted["sensitivity"] == (score[sick] > fitted["threshold"]).mean() >= 0.9
+    assert (score[sick] > fitted["threshold"] + 1e-3).mean() < 0.9 + 1 / sick.sum() + 0.01, "the highest such threshold"
+    assert fitted["specificity"] == (score[~sick] <= fitted["threshold"]).mean() > 0.3

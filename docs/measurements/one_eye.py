@@ -40,9 +40,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--fusion", default="max_mean_diff")
     p.add_argument("--grid", type=float, nargs="+", default=None, help="C grid (default: training.heads.C_GRID)")
-    p.add_argument("--out", type=Path, help="write the numbers as JSON here too")
+    p.add_argument(
+        "--out", type=Path, help="write the numbers as JSON here too (and each split's test predictions beside)"
+    )
+    p.add_argument("--answers", nargs="+", default=list(ANSWERS), choices=ANSWERS, help="the answers to compare")
     args = p.parse_args()
-    from fundus_ensemble.evaluation.calibration import fit_calibration
+    from fundus_ensemble.evaluation.calibration import fit_calibration, fit_referral, raw_thresholds, referral_scores
     from fundus_ensemble.evaluation.feature_screen import ScreenConfig, _Data, _Screen
     from fundus_ensemble.labels import LABELS, VIEWS
     from fundus_ensemble.metrics import odir_score
@@ -60,7 +63,7 @@ def main() -> None:
         y_dev, y_test = screen.y_dev, screen.y_test
         eye_dev, eye_test = eye_y_all[dev], eye_y_all[test]
         both_test = both_all[test]
-        answers = {name: {"pair_dev": [], "pair_test": [], "eye_dev": [], "eye_test": []} for name in ANSWERS}
+        answers = {name: {"pair_dev": [], "pair_test": [], "eye_dev": [], "eye_test": []} for name in args.answers}
         chosen = {}
         for view in VIEWS:
             f = data.features(args.backbone, args.size, view)
@@ -75,11 +78,12 @@ def main() -> None:
             for fold in range(5):
                 held = pair.folds == fold
                 out_of_fold_twice[held] = eyes_through_pair(pair.heads[fold], f_dev[held])
-            a = answers["pair head fed twice"]
-            a["pair_dev"].append(pair.out_of_fold)
-            a["pair_test"].append(pair.predict(f_test))
-            a["eye_dev"].append(out_of_fold_twice)
-            a["eye_test"].append(eyes_through_pair(pair.bagged, f_test))
+            if "pair head fed twice" in answers:
+                a = answers["pair head fed twice"]
+                a["pair_dev"].append(pair.out_of_fold)
+                a["pair_test"].append(pair.predict(f_test))
+                a["eye_dev"].append(out_of_fold_twice)
+                a["eye_test"].append(eyes_through_pair(pair.bagged, f_test))
 
             eyes = cross_fit_eyes(f_dev, eye_dev, folds=pair.folds, grid=grid, seed=seed)
             chosen[f"{view} eye"] = eyes.c
@@ -89,6 +93,8 @@ def main() -> None:
             a["eye_dev"].append(eyes.out_of_fold)
             a["eye_test"].append(eyes.predict(f_test))
 
+            if "pair + one-eye rows" not in answers:
+                continue
             # one head on the pair rows and every known eye alone (as a pair of itself)
             known = eye_rows(eye_dev, both_all[dev])
             best = None
@@ -136,9 +142,41 @@ def main() -> None:
                 eye_cal = fit_calibration(eye_dev[rows_dev], eye_dev_p[rows_dev])
             pair_decided = pair_cal.apply(pair_test) > 0.5
             eye_decided = eye_cal.apply(eye_test_p.reshape(-1, len(LABELS))).reshape(eye_test_p.shape) > 0.5
+            # the "any referable finding" score's thresholds, set out of fold for 90 % sensitivity
+            pair_ref = fit_referral(y_dev, pair_dev)["threshold"]
+            eye_ref = (
+                pair_ref
+                if name == "pair head fed twice"
+                else fit_referral(eye_dev[rows_dev], eye_dev_p[rows_dev])["threshold"]
+            )
             seed_results[name] = summarise(
                 y_test, pair_test, pair_cal.apply(pair_test), pair_decided, eye_test, eye_test_p, eye_decided, both_test
             )
+            seed_results[name]["with the referral score"] = summarise(
+                y_test,
+                pair_test,
+                pair_cal.apply(pair_test),
+                pair_decided & (referral_scores(pair_test) <= pair_ref)[:, None],
+                eye_test,
+                eye_test_p,
+                eye_decided & (referral_scores(eye_test_p) <= eye_ref)[..., None],
+                both_test,
+            )
+            seed_results[name]["referral_score"] = referral_rows(
+                y_test, pair_test, pair_ref, eye_test, eye_test_p, eye_ref, both_test
+            )
+            if args.out:
+                np.savez(
+                    args.out.with_name(f"{args.out.stem}-s{seed}-{name.replace(' ', '_')}.npz"),
+                    y_test=y_test,
+                    pair_test=pair_test,
+                    eye_y=eye_test,
+                    eye_test=eye_test_p,
+                    both=both_test,
+                    pair_thresholds=raw_thresholds(pair_cal),
+                    eye_thresholds=raw_thresholds(eye_cal),
+                    referral=np.array([pair_ref, eye_ref]),
+                )
         seed_results["seconds"] = round(time.perf_counter() - began, 1)
         seed_results["patients"] = {"development": int(dev.sum()), "test": int(test.sum())}
         results[seed] = seed_results
@@ -155,6 +193,30 @@ def eye_rows(eye_y: np.ndarray, both: np.ndarray) -> np.ndarray:
     from fundus_ensemble.training.heads import eye_mask
 
     return eye_mask(eye_y, ~both)
+
+
+def referral_rows(y_test, pair_p, pair_t, eye_y, eye_p, eye_t, both) -> dict:
+    """The referral score's sensitivity and specificity (95 % Wilson intervals) on the test patients:
+    pairs against the patient labels (referable: not Normal), single eyes against their own."""
+    from fundus_ensemble.evaluation.calibration import referral_scores
+    from fundus_ensemble.metrics import wilson_interval
+
+    rows = eye_rows(eye_y, both)
+    out = {}
+    for name, score, referable, t in (
+        ("pair", referral_scores(pair_p), y_test[:, 0] == 0, pair_t),
+        ("one eye", referral_scores(eye_p)[rows], eye_y[rows][:, 0] == 0, eye_t),
+    ):
+        tp, tn = int((score[referable] > t).sum()), int((score[~referable] <= t).sum())
+        out[name] = {
+            "threshold": float(t),
+            "sensitivity": tp / referable.sum(),
+            "sensitivity_95": wilson_interval(tp, int(referable.sum())),
+            "specificity": tn / (~referable).sum(),
+            "specificity_95": wilson_interval(tn, int((~referable).sum())),
+            "auc": float(roc_auc_score(referable, score)),
+        }
+    return out
 
 
 def cleared(decided: np.ndarray) -> np.ndarray:
@@ -224,7 +286,7 @@ def print_tables(results: dict, args) -> None:
         f"{args.fusion}, split seeds {' / '.join(map(str, seeds))}; test patients: "
         + cells(lambda r: r["patients"]["test"], str)
         + "; healthy (Normal only): "
-        + cells(lambda r: r[ANSWERS[0]]["healthy_patients"], str)
+        + cells(lambda r: r[next(n for n in ANSWERS if n in r)]["healthy_patients"], str)
         + ".\n"
     )
     print(
@@ -233,7 +295,8 @@ def print_tables(results: dict, args) -> None:
         "normal eyes cleared | one-eye pooled AUC |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in ANSWERS:
+    names = [n for n in ANSWERS if n in results[seeds[0]]]
+    for name in names:
         row = [
             cells(lambda r, k=k: r[name]["pair"][k], form)
             for k, form in (("final_raw", num), ("final_calibrated", num), ("auc", num), ("healthy_cleared", pct))
@@ -248,7 +311,43 @@ def print_tables(results: dict, args) -> None:
             )
         ]
         print(f"| {name} | " + " | ".join(row) + " |")
-    for name in ANSWERS:
+    print(
+        "\nWith the referral score: a patient (an eye) is cleared only when Normal alone is decided and its "
+        "'any referable finding' score (1 - p(N)) is at or below the threshold set out of fold for 90 % "
+        "sensitivity.\n"
+    )
+    print(
+        "| answer | healthy cleared, both eyes | left eye alone | right eye alone | eyes with a finding not cleared "
+        "| with a finding not cleared, both eyes |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        w = "with the referral score"
+        row = [
+            cells(lambda r: r[name][w]["pair"]["healthy_cleared"], pct),
+            cells(lambda r: r[name][w]["one_eye"]["healthy_cleared_left"], pct),
+            cells(lambda r: r[name][w]["one_eye"]["healthy_cleared_right"], pct),
+            cells(lambda r: r[name][w]["one_eye"]["eyes_with_finding_not_cleared"], pct),
+            cells(lambda r: r[name][w]["pair"]["sick_not_cleared"], pct),
+        ]
+        print(f"| {name} | " + " | ".join(row) + " |")
+    print("\nThe referral score on the test patients (95 % Wilson intervals), threshold set out of fold:\n")
+    print("| answer | given | AUC | sensitivity | specificity |")
+    print("|---|---|---|---|---|")
+
+    def interval(x, key):
+        lo, hi = x[f"{key}_95"]
+        return f"{100 * x[key]:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+    for name in names:
+        for given in ("pair", "one eye"):
+            row = [
+                cells(lambda r: r[name]["referral_score"][given]["auc"], num),
+                cells(lambda r: interval(r[name]["referral_score"][given], "sensitivity"), str),
+                cells(lambda r: interval(r[name]["referral_score"][given], "specificity"), str),
+            ]
+            print(f"| {name} | {given} | " + " | ".join(row) + " |")
+    for name in names:
         print(f"\nEach eye alone, '{name}', against the eye's own keyword labels:\n")
         print("| class | eyes with it | AUC | sensitivity | specificity |")
         print("|---|---|---|---|---|")

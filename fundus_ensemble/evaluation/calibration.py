@@ -272,7 +272,16 @@ def write_out_of_fold_calibration(run_dir: str | os.PathLike, views: tuple[str, 
             "flip_tta": False,
             "patients": int(len(y)),
             **{name: fit_calibration(y, p).to_dict() for name, p in probs.items()},
-            **({"eye": fit_calibration(*eyes).to_dict(), "eyes": int(len(eyes[0]))} if eyes else {}),
+            "referral": fit_referral(y, probs["ensemble"]),
+            **(
+                {
+                    "eye": fit_calibration(*eyes).to_dict(),
+                    "eyes": int(len(eyes[0])),
+                    "eye_referral": fit_referral(*eyes),
+                }
+                if eyes
+                else {}
+            ),
         },
     )
     return path
@@ -317,6 +326,48 @@ def load_eye_calibration(path: str | os.PathLike) -> Calibration | None:
 
 
 OPERATING_MEASURES = ("sensitivity", "specificity")
+REFERRAL_SENSITIVITY = 0.90  # the referral score's threshold: this share of referable patients referred, out of fold
+
+
+def referral_scores(y_prob: np.ndarray) -> np.ndarray:
+    """The "any referable finding" score of (patients, classes) raw probabilities: 1 - p(Normal)."""
+    return 1.0 - np.asarray(y_prob, np.float64)[..., LABELS.index("N")]
+
+
+def fit_referral(y_true: np.ndarray, y_prob: np.ndarray, sensitivity: float = REFERRAL_SENSITIVITY) -> dict:
+    """The referral score's threshold (:func:`referral_scores`): the highest at which ``sensitivity``
+    of the referable patients here (labelled not Normal) score above it, with the sensitivity and
+    specificity it gave on these (out-of-fold) patients."""
+    y_true, y_prob = check_prediction_arrays(y_true, y_prob)
+    referable = y_true[:, LABELS.index("N")] == 0
+    score = referral_scores(y_prob)
+    if referable.all() or not referable.any():
+        raise FundusError("a referral threshold needs patients with and without a referable finding")
+    fitted = fit_operating_point(referable[:, None].astype(float), score[:, None], "sensitivity", sensitivity)
+    t = fitted.classes[0].threshold
+    return {
+        "score": "1 - p(N)",
+        "threshold": float(t),
+        "target_sensitivity": float(sensitivity),
+        "sensitivity": float((score[referable] > t).mean()),
+        "specificity": float((score[~referable] <= t).mean()),
+        "patients": int(len(score)),
+    }
+
+
+def load_referral(path: str | os.PathLike | None, key: str = "referral") -> dict | None:
+    """The referral score's threshold (``referral`` for pairs, ``eye_referral`` for one eye) of a
+    ``calibration.json``, checked; None when it has none."""
+    if path is None:
+        return None
+    data = read_json_file(path, "a calibration.json")
+    entry = data.get(key) if isinstance(data, dict) else None
+    if entry is None:
+        return None
+    t = entry.get("threshold") if isinstance(entry, dict) else None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+        raise FundusError(f"{path}, {key}: threshold {t!r}; expected a number in (0, 1)")
+    return entry
 
 
 def parse_operating_point(value: str) -> tuple[str, float]:

@@ -50,7 +50,9 @@ from ..evaluation.calibration import (
     Calibration,
     load_calibration_file,
     load_eye_calibration,
+    load_referral,
     raw_thresholds,
+    referral_scores,
     run_calibration,
 )
 from ..evaluation.ensemble import (
@@ -373,6 +375,9 @@ class Predictor:
             self.eye_thresholds = raw_thresholds(self.eye_fitted)
         else:
             self.eye_thresholds = [THRESHOLD] * len(LABELS)
+        # the "any referable finding" score's thresholds (1 - p(N)), pairs and one eye: the run's, unless
+        # the calibration given carries its own; none when deciding at 0.5
+        self.referral_thresholds = self._referral_thresholds(calibration)
         self.side = None
         side_file = Path(run_dir) / "color" / SIDE_HEAD
         if "color" in self.models and side_file.is_file():  # a cross-fitted run's: which eye a photo shows
@@ -386,6 +391,18 @@ class Predictor:
             self.eye_heads = {v: self.alignments[v].fold(h) for v, h in self.eye_heads.items()}
             if self.side is not None and "color" in self.alignments:
                 self.side = dataclasses.replace(self.side, head=self.alignments["color"].fold(self.side.head))
+
+    def _referral_thresholds(self, calibration) -> dict[str, float]:
+        if self.fitted is None and calibration is None:
+            return {}
+        out = {}
+        for key in ("referral", "eye_referral"):
+            for path in (calibration, run_calibration(self.run_dir)):
+                entry = load_referral(path, key)
+                if entry is not None:
+                    out[key] = float(entry["threshold"])
+                    break
+        return out
 
     def _eye_calibration(self, calibration) -> Calibration | None:
         """The calibration of the one-eye answers: the ``eye`` fit of the calibration given, else of
@@ -610,6 +627,10 @@ class Predictor:
                         "answered_from": ANSWERED_FROM_PAIR if len(present) == 2 else f"{present[0]} eye",
                         "thresholds": [float(t) for t in thresholds[k]],
                         "quality": cautions[k],
+                        "referral_score": float(referral_scores(ensemble[k])),
+                        "referral_threshold": self.referral_thresholds.get(
+                            "eye_referral" if one_eyed[k] and self.eye_heads else "referral"
+                        ),
                         "unlike_training": [e for e in present if unlike[photo_rows[k][e]]],
                     },
                     note,
@@ -822,7 +843,14 @@ def decide(result: dict | None, note: str, thresholds: list[float]) -> tuple[lis
     retake = retake_of(note)
     screened = result.get("answered_from", ANSWERED_FROM_PAIR)
     missing = [e for e in ("left", "right") if screened not in (ANSWERED_FROM_PAIR, f"{e} eye") and e not in retake]
-    return decision, refer(decision, retake, not_screened=missing, poor=result.get("quality"))
+    score, threshold = result.get("referral_score"), result.get("referral_threshold")
+    return decision, refer(
+        decision,
+        retake,
+        not_screened=missing,
+        poor=result.get("quality"),
+        referral=(score, threshold) if threshold is not None else None,
+    )
 
 
 def card_of(
@@ -863,6 +891,8 @@ def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str
                 thresholds=result.get("thresholds"),
                 quality=result.get("quality") or {},
                 unlike_training=result.get("unlike_training") or [],
+                referral_score=result.get("referral_score"),
+                referral_threshold=result.get("referral_threshold"),
             )
         rows.append(row)
     atomic_write_json(path, {"patients": rows, "explained": explained, "stems": stems})
@@ -888,6 +918,8 @@ def _load_batch(path: Path) -> tuple[list, list[list[str]]]:
                     "thresholds": row.get("thresholds"),
                     "quality": row.get("quality") or {},
                     "unlike_training": row.get("unlike_training") or [],
+                    "referral_score": row.get("referral_score"),
+                    "referral_threshold": row.get("referral_threshold"),
                 },
                 row["note"],
             )
@@ -1021,6 +1053,8 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
         "answered_from",
         "photo_quality",
         "unlike_training",
+        "referral_score",
+        "referral_threshold",
         "status",
         "note",
         "class",
@@ -1038,6 +1072,8 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
                 [
                     patient.patient_id,
                     referral.text,
+                    "",
+                    "",
                     "",
                     "",
                     "",
@@ -1065,6 +1101,8 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
                     result.get("answered_from", ANSWERED_FROM_PAIR),
                     "; ".join(f"{e}: {r}" for e, r in sorted((result.get("quality") or {}).items())),
                     " ".join(result.get("unlike_training") or []),
+                    exact(result["referral_score"]) if result.get("referral_score") is not None else "",
+                    exact(result["referral_threshold"]) if result.get("referral_threshold") is not None else "",
                     "ok",
                     note,
                     label,

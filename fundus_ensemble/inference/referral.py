@@ -10,7 +10,9 @@ what to do. The rule, in order:
    disease. The model contradicts itself or says nothing: refer for a manual read.
 3. **Refer**: a disease decided positive, named in full ("suspected glaucoma, diabetic
    retinopathy").
-4. **No referable finding**: Normal alone.
+4. **No referable finding**: Normal alone, and the "any referable finding" score (1 - p(N))
+   at or below its threshold, set on out-of-fold predictions for 90 % sensitivity; above it the
+   patient is referred though no single finding is decided.
 
 With one eye's photo (the other not given), the decisions are that eye's alone, and the line
 says so: "No referable finding in the left eye; the right eye was not screened". A photo screened
@@ -58,6 +60,7 @@ def refer(
     retake: dict[str, str] | None = None,
     not_screened: Sequence[str] = (),
     poor: dict[str, str] | None = None,
+    referral: tuple[float, float] | None = None,
 ) -> Referral:
     """The patient's line from its eight decisions (None: no photo was usable), the eyes whose
     photo was given but could not be used (``retake``: eye to reason), the eyes no photo was
@@ -66,7 +69,15 @@ def refer(
     screened though hard to read (``poor``: eye to reason, :data:`..data.quality.POOR`): such a photo
     never clears the patient, and the line says to retake it and, if a retake is no clearer, to refer."""
     retake = dict(retake or {})
+    score = referral
     referral = _refer(decisions, retake)
+    if score is not None and referral.kind == "no_referable_finding" and score[0] > score[1]:
+        # Normal alone, yet the "any referable finding" score is past the threshold set for the stated
+        # sensitivity: the patient is referred, though no single finding is decided
+        referral = Referral(
+            "refer",
+            f"Refer: a referable finding is likely (score {score[0]:.2f} above {score[1]:.2f}), no single finding decided",
+        )
     poor = {e: r for e, r in (poor or {}).items() if e not in retake}
     if decisions is not None and poor and referral.kind != "not_gradable":
         photos = "; ".join(f"the {e} photo is {r}" for e, r in sorted(poor.items()))
