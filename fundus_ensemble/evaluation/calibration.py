@@ -272,19 +272,22 @@ def write_out_of_fold_calibration(run_dir: str | os.PathLike, views: tuple[str, 
             "flip_tta": False,
             "patients": int(len(y)),
             **{name: fit_calibration(y, p).to_dict() for name, p in probs.items()},
-            "referral": fit_referral(y, probs["ensemble"]),
-            **(
-                {
-                    "eye": fit_calibration(*eyes).to_dict(),
-                    "eyes": int(len(eyes[0])),
-                    "eye_referral": fit_referral(*eyes),
-                }
-                if eyes
-                else {}
-            ),
+            **_referral_entry("referral", y, probs["ensemble"]),
+            **({"eye": fit_calibration(*eyes).to_dict(), "eyes": int(len(eyes[0]))} if eyes else {}),
+            **(_referral_entry("eye_referral", *eyes) if eyes else {}),
         },
     )
     return path
+
+
+def _referral_entry(key: str, y: np.ndarray, p: np.ndarray) -> dict:
+    """``{key: fit_referral(y, p)}``, or nothing (with a warning) when these patients are all
+    referable or none is: the line then rests on the class decisions alone."""
+    try:
+        return {key: fit_referral(y, p)}
+    except FundusError as exc:
+        warn_once(f"calibration: no {key.replace('_', ' ')} threshold ({exc})")
+        return {}
 
 
 def load_eye_out_of_fold(run_dir: str | os.PathLike, views: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
