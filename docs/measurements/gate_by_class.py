@@ -34,15 +34,16 @@ LIKENESS = FundusLikeness()
 
 
 def gate(images: list[np.ndarray]) -> list[tuple[str, str | None]]:
-    """Per photo ("refused" | "poor" | "gradable", reason), as predict's gate decides."""
+    """Per photo ("refused" | "poor" | "gradable", reason), as predict's gate decides (the ImageNet
+    check on the gradable photos: a poor one is screened and never clears)."""
     verdicts = [grade(a) for a in images]
-    usable = [i for i, v in enumerate(verdicts) if v.usable]
+    usable = [i for i, v in enumerate(verdicts) if v.gradable]
     mass = dict(zip(usable, LIKENESS.mass([crop_to_fov(images[i], INPUT_SIZE) for i in usable])))
     out = []
     for i, v in enumerate(verdicts):
         if not v.usable:
             out.append(("refused", v.reason))
-        elif mass[i] < MIN_FUNDUS_MASS:
+        elif i in mass and mass[i] < MIN_FUNDUS_MASS:
             out.append(("refused", "not a fundus photo (ImageNet check)"))
         elif not v.gradable:
             out.append(("poor", v.reason))

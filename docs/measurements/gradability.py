@@ -26,12 +26,12 @@ LIKENESS = FundusLikeness()
 
 
 def gate(images: list[np.ndarray]) -> list[str | None]:
-    """The whole gate, as predict runs it: the image checks, then the ImageNet check on every photo they
-    let be screened (gradable, or poor: data.quality.POOR). Each photo's reason, None when gradable;
-    :data:`REFUSED` collects the photos refused (not screened at all)."""
+    """The whole gate, as predict runs it: the image checks, then the ImageNet check on the photos they
+    call gradable (a poor one, data.quality.POOR, is screened and never clears). Each photo's reason,
+    None when gradable; ``gate.refused`` counts the photos refused (not screened at all)."""
     verdicts = [grade(a) for a in images]
     reasons = [v.reason for v in verdicts]
-    usable = [i for i, v in enumerate(verdicts) if v.usable]
+    usable = [i for i, v in enumerate(verdicts) if v.gradable]  # a poor photo skips the ImageNet check, as in predict
     mass = LIKENESS.mass([crop_to_fov(images[i], 224) for i in usable])
     refused = {i for i, v in enumerate(verdicts) if not v.usable}
     for i, m in zip(usable, mass):

@@ -476,7 +476,8 @@ class Predictor:
                             raise ImageError(verdict.text)
                         if not verdict.gradable:
                             poor[k, eye] = verdict.text
-                        likeness[k, eye] = crop_to_fov(image, GATE_SIZE)
+                        else:  # a hazy retina looks less like ImageNet's fundus classes; a poor photo never clears
+                            likeness[k, eye] = crop_to_fov(image, GATE_SIZE)
                     squares[k, eye] = crop_to_fov(image, self.size)
                 except ImageError as exc:
                     reasons[k].append(f"{eye}: {exc}")
@@ -486,7 +487,6 @@ class Predictor:
             for (k, eye), mass in zip(likeness, self._likeness.mass(list(likeness.values()))):
                 if mass < MIN_FUNDUS_MASS:
                     del squares[k, eye]
-                    poor.pop((k, eye), None)
                     reasons[k].append(
                         f"{eye}: not a fundus photo (an ImageNet classifier gives the classes of fundus photos "
                         f"{mass:.2f}; real ones {MIN_FUNDUS_MASS} or more)"
