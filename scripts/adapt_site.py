@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the site.json to write")
     p.add_argument("--image-root", help="for a manifest: the folder its image paths are relative to")
     p.add_argument("--pattern", default=r"(?P<id>.+)_(?P<eye>left|right)", help="file name pattern of a folder")
+    p.add_argument("--unnamed-eye", choices=["left", "right"], help="the eye shown by photos whose name says none")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-quality-gate", action="store_true", help="use every photo, gradable or not")
     return p
@@ -43,7 +44,9 @@ def main(argv=None):
     from fundus_ensemble.inference.site import adapt_site
 
     patients = (
-        patients_in_folder(source, args.pattern) if source.is_dir() else patients_in_manifest(source, args.image_root)
+        patients_in_folder(source, args.pattern, args.unnamed_eye)
+        if source.is_dir()
+        else patients_in_manifest(source, args.image_root)
     )
     record = adapt_site(
         resolve_run(args.run_dir), patients, out, args.batch_size, False if args.no_quality_gate else None

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="regex on a photo's file name without extension, with groups id and eye, to pair a folder's photos",
     )
     p.add_argument(
+        "--unnamed-eye",
+        choices=["left", "right"],
+        help="the eye shown by a folder's photos whose name says none (without it such a photo is an error)",
+    )
+    p.add_argument(
         "--image-root", help="folder a manifest's image paths are relative to (default: the manifest's folder)"
     )
     p.add_argument("--out", help="folder for predictions.csv and decisions.csv (required unless --model-card)")
@@ -165,7 +170,7 @@ def main(argv=None):
     if args.input is None:
         patients = check_sides([PatientPhotos(args.id, photos.get("left"), photos.get("right"))])
     elif Path(args.input).is_dir():
-        patients = patients_in_folder(args.input, args.pattern)
+        patients = patients_in_folder(args.input, args.pattern, args.unnamed_eye)
     else:
         patients = patients_in_manifest(args.input, args.image_root)
     max_pixels = round(args.max_megapixels * 1e6) if args.max_megapixels > 0 else None

@@ -37,10 +37,13 @@ def tiny_run(tmp_path_factory):
 def test_a_folder_is_paired_by_name_and_a_lone_photo_is_one_patient(tmp_path):
     for name in ("1_left.jpg", "1_right.jpg", "2_left.png", "solo.jpg", "notes.txt"):
         photo(tmp_path / name) if not name.endswith(".txt") else (tmp_path / name).write_text("x")
-    patients = {p.patient_id: p for p in patients_in_folder(tmp_path)}
+    # a photo whose name says no eye is not silently a left eye
+    with pytest.raises(FundusError, match=r"solo\.jpg: its name says no eye"):
+        patients_in_folder(tmp_path)
+    patients = {p.patient_id: p for p in patients_in_folder(tmp_path, unnamed_eye="right")}
     assert set(patients) == {"1", "2", "solo"}
     assert patients["1"].left.name == "1_left.jpg" and patients["1"].right.name == "1_right.jpg"
-    assert patients["2"].right is None and patients["solo"].left.name == "solo.jpg"
+    assert patients["2"].right is None and patients["solo"].right.name == "solo.jpg" and patients["solo"].left is None
     with pytest.raises(FundusError, match="named groups"):
         patients_in_folder(tmp_path, r"(?P<id>.+)")
 

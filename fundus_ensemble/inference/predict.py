@@ -107,12 +107,18 @@ class PatientPhotos:
     right: Path | None
 
 
-def patients_in_folder(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN) -> list[PatientPhotos]:
+def patients_in_folder(
+    folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN, unnamed_eye: str | None = None
+) -> list[PatientPhotos]:
     """Pair the photos of a folder by ``pattern`` (a regex on the file stem with groups ``id`` and ``eye``).
 
     A DICOM photo whose name does not match is paired by its header (PatientID and
-    ImageLaterality); one whose name matches must not contradict its header's laterality.
+    ImageLaterality); one whose name matches must not contradict its header's laterality. Any
+    other photo whose name says no eye is refused, naming it, unless ``unnamed_eye`` (``left`` or
+    ``right``) says which eye such photos show: an answer is about one eye, and the line names it.
     """
+    if unnamed_eye not in (None, "left", "right"):
+        raise FundusError(f"--unnamed-eye {unnamed_eye!r}: expected left or right")
     folder = Path(folder)
     try:
         regex = re.compile(pattern, re.IGNORECASE)
@@ -123,8 +129,8 @@ def patients_in_folder(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN
     eyes: dict[str, dict[str, Path]] = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
         match = regex.fullmatch(path.stem)
-        pid, eye = (match["id"], match["eye"].lower()) if match else (path.stem, "left")
-        if eye not in ("left", "right"):
+        pid, eye = (match["id"], match["eye"].lower()) if match else (path.stem, unnamed_eye)
+        if match and eye not in ("left", "right"):
             raise FundusError(f"{path}: --pattern matched eye {match['eye']!r}; expected left or right")
         header = _dicom_header(path)
         if header is not None and header.laterality is not None and not match:
@@ -132,6 +138,11 @@ def patients_in_folder(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN
                 header.patient_id or path.stem,
                 header.laterality,
             )  # a camera's file: its header says whose and which eye
+        if eye is None:
+            raise FundusError(
+                f"{path}: its name says no eye (--pattern {pattern}); name it <id>_left or <id>_right, or say "
+                "which eye such photos show with --unnamed-eye left|right"
+            )
         slot = eyes.setdefault(pid, {})
         if eye in slot:
             raise FundusError(f"{folder}: patient {pid!r} has two {eye} photos ({slot[eye].name} and {path.name})")
