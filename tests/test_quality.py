@@ -78,6 +78,13 @@ def test_a_camera_with_a_white_surround_is_a_fundus_camera(retina):
     white[retina.max(axis=2) <= 20] = 255
     verdict = quality.grade(white)
     assert verdict.reason != "not a fundus photo", verdict.text
+    # a white page with something blue or white on it is no such camera
+    blue = white.copy()
+    blue[retina.max(axis=2) > 20] = blue[retina.max(axis=2) > 20][:, ::-1]  # the retina's colours, red and blue swapped
+    assert quality.grade(blue).reason == "not a fundus photo", quality.grade(blue).text
+    page = np.full_like(white, 255)
+    page[200:260, 100:400] = (40, 40, 40)  # a line of text
+    assert quality.grade(page).reason in ("not a fundus photo", "retina not found"), quality.grade(page).text
 
 
 @pytest.mark.parametrize("side", [2000, 3000])

@@ -64,6 +64,7 @@ GRAY_SATURATION = 12.0  # below: a gray photo (a hazy cataract's is paler, not g
 GRAY_RED_SHARE = 0.25  # below: a red-free (green) photo, not a colour fundus (a dark cataract's: 0.29 on ODIR)
 MAX_ASPECT = 1.5  # real: 99.5th percentile 1.23; half a retina: about 2
 MIN_DARK_CORNERS = 0.30  # real: 0.5th percentile 0.50; a retina cut in half keeps about 0.37 or more
+MAX_WHITE_DISC = 0.5  # a white surround counts as a camera's only around a disc mostly not white
 CAMERA_WHITE = 235  # a corner pixel this bright in every channel is a camera's white surround, not retina
 MIN_SHARPNESS = 0.32  # real: 1st percentile 0.36; Gaussian blur sigma 1.5: 95th percentile 0.29
 MAX_BLOCKINESS = 2.2  # real: 99th percentile 1.87; JPEG quality 10: 5th percentile 2.8
@@ -163,8 +164,19 @@ def statistics(image: np.ndarray) -> dict:
 
 
 def _frame(square: np.ndarray) -> np.ndarray:
-    """Pixels of the camera's surround: black, or (some cameras) flat white."""
-    return (square.max(axis=2) <= BORDER_LEVEL + 10) | (square.min(axis=2) >= CAMERA_WHITE)
+    """Pixels of the camera's surround: black, or flat white around a disc that is neither white itself
+    nor other than orange-red (some cameras frame the retina in white; a page, a logo or a colour wheel
+    on white is no such camera)."""
+    dark = square.max(axis=2) <= BORDER_LEVEL + 10
+    white = square.min(axis=2) >= CAMERA_WHITE
+    side = square.shape[0]
+    yy, xx = np.mgrid[:side, : square.shape[1]]
+    disc = (yy - side / 2) ** 2 + (xx - square.shape[1] / 2) ** 2 < (0.4 * side) ** 2
+    inner = square[disc & ~white].astype(np.float64)
+    if white[disc].mean() >= MAX_WHITE_DISC or not len(inner):
+        return dark
+    b, g, r = inner.mean(axis=0)
+    return dark | white if r / (r + g + b + 1e-6) >= MIN_RED_SHARE else dark  # an orange-red disc inside, as a retina
 
 
 def grade(image: np.ndarray) -> Verdict:
