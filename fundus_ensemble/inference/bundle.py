@@ -583,7 +583,7 @@ def _gradability_section(path, by_class=None) -> list[str]:
             rate = t["refused"] / t["photos"] if t["photos"] else 0.0
             ratio = f"{rate / base:.1f}" if base else ("-" if not rate else "above a rate of 0")
             lines.append(
-                f"| {c} | {t['photos']} | {t['refused']} ({rate:.1%}) | {ratio} | "
+                f"| {c} | {t['photos']} | {t['refused']} ({rate:.2%}) | {ratio} | "
                 f"{t['poor']} ({t['poor'] / max(1, t['photos']):.1%}) |"
             )
         camera = data.get("camera", {})
@@ -619,24 +619,39 @@ def _one_eye_section(path) -> list[str]:
     data = json.loads(Path(path).read_text())
     lines = [
         "",
-        "## One eye",
+        "## One eye, and the referral score",
         "",
         "A patient with one usable photo is answered by one-eye heads (fitted on single eyes with their own keywords' "
         "labels, calibrated on their out-of-fold eyes): the answer is about that eye, and the line says the other eye "
-        "was not screened. The same recipe on each benchmark split's development patients, scored on its test "
-        "patients, each eye given alone (`docs/measurements/one_eye.py`):",
+        "was not screened. The line clears a patient (an eye) only when Normal alone is decided and the 'any "
+        "referable finding' score, 1 - p(N), is at or below its threshold, set on out-of-fold predictions for 90 % "
+        "sensitivity. The same recipe on each benchmark split's development patients, scored on its test patients, "
+        "each eye also given alone (`docs/measurements/one_eye.py`):",
         "",
         "| split | healthy patients cleared, both eyes | from the left eye alone | from the right eye alone | "
-        "eyes with a finding not cleared | one-eye pooled AUC |",
+        "eyes with a finding not cleared | patients with a finding not cleared, both eyes |",
         "|---|---|---|---|---|---|",
     ]
     for seed, r in data.items():
-        a = r["eye head"]
+        a = r["eye head"]["with the referral score"]
         lines.append(
             f"| {seed} | {a['pair']['healthy_cleared']:.0%} | {a['one_eye']['healthy_cleared_left']:.0%} | "
             f"{a['one_eye']['healthy_cleared_right']:.0%} | {a['one_eye']['eyes_with_finding_not_cleared']:.0%} | "
-            f"{a['one_eye']['pooled_auc']:.3f} |"
+            f"{a['pair']['sick_not_cleared']:.0%} |"
         )
+    lines += [
+        "",
+        "The referral score on those test patients (95 % Wilson intervals):",
+        "",
+        "| split | given | AUC | sensitivity | specificity |",
+        "|---|---|---|---|---|",
+    ]
+    for seed, r in data.items():
+        for given, x in r["eye head"]["referral_score"].items():
+            lines.append(
+                f"| {seed} | {given} | {x['auc']:.3f} | {_pct(x['sensitivity'], x['sensitivity_95'])} | "
+                f"{_pct(x['specificity'], x['specificity_95'])} |"
+            )
     return lines
 
 

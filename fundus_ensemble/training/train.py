@@ -777,27 +777,26 @@ def load_references(run_dir: str | os.PathLike, views) -> dict:
     """The run's feature references per view (``<view>/reference.npz``), all or none."""
     from .adaptation import FeatureReference
 
-    out = {}
-    for view in views:
-        path = Path(run_dir) / view / REFERENCE
-        if not path.is_file():
-            return {}
-        out[view] = FeatureReference.load(path)
-    return out
+    return _each_view(run_dir, views, REFERENCE, FeatureReference.load)
 
 
 def load_eye_heads(run_dir: str | os.PathLike, views) -> dict:
     """The run's one-eye heads per view (``<view>/eye_head.npz``), all or none: {} when a view lacks one."""
     from .heads import LinearHead
 
-    heads = {}
-    for view in views:
-        path = Path(run_dir) / view / EYE_HEAD
-        if not path.is_file():
-            return {}
+    def load(path):
         data = read_npz(path, "a one-eye head", {"weights": (None, len(LABELS)), "bias": (len(LABELS),)})
-        heads[view] = LinearHead(data["weights"].astype(np.float64), data["bias"].astype(np.float64))
-    return heads
+        return LinearHead(data["weights"].astype(np.float64), data["bias"].astype(np.float64))
+
+    return _each_view(run_dir, views, EYE_HEAD, load)
+
+
+def _each_view(run_dir, views, name: str, load) -> dict:
+    """``load(<run>/<view>/<name>)`` per view, checked as it loads; {} when any view lacks the file."""
+    paths = {view: Path(run_dir) / view / name for view in views}
+    if not all(p.is_file() for p in paths.values()):
+        return {}
+    return {view: load(path) for view, path in paths.items()}
 
 
 def _side_head(out: Path, view: str, features: np.ndarray, development, config: TrainConfig) -> dict | None:
