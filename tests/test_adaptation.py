@@ -1,8 +1,6 @@
-"""Another camera without labels (training.adaptation, inference.site.adapt_site): the site's
+"""Another camera without labels (training.adaptation; the end-to-end adapt_site test is in test_bundle.py): the site's
 alignment is fitted on its own normal-looking photos, folds exactly into the heads, is refused by
 another model, and the unlike-photo warning flags about 1 % of held-back training photos."""
-
-import json
 
 import numpy as np
 import pytest
@@ -85,66 +83,3 @@ def test_a_site_alignment_is_checked_where_it_is_read():
             adaptation.SiteAlignment.from_dict(bad, reference, "s")
     with pytest.raises(FundusError, match="aligning needs"):
         adaptation.fit_alignment(rng.normal(size=(10, 12)), reference, _normal_head())
-
-
-@pytest.mark.backend
-def test_adapt_site_writes_a_site_file_for_this_model_that_predict_applies_and_another_refuses(
-    released, small_dataset, tmp_path, monkeypatch
-):
-    import csv
-
-    import cv2
-
-    from fundus_ensemble.data.acquisition import gain
-    from fundus_ensemble.data.manifest import load_manifest
-    from fundus_ensemble.inference.predict import PatientPhotos, Predictor, predict_photos
-    from fundus_ensemble.inference.site import adapt_site
-    from fundus_ensemble.training.train import load_references
-
-    _, _, work, _, _ = released
-    run = work / "run"
-    references = load_references(run, ("color", "gray_eq"))
-    assert set(references) == {"color", "gray_eq"}, "a cross-fitted run keeps each view's feature reference"
-    manifest = load_manifest(small_dataset)
-    patients = []
-    for q in manifest.patients:  # the site's camera: warmer and darker
-        eyes = {}
-        for eye in ("left", "right"):
-            if getattr(q, f"{eye}_image"):
-                path = tmp_path / "site" / f"{q.patient_id}_{eye}.png"
-                path.parent.mkdir(exist_ok=True)
-                cv2.imwrite(
-                    str(path), gain(cv2.imread(str(manifest.image_path(getattr(q, f"{eye}_image")))), (0.6, 0.8, 1.0))
-                )
-                eyes[eye] = path
-        patients.append(PatientPhotos(q.patient_id, eyes.get("left"), eyes.get("right")))
-    monkeypatch.setattr(adaptation, "MIN_SITE_PHOTOS", 20)
-    site = tmp_path / "site.json"
-    record = adapt_site(run, patients, site, gate=False, progress=False)
-    assert record["photos"] >= 40
-    # the site's statistics are the site photos' own: the mean of its normal-looking colour photos
-    predictor = Predictor(run, gate=False)
-    features, _ = predictor.photo_features(patients)
-    expected = adaptation.fit_alignment(features["color"], references["color"], predictor.eye_heads["color"])
-    np.testing.assert_allclose(record["views"]["color"]["site_mean"], expected.site_mean, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(record["views"]["color"]["site_mean"], references["color"].normal_mean, atol=1e-3)
-    summary = predict_photos(run, patients[:4], tmp_path / "with", progress=False, gate=False, site=site)
-    plain = predict_photos(run, patients[:4], tmp_path / "without", progress=False, gate=False)
-    assert summary["site"] == str(site) and plain["site"] is None
-    with_site = list(csv.DictReader(open(tmp_path / "with" / "predictions.csv")))
-    without = list(csv.DictReader(open(tmp_path / "without" / "predictions.csv")))
-    assert with_site != without, "the alignment changes the answers"
-    # the export folds the same alignment into each view's head
-    from fundus_ensemble.inference.export import build_ensemble_model
-
-    exported, info = build_ensemble_model(run, site=site)
-    kernel, bias = exported.get_layer("color_model").get_layer("labels").get_weights()
-    folded = Predictor(run, gate=False, site=site).heads["color"]
-    np.testing.assert_allclose(kernel, folded.weights, atol=1e-5)
-    np.testing.assert_allclose(bias, folded.bias, atol=1e-5)
-    assert info["site"]["file"] == "site.json"
-    other = json.loads(site.read_text())
-    other["run_fingerprint"] = {"color": "0" * 64, "gray_eq": "0" * 64}
-    (tmp_path / "other.json").write_text(json.dumps(other))
-    with pytest.raises(FundusError, match="made for another model"):
-        Predictor(run, gate=False, site=tmp_path / "other.json")

@@ -219,35 +219,39 @@ def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
 
 
 def _build_run(folder: Path, record: dict, work: Path) -> None:
-    """The run folder of a checked bundle, in ``work``; each array checked before a model is built from it."""
+    """The run folder of a checked bundle, in ``work``: every file is checked first (shapes, sizes,
+    finite numbers, thresholds in range), then the models are built from the checked arrays."""
     from ..evaluation.calibration import RUN_CALIBRATION, load_calibration_file
     from ..models import build_patient_model
     from ..training.adaptation import FeatureReference
     from ..training.heads import LinearHead, SideHead, set_patient_head
     from ..training.train import CARD_NAME, EYE_HEAD, MODEL_NAME, REFERENCE, SIDE_HEAD
 
+    copies = {RUN_CALIBRATION: RUN_CALIBRATION}  # bundle file -> its place in the run
+    heads = {}
     for view in record["views"]:
-        (work / view).mkdir(parents=True)
-        model = build_patient_model(record["backbone"], record["input_size"], "imagenet")
-        # every array is checked (shapes, sizes, finite numbers) before a model is built from it
-        head = _read_head(folder / f"{view}.npz", "a patient head")
-        set_patient_head(model, LinearHead(head["weights"].astype(np.float64), head["bias"].astype(np.float64)))
-        model.save(str(work / view / MODEL_NAME))
+        heads[view] = _read_head(folder / f"{view}.npz", "a patient head")
         read_json_file(folder / "cards" / f"{view}.json", "a model card")
-        shutil.copyfile(folder / "cards" / f"{view}.json", work / view / CARD_NAME)
+        copies[f"cards/{view}.json"] = f"{view}/{CARD_NAME}"
         if f"{view}{EYE_SUFFIX}" in record["files"]:
             _read_head(folder / f"{view}{EYE_SUFFIX}", "a one-eye head")
-            shutil.copyfile(folder / f"{view}{EYE_SUFFIX}", work / view / EYE_HEAD)
+            copies[f"{view}{EYE_SUFFIX}"] = f"{view}/{EYE_HEAD}"
         if f"{view}{REFERENCE_SUFFIX}" in record["files"]:
             FeatureReference.load(folder / f"{view}{REFERENCE_SUFFIX}")
-            shutil.copyfile(folder / f"{view}{REFERENCE_SUFFIX}", work / view / REFERENCE)
+            copies[f"{view}{REFERENCE_SUFFIX}"] = f"{view}/{REFERENCE}"
     if SIDE_HEAD in record["files"]:
         SideHead.load(folder / SIDE_HEAD)
-        shutil.copyfile(folder / SIDE_HEAD, work / "color" / SIDE_HEAD)
+        copies[SIDE_HEAD] = f"color/{SIDE_HEAD}"
     load_calibration_file(folder / RUN_CALIBRATION, "the bundle's calibration")
-    shutil.copyfile(folder / RUN_CALIBRATION, work / RUN_CALIBRATION)
     if MODEL_CARD in record["files"]:
-        shutil.copyfile(folder / MODEL_CARD, work / MODEL_CARD)
+        copies[MODEL_CARD] = MODEL_CARD
+    for view, head in heads.items():
+        (work / view).mkdir(parents=True)
+        model = build_patient_model(record["backbone"], record["input_size"], "imagenet")
+        set_patient_head(model, LinearHead(head["weights"].astype(np.float64), head["bias"].astype(np.float64)))
+        model.save(str(work / view / MODEL_NAME))
+    for source, target in copies.items():
+        shutil.copyfile(folder / source, work / target)
 
 
 def _read_head(path: Path, what: str) -> dict:
