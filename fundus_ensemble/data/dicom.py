@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError
+from .limits import DEFAULT_MAX_PIXELS
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128
@@ -110,8 +111,6 @@ def _reason(exc: Exception) -> str:
 def read_dicom_header(path: str | os.PathLike, max_pixels: int | None = None) -> DicomHeader:
     """PatientID and laterality, read without the pixel data (a deflated dataset is inflated up
     to :func:`inflate_limit` of ``max_pixels``; None: the default pixel limit's)."""
-    from .imaging import DEFAULT_MAX_PIXELS
-
     ds = _read(Path(path), stop_before_pixels=True, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     code = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
     patient = str(ds.get("PatientID", "") or "").strip() or None

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
 from .dicom import decode_dicom, is_dicom
+from .limits import DEFAULT_MAX_PIXELS
 
 # Below this share of the frame a "retina" is noise, a label or a reflection.
 MIN_FOV_FRACTION = 0.05
@@ -24,9 +25,6 @@ BORDER_LEVEL = 20
 MIN_SIDE = 32
 # A retina with more than this share of near-white pixels is a blown-out exposure.
 MAX_WHITE_FRACTION = 0.8
-# Decoding needs several bytes per pixel (a 20000 x 20000 PNG alone takes 2.4 GB decoded), and
-# the largest fundus cameras make about 24 megapixels: refuse more than this before decoding.
-DEFAULT_MAX_PIXELS = 100_000_000
 _EXIF_ORIENTATION = 0x0112
 
 
