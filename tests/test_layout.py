@@ -51,3 +51,15 @@ def test_each_stage_imports_only_the_stages_below_it():
 def test_the_package_root_holds_only_shared_modules():
     root_modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert root_modules <= ROOT_SHARED | {"cli", "demo"}, root_modules - ROOT_SHARED
+
+
+def test_no_two_modules_of_a_stage_import_each_other():
+    """A lazy import inside a function counts too: it is how a circle hides."""
+    edges = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        edges[module] = {n for n in imported_modules(path) if n != module}
+    circles = sorted(
+        f"{a} <-> {b}" for a, targets in edges.items() for b in targets if a < b and a in edges.get(b, set())
+    )
+    assert not circles, circles

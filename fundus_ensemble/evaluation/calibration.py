@@ -166,11 +166,12 @@ def fit_calibration(
 
 
 def load_calibration_file(
-    path: str | os.PathLike, option: str = "--calibration", run_dir: str | os.PathLike | None = None
+    path: str | os.PathLike, option: str = "--calibration", fingerprint: dict | None = None
 ) -> tuple[Calibration, str]:
     """The ensemble's calibration from a ``calibration.json`` of ``score.py --calibrate-on``,
-    checked (:meth:`Calibration.from_dict`), and words saying where it came from. With ``run_dir``,
-    a file that records the model it was fitted for (a site calibration does) must name this one.
+    checked (:meth:`Calibration.from_dict`), and words saying where it came from. With ``fingerprint``
+    (the model's :func:`.ensemble.card_fingerprints`), a file that records the model it was fitted
+    for (a site calibration does) must name this one.
 
     Refuses one fitted on flip-TTA predictions: predict does not flip, so its thresholds
     would not fit."""
@@ -198,14 +199,11 @@ def load_calibration_file(
         )
     if len(fitted.classes) != len(LABELS):
         raise FundusError(f"{option} {path}: {len(fitted.classes)} classes, expected {len(LABELS)}")
-    if run_dir is not None and "run_fingerprint" in data:
-        from .ensemble import card_fingerprints
-
-        if data["run_fingerprint"] != card_fingerprints(run_dir):
-            raise FundusError(
-                f"{option} {path} was fitted for another model (its run fingerprint differs from {run_dir}'s); "
-                "fit a site calibration for this model with scripts/calibrate_site.py"
-            )
+    if fingerprint is not None and "run_fingerprint" in data and data["run_fingerprint"] != fingerprint:
+        raise FundusError(
+            f"{option} {path} was fitted for another model (its run fingerprint differs from the model's); "
+            "fit a site calibration for this model with scripts/calibrate_site.py"
+        )
     return fitted, f"{path.name} (fitted on {data.get('fitted_on', '?')})"
 
 

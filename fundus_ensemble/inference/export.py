@@ -206,7 +206,7 @@ def export_thresholds(
     path = run_calibration(run_dir) if calibration == AUTO else calibration
     if path is None:
         return [0.5] * len(LABELS), "default 0.5"
-    fitted, source = load_calibration_file(path, run_dir=run_dir)
+    fitted, source = load_calibration_file(path, fingerprint=card_fingerprints(run_dir))
     return raw_thresholds(fitted), source
 
 

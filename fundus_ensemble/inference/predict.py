@@ -360,7 +360,9 @@ class Predictor:
         self.gate = gate_default() if gate is None else gate
         self._likeness: FundusLikeness | None = None
         self.fitted, self.source = (
-            load_calibration_file(calibration, run_dir=run_dir) if calibration is not None else (None, "default 0.5")
+            load_calibration_file(calibration, fingerprint=card_fingerprints(run_dir))
+            if calibration is not None
+            else (None, "default 0.5")
         )
         self.views = tuple(run_views(run_dir))
         self.models = {view: load_view_model(run_dir, view) for view in self.views}
