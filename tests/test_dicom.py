@@ -213,6 +213,18 @@ def test_a_deflated_dicom_is_read_and_a_deflate_bomb_refused_within_its_bound(tm
         assert _peak_bytes(read) < 3 * limit, "inflating stopped at the limit"
 
 
+def test_a_deflate_bomb_within_the_default_limit_costs_little_memory(tmp_path):
+    """200 MB of zeros in a private tag, deflated to under 0.4 MB: under the default pixel limit
+    the dataset is inflated (to disk), the photo decoded and the tag never read into memory."""
+    photo = eye_photo()
+    plain = write_dicom_photo(tmp_path / "plain.dcm", photo, "P1", "left")
+    bomb = _deflated(tmp_path / "bomb.dcm", plain, b"\0" * 200_000_000)
+    assert np.array_equal(decode_image(bomb), photo) and read_dicom_header(bomb).laterality == "left"
+    for read in (lambda: decode_image(bomb), lambda: read_dicom_header(bomb)):
+        peak = _peak_bytes(read)
+        assert peak < 20_000_000, f"{peak / 1e6:.0f} MB taken to read a {bomb.stat().st_size / 1e6:.2f} MB file"
+
+
 def _rss_growth_mb(code: str) -> tuple[float, str]:
     """Run ``code`` (which sets ``answer``) in a fresh interpreter; the growth of its peak RSS, and ``answer``."""
     import subprocess

@@ -9,11 +9,12 @@ Laterality) and whose (PatientID): what a folder of a camera's files is paired b
 
 from __future__ import annotations
 
-import io
 import os
 import struct
+import tempfile
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,27 +55,37 @@ def inflate_limit(max_pixels: int | None) -> int:
     return NO_LIMIT_INFLATE if max_pixels is None else 3 * max_pixels + HEADER_ALLOWANCE
 
 
-def _read(path: Path, stop_before_pixels: bool, max_pixels: int | None):
+DEFER_BYTES = 1_000_000  # elements longer than this stay on disk until used (a private tag is never used)
+_INFLATE_CHUNK = 1 << 20
+
+
+@contextmanager
+def _opened(path: Path, stop_before_pixels: bool, max_pixels: int | None):
+    """The dataset of ``path``, valid inside the ``with``: long elements are read from disk only
+    when used, and a deflated dataset is inflated to a private temporary file (never whole into
+    memory), so a small file that inflates to hundreds of MB costs a megabyte or two of memory."""
     import pydicom  # only photos that are DICOM pay for the import
 
-    try:
-        with warnings.catch_warnings():  # a damaged file's warnings: the ImageError below says it once
-            warnings.simplefilter("ignore")
-            meta = pydicom.filereader.read_file_meta_info(path)
-            source = (
-                _inflated(path, meta, inflate_limit(max_pixels)) if meta.get("TransferSyntaxUID") == DEFLATED else path
-            )
-            return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
-    except ImageError:
-        raise
-    except Exception as exc:  # pydicom raises many types for a damaged file; each is the file's fault
-        raise ImageError(f"not a readable DICOM file ({_reason(exc)})") from None
+    with tempfile.TemporaryDirectory(prefix="fundus-dicom-") as scratch:
+        try:
+            with warnings.catch_warnings():  # a damaged file's warnings: the ImageError below says it once
+                warnings.simplefilter("ignore")
+                meta = pydicom.filereader.read_file_meta_info(path)
+                source = path
+                if meta.get("TransferSyntaxUID") == DEFLATED:
+                    source = _inflate_to(Path(scratch) / "inflated.dcm", path, meta, inflate_limit(max_pixels))
+                ds = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels, defer_size=DEFER_BYTES)
+        except ImageError:
+            raise
+        except Exception as exc:  # pydicom raises many types for a damaged file; each is the file's fault
+            raise ImageError(f"not a readable DICOM file ({_reason(exc)})") from None
+        yield ds
 
 
-def _inflated(path: Path, meta, limit: int) -> io.BytesIO:
-    """A deflated file as the same dataset uncompressed, in memory, or ImageError past ``limit``
-    bytes: pydicom inflates the whole stream at once, and deflate reaches 1000:1, so a file
-    within any upload limit could take tens of GB before a single check."""
+def _inflate_to(target: Path, path: Path, meta, limit: int) -> Path:
+    """A deflated file rewritten to ``target`` as the same dataset uncompressed, a megabyte at a
+    time, or ImageError past ``limit`` bytes: deflate reaches 1000:1, so a file within any
+    upload limit could otherwise take tens of GB (pydicom inflates the whole stream at once)."""
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import ExplicitVRLittleEndian
@@ -82,25 +93,37 @@ def _inflated(path: Path, meta, limit: int) -> io.BytesIO:
     group_length = meta.get("FileMetaInformationGroupLength")
     if not isinstance(group_length, int) or group_length <= 0:
         raise ImageError("deflated DICOM file without a File Meta Information Group Length")
-    with open(path, "rb") as f:
-        f.seek(_MAGIC_OFFSET + 4 + 12 + group_length)  # preamble, DICM, the (0002,0000) element, the group
-        compressed = f.read()
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        dataset = inflater.decompress(compressed, limit + 1)  # never more than this, whatever the ratio
-    except zlib.error as exc:
-        raise ImageError(f"damaged deflated DICOM dataset ({exc})") from None
-    if len(dataset) > limit or inflater.unconsumed_tail:
-        raise ImageError(
-            f"deflated DICOM dataset inflates past {limit / 1e6:.0f} MB ({len(compressed) / 1e6:.2f} MB "
-            "compressed); refused before reading it (the limit follows --max-megapixels)"
-        )
+    compressed_bytes = path.stat().st_size
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = DicomBytesIO()
-    out.write(b"\0" * _MAGIC_OFFSET + b"DICM")
-    write_file_meta_info(out, meta, enforce_standard=True)
-    out.write(dataset)
-    return io.BytesIO(out.getvalue())
+    head = DicomBytesIO()
+    head.write(b"\0" * _MAGIC_OFFSET + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    written = 0
+    with open(path, "rb") as src, open(target, "wb") as out:
+        out.write(head.getvalue())
+        src.seek(_MAGIC_OFFSET + 4 + 12 + group_length)  # preamble, DICM, the (0002,0000) element, the group
+        pending = b""
+        while True:
+            if not pending:
+                pending = src.read(_INFLATE_CHUNK)
+                if not pending:
+                    break
+            try:
+                piece = inflater.decompress(pending, _INFLATE_CHUNK)
+            except zlib.error as exc:
+                raise ImageError(f"damaged deflated DICOM dataset ({exc})") from None
+            pending = inflater.unconsumed_tail
+            written += len(piece)
+            if written > limit:
+                raise ImageError(
+                    f"deflated DICOM dataset inflates past {limit / 1e6:.0f} MB ({compressed_bytes / 1e6:.2f} MB "
+                    "compressed); refused before reading it (the limit follows --max-megapixels)"
+                )
+            out.write(piece)
+            if inflater.eof:
+                break
+    return target
 
 
 def _reason(exc: Exception) -> str:
@@ -111,7 +134,11 @@ def _reason(exc: Exception) -> str:
 def read_dicom_header(path: str | os.PathLike, max_pixels: int | None = None) -> DicomHeader:
     """PatientID and laterality, read without the pixel data (a deflated dataset is inflated up
     to :func:`inflate_limit` of ``max_pixels``; None: the default pixel limit's)."""
-    ds = _read(Path(path), stop_before_pixels=True, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    with _opened(Path(path), stop_before_pixels=True, max_pixels=max_pixels or DEFAULT_MAX_PIXELS) as ds:
+        return _header_of(ds)
+
+
+def _header_of(ds) -> DicomHeader:
     code = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
     patient = str(ds.get("PatientID", "") or "").strip() or None
     return DicomHeader(patient, _EYES.get(code))
@@ -139,8 +166,11 @@ def decode_dicom(path: str | os.PathLike, max_pixels: int | None) -> np.ndarray:
     decoder would allocate what the stream says). A deflated dataset inflates only up to
     :func:`inflate_limit`.
     """
-    path = Path(path)
-    ds = _read(path, stop_before_pixels=False, max_pixels=max_pixels)
+    with _opened(Path(path), stop_before_pixels=False, max_pixels=max_pixels) as ds:
+        return _decoded(ds, max_pixels)
+
+
+def _decoded(ds, max_pixels: int | None) -> np.ndarray:
     if "PixelData" not in ds:
         raise ImageError("DICOM file without pixel data (not a photo: a report or a structured document?)")
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
