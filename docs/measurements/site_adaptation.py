@@ -265,13 +265,21 @@ def analyse(args, data, seed: int, shifted: dict, row_of: dict) -> dict:
 def _mean_scores(draws: list[dict]) -> dict:
     return {
         "auc": float(np.mean([d["auc"] for d in draws])),
-        "sensitivity": {c: float(np.mean([d["sensitivity"][c] for d in draws])) for c in draws[0]["sensitivity"]},
+        # a class with 10 or more positives among every draw's scored patients
+        "sensitivity": {
+            c: float(np.mean([d["sensitivity"][c] for d in draws]))
+            for c in draws[0]["sensitivity"]
+            if all(c in d["sensitivity"] for d in draws)
+        },
     }
 
 
 def meets(r: dict, base: dict) -> tuple[bool, float]:
     """(both targets met, the largest sensitivity change in points)."""
-    worst = max(abs(r["sensitivity"][c] - base["sensitivity"][c]) for c in base["sensitivity"] if c in r["sensitivity"])
+    worst = max(
+        (abs(r["sensitivity"][c] - base["sensitivity"][c]) for c in base["sensitivity"] if c in r["sensitivity"]),
+        default=0.0,
+    )
     return (r["auc"] - base["auc"] >= -0.02 and worst <= 0.05), 100 * worst
 
 
