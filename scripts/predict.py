@@ -215,7 +215,12 @@ def main(argv=None):
             file=sys.stderr,
             flush=True,
         )
-    print(f"wrote {summary['out_dir']}/predictions.csv and decisions.csv")
+    counts = summary["counts"]
+    print(
+        f"referral: {counts['refer']} refer, {counts['no_referable_finding']} no referable finding, "
+        f"{counts['inconclusive']} inconclusive, {counts['not_gradable']} not gradable"
+    )
+    print(f"wrote {summary['out_dir']}/worklist.csv (one row per patient), predictions.csv and decisions.csv")
     if not summary["predicted"]:
         raise FundusError(
             f"none of the {summary['patients']} patients could be predicted (reasons above and in "

@@ -151,6 +151,32 @@ def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
     hazy = rows["hazy"]
     assert hazy["status"] == "ok" and hazy["photo_quality"].startswith("left: blurred (sharpness"), hazy
     assert "the left photo is blurred" in hazy["referral"] and not hazy["referral"].startswith("No referable")
+    # the worklist: one row per patient, the same referral, each eye's photo in its own column
+    worklist = {r["patient_id"]: r for r in csv.DictReader(open(tmp_path / "out" / "worklist.csv"))}
+    assert list(worklist) == ["one-bad", "all-bad", "good", "hazy"]
+    assert all(worklist[p]["referral"] == rows[p]["referral"] for p in worklist)
+    photos = {p: (w["eyes_screened"], w["left_photo"][:22], w["right_photo"][:22]) for p, w in worklist.items()}
+    assert photos == {
+        "one-bad": ("right", "refused: not a fundus ", "screened"),
+        "all-bad": ("", "refused: too dark (its", "refused: not a fundus "),
+        "good": ("left", "screened", "not given"),
+        "hazy": ("left right", "screened, hard to read", "screened"),
+    }, photos
+    assert worklist["all-bad"]["referral_kind"] == "not_gradable" and worklist["all-bad"]["classes_decided"] == ""
+    decided = {
+        p: " ".join(
+            r["class"]
+            for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv"))
+            if r["patient_id"] == p and r["decision"] == "1"
+        )
+        for p in ("good", "hazy")
+    }
+    assert {p: worklist[p]["classes_decided"] for p in decided} == decided
+    assert summary["counts"] == {
+        k: sum(w["referral_kind"] == k for w in worklist.values())
+        for k in ("refer", "no_referable_finding", "inconclusive", "not_gradable")
+    }
+    assert summary["counts"]["not_gradable"] >= 2
     # off, the same photos are all decided on
     summary = predict_photos(run, patients, tmp_path / "off", progress=False, gate=False)
     assert (summary["predicted"], summary["rejected"]) == (4, 0)

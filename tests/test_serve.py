@@ -122,7 +122,9 @@ def predicted(run_dir, photos, tmp_path_factory):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    return {r["class"]: r for r in csv.DictReader(open(out / "decisions.csv"))}
+    rows = {r["class"]: r for r in csv.DictReader(open(out / "decisions.csv"))}
+    [worklist] = csv.DictReader(open(out / "worklist.csv"))
+    return {**rows, "worklist": worklist}
 
 
 def post(url, files: dict, **data):
@@ -147,7 +149,8 @@ def test_the_api_answers_what_predict_answers(server, photos, predicted):
     )
     referral = refer([predicted[c]["decision"] == "1" for c in LABELS])
     assert body["referral"] == {"kind": referral.kind, "text": referral.text}
-    assert {row["referral"] for row in predicted.values()} == {referral.text}, "decisions.csv carries the same line"
+    assert {predicted[c]["referral"] for c in LABELS} == {referral.text}, "decisions.csv carries the same line"
+    assert body["worklist"] == predicted["worklist"], "the API's worklist row is worklist.csv's"
     with_maps = httpx.post(
         f"{url}/predict?heatmaps=true",
         timeout=120,
@@ -316,7 +319,7 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
         driver.find_element(By.NAME, "right").send_keys(str(photos["right"]))
         submit_and_wait(driver)
         decisions = read_page_decisions(driver)
-        assert decisions == {c: row["decision"] == "1" for c, row in predicted.items()}, (
+        assert decisions == {c: predicted[c]["decision"] == "1" for c in LABELS}, (
             f"the page said: {driver.find_element(By.TAG_NAME, 'body').text[:800]!r}; server log: {log.read_text()[-1500:]}"
         )
         heatmaps = driver.find_elements(By.CSS_SELECTOR, "img[alt$='heatmap']")

@@ -2,7 +2,7 @@
 
 Each shard's ``predict.json`` says which run, cards, thresholds and shard made it; the merge
 refuses shards of different jobs, a shard missing or given twice, and a patient in two shards,
-so the merged ``predictions.csv`` and ``decisions.csv`` are exactly what one run would write
+so the merged ``predictions.csv``, ``decisions.csv`` and ``worklist.csv`` are exactly what one run would write
 (rows grouped by shard). Heatmaps stay in the shard folders, listed by their ``heatmaps.csv``.
 """
 
@@ -63,7 +63,9 @@ def merge_predictions(folders: list[str | os.PathLike], out_dir: str | os.PathLi
     if (out / "predictions.csv").exists() and not force:
         raise FundusError(f"{out} already holds predictions; pass --force to replace them or choose another --out")
     tables = {}
-    for name in ("predictions.csv", "decisions.csv"):
+    # shards made before the worklist existed have none: the merge then has none either
+    with_worklist = all((folder / "worklist.csv").is_file() for folder, _ in shards.values())
+    for name in ("predictions.csv", "decisions.csv", *(("worklist.csv",) if with_worklist else ())):
         header, rows = None, []
         for index in sorted(shards):
             folder = shards[index][0]
@@ -81,6 +83,9 @@ def merge_predictions(folders: list[str | os.PathLike], out_dir: str | os.PathLi
     with folder_lock(out, "predictions"):
         header, rows = tables["decisions.csv"]
         atomic_write_text(out / "decisions.csv", csv_for_people(header, rows))
+        if with_worklist:
+            header, rows = tables["worklist.csv"]
+            atomic_write_text(out / "worklist.csv", csv_for_people(header, rows))
         record = {
             **{k: first.get(k) for k in SAME},
             "shard": None,

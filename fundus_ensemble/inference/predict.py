@@ -82,14 +82,14 @@ from ..training.heads import LinearHead, SideHead, fuse
 from ..training.train import SIDE_HEAD, load_eye_heads, load_references
 from .bundle import model_card_path
 from .explain import GradCam, ensemble_heatmaps, overlay
-from .referral import Referral, refer
+from .referral import KINDS, Referral, refer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", *DICOM_SUFFIXES)
 DEFAULT_PATTERN = r"(?P<id>.+)_(?P<eye>left|right)"
 THRESHOLD = 0.5
 HEATMAP_DIR = "heatmaps"
 RECORD_FILE = "predict.json"  # the job (run, cards, patients, shard) and its counts: what merging checks
-OUTPUT_FILES = ("report.html", RECORD_FILE, "decisions.csv", "predictions.csv")  # moved in in this order
+OUTPUT_FILES = ("report.html", RECORD_FILE, "worklist.csv", "decisions.csv", "predictions.csv")  # moved in in this order
 STAGING = ".unfinished"  # the run in progress: its job, finished batches and heatmaps
 JOB_FILE = "job.json"
 BATCH_DIR = "batches"
@@ -804,11 +804,16 @@ def _predict_into(
     probs = predictor.calibrated(probs, np.array([r.get("answered_from") != ANSWERED_FROM_PAIR for _, r in ok]))
     atomic_write_text(out / "predictions.csv", predictions_csv([p.patient_id for p, _ in ok], probs))
     atomic_write_text(out / "decisions.csv", _decisions_csv(results, views, thresholds, source))
+    worklist = [worklist_row(p.patient_id, r, note, thresholds) for p, r, note in results]
+    atomic_write_text(
+        out / "worklist.csv", csv_for_people(list(WORKLIST_COLUMNS), [[w[c] for c in WORKLIST_COLUMNS] for w in worklist])
+    )
     if explain:
         header = ["patient_id", "eye", "class", "probability", "decision", "overlay", "array"]
         atomic_write_text(out / HEATMAP_DIR / "heatmaps.csv", csv_for_people(header, explained))
     shutil.rmtree(batches)  # inside the staging folder: every batch is in the outputs now
-    summary = {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok)}
+    counts = referral_counts(worklist)
+    summary = {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok), "counts": counts}
     if report:
         from .report import write_prediction_report  # matplotlib and the page code only when asked for
 
@@ -822,6 +827,7 @@ def _predict_into(
         "patients": len(patients),
         "predicted": len(ok),
         "rejected": len(results) - len(ok),
+        "counts": counts,
         "images": images,
         "resumed": earlier,
         "seconds": seconds,
@@ -887,6 +893,51 @@ def card_of(
         "threshold": list(result.get("thresholds") or thresholds),
         "decision": decision,
     }
+
+
+WORKLIST_COLUMNS = (
+    "patient_id",
+    "referral_kind",
+    "referral",
+    "eyes_screened",
+    "left_photo",
+    "right_photo",
+    "side_check",
+    "classes_decided",
+)
+
+
+def worklist_row(patient_id: str, result: dict | None, note: str, thresholds: list[float]) -> dict[str, str]:
+    """A patient's one row of the worklist (``worklist.csv``, the station's ``worklist``): the
+    referral (kind and line), the eyes screened, what the gate said of each eye's photo, the side
+    check and the classes decided, by the one rule :func:`decide`."""
+    decision, referral = decide(result, note, thresholds)
+    refused = retake_of(note)
+    screened = sorted({e for _, e in result["eyes"]}) if result is not None else []
+    poor = (result or {}).get("quality") or {}
+
+    def photo(eye: str) -> str:
+        if eye in refused:
+            return f"refused: {refused[eye]}"
+        if eye in poor:
+            return f"screened, hard to read: {poor[eye]}"
+        return "screened" if eye in screened else "not given"
+
+    return {
+        "patient_id": patient_id,
+        "referral_kind": referral.kind,
+        "referral": referral.text,
+        "eyes_screened": " ".join(screened),
+        "left_photo": photo("left"),
+        "right_photo": photo("right"),
+        "side_check": (result or {}).get("side_check") or "",
+        "classes_decided": " ".join(c for c, d in zip(LABELS, decision or []) if d),
+    }
+
+
+def referral_counts(rows: list[dict[str, str]]) -> dict[str, int]:
+    """How many patients got each referral kind, every kind named (0 when none)."""
+    return {kind: sum(r["referral_kind"] == kind for r in rows) for kind in KINDS}
 
 
 def _save_batch(path: Path, results, explained: list[list[str]], stems: dict[str, str], views) -> None:

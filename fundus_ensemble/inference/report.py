@@ -446,6 +446,16 @@ def _training_section(run: Path, views) -> str:
     )
 
 
+def _counts_line(counts: dict | None) -> str:
+    """The worklist's counts, as predict.py prints them (empty without counts)."""
+    if not counts:
+        return ""
+    return (
+        f" <span class=counts>Referral: {counts['refer']} refer, {counts['no_referable_finding']} no referable "
+        f"finding, {counts['inconclusive']} inconclusive, {counts['not_gradable']} not gradable.</span>"
+    )
+
+
 def write_prediction_report(
     cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict, provenance: dict | None = None
 ) -> Path:
@@ -500,7 +510,7 @@ def prediction_parts(
     warning = (provenance or {}).get("warning")
     how = (
         f"<p class=note>{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} "
-        f"rejected. Each class is decided by the ensemble's probability against the class threshold "
+        f"rejected.{_counts_line(summary.get('counts'))} Each class is decided by the ensemble's probability against the class threshold "
         f"({html.escape(source)}); the page shows both{calibrated}. Heatmaps: Grad-CAM of the classes decided positive (or "
         f"those asked for), averaged over the view models, red = most evidence.{coarse} "
         "<b>A screening aid, not a diagnosis.</b></p>"

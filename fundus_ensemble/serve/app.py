@@ -31,7 +31,7 @@ from ..data.dicom import check_laterality
 from ..errors import FundusError, ImageError
 from ..inference.bundle import model_card_path
 from ..inference.explain import overlay
-from ..inference.predict import PatientPhotos, card_of, retake_of
+from ..inference.predict import PatientPhotos, card_of, retake_of, worklist_row
 from ..inference.referral import refer
 from ..inference.report import page, prediction_parts
 from ..labels import LABEL_NAMES, LABELS
@@ -121,6 +121,7 @@ def answer_json(predictor, patient_id: str, result: tuple, heatmaps: bool) -> di
     body = {
         "patient_id": patient_id,
         "referral": card["referral"].as_dict(),
+        "worklist": worklist_row(patient_id, outcome, card["note"], predictor.thresholds),
         "side_check": card.get("side_check"),
         "classes": classes,
         "eyes": sorted({e for _, e in outcome["eyes"]}),
