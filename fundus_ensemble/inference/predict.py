@@ -89,7 +89,8 @@ DEFAULT_PATTERN = r"(?P<id>.+)_(?P<eye>left|right)"
 THRESHOLD = 0.5
 HEATMAP_DIR = "heatmaps"
 RECORD_FILE = "predict.json"  # the job (run, cards, patients, shard) and its counts: what merging checks
-OUTPUT_FILES = ("report.html", RECORD_FILE, "worklist.csv", "decisions.csv", "predictions.csv")  # moved in in this order
+# moved in in this order
+OUTPUT_FILES = ("report.html", RECORD_FILE, "worklist.csv", "decisions.csv", "predictions.csv")
 STAGING = ".unfinished"  # the run in progress: its job, finished batches and heatmaps
 JOB_FILE = "job.json"
 BATCH_DIR = "batches"
@@ -806,7 +807,8 @@ def _predict_into(
     atomic_write_text(out / "decisions.csv", _decisions_csv(results, views, thresholds, source))
     worklist = [worklist_row(p.patient_id, r, note, thresholds) for p, r, note in results]
     atomic_write_text(
-        out / "worklist.csv", csv_for_people(list(WORKLIST_COLUMNS), [[w[c] for c in WORKLIST_COLUMNS] for w in worklist])
+        out / "worklist.csv",
+        csv_for_people(list(WORKLIST_COLUMNS), [[w[c] for c in WORKLIST_COLUMNS] for w in worklist]),
     )
     if explain:
         header = ["patient_id", "eye", "class", "probability", "decision", "overlay", "array"]
