@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 
 from .errors import FundusError
@@ -64,9 +65,16 @@ def import_keras():
     return keras
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A user-facing warning as one ``warning:`` line (the project's own speak to the user; the
+    source line of the ``warnings.warn`` call means nothing to them)."""
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call ``main(argv)``; print a :class:`FundusError` as ``error: ...`` and return 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our output
+    warnings.showwarning = _warning_line
     try:
         return int(main(argv) or 0)
     except FundusError as exc:

@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,33 @@ def check_output_file(out: str | os.PathLike, inputs: list[str | os.PathLike], f
         raise FundusError(f"--out {out} is a folder; give a file name")
     if out.exists() and not force:
         raise FundusError(f"{out} already exists; pass --force to replace it or choose another --out")
+
+
+def claim_output_file(
+    out: str | os.PathLike, what: str, made_here: Callable[[Any], bool], protected: dict[str, str | os.PathLike]
+) -> Path:
+    """Check before any work that ``out`` may be written as ``what`` (a JSON file): not a folder,
+    its folder not a file, not inside a ``protected`` folder (a run: its own files must stay as
+    trained), and, when it exists, a file this command made before (``made_here`` of its JSON)."""
+    out = Path(out)
+    if out.is_dir():
+        raise FundusError(f"--out {out} is a folder; give the {what} file to write")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FundusError(f"--out {out}: {parent} is a file, not a folder")
+            break
+    for name, folder in protected.items():
+        if folder is not None and out.resolve().is_relative_to(Path(folder).resolve()):
+            raise FundusError(f"--out {out} is inside the {name} {folder}; write the {what} outside it")
+    if out.exists() or out.is_symlink():
+        try:
+            ours = out.is_file() and not out.is_symlink() and made_here(read_json_file(out, what))
+        except FundusError:
+            ours = False
+        if not ours:
+            raise FundusError(f"--out {out} exists and is not a {what} this command wrote; choose another --out")
+    return out
 
 
 @contextlib.contextmanager

@@ -32,6 +32,18 @@ def script(name, *args, env=None):
     )
 
 
+def test_a_warning_is_one_warning_line(capsys):
+    from fundus_ensemble.cli import run
+
+    def main(argv):
+        warnings.warn("labels.csv: ignoring unknown column(s) notes", stacklevel=2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert run(main, []) == 0
+    assert capsys.readouterr().err == "warning: labels.csv: ignoring unknown column(s) notes\n"
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_imports_no_tensorflow(name):
     probe = (

@@ -33,6 +33,66 @@ def test_a_table_may_lack_classes_and_cells_and_says_which_cell_is_wrong(tmp_pat
         read_partial_labels(table)
 
 
+def test_ids_equal_once_escaped_lowercase_classes_and_unknown_columns_are_said(tmp_path):
+    table = tmp_path / "labels.csv"
+    # a spreadsheet-safe CSV writes =1 as '=1: scored by id, the two would share one patient's answer
+    table.write_text("patient_id,G\n=1,1\n'=1,0\n")
+    with pytest.raises(FundusError, match=r"row 3, column 'patient_id', value \"'=1\": duplicate as the project's CSV"):
+        read_partial_labels(table)
+    table.write_text("patient_id,G,g\na,1,0\n")
+    with pytest.raises(FundusError, match=r"row 1, column 'g': class columns are named N, D, G.*rename it 'G'"):
+        read_partial_labels(table)
+    table.write_text("patient_id,G,notes,left_image\na,1,x,a.png\n")
+    with pytest.warns(UserWarning, match=r"ignoring unknown column\(s\) notes$"):
+        assert read_partial_labels(table).patient_ids == ("a",)
+
+
+def test_site_tools_write_only_what_they_made_and_check_paths_before_predicting(tmp_path):
+    """Each refusal comes before any model is loaded (the run here holds no model at all)."""
+    import json
+
+    from fundus_ensemble.inference.site import adapt_site, calibrate_site, evaluate_table
+
+    run = tmp_path / "run"
+    (run / "color").mkdir(parents=True)
+    (run / "calibration.json").write_text("{}")
+    table = tmp_path / "labels.csv"
+    table.write_text("patient_id,left_image,G\na,a.png,1\n")
+    work = tmp_path / "work"
+    cases = [
+        (run / "calibration.json", "is inside the run folder"),
+        (run / "color" / "card.json", "is inside the run folder"),
+        (tmp_path, "is a folder; give the site calibration file to write"),
+        (table, "exists and is not a site calibration this command wrote"),
+        (table / "x.json", "is a file, not a folder"),
+    ]
+    for out, message in cases:
+        with pytest.raises(FundusError, match=message):
+            calibrate_site(run, table, None, out, work)
+    assert (run / "calibration.json").read_text() == "{}" and not work.exists()
+    with pytest.raises(FundusError, match="exists and is not a site file this command wrote"):
+        adapt_site(run, [], table)
+    with pytest.raises(FundusError, match="is inside the run folder"):
+        calibrate_site(run, table, None, tmp_path / "site.json", run / "sample")
+    ours = tmp_path / "site_calibration.json"
+    ours.write_text(json.dumps({"fitted_on": "site sample labels.csv (3 patients)", "run_fingerprint": {}}))
+    with pytest.raises(FundusError) as replaced:  # its own earlier output passes the check; the empty run fails later
+        calibrate_site(run, table, None, ours, work)
+    assert "this command wrote" not in str(replaced.value)
+    for out, message in (
+        (run, "is inside the run folder"),
+        (tmp_path, "contains the label table"),
+        (table, "labels.csv is a file; evaluation needs a folder"),
+    ):
+        with pytest.raises(FundusError, match=message):
+            evaluate_table(run, table, None, out)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("a user's own file")
+    with pytest.raises(FundusError, match="already holds files fundus-ensemble did not write"):
+        evaluate_table(run, table, None, user)
+
+
 def _labels_and_probs(seed=0, n=60):
     rng = np.random.default_rng(seed)
     y = (rng.random((n, len(LABELS))) < 0.35).astype(float)

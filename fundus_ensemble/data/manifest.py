@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ManifestError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, neutralise_cell
 from ..labels import LABELS, SPLITS
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("patient_id", "left_image", "right_image", *LABELS, "split")
@@ -120,15 +120,22 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
 
 def claim_patient_id(value: str, path: str | os.PathLike, index: int, seen: dict[str, int]) -> str:
     """A row's ``patient_id``, stripped and checked: not empty, not seen before (``seen`` maps each
-    id to its first row and is updated)."""
+    id, as the project's CSV files write it, to its first row and is updated). Ids are compared as
+    written: ``=1`` and ``'=1`` become one cell once escaped for spreadsheets, so they are one id."""
     pid = value.strip()
     if not pid:
         raise ManifestError(f"{path}, row {index}, column 'patient_id', value '': patient id is empty")
-    if pid in seen:
-        raise ManifestError(
-            f"{path}, row {index}, column 'patient_id', value {pid!r}: duplicate (first in row {seen[pid]})"
+    written = neutralise_cell(pid)
+    if written in seen:
+        same = (
+            f" as the project's CSV files write ids ({written!r}: a leading = + - @ is escaped with ')"
+            if pid[:1] in "'=+-@\t\r"
+            else ""
         )
-    seen[pid] = index
+        raise ManifestError(
+            f"{path}, row {index}, column 'patient_id', value {pid!r}: duplicate{same} (first in row {seen[written]})"
+        )
+    seen[written] = index
     return pid
 
 

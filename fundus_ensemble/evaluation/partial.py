@@ -14,13 +14,14 @@ calibration for the others.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ..data.manifest import claim_patient_id, read_csv_rows, read_text_file
+from ..data.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, claim_patient_id, read_csv_rows, read_text_file
 from ..errors import FundusError
 from ..labels import LABEL_NAMES, LABELS
 from ..metrics import wilson_interval
@@ -57,6 +58,15 @@ def read_partial_labels(path: str | os.PathLike) -> PartialLabels:
     if "patient_id" not in header:
         raise FundusError(f"{path}, row 1: missing column 'patient_id'")
     classes = [c for c in LABELS if c in header]
+    for name in header:
+        if name not in LABELS and name.strip().upper() in LABELS:
+            raise FundusError(
+                f"{path}, row 1, column {name!r}: class columns are named {', '.join(LABELS)} exactly "
+                f"(upper case, no spaces); rename it {name.strip().upper()!r}"
+            )
+    ignored = [n for n in header if n not in ("patient_id", *LABELS, *REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+    if ignored:
+        warnings.warn(f"{path}: ignoring unknown column(s) {', '.join(ignored)}", stacklevel=2)
     if not classes:
         raise FundusError(
             f"{path}, row 1: none of the class columns {', '.join(LABELS)}; a table must label at least one class"

@@ -24,9 +24,16 @@ from ..evaluation.partial import (
     read_partial_labels,
     score_partial,
 )
-from ..fileio import atomic_write_json, atomic_write_text, neutralise_cell
+from ..fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    claim_folder,
+    claim_output_file,
+    neutralise_cell,
+    refuse_overlap,
+)
 from ..labels import LABEL_NAMES, LABELS
-from .predict import ANSWERED_FROM_PAIR, patients_in_manifest, predict_photos
+from .predict import ANSWERED_FROM_PAIR, SITE_FORMAT, patients_in_manifest, predict_photos
 
 RAW = "raw_predictions"  # the sub-folder holding predict's output, at no calibration
 
@@ -84,6 +91,25 @@ def _thresholds(run_dir, calibration) -> tuple[list[float], str, object]:
     return raw_thresholds(fitted), source, fitted
 
 
+def _is_site_calibration(record) -> bool:
+    return (
+        isinstance(record, dict)
+        and str(record.get("fitted_on", "")).startswith("site sample")
+        and ("run_fingerprint" in record)
+    )
+
+
+def _check_work_folder(out, run_dir, table, image_root, purpose: str) -> None:
+    """Before predicting: ``out`` is a folder this command may own, outside the run and the photos."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FundusError(f"--out {out} is a file; {purpose} needs a folder")
+    if Path(out).resolve().is_relative_to(Path(run_dir).resolve()):
+        raise FundusError(f"--out {out} is inside the run folder {run_dir}; write {purpose} outside it")
+    inputs = {"label table": table, **({"image root": image_root} if image_root is not None else {})}
+    refuse_overlap(out, inputs)
+    claim_folder(out, purpose, adopt_if=(RAW, "evaluation.json"))  # folders written before the marker
+
+
 def evaluate_table(
     run_dir: str | os.PathLike,
     table: str | os.PathLike,
@@ -95,6 +121,7 @@ def evaluate_table(
     progress: bool = True,
 ) -> dict:
     """Score the run on a partly labelled table; writes ``evaluation.json`` and ``evaluation.md``."""
+    _check_work_folder(out, run_dir, table, image_root, "evaluation")
     thresholds, source, _ = _thresholds(run_dir, calibration)
     eye_thresholds, _ = _eye_thresholds(run_dir, calibration, thresholds)
     labels, probs, summary, one_eye = predict_table(run_dir, table, image_root, out, batch_size, gate, progress)
@@ -160,6 +187,8 @@ def calibrate_site(
 ) -> dict:
     """Fit a site's thresholds on its labelled sample and write them as a ``calibration.json`` that
     predict, the station and the export take (``--calibration``); returns what was done per class."""
+    claim_output_file(out, "site calibration", _is_site_calibration, {"run folder": run_dir})
+    _check_work_folder(work, run_dir, table, image_root, "site sample predictions")
     pair_thresholds, _, run_fit = _thresholds(run_dir, None)
     _, run_eye_fit = _eye_thresholds(run_dir, None, pair_thresholds)
     labels, probs, _, one_eye = predict_table(run_dir, table, image_root, work, batch_size, gate, progress)
@@ -203,10 +232,21 @@ def adapt_site(
     """Align a camera's photos to the run's training photos without a label
     (:func:`..training.adaptation.fit_alignment`, per view) and write ``out`` (``site.json``), which
     predict, the station and the export take (``--site``); it names the model it was made for."""
+    claim_output_file(
+        out,
+        "site file",
+        lambda record: (
+            isinstance(record, dict)
+            and "views" in record
+            and "run_fingerprint" in record
+            and "unlike_training" in record
+        ),
+        {"run folder": run_dir},
+    )
     from tqdm.auto import tqdm
 
     from ..training.adaptation import MIN_SITE_PHOTOS, fit_alignment
-    from .predict import SITE_FORMAT, UNLIKE_VIEW, Predictor
+    from .predict import UNLIKE_VIEW, Predictor
 
     predictor = Predictor(run_dir, gate=gate)
     if not predictor.references or not predictor.eye_heads:
