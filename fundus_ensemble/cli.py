@@ -27,6 +27,14 @@ _STARTUP_NOISE = re.compile(
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 
+def _quiet_retracing(record) -> bool:
+    """Drop TensorFlow's "triggered tf.function retracing" warning: predict runs several models (two
+    views, the gate, Grad-CAM) whose first calls each trace once, and the last batch of a job is
+    smaller; TensorFlow counts those together as excessive retracing, and the warning breaks the
+    progress bar while telling the user nothing they can act on."""
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
 def import_keras():
     """Import Keras (and its backend) with TensorFlow's start-up noise dropped; other lines pass through.
 
@@ -47,6 +55,7 @@ def import_keras():
                 import tensorflow as tf
 
                 tf.config.list_physical_devices("GPU")  # cuInit happens here, not at the first training step
+                tf.get_logger().addFilter(_quiet_retracing)
         except (ImportError, ValueError) as exc:  # Keras raises ValueError for a backend it does not know
             backend = os.environ.get("KERAS_BACKEND", "tensorflow")
             package = getattr(exc, "name", None) or backend

@@ -32,6 +32,21 @@ def script(name, *args, env=None):
     )
 
 
+def test_no_retracing_warning_when_several_models_and_batch_sizes_predict():
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        pytest.skip("a TensorFlow warning")
+    code = (
+        "import numpy as np\nfrom fundus_ensemble.cli import import_keras\nkeras = import_keras()\n"
+        "for n in range(1, 8):\n"
+        "    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])\n"
+        "    model.predict_on_batch(np.zeros((n, 4), np.float32))\n"
+        "print('done')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+    assert "retracing" not in done.stderr, done.stderr[-2000:]
+
+
 def test_a_warning_is_one_warning_line(capsys):
     from fundus_ensemble.cli import run
 
