@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-calibration", action="store_true", help="decide at 0.5 even if the run has a calibration")
     p.add_argument(
+        "--operating-point",
+        help="decide every class at an operating point fitted out of fold and kept in the calibration: "
+        "sensitivity=0.90 or specificity=0.90 (the model card gives what each did on held-back patients)",
+    )
+    p.add_argument(
         "--site",
         help="site.json of scripts/adapt_site.py: this camera's alignment to the training photos, made for this "
         "model from 50 or more of the camera's unlabelled photos",
@@ -138,6 +143,14 @@ def main(argv=None):
 
     if args.calibration is not None and args.no_calibration:
         raise FundusError("--calibration and --no-calibration: choose one")
+    if args.operating_point is not None:
+        from fundus_ensemble.evaluation.calibration import operating_point_name, parse_operating_point
+
+        if args.no_calibration:
+            raise FundusError(
+                "--operating-point and --no-calibration: choose one (an operating point is a calibration's)"
+            )
+        args.operating_point = operating_point_name(*parse_operating_point(args.operating_point))
     bundled = args.run_dir == "bundled" or Path(args.run_dir, "bundle.json").is_file()
     own = not args.no_calibration and args.calibration is None  # the run's own, unless told otherwise
     if own and not bundled:
@@ -156,7 +169,9 @@ def main(argv=None):
     args.run_dir = resolve_run(args.run_dir)
     if own and bundled:
         args.calibration = run_calibration(args.run_dir)  # the bundle's, in the run built from it
-    if own and args.calibration is not None:
+    if args.operating_point is not None:
+        print(f"deciding at the operating point {args.operating_point} of {args.calibration}", flush=True)
+    elif own and args.calibration is not None:
         print(f"deciding with the run's calibration {args.calibration} (--no-calibration: at 0.5)", flush=True)
     from fundus_ensemble.inference.predict import (
         UNLIKE_SHARE,
@@ -182,6 +197,7 @@ def main(argv=None):
         args.force,
         max_pixels,
         calibration=args.calibration,
+        operating_point=args.operating_point,
         explain=args.explain is not None,
         explain_classes=explain_classes,
         report=args.report,

@@ -273,6 +273,8 @@ def write_out_of_fold_calibration(run_dir: str | os.PathLike, views: tuple[str, 
             **_referral_entry("referral", y, probs["ensemble"]),
             **({"eye": fit_calibration(*eyes).to_dict(), "eyes": int(len(eyes[0]))} if eyes else {}),
             **(_referral_entry("eye_referral", *eyes) if eyes else {}),
+            "operating_points": fit_operating_points(y, probs["ensemble"]),
+            **({"eye_operating_points": fit_operating_points(*eyes)} if eyes else {}),
         },
     )
     return path
@@ -413,6 +415,45 @@ def fit_operating_point(y_true: np.ndarray, y_prob: np.ndarray, measure: str, ta
             t = (edge + above[0]) / 2 if above.size else (edge + 1) / 2
         classes.append(ClassCalibration(1.0, 0.0, float(np.clip(t, 1e-6, 1 - 1e-6))))
     return Calibration(tuple(classes))
+
+
+OPERATING_POINTS = (("sensitivity", 0.90), ("specificity", 0.90))  # what a run's calibration.json carries
+
+
+def operating_point_name(measure: str, target: float) -> str:
+    """An operating point as ``--operating-point`` takes it: ``sensitivity=0.90``."""
+    return f"{measure}={target:.2f}"
+
+
+def fit_operating_points(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, dict]:
+    """Each of :data:`OPERATING_POINTS` fitted on these (out-of-fold) predictions, by name, in
+    :meth:`Calibration.to_dict` form (:func:`fit_operating_point`: per class, the threshold)."""
+    return {
+        operating_point_name(m, t): fit_operating_point(y_true, y_prob, m, t).to_dict() for m, t in OPERATING_POINTS
+    }
+
+
+def load_operating_point(path: str | os.PathLike, name: str, key: str = "operating_points") -> Calibration | None:
+    """The operating point ``name`` (``sensitivity=0.90``) of a ``calibration.json``'s ``key``
+    (``eye_operating_points`` for one-eye answers), checked; None when the file has no ``key``
+    (a run made before operating points, a site's file); an unknown name is a FundusError naming
+    the ones it has."""
+    measure, target = parse_operating_point(name)
+    name = operating_point_name(measure, target)
+    data = read_json_file(path, "a calibration.json")
+    points = data.get(key) if isinstance(data, dict) else None
+    if points is None:
+        return None
+    if not isinstance(points, dict) or name not in points:
+        have = ", ".join(sorted(points)) if isinstance(points, dict) else "none"
+        raise FundusError(f"{path}, {key}: no operating point {name} (it has: {have})")
+    try:
+        fitted = Calibration.from_dict(points[name])
+    except FundusError as exc:
+        raise FundusError(f"{path}, {key}, {name}, {exc}") from None
+    if len(fitted.classes) != len(LABELS):
+        raise FundusError(f"{path}, {key}, {name}: {len(fitted.classes)} classes, expected {len(LABELS)}")
+    return fitted
 
 
 def raw_thresholds(calibration: Calibration) -> list[float]:

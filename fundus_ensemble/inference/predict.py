@@ -50,6 +50,7 @@ from ..evaluation.calibration import (
     Calibration,
     load_calibration_file,
     load_eye_calibration,
+    load_operating_point,
     load_referral,
     raw_thresholds,
     referral_scores,
@@ -222,6 +223,7 @@ def predict_photos(
     shard: tuple[int, int] | None = None,
     gate: bool | None = None,
     site: str | os.PathLike | None = None,
+    operating_point: str | None = None,
 ) -> dict:
     """Predict every patient; write ``predictions.csv`` and ``decisions.csv`` to ``out_dir``.
 
@@ -240,6 +242,8 @@ def predict_photos(
     (:mod:`..data.quality`, :mod:`..models.gate`): such an eye gets no decision and its reason; a
     patient with none is "Not gradable: retake ...".
     ``site`` is a ``site.json`` of ``scripts/adapt_site.py``: the camera's alignment, folded into the heads.
+    ``operating_point`` (``sensitivity=0.90``, ``specificity=0.90``) decides at that operating point of
+    the calibration (the run's own unless ``calibration`` is given), fitted out of fold.
     ``shard`` ``(i, n)`` predicts only the patients whose id hashes to shard ``i`` (from 1) of ``n``, so
     ``n`` machines split a folder without talking to each other; :mod:`.merge` joins them.
     """
@@ -263,6 +267,7 @@ def predict_photos(
             **_job(run_dir, patients, batch_size, max_pixels, source, explain, explain_classes, shard),
             "gate": gate,
             "site": None if site is None else sha256_file(site),
+            "operating_point": operating_point,
         }
         staging = out / STAGING
         if resume and (staging / JOB_FILE).is_file():
@@ -291,6 +296,7 @@ def predict_photos(
             report,
             gate,
             site,
+            operating_point,
         )
         atomic_write_json(
             staging / RECORD_FILE, {**job, "predicted": summary["predicted"], "rejected": summary["rejected"]}
@@ -354,6 +360,7 @@ class Predictor:
         explain: bool = False,
         gate: bool | None = None,
         site: str | os.PathLike | None = None,
+        operating_point: str | None = None,
     ):
         self.run_dir = run_dir
         self.max_pixels = max_pixels
@@ -365,6 +372,9 @@ class Predictor:
             if calibration is not None
             else (None, "default 0.5")
         )
+        self.operating_point = operating_point
+        if operating_point is not None:
+            self.fitted, self.source = self._operating_point(calibration, operating_point, "operating_points")
         self.views = tuple(run_views(run_dir))
         self.models = {view: load_view_model(run_dir, view) for view in self.views}
         sizes = {card["input_size"] for _, card in self.models.values()}
@@ -383,6 +393,8 @@ class Predictor:
         self.heads = {view: _dense_head(model) for view, (model, _) in self.models.items()}
         self.eye_heads = load_eye_heads(run_dir, self.views)  # {} for a run without: the pair head answers
         self.eye_fitted = self._eye_calibration(calibration) if self.eye_heads else None
+        if operating_point is not None and self.eye_heads:
+            self.eye_fitted = self._operating_point(calibration, operating_point, "eye_operating_points")[0]
         if not self.eye_heads:
             self.eye_thresholds = self.thresholds
         elif self.eye_fitted is not None:
@@ -405,6 +417,24 @@ class Predictor:
             self.eye_heads = {v: self.alignments[v].fold(h) for v, h in self.eye_heads.items()}
             if self.side is not None and "color" in self.alignments:
                 self.side = dataclasses.replace(self.side, head=self.alignments["color"].fold(self.side.head))
+
+    def _operating_point(self, calibration, name: str, key: str) -> tuple[Calibration, str]:
+        """The operating point ``name`` of the calibration given, else of the run's own (fitted out of
+        fold when the run was made: :func:`..evaluation.calibration.fit_operating_points`)."""
+        path = calibration if calibration is not None else run_calibration(self.run_dir)
+        if path is None:
+            raise FundusError(
+                f"--operating-point {name}: {self.run_dir} has no calibration.json to take it from (a cross-fitted "
+                "run and the bundled model have one)"
+            )
+        fitted = load_operating_point(path, name, key)
+        if fitted is None:
+            raise FundusError(
+                f"--operating-point {name}: {path} has no {key} (made before operating points were kept); "
+                "retrain the run with train_pair.py --head-fit cross-fit, or fit one on labelled photos with "
+                "calibrate_site.py --operating-point"
+            )
+        return fitted, f"operating point {name} ({Path(path).name}, fitted out of fold)"
 
     def _referral_thresholds(self, calibration) -> dict[str, float]:
         if self.fitted is None and calibration is None:
@@ -744,9 +774,10 @@ def _predict_into(
     report,
     gate,
     site=None,
+    operating_point=None,
 ) -> dict:
     """predict_photos' work, every output written into ``out`` (the staging folder)."""
-    predictor = Predictor(run_dir, calibration, max_pixels, explain, gate, site)
+    predictor = Predictor(run_dir, calibration, max_pixels, explain, gate, site, operating_point)
     if predictor.fitness_warning:
         print(f"warning: {predictor.fitness_warning}", file=sys.stderr, flush=True)
     views, thresholds, source = predictor.views, predictor.thresholds, predictor.source
