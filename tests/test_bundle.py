@@ -467,3 +467,39 @@ def test_adapt_site_writes_a_site_file_for_this_model_that_predict_applies_and_a
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(FundusError, match="made for another model"):
         Predictor(run, gate=False, site=tmp_path / "other.json")
+
+
+def test_the_cards_operating_points_are_fitted_out_of_fold_and_scored_on_test(tmp_path):
+    """The card's operating-point rows: thresholds from the benchmark run's out-of-fold predictions
+    (never its test patients'), sensitivity and specificity on its test patients."""
+    import re
+
+    from fundus_ensemble.evaluation.calibration import fit_operating_point, raw_thresholds
+    from fundus_ensemble.inference.bundle import _operating_point_rows
+
+    rng = np.random.default_rng(0)
+    y_oof = (rng.random((300, len(LABELS))) < 0.3).astype(float)
+    views = {}
+    for v in ("color", "gray_eq"):
+        (tmp_path / "models" / v).mkdir(parents=True)
+        views[v] = np.clip(0.3 * y_oof + 0.7 * rng.random(y_oof.shape), 0.001, 0.999)
+        np.savez(
+            tmp_path / "models" / v / "out_of_fold.npz",
+            patient_id=np.array([str(i) for i in range(300)]),
+            labels=y_oof,
+            probabilities=views[v],
+        )
+    y = (rng.random((120, len(LABELS))) < 0.3).astype(int)
+    raw = np.clip(0.5 * y + 0.5 * rng.random(y.shape), 0.001, 0.999)  # the test patients rank otherwise
+    lines = _operating_point_rows(tmp_path, {"models": ["color", "gray_eq"]}, y, raw)
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| class")]
+    assert len(table) == len(LABELS)
+    ensemble = (views["color"] + views["gray_eq"]) / 2
+    for measure, first in (("sensitivity", 1), ("specificity", 4)):
+        want = raw_thresholds(fit_operating_point(y_oof, ensemble, measure, 0.9))
+        got = [float(row.split(" | ")[first]) for row in table]
+        assert got == pytest.approx(want, abs=1e-3), measure
+        for j, row in enumerate(table):
+            sens = float(re.findall(r"([\d.]+)% \[", row)[0 if measure == "sensitivity" else 2]) / 100
+            decided = raw[:, j] > want[j]
+            assert sens == pytest.approx(decided[y[:, j] == 1].mean(), abs=0.001)

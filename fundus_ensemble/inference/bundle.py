@@ -539,6 +539,7 @@ def _benchmark_sections(benchmarks) -> tuple[list[str], list[str]]:
                 f"| {LABEL_NAMES[c]} | {auc:.3f} [{low:.3f}, {high:.3f}] | {_pct(d['sensitivity'], d['sensitivity_95'])} "
                 f"| {_pct(d['specificity'], d['specificity_95'])} | {d['positives']} |"
             )
+        out += _operating_point_rows(folder, results, y, probs["ensemble"])
         groups = results.get("subgroups", {}).get("ensemble + calibration", {})
         if groups:
             out += ["", "By sex and age band (final with its 95 % bootstrap interval, pooled AUC):", ""]
@@ -553,6 +554,44 @@ def _benchmark_sections(benchmarks) -> tuple[list[str], list[str]]:
                     f"AUC {g.get('auc', float('nan')):.3f}"
                 )
     return out, rarely
+
+
+def _operating_point_rows(folder: Path, results: dict, y: np.ndarray, raw: np.ndarray) -> list[str]:
+    """Each operating point fitted on the benchmark run's out-of-fold predictions (as the released
+    run's are fitted on its own), applied to its test patients' raw ensemble probabilities."""
+    from ..evaluation.benchmark import _out_of_fold
+    from ..evaluation.calibration import Calibration, fit_operating_points, raw_thresholds
+    from ..labels import LABEL_NAMES, LABELS
+    from ..metrics import sensitivity_specificity
+
+    oof = _out_of_fold(folder / "models", tuple(results["models"]))
+    if oof is None:
+        return []
+    ensemble = np.mean([oof[v] for v in VIEWS if v in oof], axis=0)
+    points = {
+        n: raw_thresholds(Calibration.from_dict(f)) for n, f in fit_operating_points(oof["labels"], ensemble).items()
+    }
+    scored = {n: sensitivity_specificity(y, raw > np.array(t)) for n, t in points.items()}
+    names = list(points)
+    lines = [
+        "",
+        "Operating points (`predict.py --operating-point NAME`): per class, the threshold fitted on this run's "
+        "out-of-fold predictions for the named sensitivity or specificity, applied to its test patients "
+        "(95 % Wilson intervals):",
+        "",
+        "| class | " + " | ".join(f"{n}: threshold | sensitivity | specificity" for n in names) + " |",
+        "|---|" + "---|---|---|" * len(names),
+    ]
+    for j, c in enumerate(LABELS):
+        cells = []
+        for n in names:
+            d = scored[n][c]
+            cells.append(
+                f"{points[n][j]:.3f} | {_pct(d['sensitivity'], d['sensitivity_95'])} | "
+                f"{_pct(d['specificity'], d['specificity_95'])}"
+            )
+        lines.append(f"| {LABEL_NAMES[c]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
