@@ -35,13 +35,15 @@ def test_the_alignment_takes_the_camera_from_the_sites_own_normal_looking_photos
     reference, head, _ = _reference(rng)
     for sick_share in (0.3, 0.1):
         site, sick = _eyes(rng, 1000, sick_share)
-        camera = site * 1.6 + 2.0  # another camera moves every feature
         truth = head.predict(site)[:, 0]
-        moved = head.predict(camera)[:, 0]
-        assert moved[~sick].mean() < truth[~sick].mean() - 0.3, "the camera makes the healthy look sick"
-        aligned = head.predict(adaptation.fit_alignment(camera, reference, head).apply(camera))[:, 0]
-        assert abs(aligned[~sick].mean() - truth[~sick].mean()) < 0.1, (aligned[~sick].mean(), truth[~sick].mean())
-        assert aligned[sick].mean() < 0.05, "the sick stay sick"
+        # another camera moves every feature (the default moves the mean; rescale also matches spreads)
+        for camera, rescale in ((site + 2.0, False), (site * 1.6 + 2.0, True)):
+            moved = head.predict(camera)[:, 0]
+            assert moved[~sick].mean() < truth[~sick].mean() - 0.3, "the camera makes the healthy look sick"
+            fitted = adaptation.fit_alignment(camera, reference, head, rescale=rescale)
+            aligned = head.predict(fitted.apply(camera))[:, 0]
+            assert abs(aligned[~sick].mean() - truth[~sick].mean()) < 0.1, (aligned[~sick].mean(), truth[~sick].mean())
+            assert aligned[sick].mean() < 0.05, "the sick stay sick"
 
 
 def test_the_alignment_folds_exactly_into_a_pair_head_and_a_one_eye_head():
