@@ -100,13 +100,14 @@ def show_bundled_model(manifest, out: Path, patients: int = BUNDLED_SHOWN) -> Pa
         f"the bundled model (checked against its bundle.json; see scripts/predict.py --model-card) on "
         f"{len(photos)} demo patients, {summary['seconds']:.1f} s:"
     )
-    with open(out / "decisions.csv", newline="", encoding="utf-8") as f:
+    with open(out / "worklist.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    for patient in dict.fromkeys(r["patient_id"] for r in rows):
-        mine = [r for r in rows if r["patient_id"] == patient]
-        positive = [r["class"] for r in mine if r["decision"] == "1"]
-        print(f"  {patient}: {mine[0]['referral']} (decided: {', '.join(positive) or 'none'})")
-    print(f"  wrote {out}/decisions.csv; any folder of photos: python scripts/predict.py PHOTOS --out OUT")
+    for row in rows:
+        print(f"  {row['patient_id']}: {row['referral']} (decided: {row['classes_decided'] or 'none'})")
+    print(
+        f"  wrote {out}/worklist.csv (one row per patient) and decisions.csv; any folder of photos: "
+        "python scripts/predict.py PHOTOS --out OUT"
+    )
     return out
 
 
