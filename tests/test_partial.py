@@ -121,6 +121,13 @@ def test_each_class_is_scored_on_its_labelled_patients_at_its_own_threshold():
     assert g["specificity"] == pytest.approx((~decided & ~truth).sum() / (~truth).sum())
     low, high = g["auc_95"]
     assert low < g["auc"] < high
+    # one positive (or four): no AUC and no interval, but a note saying why
+    few = partial.copy()
+    few[:, G] = 0.0
+    few[:4, G] = 1.0
+    g = score_partial(few, probs, thresholds, resamples=50)["classes"]["G"]
+    assert g["auc"] is None and g["auc_95"] is None and g["auc_note"].startswith("too few to rank (4 positive, 56 neg")
+    assert g["sensitivity"] is not None, "sensitivity keeps its (wide) Wilson interval"
 
 
 def test_a_site_threshold_replaces_only_the_classes_the_sample_labels_enough():

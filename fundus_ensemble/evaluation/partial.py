@@ -104,6 +104,9 @@ def _auc_interval(y: np.ndarray, p: np.ndarray, rng: np.random.Generator, resamp
     return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))] if aucs else None
 
 
+MIN_FOR_AUC = 5  # positives and negatives each, below which no AUC is given
+
+
 def score_partial(
     y: np.ndarray, probs: np.ndarray, thresholds: list[float], seed: int = 0, resamples: int = RESAMPLES
 ) -> dict:
@@ -127,7 +130,8 @@ def score_partial(
         decided = p > (thresholds[known, j] if thresholds.ndim == 2 else thresholds[j])
         tp, tn = int((decided & truth).sum()), int((~decided & ~truth).sum())
         positives, negatives = int(truth.sum()), int((~truth).sum())
-        both = positives and negatives
+        # an AUC of one positive is 0 or 1 and its bootstrap interval a point: not a number to read
+        both = positives >= MIN_FOR_AUC and negatives >= MIN_FOR_AUC
         classes[c] = {
             "name": LABEL_NAMES[c],
             "labelled": int(known.sum()),
@@ -138,6 +142,9 @@ def score_partial(
             "threshold": float(np.median(thresholds[known, j]) if thresholds.ndim == 2 else thresholds[j]),
             "auc": float(roc_auc_score(truth, p)) if both else None,
             "auc_95": _auc_interval(truth, p, rng, resamples) if both else None,
+            "auc_note": None
+            if both
+            else f"too few to rank ({positives} positive, {negatives} negative; an AUC needs {MIN_FOR_AUC} of each)",
             "sensitivity": tp / positives if positives else None,
             "sensitivity_95": wilson_interval(tp, positives),
             "specificity": tn / negatives if negatives else None,

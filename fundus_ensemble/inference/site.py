@@ -162,7 +162,7 @@ def format_partial(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for c, s in result["classes"].items():
-        auc = "n/a" if s["auc"] is None else f"{s['auc']:.3f}"
+        auc = s.get("auc_note") or "n/a" if s["auc"] is None else f"{s['auc']:.3f}"
         if s["auc_95"]:
             auc += f" [{s['auc_95'][0]:.3f}, {s['auc_95'][1]:.3f}]"
         lines.append(
