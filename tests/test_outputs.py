@@ -147,6 +147,7 @@ def test_a_forced_predict_leaves_no_page_or_heatmap_of_the_earlier_run(run_and_p
         "decisions.csv",
         "predict.json",
         "predictions.csv",
+        "worklist.csv",
     ]
     predict_photos(
         run_and_prep / "run", second, tmp_path / "out", progress=False, force=True, explain_classes=["G"], explain=True
