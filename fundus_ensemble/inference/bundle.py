@@ -469,15 +469,19 @@ def model_card(
             f"- Rarely decided positive at its thresholds: {', '.join(rarely)} (sensitivity under 50 % on a "
             "held-out split above). The thresholds maximise the ODIR score, which rewards few false positives in "
             "rare classes; a screening programme that must not miss them should decide at an operating point "
-            "(`score.py --operating-point sensitivity=0.9` on its own labelled patients, or "
-            "`scripts/calibrate_site.py`) and accept more referrals."
+            "(`predict.py --operating-point sensitivity=0.90`, fitted out of fold, whose held-out results are "
+            "above; or one fitted on its own labelled patients with `scripts/calibrate_site.py --operating-point`) "
+            "and accept more referrals."
         )
     lines += [
         "- Classes it reads poorly: 'other' (a mixed bag of findings) and hypertensive retinopathy have the lowest "
         "AUC; age-related macular degeneration and glaucoma are decided with wide uncertainty (few patients).",
         "- Cameras and populations it has not seen: all training photos come from ODIR's Chinese hospitals and "
-        "cameras, downscaled to 256 px. Another camera changes brightness, colour and resolution; the probability "
-        "scale does not travel well even where the ranking does: calibrate on a labelled sample of your own photos.",
+        "cameras, downscaled to 256 px. Another camera changes brightness, colour, sharpness and resolution; the "
+        "probability scale does not travel well even where the ranking does. `scripts/adapt_site.py` halves the "
+        "damage of the shifts that hurt most (blur, heavy JPEG) without a label, but meets the target (every "
+        "class's sensitivity within 5 points) under few shifts (the section above); check the decisions on a "
+        "labelled sample of your own photos (`scripts/evaluate.py`) before screening with it.",
         "- Photos the gate passes can still be poor; photos it refuses can be gradable to a person (the gate's "
         "section above gives its rates).",
         "",
