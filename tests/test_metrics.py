@@ -81,3 +81,17 @@ def test_per_class_undefined_auc_warns():
     # N: positives score .9 and .3, the negative .3: one pair won, one tied (counts 1/2) -> AUC 0.75
     assert scores["G"]["auc"] is None and scores["N"]["auc"] == pytest.approx(0.75)
     assert scores["N"]["f1"] == pytest.approx(2 / 3) and scores["O"]["positives"] == 2
+
+
+def test_the_class_prior_row_predicts_the_training_rate_not_the_scored_splits():
+    from fundus_ensemble.evaluation.ensemble import trivial_rows
+    from fundus_ensemble.metrics import odir_score
+
+    rng = np.random.default_rng(0)
+    rates = np.linspace(0.05, 0.6, 8)
+    train = (rng.random((400, 8)) < rates).astype(int)
+    scored = (rng.random((200, 8)) < rates[::-1]).astype(int)  # the scored split's rates run the other way
+    row = trivial_rows(train, scored)["class prior (train)"]
+    expected = odir_score(scored, np.tile(train.mean(axis=0), (200, 1)))
+    wrong = odir_score(scored, np.tile(scored.mean(axis=0), (200, 1)))
+    assert row["auc"] == pytest.approx(expected["auc"]) and row["auc"] != pytest.approx(wrong["auc"], abs=0.01)

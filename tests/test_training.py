@@ -237,6 +237,16 @@ def test_score_shows_trivial_rows_and_writes_the_detail(trained):
     root, cards, report = trained
     assert set(report["trivial"]) == {"all-zero", "class prior (train)"}
     assert report["trivial"]["all-zero"]["auc"] == pytest.approx(0.5)
+    # the class prior is the train split's rate (test_metrics checks the row itself tells the splits apart)
+    manifest = load_manifest(root / "prep" / "color" / "manifest.csv")
+    test_labels = manifest.select("test").label_matrix()
+
+    def prior_of(split):
+        rate = manifest.select(split).label_matrix().mean(axis=0)
+        return odir_score(test_labels, np.tile(rate, (len(test_labels), 1)))
+
+    row = report["trivial"]["class prior (train)"]
+    assert (row["auc"], row["final"]) == pytest.approx((prior_of("train")["auc"], prior_of("train")["final"]))
     table = format_score_table(report)
     assert "all-zero" in table and "class prior (train)" in table
     saved = json.loads((root / "run" / "score_test" / "score.json").read_text())
