@@ -157,6 +157,10 @@ def main(argv=None):
         args.calibration = run_calibration(args.run_dir)
     if args.calibration is not None:
         load_calibration_file(args.calibration)
+        if args.operating_point is not None:  # a name the file does not keep: said before Keras starts
+            from fundus_ensemble.evaluation.calibration import load_operating_point
+
+            load_operating_point(args.calibration, args.operating_point)
     import_keras()
     from fundus_ensemble.inference.bundle import resolve_run
 
