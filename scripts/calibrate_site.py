@@ -75,6 +75,19 @@ def main(argv=None):
                 )
             else:
                 print(f"  {c} ({LABEL_NAMES[c]}): kept the run's threshold ({what['why']})")
+    changed = record.get("sample_before_after") or {}
+    if changed:
+        print("on the sample it was fitted on (optimistic: no held-out patients), patients with both eyes:")
+
+        def pct(x):
+            return "n/a" if x is None else f"{x:.0%}"
+
+        for c, r in changed.items():
+            b, a = r["before"], r["after"]
+            print(
+                f"  {c} ({LABEL_NAMES[c]}): sensitivity {pct(b['sensitivity'])} -> {pct(a['sensitivity'])} of "
+                f"{r['positives']}, specificity {pct(b['specificity'])} -> {pct(a['specificity'])} of {r['negatives']}"
+            )
     print(f"wrote {out}; use it with predict.py / serve.py / export.py --calibration {out}")
 
 

@@ -252,6 +252,27 @@ def test_evaluate_and_calibrate_site_run_predict_and_predict_takes_the_site_cali
     fitted = [c for c, v in record["site"].items() if v["source"] == "site"]
     assert fitted and "kept the run's threshold" in printed
     assert all(record["site"][c]["source"] == "run" for c in ("A", "H", "O")), "unlabelled classes keep the run's"
+    # before / after on the sample: recomputed from the sample's raw predictions at the run's and the site's thresholds
+    raw = tmp_path / "site_calibration_sample" / "raw_predictions"
+    probs = {r["ID"]: r for r in csv.DictReader(open(raw / "predictions.csv", newline=""))}
+    pairs = {
+        r["patient_id"]
+        for r in csv.DictReader(open(raw / "decisions.csv", newline=""))
+        if r["answered_from"] == "both eyes"
+    }
+    site_fit = raw_thresholds(load_calibration_file(site)[0])
+    for c, r in record["sample_before_after"].items():
+        cells = [(truth[p][c], float(probs[p][c])) for p in pairs if truth[p].get(c, "") != ""]
+        positive = [q for t, q in cells if t == "1"]
+        negative = [q for t, q in cells if t == "0"]
+        for when, t in (("before", run_thresholds[LABELS.index(c)]), ("after", site_fit[LABELS.index(c)])):
+            assert r[when]["sensitivity"] == pytest.approx(np.mean([q > t for q in positive])), (c, when)
+            assert r[when]["specificity"] == pytest.approx(np.mean([q <= t for q in negative])), (c, when)
+        if record["site"][c]["source"] == "run":
+            assert r["before"] == r["after"], c
+    moved = record["sample_before_after"]
+    assert any(moved[c]["before"] != moved[c]["after"] for c in fitted), "a site threshold changed some decision"
+    assert f"{fitted[0]} (" in printed and "sensitivity" in printed.split("optimistic")[1]
     script("predict").main(
         [str(run), str(table), "--image-root", str(image_root), "--out", str(tmp_path / "pred")]
         + ["--calibration", str(site)]

@@ -204,6 +204,21 @@ def calibrate_site(
             labels.y[singles], probs[singles], run_eye_fit, operating_point, min_positives, min_negatives
         )
         eye = {"eye": eye_fitted.to_dict(), "site_one_eye": eye_report}
+    # what the fitted thresholds do on the sample they were fitted on (optimistic: no held-out patients)
+    changed = {}
+    if pairs.any():
+        before = score_partial(labels.y[pairs], probs[pairs], pair_thresholds, resamples=0)["classes"]
+        after = score_partial(labels.y[pairs], probs[pairs], raw_thresholds(fitted), resamples=0)["classes"]
+        keys = ("sensitivity", "sensitivity_95", "specificity", "specificity_95")
+        changed = {
+            c: {
+                "positives": before[c]["positives"],
+                "negatives": before[c]["negatives"],
+                "before": {k: before[c][k] for k in keys},
+                "after": {k: after[c][k] for k in keys},
+            }
+            for c in before
+        }
     record = {
         "ensemble": fitted.to_dict(),
         **eye,
@@ -214,6 +229,7 @@ def calibrate_site(
         if operating_point is None
         else f"{operating_point[0]} {operating_point[1]:g}",
         "run_fingerprint": card_fingerprints(run_dir),
+        "sample_before_after": changed,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, record)
