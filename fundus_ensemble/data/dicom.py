@@ -9,12 +9,12 @@ Laterality) and whose (PatientID): what a folder of a camera's files is paired b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import tempfile
 import warnings
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,21 +59,22 @@ DEFER_BYTES = 1_000_000  # elements longer than this stay on disk until used (a 
 _INFLATE_CHUNK = 1 << 20
 
 
-@contextmanager
+@contextlib.contextmanager
 def _opened(path: Path, stop_before_pixels: bool, max_pixels: int | None):
     """The dataset of ``path``, valid inside the ``with``: long elements are read from disk only
     when used, and a deflated dataset is inflated to a private temporary file (never whole into
     memory), so a small file that inflates to hundreds of MB costs a megabyte or two of memory."""
     import pydicom  # only photos that are DICOM pay for the import
 
-    with tempfile.TemporaryDirectory(prefix="fundus-dicom-") as scratch:
+    with contextlib.ExitStack() as stack:
         try:
             with warnings.catch_warnings():  # a damaged file's warnings: the ImageError below says it once
                 warnings.simplefilter("ignore")
                 meta = pydicom.filereader.read_file_meta_info(path)
                 source = path
-                if meta.get("TransferSyntaxUID") == DEFLATED:
-                    source = _inflate_to(Path(scratch) / "inflated.dcm", path, meta, inflate_limit(max_pixels))
+                if meta.get("TransferSyntaxUID") == DEFLATED:  # only a deflated file needs a scratch folder
+                    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fundus-dicom-")))
+                    source = _inflate_to(scratch / "inflated.dcm", path, meta, inflate_limit(max_pixels))
                 ds = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels, defer_size=DEFER_BYTES)
         except ImageError:
             raise

@@ -313,19 +313,25 @@ def load_eye_out_of_fold(run_dir: str | os.PathLike, views: tuple[str, ...]) -> 
     return first["labels"][mask], np.mean([f["probabilities"] for f in folds], axis=0)[mask]
 
 
+def _stored_calibration(entry, where: str) -> Calibration:
+    """A :class:`Calibration` kept inside a ``calibration.json`` (``where`` names the file and key),
+    checked as :meth:`Calibration.from_dict` does, with one class per label."""
+    try:
+        fitted = Calibration.from_dict(entry)
+    except FundusError as exc:
+        raise FundusError(f"{where}, {exc}") from None
+    if len(fitted.classes) != len(LABELS):
+        raise FundusError(f"{where}: {len(fitted.classes)} classes, expected {len(LABELS)}")
+    return fitted
+
+
 def load_eye_calibration(path: str | os.PathLike) -> Calibration | None:
     """The one-eye answers' calibration (``eye``) of a ``calibration.json``; None when it has none
     (a site's file, or a run made before one-eye heads)."""
     data = read_json_file(path, "a calibration.json")
     if not isinstance(data, dict) or "eye" not in data:
         return None
-    try:
-        fitted = Calibration.from_dict(data["eye"])
-    except FundusError as exc:
-        raise FundusError(f"{path}, eye, {exc}") from None
-    if len(fitted.classes) != len(LABELS):
-        raise FundusError(f"{path}, eye: {len(fitted.classes)} classes, expected {len(LABELS)}")
-    return fitted
+    return _stored_calibration(data["eye"], f"{path}, eye")
 
 
 OPERATING_MEASURES = ("sensitivity", "specificity")
@@ -447,13 +453,7 @@ def load_operating_point(path: str | os.PathLike, name: str, key: str = "operati
     if not isinstance(points, dict) or name not in points:
         have = ", ".join(sorted(points)) if isinstance(points, dict) else "none"
         raise FundusError(f"{path}, {key}: no operating point {name} (it has: {have})")
-    try:
-        fitted = Calibration.from_dict(points[name])
-    except FundusError as exc:
-        raise FundusError(f"{path}, {key}, {name}, {exc}") from None
-    if len(fitted.classes) != len(LABELS):
-        raise FundusError(f"{path}, {key}, {name}: {len(fitted.classes)} classes, expected {len(LABELS)}")
-    return fitted
+    return _stored_calibration(points[name], f"{path}, {key}, {name}")
 
 
 def raw_thresholds(calibration: Calibration) -> list[float]:
