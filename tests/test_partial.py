@@ -14,6 +14,12 @@ from fundus_ensemble.labels import LABELS
 G, OTHER = LABELS.index("G"), LABELS.index("O")
 
 
+def _refused(table, text: str, message: str) -> None:
+    table.write_text(text)
+    with pytest.raises(FundusError, match=message):
+        read_partial_labels(table)
+
+
 def test_a_table_may_lack_classes_and_cells_and_says_which_cell_is_wrong(tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text("patient_id,left_image,right_image,G,C\na,l.png,,1,\nb,,r.png,0,1\nc,l2.png,r2.png,,0\n")
@@ -22,26 +28,22 @@ def test_a_table_may_lack_classes_and_cells_and_says_which_cell_is_wrong(tmp_pat
     assert np.isnan(labels.y[0, LABELS.index("C")]) and labels.y[1, LABELS.index("C")] == 1
     assert np.isnan(labels.y[:, LABELS.index("N")]).all(), "a missing column is unknown everywhere"
     assert labels.labelled() == {"G": 2, "C": 2}
-    table.write_text("patient_id,G\na,1\nb,yes\n")
-    with pytest.raises(FundusError, match=r"labels\.csv, row 3, column 'G', value 'yes': expected 1, 0 or empty"):
-        read_partial_labels(table)
-    table.write_text("patient_id,G\na,1\na,0\n")
-    with pytest.raises(FundusError, match=r"row 3, column 'patient_id', value 'a': duplicate \(first in row 2\)"):
-        read_partial_labels(table)
-    table.write_text("patient_id,left_image\na,x.png\n")
-    with pytest.raises(FundusError, match="none of the class columns"):
-        read_partial_labels(table)
+    _refused(
+        table, "patient_id,G\na,1\nb,yes\n", r"labels\.csv, row 3, column 'G', value 'yes': expected 1, 0 or empty"
+    )
+    _refused(table, "patient_id,G\na,1\na,0\n", r"row 3, column 'patient_id', value 'a': duplicate \(first in row 2\)")
+    _refused(table, "patient_id,left_image\na,x.png\n", "none of the class columns")
 
 
 def test_ids_equal_once_escaped_lowercase_classes_and_unknown_columns_are_said(tmp_path):
     table = tmp_path / "labels.csv"
     # a spreadsheet-safe CSV writes =1 as '=1: scored by id, the two would share one patient's answer
-    table.write_text("patient_id,G\n=1,1\n'=1,0\n")
-    with pytest.raises(FundusError, match=r"row 3, column 'patient_id', value \"'=1\": duplicate as the project's CSV"):
-        read_partial_labels(table)
-    table.write_text("patient_id,G,g\na,1,0\n")
-    with pytest.raises(FundusError, match=r"row 1, column 'g': class columns are named N, D, G.*rename it 'G'"):
-        read_partial_labels(table)
+    _refused(
+        table,
+        "patient_id,G\n=1,1\n'=1,0\n",
+        r"row 3, column 'patient_id', value \"'=1\": duplicate as the project's CSV",
+    )
+    _refused(table, "patient_id,G,g\na,1,0\n", r"row 1, column 'g': class columns are named N, D, G.*rename it 'G'")
     table.write_text("patient_id,G,notes,left_image\na,1,x,a.png\n")
     with pytest.warns(UserWarning, match=r"ignoring unknown column\(s\) notes$"):
         assert read_partial_labels(table).patient_ids == ("a",)

@@ -118,6 +118,11 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+def unknown_columns(header: list[str]) -> tuple[str, ...]:
+    """The columns of a manifest or label table that the project does not read."""
+    return tuple(name for name in header if name not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+
+
 def claim_patient_id(value: str, path: str | os.PathLike, index: int, seen: dict[str, int]) -> str:
     """A row's ``patient_id``, stripped and checked: not empty, not seen before (``seen`` maps each
     id, as the project's CSV files write it, to its first row and is updated). Ids are compared as
@@ -186,7 +191,7 @@ def parse_manifest(
     header, rows = read_csv_rows(text, source)
     _check_header(header, source)
     column = {name: i for i, name in enumerate(header)}
-    ignored = tuple(name for name in header if name not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+    ignored = unknown_columns(header)
     root = Path(image_root)
 
     patients: list[Patient] = []

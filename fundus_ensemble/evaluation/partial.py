@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ..data.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, claim_patient_id, read_csv_rows, read_text_file
+from ..data.manifest import claim_patient_id, read_csv_rows, read_text_file, unknown_columns
 from ..errors import FundusError
 from ..labels import LABEL_NAMES, LABELS
 from ..metrics import wilson_interval
@@ -64,7 +64,7 @@ def read_partial_labels(path: str | os.PathLike) -> PartialLabels:
                 f"{path}, row 1, column {name!r}: class columns are named {', '.join(LABELS)} exactly "
                 f"(upper case, no spaces); rename it {name.strip().upper()!r}"
             )
-    ignored = [n for n in header if n not in ("patient_id", *LABELS, *REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+    ignored = unknown_columns(header)
     if ignored:
         warnings.warn(f"{path}: ignoring unknown column(s) {', '.join(ignored)}", stacklevel=2)
     if not classes:
