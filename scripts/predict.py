@@ -185,6 +185,7 @@ def main(argv=None):
         patients_in_manifest,
         predict_photos,
     )
+    from fundus_ensemble.inference.referral import counts_text
 
     if args.input is None:
         patients = check_sides([PatientPhotos(args.id, photos.get("left"), photos.get("right"))])
@@ -235,11 +236,7 @@ def main(argv=None):
             file=sys.stderr,
             flush=True,
         )
-    counts = summary["counts"]
-    print(
-        f"referral: {counts['refer']} refer, {counts['no_referable_finding']} no referable finding, "
-        f"{counts['inconclusive']} inconclusive, {counts['not_gradable']} not gradable"
-    )
+    print(f"referral: {counts_text(summary['counts'])}")
     print(f"wrote {summary['out_dir']}/worklist.csv (one row per patient), predictions.csv and decisions.csv")
     if not summary["predicted"]:
         raise FundusError(

@@ -42,6 +42,11 @@ FINDINGS: dict[str, str] = {
 KINDS = ("refer", "no_referable_finding", "inconclusive", "not_gradable")
 
 
+def counts_text(counts: dict[str, int]) -> str:
+    """How many patients got each referral kind, in words (predict's console line, the report's header)."""
+    return ", ".join(f"{counts[kind]} {kind.replace('_', ' ')}" for kind in KINDS)
+
+
 @dataclass(frozen=True)
 class Referral:
     kind: str  # one of KINDS

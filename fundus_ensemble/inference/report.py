@@ -25,6 +25,7 @@ from ..evaluation.ensemble import load_view_model, run_views
 from ..fileio import atomic_write_text
 from ..labels import LABEL_NAMES, LABELS
 from .explain import GradCam, ensemble_heatmaps, overlay
+from .referral import counts_text
 
 THRESHOLD = 0.5
 THUMB = 160  # px a side for the eyes in galleries and cards
@@ -450,10 +451,7 @@ def _counts_line(counts: dict | None) -> str:
     """The worklist's counts, as predict.py prints them (empty without counts)."""
     if not counts:
         return ""
-    return (
-        f" <span class=counts>Referral: {counts['refer']} refer, {counts['no_referable_finding']} no referable "
-        f"finding, {counts['inconclusive']} inconclusive, {counts['not_gradable']} not gradable.</span>"
-    )
+    return f" <span class=counts>Referral: {counts_text(counts)}.</span>"
 
 
 def write_prediction_report(
