@@ -93,6 +93,27 @@ def build_backbone(name: str, input_size: int, weights: str | os.PathLike | None
     return keras.Model(inputs, features, name="eye_encoder")
 
 
+def split_encoder(encoder: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
+    """An eye encoder from :func:`build_backbone` cut after its network's layer ``cut``:
+    ``bottom`` (RGB image to the activations there, flattened, one row per photo, as a feature
+    store keeps them) and ``top`` (those activations, ``(h, w, c)``, to the pooled features),
+    sharing the encoder's layers and weights: ``top(bottom(x))`` is ``encoder(x)``."""
+    nets = [layer for layer in encoder.layers if isinstance(layer, keras.Model)]
+    if len(nets) != 1:
+        raise FundusError(f"{encoder.name} holds {len(nets)} networks; a cut needs exactly one")
+    net = nets[0]
+    try:
+        activations = net.get_layer(cut).output
+    except ValueError as exc:
+        raise FundusError(f"{net.name} has no layer {cut!r} to cut at") from exc
+    top = keras.Model(activations, net.output, name=f"{net.name}_top")
+    inner = keras.Model(net.input, activations, name=f"{net.name}_bottom")
+    image = encoder.input
+    x = inner(encoder.get_layer("preprocess")(image))
+    bottom = keras.Model(image, keras.layers.Flatten(name="flatten")(x), name="eye_encoder_bottom")
+    return bottom, top
+
+
 def _build_lite(name: str, input_size: int, weights: str | os.PathLike | None) -> keras.Model:
     net = build_efficientnet_lite(name, input_size)
     if weights is None:

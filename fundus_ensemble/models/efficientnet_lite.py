@@ -106,6 +106,23 @@ def _block_args(variant: LiteVariant) -> list[tuple[int, int, int, int, int]]:
     return blocks
 
 
+def last_stage_input(name: str, stages: int = 1) -> str:
+    """The layer whose output enters the network's last ``stages`` stage(s) (the last block before
+    them), e.g. ``blocks_19_add`` for Lite2's last stage: what :mod:`..training.top` caches."""
+    if name not in LITE_VARIANTS:
+        raise WeightsError(f"unknown EfficientNet-Lite variant {name!r}; choose one of {', '.join(LITE_VARIANTS)}")
+    if not 1 <= stages < len(_STAGES):
+        raise WeightsError(f"the stages to train must be 1 to {len(_STAGES) - 1}, got {stages}")
+    variant = LITE_VARIANTS[name]
+    kept = sum(
+        r if i in (0, len(_STAGES) - 1) else int(math.ceil(variant.depth * r))
+        for i, (r, *_rest) in enumerate(_STAGES[: len(_STAGES) - stages])
+    )
+    last = kept - 1
+    _, stride, _, filters_in, filters_out = _block_args(variant)[last]
+    return f"blocks_{last}_add" if stride == 1 and filters_in == filters_out else f"blocks_{last}_bn2"
+
+
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, bn_name: str, relu: bool, depthwise: bool = False):
     if depthwise:
         x = keras.layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=name)(x)

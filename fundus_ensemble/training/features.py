@@ -79,11 +79,17 @@ class FeatureSpec:
     weights: str
     size: int
     flip: bool = False
+    # "" the pooled features; else the backbone layer whose output is kept, flattened (the
+    # activations entering the top stages that :mod:`.top` trains)
+    cut: str = ""
 
     def provenance(self, view: str, preprocessing: dict | None) -> dict:
+        record = asdict(self)
+        if not self.cut:
+            del record["cut"]  # pooled entries keep the provenance they were made with
         return {
             "format": FEATURES_FORMAT,
-            **asdict(self),
+            **record,
             "weights": str(self.weights),
             "weights_sha256": weights_sha256(self.backbone, self.weights),
             "view": view,
@@ -122,7 +128,8 @@ class FeatureStore:
 
     def entry(self, spec: FeatureSpec, view: str) -> Path:
         weights = weights_sha256(spec.backbone, spec.weights)[:12]
-        return self.root / view / f"{spec.backbone}-{weights}" / f"{spec.size}px-{'flip' if spec.flip else 'plain'}"
+        name = f"{spec.size}px-{'flip' if spec.flip else 'plain'}" + (f"-{spec.cut}" if spec.cut else "")
+        return self.root / view / f"{spec.backbone}-{weights}" / name
 
     def _load(self, folder: Path, provenance: dict) -> tuple[list[str], np.ndarray | None]:
         index, array = folder / "index.json", folder / "features.npy"
@@ -255,10 +262,12 @@ def eye_features(
     view: str,
     flip: bool = False,
     preprocessing: dict | None = None,
+    cut: str = "",
 ) -> np.ndarray:
-    """Pooled features ``(patients, 2, F)`` of every patient's two eyes, through ``store``."""
+    """Pooled features ``(patients, 2, F)`` of every patient's two eyes, through ``store``
+    (with ``cut``: the flattened activations there, ``encoder`` then being the cut's bottom)."""
     return FeatureStore(store).patient_features(
-        FeatureSpec(backbone, str(weights), size, flip), view, manifest, encoder, batch_size, preprocessing
+        FeatureSpec(backbone, str(weights), size, flip, cut), view, manifest, encoder, batch_size, preprocessing
     )
 
 
@@ -282,18 +291,22 @@ def extract_features(
     views: tuple[str, ...],
     flips: tuple[bool, ...] = (False,),
     batch_size: int = 32,
+    cut: str = "",
 ) -> dict:
     """Put every photo of a preprocessed folder's ``views`` (mirrored too when ``flips`` has True)
     into the store at ``size``; returns ``{(view, flip): (patients, 2, F)}``. The backbone is
-    built once, and only when some photo is missing."""
+    built once, and only when some photo is missing. ``cut``: keep the activations after that
+    backbone layer instead of the pooled features (:func:`..models.backbone.split_encoder`)."""
     from ..data.manifest import load_manifest
     from ..models import build_backbone
+    from ..models.backbone import split_encoder
 
     built: list[keras.Model] = []
 
     def encoder() -> keras.Model:
         if not built:
-            built.append(build_backbone(backbone, size, weights))
+            network = build_backbone(backbone, size, weights)
+            built.append(split_encoder(network, cut)[0] if cut else network)
         return built[0]
 
     out = {}
@@ -311,5 +324,6 @@ def extract_features(
                 view,
                 flip,
                 preprocessing_settings(Path(prep_dir) / view),
+                cut,
             )
     return out

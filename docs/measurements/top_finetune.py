@@ -1,0 +1,180 @@
+"""Issue 43.1: train Lite2's last stage on cached activations, against features first, on both
+benchmark splits (paired 95 % bootstrap intervals on each split's test patients).
+
+On the feature screen folder of the recipe (``runs/ff``: prep-380 and a store with every
+photo's pooled Lite2 features), ``--prepare`` adds the activations that enter the last stage
+(``blocks_19_add``, 12 x 12 x 208 per photo) to the same store; then, per split seed and view:
+
+- features first: the recipe's logistic heads (fusion max_mean, C chosen out of fold over the
+  recipe's grid, 5 folds), out of fold on development, their bag on test;
+- top: :func:`fundus_ensemble.training.top.cross_fit_top`, the last stage + head convolution +
+  patient head trained per fold (3 folds) from the features-first head of that fold's patients,
+  out of fold on development and the fold models' mean on test;
+- the two averaged (a model of each kind per view).
+
+Every row is calibrated on its own out-of-fold predictions (as train_pair does), scored raw and
+calibrated on test, with the referral score (1 - p(N)) at 90 % sensitivity out of fold.
+Pretrained: ImageNet Lite2 from the PyPI wheel; nothing from scratch.
+
+    PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --prepare
+    PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --seeds 0 1 --out runs/top.json > runs/top.md
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+BACKBONE, SIZE = "efficientnet_lite2", 380
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("screen", type=Path)
+    p.add_argument("--prepare", action="store_true", help="only put the activations into the store")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    from fundus_ensemble.labels import VIEWS
+    from fundus_ensemble.models.efficientnet_lite import last_stage_input
+
+    cut = last_stage_input(BACKBONE)
+    if args.prepare:
+        from fundus_ensemble.training.features import extract_features
+
+        began = time.perf_counter()
+        extract_features(args.screen / f"prep-{SIZE}", args.screen / "store", BACKBONE, "imagenet", SIZE, VIEWS, cut=cut)
+        print(f"activations of {cut} in {args.screen / 'store'}: {time.perf_counter() - began:.0f} s")
+        return
+
+    import keras
+
+    from fundus_ensemble.errors import FundusError
+    from fundus_ensemble.evaluation.calibration import fit_referral, referral_scores
+    from fundus_ensemble.evaluation.feature_screen import ScreenConfig, _Data, _Fit, _mean, _row, _Screen
+    from fundus_ensemble.models.backbone import build_backbone, split_encoder
+    from fundus_ensemble.training.features import FeatureSpec, FeatureStore, preprocessing_settings
+    from fundus_ensemble.training.heads import C_GRID, cross_fit, patient_folds
+    from fundus_ensemble.training.top import TopConfig, cross_fit_top
+
+    data = _Data(args.screen)
+    store = FeatureStore(args.screen / "store")
+    spec = FeatureSpec(BACKBONE, "imagenet", SIZE, False, cut)
+
+    def missing():
+        raise FundusError(f"the activations of {cut} are not in {store.root}; run with --prepare first")
+
+    _, top = split_encoder(build_backbone(BACKBONE, SIZE, "imagenet"), cut)
+    top_weights = top.get_weights()
+
+    def make_top() -> keras.Model:
+        fresh = keras.models.clone_model(top)
+        fresh.set_weights(top_weights)
+        return fresh
+
+    def referral(fit: _Fit, screen: _Screen) -> dict:
+        fit.calibrated()
+        fitted = fit_referral(screen.y_dev, fit.dev)
+        referable = screen.y_test[:, 0] == 0
+        score = referral_scores(fit.test)
+        return {
+            "oof": fitted,
+            "test_sensitivity": float((score[referable] > fitted["threshold"]).mean()),
+            "test_specificity": float((score[~referable] <= fitted["threshold"]).mean()),
+        }
+
+    results = {"cut": cut, "seconds": {}, "seeds": {}}
+    for view in VIEWS:
+        results["seconds"][f"activations {view}"] = store.seconds(spec, view)
+        results["seconds"][f"features {view}"] = store.seconds(FeatureSpec(BACKBONE, "imagenet", SIZE), view)
+    for seed in args.seeds:
+        screen = _Screen(data, ScreenConfig(seeds=(seed,), folds=5), seed)
+        fits: dict[str, dict[str, _Fit]] = {"features first": {}, "top": {}}
+        seconds = {}
+        for view in VIEWS:
+            pooled = data.features(BACKBONE, SIZE, view)
+            began = time.perf_counter()
+            heads = cross_fit(pooled[screen.dev], screen.y_dev, 5, C_GRID, "max_mean", seed)
+            seconds[f"features first {view}"] = time.perf_counter() - began
+            fits["features first"][view] = screen._fit(_Fit(heads.out_of_fold, heads.predict(pooled[screen.test])))
+            activations = store.patient_features(
+                spec,
+                view,
+                data.manifests[SIZE][view],
+                missing,
+                preprocessing=preprocessing_settings(args.screen / f"prep-{SIZE}" / view),
+                progress=False,
+            )
+            config = TopConfig(epochs=args.epochs, learning_rate=args.learning_rate, folds=args.folds, c=heads.c)
+            folds = patient_folds(int(screen.dev.sum()), config.folds, seed, screen.y_dev)
+            fit = cross_fit_top(
+                make_top,
+                activations[screen.dev],
+                pooled[screen.dev],
+                screen.y_dev,
+                folds,
+                config,
+                seed,
+                activations[screen.test],
+            )
+            del activations
+            seconds[f"top {view}"] = fit.seconds
+            fits["top"][view] = screen._fit(_Fit(fit.out_of_fold, fit.test))
+            print(f"[seed {seed}] {view}: C {heads.c}, top {fit.seconds:.0f} s", flush=True)
+        rows = []
+        baseline = _mean(list(fits["features first"].values()), screen.y_dev)
+        candidates = {
+            **{f"features first {v}": fits["features first"][v] for v in VIEWS},
+            **{f"top {v}": fits["top"][v] for v in VIEWS},
+            "features first ensemble": baseline,
+            "top ensemble": _mean(list(fits["top"].values()), screen.y_dev),
+            "top + features first": _mean(
+                [fits[k][v] for k in fits for v in VIEWS],
+                screen.y_dev,
+            ),
+        }
+        for name, fit in candidates.items():
+            reference = None if name.startswith("features first") else baseline
+            row = _row(name, "", screen, fit, reference)
+            row["referral"] = referral(fit, screen)
+            rows.append(row)
+        results["seeds"][str(seed)] = {"rows": rows, "seconds": seconds, "test_patients": int(screen.test.sum())}
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"Activations cached at `{results['cut']}`; seconds: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items() if v is not None),
+        "",
+    ]
+    for seed, r in results["seeds"].items():
+        lines += [
+            f"### split seed {seed} ({r['test_patients']} test patients)",
+            "",
+            "| model | raw final | calibrated final | AUC | AUC N | AUC D | referral spec at OOF 90 % sens (test sens) "
+            "| calibrated margin vs features first [95 %] |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            t, c = row["test"], row["test_calibrated"]
+            margin = row.get("margin_calibrated")
+            interval = row.get("interval_calibrated")
+            lines.append(
+                f"| {row['name']} | {t['final']:.3f} | {c['final']:.3f} | {t['auc']:.3f} | "
+                f"{t['per_class_auc']['N']:.3f} | {t['per_class_auc']['D']:.3f} | "
+                f"{row['referral']['test_specificity']:.1%} ({row['referral']['test_sensitivity']:.1%}) | "
+                + (f"{margin:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]" if margin is not None else "")
+                + " |"
+            )
+        lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
