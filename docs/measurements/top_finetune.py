@@ -46,7 +46,9 @@ def main() -> None:
         from fundus_ensemble.training.features import extract_features
 
         began = time.perf_counter()
-        extract_features(args.screen / f"prep-{SIZE}", args.screen / "store", BACKBONE, "imagenet", SIZE, VIEWS, cut=cut)
+        extract_features(
+            args.screen / f"prep-{SIZE}", args.screen / "store", BACKBONE, "imagenet", SIZE, VIEWS, cut=cut
+        )
         print(f"activations of {cut} in {args.screen / 'store'}: {time.perf_counter() - began:.0f} s")
         return
 
