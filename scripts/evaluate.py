@@ -48,7 +48,7 @@ def main(argv=None):
         False if args.no_quality_gate else None,
     )
     print(format_partial(result))
-    print(f"wrote {args.out}/evaluation.json and evaluation.md")
+    print(f"wrote {args.out}/evaluation.json, evaluation.md and evaluation.html (ROC curves, operating points)")
 
 
 if __name__ == "__main__":

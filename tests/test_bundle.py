@@ -2,6 +2,7 @@
 builds the run predict uses, a changed byte is refused, and the package's own bundle is intact."""
 
 import csv
+import html
 import importlib.util
 import json
 import subprocess
@@ -241,6 +242,40 @@ def test_evaluate_and_calibrate_site_run_predict_and_predict_takes_the_site_cali
     assert [result["classes"][c]["threshold"] for c in result["classes"]] == pytest.approx(
         [run_thresholds[LABELS.index(c)] for c in result["classes"]]
     )
+    # the page: ROC curves with the points in use and the run's own operating points, whose rates are
+    # recomputed here from predict's raw probabilities (a pair at the pair's thresholds, one eye at the eye's)
+    page = (tmp_path / "eval" / "evaluation.html").read_text()
+    assert "ROC curves and operating points" in page and page.count("data:image/png") == 1
+    points = result["operating_points"]
+    in_use = next(name for name in points if name.startswith("in use"))
+    for c, s in result["classes"].items():
+        assert points[in_use][c] == {"sensitivity": s["sensitivity"], "specificity": s["specificity"]}, c
+    raw = tmp_path / "eval" / "raw_predictions"
+    probs = {r["ID"]: r for r in csv.DictReader(open(raw / "predictions.csv", newline=""))}
+    single = {
+        r["patient_id"]
+        for r in csv.DictReader(open(raw / "decisions.csv", newline=""))
+        if r["answered_from"] not in ("", "both eyes")
+    }
+    assert single, "the table has a one-eyed patient"
+    from fundus_ensemble.evaluation.calibration import load_operating_point
+
+    for name in ("sensitivity=0.90", "specificity=0.90"):
+        pair = raw_thresholds(load_operating_point(run / "calibration.json", name))
+        eye = raw_thresholds(load_operating_point(run / "calibration.json", name, "eye_operating_points"))
+        assert html.escape(f"the run's {name}") in page
+        for c in result["classes"]:
+            j = LABELS.index(c)
+            cells = [
+                (truth[p][c], float(probs[p][c]) > (eye if p in single else pair)[j])
+                for p in probs
+                if truth[p].get(c, "") != ""
+            ]
+            decided_positive = [d for t, d in cells if t == "1"]
+            decided_negative = [not d for t, d in cells if t == "0"]
+            rates = points[f"the run's {name}"][c]
+            assert rates["sensitivity"] == (pytest.approx(np.mean(decided_positive)) if decided_positive else None)
+            assert rates["specificity"] == (pytest.approx(np.mean(decided_negative)) if decided_negative else None)
 
     site = tmp_path / "site_calibration.json"
     script("calibrate_site").main(

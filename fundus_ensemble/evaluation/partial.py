@@ -107,6 +107,37 @@ def _auc_interval(y: np.ndarray, p: np.ndarray, rng: np.random.Generator, resamp
 MIN_FOR_AUC = 5  # positives and negatives each, below which no AUC is given
 
 
+def operating_rates(truth: np.ndarray, p: np.ndarray, thresholds: np.ndarray | float) -> tuple[float, float]:
+    """(sensitivity, specificity) of deciding positive above ``thresholds`` (one, or one per patient);
+    NaN for a rate with nobody to measure it on."""
+    truth = np.asarray(truth, bool)
+    decided = np.asarray(p) > thresholds
+    sensitivity = float(decided[truth].mean()) if truth.any() else float("nan")
+    specificity = float((~decided[~truth]).mean()) if (~truth).any() else float("nan")
+    return sensitivity, specificity
+
+
+def rates_at_points(y: np.ndarray, probs: np.ndarray, points: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per operating point (name: raw thresholds per patient and class) and labelled class, the
+    sensitivity and specificity it gives on the labelled cells (None where nobody is positive, or
+    nobody negative)."""
+    y, probs = np.asarray(y, float), np.asarray(probs, float)
+    out = {}
+    for name, thresholds in points.items():
+        thresholds = np.broadcast_to(np.asarray(thresholds, float), probs.shape)
+        out[name] = {}
+        for j, c in enumerate(LABELS):
+            known = ~np.isnan(y[:, j])
+            if not known.any():
+                continue
+            sensitivity, specificity = operating_rates(y[known, j], probs[known, j], thresholds[known, j])
+            out[name][c] = {
+                "sensitivity": None if np.isnan(sensitivity) else sensitivity,
+                "specificity": None if np.isnan(specificity) else specificity,
+            }
+    return out
+
+
 def score_partial(
     y: np.ndarray, probs: np.ndarray, thresholds: list[float], seed: int = 0, resamples: int = RESAMPLES
 ) -> dict:

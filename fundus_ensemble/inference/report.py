@@ -109,35 +109,74 @@ def _score_table(report: dict) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _curves(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[str, str]:
+def roc_figure(y_true: np.ndarray, y_prob: np.ndarray, points: dict[str, np.ndarray] | None = None) -> str:
+    """Per-class ROC curves, each with the operating points ``points`` (name: raw thresholds, per
+    class or per patient and class) marked where they sit; NaN labels are unknown and left out. A
+    class with fewer than MIN_FOR_AUC positives or negatives gets no curve, and says so."""
     from sklearn.metrics import auc, roc_curve
 
+    from ..evaluation.partial import MIN_FOR_AUC, operating_rates
+
     plt = _plt()
-    figures = []
-    for kind in ("roc", "pr"):
-        fig, axes = plt.subplots(2, 4, figsize=(13, 6.4))
-        for j, (ax, c) in enumerate(zip(axes.ravel(), LABELS)):
-            positives = int(y_true[:, j].sum())
-            ax.set_title(f"{c} {LABEL_NAMES[c]} ({positives} pos.)", fontsize=10)
-            if positives in (0, len(y_true)):
-                ax.text(0.5, 0.5, "undefined:\nno positives or\nno negatives", ha="center", va="center")
-            elif kind == "roc":
-                fpr, tpr, _ = roc_curve(y_true[:, j], y_prob[:, j])
-                ax.plot(fpr, tpr, color="C0")
-                ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-                ax.text(0.97, 0.05, f"AUC {auc(fpr, tpr):.3f}", ha="right")
-            else:
-                recall, precision = pr_points(y_true[:, j], y_prob[:, j])
-                ax.plot(recall, precision, color="C1", drawstyle="steps-pre")
-                ax.axhline(positives / len(y_true), color="0.7", lw=0.8, ls="--")
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1.02)
-            ax.set_xlabel("false positive rate" if kind == "roc" else "recall", fontsize=8)
-            ax.set_ylabel("true positive rate" if kind == "roc" else "precision", fontsize=8)
-            ax.tick_params(labelsize=7)
-        fig.tight_layout()
-        figures.append(_figure_uri(fig))
-    return figures[0], figures[1]
+    y_true, y_prob = np.asarray(y_true, float), np.asarray(y_prob, float)
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6.6))
+    markers = ("o", "s", "^", "D")
+    for j, (ax, c) in enumerate(zip(axes.ravel(), LABELS)):
+        known = ~np.isnan(y_true[:, j])
+        truth, p = y_true[known, j].astype(bool), y_prob[known, j]
+        positives, negatives = int(truth.sum()), int((~truth).sum())
+        ax.set_title(f"{c} {LABEL_NAMES[c]} ({positives} pos., {negatives} neg.)", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("1 - specificity", fontsize=8)
+        ax.set_ylabel("sensitivity", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if positives < MIN_FOR_AUC or negatives < MIN_FOR_AUC:
+            ax.text(
+                0.5,
+                0.5,
+                f"too few for a curve\n(needs {MIN_FOR_AUC} positives\nand {MIN_FOR_AUC} negatives)",
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
+            continue
+        fpr, tpr, _ = roc_curve(truth, p)
+        ax.plot(fpr, tpr, color="C0", lw=1.2)
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        ax.text(0.97, 0.05, f"AUC {auc(fpr, tpr):.3f}", ha="right", fontsize=8)
+        for k, (name, thresholds) in enumerate((points or {}).items()):
+            t = np.asarray(thresholds, float)
+            t = t[known, j] if t.ndim == 2 else t[j]
+            sensitivity, specificity = operating_rates(truth, p, t)
+            ax.plot([1 - specificity], [sensitivity], markers[k % len(markers)], color=f"C{k + 1}", ms=6, label=name)
+        if points and j == 0:
+            ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 0.12))
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def _curves(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[str, str]:
+    """ROC curves with the decisions at THRESHOLD marked, and precision-recall curves."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6.4))
+    for j, (ax, c) in enumerate(zip(axes.ravel(), LABELS)):
+        positives = int(y_true[:, j].sum())
+        ax.set_title(f"{c} {LABEL_NAMES[c]} ({positives} pos.)", fontsize=10)
+        if positives in (0, len(y_true)):
+            ax.text(0.5, 0.5, "undefined:\nno positives or\nno negatives", ha="center", va="center")
+        else:
+            recall, precision = pr_points(y_true[:, j], y_prob[:, j])
+            ax.plot(recall, precision, color="C1", drawstyle="steps-pre")
+            ax.axhline(positives / len(y_true), color="0.7", lw=0.8, ls="--")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    roc = roc_figure(y_true, y_prob, {f"decided (p > {THRESHOLD})": np.full(len(LABELS), THRESHOLD)})
+    return roc, _figure_uri(fig)
 
 
 def pr_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -353,7 +392,9 @@ def write_score_report(
         "The grey rows never look at a photo: all-zero predicts no finding, the class prior predicts each class's "
         "training rate. Pooled F1 and AUC are high even for them, so read a model by its margin over these rows.</p>",
         _score_table(report),
-        f"<h2>Per-class ROC curves</h2>{_img(roc, 'per-class ROC curves')}",
+        f"<h2>Per-class ROC curves</h2><p class=note>Marked: where the decisions in use sit (probability above "
+        f"{THRESHOLD}{', after the calibration' if report.get('calibrated_on') else ''}).</p>"
+        f"{_img(roc, 'per-class ROC curves')}",
         f"<h2>Per-class precision-recall curves</h2><p class=note>Dashed: the class's prevalence (a blind predictor).</p>"
         f"{_img(pr, 'per-class precision-recall curves')}",
         f"<h2>Reliability</h2><p class=note>Do the probabilities mean what they say? Points on the diagonal: among "
@@ -370,6 +411,67 @@ def write_score_report(
         sections.append(_gallery(run, prep, report["split"], ids, y_true, y_prob, gallery, THRESHOLD))
     out = Path(out_path) if out_path is not None else score / "report.html"
     atomic_write_text(out, page(f"fundus-ensemble report: {report['split']} split", sections))
+    return out
+
+
+# --- a partly labelled table (evaluate.py) -----------------------------------------------------
+
+
+def write_evaluation_page(
+    out_path: str | os.PathLike,
+    result: dict,
+    y: np.ndarray,
+    probs: np.ndarray,
+    points: dict[str, np.ndarray],
+) -> Path:
+    """``evaluate.py``'s page: the per-class table of ``result`` and ROC curves of the labelled cells
+    (``y`` NaN where unknown, ``probs`` the raw probabilities) with ``points`` marked (name: raw
+    thresholds per patient and class; the first is the one in use) and their rates in a table
+    (``result["operating_points"]``, :func:`..evaluation.partial.rates_at_points`)."""
+    from ..evaluation.partial import MIN_FOR_AUC
+
+    def pct(value, interval=None):
+        if value is None:
+            return "n/a"
+        return f"{value:.1%}" + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
+
+    rows = []
+    for c, s in result["classes"].items():
+        auc = html.escape(s.get("auc_note") or "n/a") if s["auc"] is None else f"{s['auc']:.3f}"
+        if s["auc_95"]:
+            auc += f" [{s['auc_95'][0]:.3f}, {s['auc_95'][1]:.3f}]"
+        rows.append(
+            f"<tr><td>{c} {html.escape(LABEL_NAMES[c])}</td><td>{s['labelled']}</td><td>{s['positives']}</td>"
+            f"<td>{auc}</td><td>{s['threshold']:.3f}</td><td>{pct(s['sensitivity'], s['sensitivity_95'])}</td>"
+            f"<td>{pct(s['specificity'], s['specificity_95'])}</td></tr>"
+        )
+    table = (
+        "<table><tr><th>class</th><th>labelled</th><th>positives</th><th>AUC [95 %]</th><th>threshold</th>"
+        f"<th>sensitivity [95 %]</th><th>specificity [95 %]</th></tr>{''.join(rows)}</table>"
+    )
+    names = list(points)
+    head = "".join(f"<th>{html.escape(name)}: sensitivity</th><th>specificity</th>" for name in names)
+    point_rows = []
+    for c in result["classes"]:
+        cells = "".join(
+            f"<td>{pct(rates.get('sensitivity'))}</td><td>{pct(rates.get('specificity'))}</td>"
+            for rates in (result["operating_points"][name].get(c, {}) for name in names)
+        )
+        point_rows.append(f"<tr><td>{c} {html.escape(LABEL_NAMES[c])}</td>{cells}</tr>")
+    sections = [
+        f"<p class=note>Table <code>{html.escape(result['table'])}</code>: {result['patients']} patients scored "
+        f"({result['rejected']} rejected by predict; {result.get('one_eye', 0)} answered from one eye, at the "
+        f"one-eye thresholds); thresholds in use: {html.escape(result['thresholds_from'])}. Only labelled cells "
+        "count: an empty cell is unknown. The ODIR final score needs every class labelled and is not given.</p>",
+        "<h2>Per class</h2>",
+        table,
+        f"<h2>ROC curves and operating points</h2><p class=note>Each labelled class with at least {MIN_FOR_AUC} "
+        "positives and negatives; marked, where each set of thresholds sits on this table's patients.</p>",
+        _img(roc_figure(y, probs, points), "per-class ROC curves with operating points"),
+        f"<table><tr><th>class</th>{head}</tr>{''.join(point_rows)}</table>",
+    ]
+    out = Path(out_path)
+    atomic_write_text(out, page("fundus-ensemble evaluation", sections))
     return out
 
 

@@ -21,6 +21,7 @@ from ..evaluation.partial import (
     FINAL_UNDEFINED,
     PartialLabels,
     fit_site_calibration,
+    rates_at_points,
     read_partial_labels,
     score_partial,
 )
@@ -120,7 +121,8 @@ def evaluate_table(
     gate: bool | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score the run on a partly labelled table; writes ``evaluation.json`` and ``evaluation.md``."""
+    """Score the run on a partly labelled table; writes ``evaluation.json``, ``evaluation.md`` and
+    ``evaluation.html`` (ROC curves with the thresholds in use and the run's operating points)."""
     _check_work_folder(out, run_dir, table, image_root, "evaluation")
     thresholds, source, _ = _thresholds(run_dir, calibration)
     eye_thresholds, _ = _eye_thresholds(run_dir, calibration, thresholds)
@@ -140,9 +142,40 @@ def evaluate_table(
             "run_fingerprint": card_fingerprints(run_dir),
         }
     )
+    points = {f"in use ({source})": per_patient, **_stored_points(run_dir, one_eye)}
+    result["operating_points"] = rates_at_points(
+        labels.y[scored], probs[scored], {k: v[scored] for k, v in points.items()}
+    )
     atomic_write_json(Path(out) / "evaluation.json", result)
     atomic_write_text(Path(out) / "evaluation.md", format_partial(result))
+    from .report import write_evaluation_page
+
+    write_evaluation_page(
+        Path(out) / "evaluation.html",
+        result,
+        labels.y[scored],
+        probs[scored],
+        {k: v[scored] for k, v in points.items()},
+    )
     return result
+
+
+def _stored_points(run_dir, one_eye: np.ndarray) -> dict[str, np.ndarray]:
+    """The run's own operating points (its out-of-fold ``sensitivity=0.90`` and ``specificity=0.90``)
+    as raw thresholds per patient: a patient answered from one eye at the one-eye heads' point."""
+    from ..evaluation.calibration import OPERATING_POINTS, load_operating_point, operating_point_name
+
+    path = run_calibration(run_dir)
+    points = {}
+    for measure, target in OPERATING_POINTS if path is not None else ():
+        name = operating_point_name(measure, target)
+        pair = load_operating_point(path, name)
+        if pair is None:
+            continue
+        eye = load_operating_point(path, name, "eye_operating_points") or pair
+        rows = np.where(one_eye[:, None], raw_thresholds(eye), raw_thresholds(pair))
+        points[f"the run's {name}"] = rows
+    return points
 
 
 def format_partial(result: dict) -> str:
