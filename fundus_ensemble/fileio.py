@@ -316,3 +316,9 @@ def read_npz(
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise FundusError(f"{path}: {what}'s {name} holds NaN or infinite values")
     return arrays
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders the numbers inside ids as numbers: 23 before 992 before 1258 (text order
+    puts 1258 first), so a list of patients reads as a person expects."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", text))

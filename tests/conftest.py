@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -74,3 +76,47 @@ def released(tmp_path_factory, small_dataset):
         feature_store=root / "store",
     )
     return root, out, work, record, small_dataset.parent
+
+
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and its driver; installed here when missing (the test command's setup)."""
+    if (
+        not (shutil.which("chromium") and shutil.which("chromedriver"))
+        and shutil.which("apt-get")
+        and os.geteuid() == 0
+    ):
+        subprocess.run(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver",
+            shell=True,
+            capture_output=True,
+            timeout=900,
+        )
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        if os.environ.get("CI"):
+            pytest.fail("no chromium/chromedriver and they could not be installed")
+        pytest.skip("needs chromium and chromedriver (apt install chromium chromium-driver)")
+    return browser, driver
+
+
+def headless_chromium(tmp_path: Path):
+    """A headless chromium driven by selenium (the caller quits it), with its profile in ``tmp_path``."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1600",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver_path), options=options)

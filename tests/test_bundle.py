@@ -165,8 +165,12 @@ def test_the_model_card_is_printed_by_predict_and_linked_and_served_by_the_stati
     client = TestClient(create_app(Predictor(bundle.resolve_run(out))))
     page = client.get("/").text
     assert 'class="model-card" href="/model-card"' in page and str(tmp_path) not in page
-    served = client.get("/model-card")
+    served = client.get("/model-card.md")
     assert served.status_code == 200 and served.text == (out / "MODEL_CARD.md").read_text()
+    shown = client.get("/model-card")  # a page a person reads, not Markdown source
+    assert shown.headers["content-type"].startswith("text/html")
+    assert "<h3>Intended use</h3>" in shown.text and "## Intended use" not in shown.text
+    assert "<table>" in shown.text and "|---|" not in shown.text
 
 
 def test_no_packaged_bundle_is_said_in_one_line(monkeypatch, tmp_path):

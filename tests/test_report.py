@@ -5,6 +5,7 @@ it in headless Chromium: scripts/screenshot.py."""
 import base64
 import csv
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -124,6 +125,9 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
     bad = page[page.index('data-patient="bad"') :]
     assert bad.index('data-referral="not_gradable"') < bad.index("rejected")
     assert "Not gradable: retake the left eye (left: not a readable image" in bad
+    assert f"from <code>{(tmp_path / 'in').resolve()}</code>" in page and "Made 20" in page
+    # the PDF to file: a first page with the job, then a page per patient
+    assert pdf_pages((tmp_path / "out" / "report.pdf").read_bytes()) == 1 + len(patients)
     with open(tmp_path / "out" / "heatmaps" / "heatmaps.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {(r["eye"], r["class"]) for r in rows} == {("left", "D"), ("left", "G"), ("right", "D"), ("right", "G")}
@@ -131,6 +135,41 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
         heat = np.load(tmp_path / "out" / "heatmaps" / row["array"])
         assert heat.shape == (32, 32) and 0 <= heat.min() and heat.max() <= 1
         assert cv2.imread(str(tmp_path / "out" / "heatmaps" / row["overlay"])).shape == (256, 256, 3)
+
+
+def pdf_pages(data: bytes) -> int:
+    """Pages of a PDF: its page objects (``/Type /Page``, not the ``/Pages`` tree)."""
+    return len(re.findall(rb"/Type\s*/Page(?![a-z])", data))
+
+
+def test_the_report_prints_a_patient_per_page_in_a_real_browser(scored, tmp_path):
+    import base64
+
+    from conftest import headless_chromium
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for i in range(3):
+        for eye, seed in (("left", 2 * i), ("right", 2 * i + 1)):
+            cv2.imwrite(str(photos / f"p{i}_{eye}.jpg"), render_eye(EyeSpec(frozenset(), eye, seed), 90))
+    long_note = tmp_path / "in" / ("x" * 180 + "_left.jpg")  # a rejected patient whose line is long
+    long_note.write_bytes(b"broken")
+    patients = [PatientPhotos(f"p{i}", photos / f"p{i}_left.jpg", photos / f"p{i}_right.jpg") for i in range(3)]
+    patients.append(PatientPhotos("x" * 180, long_note, None))
+    predict_photos(scored / "run", patients, tmp_path / "out", progress=False, report=True, explain_classes=["D"])
+    driver = headless_chromium(tmp_path)
+    try:
+        driver.get((tmp_path / "out" / "report.html").resolve().as_uri())
+        # on screen, no record runs out of the page (a long rejected line wraps inside its card)
+        widths = driver.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth,"
+            " Math.max(...[...document.querySelectorAll('.record')].map(e => e.scrollWidth - e.clientWidth))];"
+        )
+        assert widths[0] <= widths[1] and widths[2] <= 0, widths
+        printed = base64.b64decode(driver.print_page())
+    finally:
+        driver.quit()
+    assert pdf_pages(printed) == 1 + len(patients), "the job's page, then each patient on a page of its own"
 
 
 def test_report_script_needs_a_score_first(scored, tmp_path):
@@ -145,3 +184,24 @@ def test_report_script_needs_a_score_first(scored, tmp_path):
         timeout=300,
     )
     assert result.returncode == 2 and "no score.json; run scripts/score.py" in result.stderr
+
+
+def test_a_record_embeds_the_model_cards_summary_and_links_no_local_file():
+    from fundus_ensemble.inference.bundle import PACKAGED, card_summary
+    from fundus_ensemble.inference.report import prediction_parts
+
+    text = (PACKAGED / "MODEL_CARD.md").read_text()
+    provenance = {
+        "run": "/home/someone/.cache/fundus-ensemble/bundled",
+        "calibrated": True,
+        "models": {"color": {"backbone": "efficientnet_lite2", "input_size": 380}},
+        "model_card": "/home/someone/.cache/fundus-ensemble/bundled/MODEL_CARD.md",
+        "model_card_summary": card_summary(text),
+    }
+    summary = {"patients": 0, "predicted": 0, "rejected": 0}
+    model = prediction_parts([], "the run's calibration", summary, provenance)["model"]
+    assert "<h4>Intended use</h4>" in model and "<h4>Known failure modes</h4>" in model
+    assert "Training data" not in model  # the summary, not the whole card
+    assert "href" not in model and "file://" not in model, "a mailed page must not point into this machine"
+    provenance["model_card_url"] = "/model-card"  # the station's route: a link that works where the page is seen
+    assert 'class="model-card" href="/model-card"' in prediction_parts([], "", summary, provenance)["model"]

@@ -4,7 +4,6 @@ over HTTP and its page driven in headless Chromium, each answer compared with pr
 import csv
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from conftest import headless_chromium
 
 from fundus_ensemble.data.dicom import write_dicom_photo
 from fundus_ensemble.data.synthetic import EyeSpec, render_eye
@@ -241,27 +241,6 @@ def test_token_and_a_full_queue(photos):
     assert client.get("/health").json()["answered"] == 3
 
 
-def chromium() -> tuple[str, str]:
-    """Debian's chromium and its driver; installed here when missing (the test command's setup)."""
-    if (
-        not (shutil.which("chromium") and shutil.which("chromedriver"))
-        and shutil.which("apt-get")
-        and os.geteuid() == 0
-    ):
-        subprocess.run(
-            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver",
-            shell=True,
-            capture_output=True,
-            timeout=900,
-        )
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (browser and driver):
-        if os.environ.get("CI"):
-            pytest.fail("no chromium/chromedriver and they could not be installed")
-        pytest.skip("needs chromium and chromedriver (apt install chromium chromium-driver)")
-    return browser, driver
-
-
 def submit_and_wait(driver, timeout: float = 180) -> None:
     """Click the form's submit and wait for the answer page: the click returns before the browser
     has left the page, so reading at once reads the old page (CI saw an empty table). The old
@@ -289,26 +268,9 @@ def read_page_decisions(driver) -> dict[str, bool]:
 
 
 def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, predicted, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    browser, driver_path = chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1280,1600",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chromium(tmp_path)
     try:
         url, log = server
         driver.get(url + "/")
@@ -333,6 +295,13 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
             :600
         ]
         assert driver.find_element(By.CSS_SELECTOR, "[data-referral]").text == expected
+        # the record prints (to paper or a PDF) on one page, without the upload form
+        assert driver.find_element(By.ID, "print").is_displayed()
+        import base64
+
+        from test_report import pdf_pages
+
+        assert pdf_pages(base64.b64decode(driver.print_page())) == 1
         driver.get(url + "/")
         driver.find_element(By.NAME, "patient_id").send_keys("p2")
         driver.find_element(By.NAME, "left").send_keys(str(photos["left"]))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def model_card_path(run_dir: str | os.PathLike) -> Path | None:
     """The model card of a run folder (a materialized bundle carries its ``MODEL_CARD.md``), or None."""
     path = Path(run_dir) / MODEL_CARD
     return path if path.is_file() else None
+
+
+SUMMARY_SECTIONS = ("Intended use", "Known failure modes")  # what a printed record carries of the card
+
+
+def card_summary(text: str) -> str:
+    """The part of a model card a record embeds: its lead line and its SUMMARY_SECTIONS, as Markdown."""
+    sections = re.split(r"(?m)^## ", text)
+    lead = [line for line in sections[0].splitlines() if line.strip() and not line.startswith("# ")]
+    kept = [f"### {part}" for part in sections[1:] if part.split("\n", 1)[0].strip() in SUMMARY_SECTIONS]
+    return "\n\n".join(["\n".join(lead), *kept]).strip()
 
 
 class BundleError(FundusError):

@@ -71,6 +71,7 @@ from ..fileio import (
     claim_folder,
     csv_for_people,
     folder_lock,
+    natural_key,
     read_json_file,
     remove_owned,
     sha256_file,
@@ -81,7 +82,7 @@ from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
 from ..training.hardware import accelerator_count, cpu_backend_advice
 from ..training.heads import LinearHead, SideHead, fuse
 from ..training.train import SIDE_HEAD, load_eye_heads, load_references
-from .bundle import model_card_path
+from .bundle import card_summary, model_card_path
 from .explain import GradCam, ensemble_heatmaps, overlay
 from .referral import KINDS, Referral, refer
 
@@ -91,7 +92,7 @@ THRESHOLD = 0.5
 HEATMAP_DIR = "heatmaps"
 RECORD_FILE = "predict.json"  # the job (run, cards, patients, shard) and its counts: what merging checks
 # moved in in this order
-OUTPUT_FILES = ("report.html", RECORD_FILE, "worklist.csv", "decisions.csv", "predictions.csv")
+OUTPUT_FILES = ("report.html", "report.pdf", RECORD_FILE, "worklist.csv", "decisions.csv", "predictions.csv")
 STAGING = ".unfinished"  # the run in progress: its job, finished batches and heatmaps
 JOB_FILE = "job.json"
 BATCH_DIR = "batches"
@@ -151,7 +152,9 @@ def patients_in_folder(
         slot[eye] = path
     if not eyes:
         raise FundusError(f"{folder}: no photos ({', '.join(IMAGE_SUFFIXES)})")
-    return check_sides([PatientPhotos(pid, e.get("left"), e.get("right")) for pid, e in eyes.items()])
+    # patients in the order a person reads ids (23, 992, 1258), in decisions, the worklist and the report
+    ordered = sorted(eyes.items(), key=lambda item: natural_key(item[0]))
+    return check_sides([PatientPhotos(pid, e.get("left"), e.get("right")) for pid, e in ordered])
 
 
 def check_sides(patients: list[PatientPhotos], max_pixels: int | None = None) -> list[PatientPhotos]:
@@ -233,7 +236,7 @@ def predict_photos(
     sets the per-class thresholds and the probabilities of ``predictions.csv``, as in score.
     ``explain`` writes Grad-CAM heatmaps (:mod:`.explain`) to ``out_dir/heatmaps`` for
     ``explain_classes``, or for each patient's classes decided positive when it is None.
-    ``report`` (implies ``explain``) writes ``report.html``, one card per patient (the first
+    ``report`` (implies ``explain``) writes ``report.html`` and ``report.pdf``, one record per patient (the first
     :data:`REPORT_MAX_PATIENTS`, so the page stays readable and memory bounded).
 
     Each batch's results are kept in ``out_dir`` as it finishes; ``resume`` continues a killed
@@ -467,7 +470,8 @@ class Predictor:
             "warning": self.fitness_warning,
             "calibrated": self.fitted is not None,
             "models": {view: card for view, (_, card) in self.models.items()},
-            "model_card": _model_card_uri(self.run_dir),
+            "model_card": _model_card_text(self.run_dir) and str(model_card_path(self.run_dir)),
+            "model_card_summary": card_summary(_model_card_text(self.run_dir) or "") or None,
         }
 
     @property
@@ -846,9 +850,16 @@ def _predict_into(
         atomic_write_text(out / HEATMAP_DIR / "heatmaps.csv", csv_for_people(header, explained))
     shutil.rmtree(batches)  # inside the staging folder: every batch is in the outputs now
     counts = referral_counts(worklist)
-    summary = {"patients": len(patients), "predicted": len(ok), "rejected": len(results) - len(ok), "counts": counts}
+    summary = {
+        "patients": len(patients),
+        "predicted": len(ok),
+        "rejected": len(results) - len(ok),
+        "counts": counts,
+        "made": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "input": _input_folder(patients),
+    }
     if report:
-        from .report import write_prediction_report  # matplotlib and the page code only when asked for
+        from .report import write_prediction_pdf, write_prediction_report  # matplotlib only when asked for
 
         shown = [
             card_of(patient, result, note, thresholds, cards.get(patient.patient_id))
@@ -856,6 +867,7 @@ def _predict_into(
             if result is None or patient.patient_id in cards
         ]
         write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary, predictor.provenance)
+        write_prediction_pdf(shown[:REPORT_MAX_PATIENTS], out / "report.pdf", source, summary, predictor.provenance)
     return {
         "patients": len(patients),
         "predicted": len(ok),
@@ -1213,6 +1225,12 @@ def _decisions_csv(results, views, thresholds: list[float], source: str) -> str:
     return csv_for_people(header, rows)
 
 
-def _model_card_uri(run_dir) -> str | None:
+def _input_folder(patients: list[PatientPhotos]) -> str | None:
+    """The folder every photo of the job lies under (what a record names as its input)."""
+    paths = [str(Path(p).resolve().parent) for patient in patients for p in (patient.left, patient.right) if p]
+    return os.path.commonpath(paths) if paths else None
+
+
+def _model_card_text(run_dir) -> str | None:
     card = model_card_path(run_dir)
-    return card.resolve().as_uri() if card is not None else None
+    return card.read_text(encoding="utf-8") if card is not None else None

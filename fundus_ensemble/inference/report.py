@@ -13,6 +13,7 @@ import html
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -35,9 +36,12 @@ h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc;padding-bottom
 table{border-collapse:collapse;margin:8px 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.trivial td{color:#777;font-style:italic}
 img{max-width:100%%}.note{color:#555;font-size:0.9em;max-width:900px}
-.gallery{display:flex;flex-wrap:wrap;gap:10px}.case{border:1px solid #ddd;padding:6px;font-size:0.8em;width:max-content}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}.case{border:1px solid #ddd;padding:6px;font-size:0.8em;width:fit-content;max-width:100%%;box-sizing:border-box;overflow-wrap:anywhere}
 .case img{width:%dpx;height:auto;max-width:none;margin-right:2px}.pos{color:#b00;font-weight:bold}
 .card{width:auto;margin-bottom:10px}.photos{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;text-align:center}
+@media print{body{margin:0;max-width:none;padding:0;font-size:10pt}.record{break-before:page;break-inside:avoid;border:none}
+h2{break-after:avoid}a{color:inherit;text-decoration:none}.noprint,form{display:none}
+.record .photos img{width:1.1in!important;height:auto}.record figcaption{font-size:7pt}}
 """ % (THUMB,)  # noqa: UP031 (a CSS sheet full of braces: %-formatting keeps them unescaped)
 
 
@@ -79,6 +83,54 @@ def page(title: str, sections: list[str], head: str = "") -> str:
         f"<title>{html.escape(title)}</title><style>{STYLE}</style>{head}</head><body>\n"
         f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
     )
+
+
+# --- a model card, as HTML --------------------------------------------------------------------
+
+
+def _inline(text: str) -> str:
+    """Escaped text with the card's inline Markdown: **bold** and `code`."""
+    out = html.escape(text, quote=False)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
+def markdown_html(text: str) -> str:
+    """The Markdown of a model card as HTML: headings, paragraphs, ``-`` lists and pipe tables, every
+    character escaped first (a crafted card's HTML is shown as text, never run)."""
+    blocks: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if not line.strip():
+            i += 1
+        elif heading := re.match(r"(#{1,4})\s+(.*)", line):
+            level = min(len(heading[1]) + 1, 5)  # the page's own title is the h1
+            blocks.append(f"<h{level}>{_inline(heading[2])}</h{level}>")
+            i += 1
+        elif line.lstrip().startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(re.fullmatch(r":?-{3,}:?", c) for c in cells):
+                    tag = "th" if not rows else "td"
+                    rows.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+                i += 1
+            blocks.append(f"<table>{''.join(rows)}</table>")
+        elif line.lstrip().startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].lstrip().startswith("- "):
+                items.append(f"<li>{_inline(lines[i].lstrip()[2:])}</li>")
+                i += 1
+            blocks.append(f"<ul>{''.join(items)}</ul>")
+        else:
+            paragraph = []
+            while i < len(lines) and lines[i].strip() and not re.match(r"#{1,4}\s|\s*[|]|\s*- ", lines[i]):
+                paragraph.append(lines[i].strip())
+                i += 1
+            blocks.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+    return "\n".join(blocks)
 
 
 # --- a scored split ---------------------------------------------------------------------------
@@ -509,17 +561,26 @@ def _provenance(provenance: dict) -> str:
             + f"</td><td>{shown}</td></tr>"
         )
     run = f"Run <code>{html.escape(provenance['run'])}</code>; the" if provenance.get("run") else "The"
-    card = (
-        f' <a class="model-card" href="{html.escape(provenance["model_card"])}">Its model card</a>: intended use, '
-        "the data it learned from, how well it did on patients it never saw, its known failure modes."
-        if provenance.get("model_card")
-        else ""
-    )
+    where, url = provenance.get("model_card"), provenance.get("model_card_url")
+    card = ""
+    if url:  # the station's own route: a link that works wherever its page is seen
+        card = (
+            f' <a class="model-card" href="{html.escape(url)}">Its model card</a>: intended use, '
+            "the data it learned from, how well it did on patients it never saw, its known failure modes."
+        )
+    elif where:  # a file on this machine: a link would break once the page is mailed, so name it
+        card = (
+            f" Its model card, <code>{html.escape(Path(where).name)}</code> in the model's folder (printed by "
+            "<code>predict.py --model-card</code>), says how well it did on patients it never saw; its use and "
+            "failure modes are below."
+        )
+    summary = provenance.get("model_card_summary")
+    embedded = f'<div class="card-summary">{markdown_html(summary)}</div>' if summary else ""
     return (
         f"<h2>Model</h2><p class=note>{run} ensemble averages "
         f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.{card}</p>"
         "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
-        f"<th>validation final</th></tr>{''.join(rows)}</table>"
+        f"<th>validation final</th></tr>{''.join(rows)}</table>{embedded}"
     )
 
 
@@ -572,11 +633,119 @@ def write_prediction_report(
     return out
 
 
+REFERRAL_COLOURS = {"refer": "#b00", "not_gradable": "#a60", "inconclusive": "#a60"}  # others: "#070"
+A4 = (8.27, 11.69)  # inches, portrait
+
+
+def write_prediction_pdf(
+    cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict, provenance: dict | None = None
+) -> Path:
+    """The same records as :func:`write_prediction_report` as a PDF to print or file, drawn with
+    matplotlib (no browser needed): a first page with the job, the counts and the model card's
+    summary, then one A4 page per patient (its referral line, its eyes and heatmaps, each class's
+    probability against its threshold)."""
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    plt = _plt()
+    out = Path(out_path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    model = provenance.get("run") if provenance else None
+    made = " ".join(
+        x
+        for x in (
+            f"Made {summary['made']}" if summary.get("made") else "",
+            f"from {summary['input']}" if summary.get("input") else "",
+            f"by the model {model}" if model else "",
+        )
+        if x
+    )
+    with PdfPages(tmp, metadata={"Title": "fundus-ensemble screening record", "Creator": "fundus-ensemble"}) as pdf:
+        fig = plt.figure(figsize=A4)
+        fig.text(0.07, 0.96, "fundus-ensemble screening record", fontsize=15, weight="bold", va="top")
+        lines = [
+            made,
+            f"{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} rejected.",
+            f"Referral: {counts_text(summary['counts'])}." if summary.get("counts") else "",
+            f"Thresholds: {source}.",
+            "",
+            "A screening aid, not a diagnosis.",
+            "",
+            *_wrapped(re.sub(r"[*`#]", "", (provenance or {}).get("model_card_summary") or ""), 95),
+        ]
+        fig.text(0.07, 0.925, "\n".join(lines), va="top", fontsize=8.5)
+        pdf.savefig(fig)
+        plt.close(fig)
+        for card in cards:
+            fig = plt.figure(figsize=A4)
+            fig.text(0.07, 0.96, f"Patient {card['patient_id']}", fontsize=15, weight="bold", va="top")
+            fig.text(0.07, 0.935, made, fontsize=7, color="0.35", va="top")
+            referral = card.get("referral")
+            y = 0.91
+            if referral is not None:
+                for line in _wrapped(referral.text, 80):
+                    fig.text(
+                        0.07,
+                        y,
+                        line,
+                        fontsize=11,
+                        weight="bold",
+                        va="top",
+                        color=REFERRAL_COLOURS.get(referral.kind, "#070"),
+                    )
+                    y -= 0.02
+            for note in (f"Which eye? {card['side_check']}." if card.get("side_check") else "", card.get("note") or ""):
+                for line in _wrapped(note, 110):
+                    fig.text(0.07, y, line, fontsize=8, va="top", color="#a60" if note.startswith("Which") else "0.3")
+                    y -= 0.016
+            if card["status"] == "ok":
+                images = []
+                for eye, photo in card["eyes"].items():
+                    images.append((eye, photo))
+                    images += [
+                        (f"{eye}, {c}", overlay(photo, heat)) for (e, c), heat in card["heatmaps"].items() if e == eye
+                    ]
+                images = images[:6]
+                width = 0.86 / max(3, len(images))
+                for k, (caption, bgr) in enumerate(images):
+                    ax = fig.add_axes(
+                        [0.07 + k * width, y - 0.03 - width * A4[0] / A4[1], width * 0.95, width * A4[0] / A4[1]]
+                    )
+                    ax.imshow(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                    ax.set_title(caption, fontsize=7)
+                    ax.axis("off")
+                y -= 0.06 + width * A4[0] / A4[1]
+                rows = [
+                    [f"{c} {LABEL_NAMES[c]}", probability_text(p, t), probability_text(t, p), "positive" if d else "-"]
+                    for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"])
+                ]
+                ax = fig.add_axes([0.07, y - 0.3, 0.86, 0.3])
+                ax.axis("off")
+                table = ax.table(
+                    rows, colLabels=["class", "probability", "threshold", "decided"], loc="upper left", cellLoc="left"
+                )
+                table.auto_set_font_size(False)
+                table.set_fontsize(8.5)
+                for (r, _), cell in table.get_celld().items():
+                    if r > 0 and rows[r - 1][3] == "positive":
+                        cell.set_text_props(color="#b00", weight="bold")
+            fig.text(0.07, 0.03, "A screening aid, not a diagnosis.", fontsize=8, weight="bold")
+            pdf.savefig(fig)
+            plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return [line for paragraph in text.splitlines() for line in (textwrap.wrap(paragraph, width) or [""])]
+
+
 def _referral_line(referral) -> str:
     """The patient's referral, first in its card: what to do, in words (:mod:`.referral`)."""
     if referral is None:
         return ""
-    colour = {"refer": "#b00", "not_gradable": "#a60", "inconclusive": "#a60"}.get(referral.kind, "#070")
+    colour = REFERRAL_COLOURS.get(referral.kind, "#070")
     return (
         f'<p class="referral" data-referral="{referral.kind}" style="font-size:1.15em;color:{colour};margin:4px 0">'
         f"<b>{html.escape(referral.text)}</b></p>"
@@ -608,7 +777,15 @@ def prediction_parts(
         else ""
     )
     warning = (provenance or {}).get("warning")
-    how = (
+    made = ""
+    if summary.get("made") or summary.get("input"):
+        made = (
+            '<p class="note made">'
+            + (f"Made {html.escape(summary['made'])}" if summary.get("made") else "")
+            + (f" from <code>{html.escape(summary['input'])}</code>" if summary.get("input") else "")
+            + ".</p>"
+        )
+    how = made + (
         f"<p class=note>{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} "
         f"rejected.{_counts_line(summary.get('counts'))} Each class is decided by the ensemble's probability against the class threshold "
         f"({html.escape(source)}); the page shows both{calibrated}. Heatmaps: Grad-CAM of the classes decided positive (or "
@@ -622,7 +799,7 @@ def prediction_parts(
         line = _referral_line(card.get("referral"))
         if card["status"] != "ok":
             parts.append(
-                f'<div class="case" data-patient="{pid}"><b>{pid}</b>{line}<span class=note>rejected: no photo could be '
+                f'<div class="case record" data-patient="{pid}"><b>{pid}</b>{line}<span class=note>rejected: no photo could be '
                 f"used &middot; {html.escape(card['note'])}</span></div>"
             )
             continue
@@ -652,7 +829,7 @@ def prediction_parts(
                 f"{html.escape(card['side_check'])}.</p>{note}"
             )
         parts.append(
-            f'<div class="case card" data-patient="{pid}"><b>{pid}</b>{line}{note}<div class=photos>{"".join(images)}</div>'
+            f'<div class="case card record" data-patient="{pid}"><b>{pid}</b>{line}{note}<div class=photos>{"".join(images)}</div>'
             f"<table><tr><th colspan=8>probability &gt; threshold: decided positive (&#10003;)</th></tr>"
             f"<tr>{decisions}</tr></table></div>"
         )

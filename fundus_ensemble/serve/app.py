@@ -33,7 +33,7 @@ from ..inference.bundle import model_card_path
 from ..inference.explain import overlay
 from ..inference.predict import PatientPhotos, card_of, retake_of, worklist_row
 from ..inference.referral import refer
-from ..inference.report import page, prediction_parts
+from ..inference.report import markdown_html, page, prediction_parts
 from ..labels import LABEL_NAMES, LABELS
 
 log = logging.getLogger("fundus_ensemble.serve")
@@ -147,7 +147,7 @@ def public_provenance(provenance: dict) -> dict:
         "warning": provenance.get("warning"),
         "calibrated": provenance["calibrated"],
         "models": {v: {k: card.get(k) for k in PUBLIC_CARD_KEYS} for v, card in provenance["models"].items()},
-        "model_card": MODEL_CARD_ROUTE if provenance.get("model_card") else None,
+        "model_card_url": MODEL_CARD_ROUTE if provenance.get("model_card") else None,
     }
 
 
@@ -380,13 +380,26 @@ def create_app(
             request.cookies.get(SESSION_COOKIE, "").encode(), session.encode()
         )
 
-    @app.get(MODEL_CARD_ROUTE, response_class=PlainTextResponse)
+    def card_text() -> str | None:
+        path = model_card_path(predictor.run_dir)
+        return path.read_text(encoding="utf-8") if path is not None else None
+
+    @app.get(MODEL_CARD_ROUTE, response_class=HTMLResponse)
     def model_card():
-        """The model card (Markdown) of the model answering: what it is for and how far to trust it."""
-        uri = predictor.provenance.get("model_card")
-        if not uri:
+        """The model card of the model answering, as a page: what it is for and how far to trust it."""
+        text = card_text()
+        if text is None:
             return PlainTextResponse("this model has no model card (only a bundled model carries one)", 404)
-        return PlainTextResponse(Path(model_card_path(predictor.run_dir)).read_text(encoding="utf-8"))
+        body = f'<p class=note><a href="{MODEL_CARD_ROUTE}.md">The same as Markdown</a>.</p>{markdown_html(text)}'
+        return HTMLResponse(page("Model card", [body]))
+
+    @app.get(f"{MODEL_CARD_ROUTE}.md", response_class=PlainTextResponse)
+    def model_card_markdown():
+        """The model card's Markdown, as the model folder keeps it."""
+        text = card_text()
+        if text is None:
+            return PlainTextResponse("this model has no model card (only a bundled model carries one)", 404)
+        return PlainTextResponse(text)
 
     @app.get("/", response_class=HTMLResponse)
     def form_page(request: Request):
@@ -452,14 +465,21 @@ def _page(
             f'<p class="error" id="error" style="color:#b00"><b>Could not screen:</b> {html.escape(error)}</p>'
         )
     if result is not None:
-        parts += [*result["cards"], result["note"]]
+        # the browser's print (to paper or PDF) lays the record out on its own page, without the form
+        parts += [
+            *result["cards"],
+            '<p class="noprint"><button type="button" id="print" onclick="window.print()">Print this record</button> '
+            "(or save it as a PDF from the print dialog)</p>",
+            result["note"],
+        ]
     if needs_token and not logged_in:  # the token goes in a small form of its own, never beside the photos
         parts.append(
             '<form method="post" action="/login" id="login"><label>Token <input type="password" name="token" '
             'autocomplete="off"></label> <button type="submit">Sign in</button></form>'
         )
     parts.append(
-        "<h2>Screen a patient</h2><p>Upload the patient's left and right fundus photos (JPEG, PNG or the camera's "
+        '<h2 class="noprint">Screen a patient</h2><p class="noprint">'
+        "Upload the patient's left and right fundus photos (JPEG, PNG or the camera's "
         "DICOM; either may be missing).</p>"
         '<form method="post" enctype="multipart/form-data" id="upload">'
         '<label>Patient <input name="patient_id" required autocomplete="off" placeholder="patient id"></label> '
@@ -468,4 +488,6 @@ def _page(
         '<button type="submit" id="submit">Screen</button></form>'
     )
     parts.append(shown["model"])
-    return page("fundus-ensemble screening station", [p for p in parts if p])
+    # one patient: printed on one page with the answer first, not after a page break as in a batch's report
+    single = "<style>@media print{.record{break-before:auto}}</style>"
+    return page("fundus-ensemble screening station", [p for p in parts if p], head=single)
