@@ -281,3 +281,9 @@ def test_the_side_check_reads_each_slot_with_a_head_that_looks_at_the_photo(tiny
     assert checks["swapped"].startswith("the two photos look swapped"), checks
     assert checks["right photo as the left"].startswith("the left photo looks like a right eye"), checks
     assert checks["left photo as the right"].startswith("the right photo looks like a left eye"), checks
+
+
+def test_a_folders_patients_come_in_the_order_people_read_ids(tmp_path):
+    for pid in ("1258", "23", "992", "a10", "a9"):
+        (tmp_path / f"{pid}_left.jpg").write_bytes(b"x")
+    assert [p.patient_id for p in patients_in_folder(tmp_path)] == ["23", "992", "1258", "a9", "a10"]
