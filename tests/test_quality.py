@@ -73,6 +73,40 @@ def test_a_half_lit_retina_is_screened_and_a_half_photographed_one_is_cut_off(re
     assert quality.grade(cut).reason == "retina cut off" and not quality.grade(cut).usable
 
 
+def painted_disc(side: int = 512, vignette: bool = True) -> np.ndarray:
+    """An orange-red disc on black with a retina's colours and none of its structure."""
+    yy, xx = np.mgrid[:side, :side]
+    distance = np.sqrt((yy - side / 2) ** 2 + (xx - side / 2) ** 2) / (0.45 * side)
+    falloff = np.clip(1 - 0.5 * distance**2, 0, 1) if vignette else np.ones_like(distance)
+    disc = np.zeros((side, side, 3), np.float32)
+    disc[:] = (30, 90, 200)
+    disc *= falloff[..., None]
+    disc[distance > 1] = 0
+    return disc.astype(np.uint8)
+
+
+@pytest.mark.parametrize("vignette", [False, True])
+def test_a_painted_disc_with_no_retinal_detail_is_never_gradable(vignette):
+    # it shares a retina's colours and frame; real photos, the densest cataract included, have 1.5 times the detail
+    verdict = quality.grade(painted_disc(vignette=vignette))
+    assert verdict.reason == "blurred" and verdict.statistics["detail"] < quality.MIN_DETAIL, verdict.text
+    assert verdict.usable, "screened as poor, never cleared, like a hazy lens: not refused"
+
+
+def test_a_montage_of_fundus_photos_is_refused(retina):
+    small = cv2.resize(retina, (240, 240), interpolation=cv2.INTER_AREA)
+    two = np.zeros((512, 512, 3), np.uint8)
+    two[136:376, 8:248], two[136:376, 264:504] = small, small  # two photos side by side in one square
+    verdict = quality.grade(two)
+    assert verdict.reason == "several photos in one" and not verdict.usable, verdict.text
+    four = np.zeros((512, 512, 3), np.uint8)
+    for y in (8, 264):
+        for x in (8, 264):
+            four[y : y + 240, x : x + 240] = small
+    assert quality.grade(four).reason == "several photos in one"
+    assert quality.grade(retina).statistics["retinas"] == 1
+
+
 def test_a_camera_with_a_white_surround_is_a_fundus_camera(retina):
     white = retina.copy()
     white[retina.max(axis=2) <= 20] = 255

@@ -1,0 +1,104 @@
+"""Issue 46.3: does the gate ask for a retina's structure? On images that share a retina's colours
+(a painted orange disc on black: flat, vignetted, with pixel noise, with a painted bright spot;
+montages of real photos: 2 x 2 in a square with their retinas touching or with black between
+them, and 1 x 2 side by side) the gate's verdict
+(data.quality.grade) and the ImageNet check's fundus mass (models.gate); on every photo of a label
+table, per class of its own keywords, the statistics the structure checks read (``detail``:
+sigma 1 - 4 detail in gray levels; ``retinas``: separate lit regions) and the vessel fraction a
+vessel check would read (thin structures darker than around them, relative to the local
+brightness), to show why vessels are not asked for.
+
+    PYTHONPATH=. python docs/measurements/gate_structure.py $DATA/labels.csv --image-root $DATA
+"""
+
+import argparse
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fundus_ensemble.data.imaging import BORDER_LEVEL, crop_to_fov, find_fov
+from fundus_ensemble.data.keywords import eye_labels
+from fundus_ensemble.data.quality import MIN_DETAIL, grade, statistics
+from fundus_ensemble.labels import LABELS
+from fundus_ensemble.models.gate import INPUT_SIZE, MIN_FUNDUS_MASS, FundusLikeness
+
+
+def painted_discs(side: int = 512) -> dict[str, np.ndarray]:
+    yy, xx = np.mgrid[:side, :side]
+    distance = np.sqrt((yy - side / 2) ** 2 + (xx - side / 2) ** 2) / (0.45 * side)
+    flat = np.zeros((side, side, 3), np.float32)
+    flat[:] = (30, 90, 200)  # BGR orange-red
+    flat[distance > 1] = 0
+    vignetted = flat * np.clip(1 - 0.5 * distance**2, 0, 1)[..., None]
+    noisy = vignetted + np.random.default_rng(0).normal(0, 4, vignetted.shape)
+    noisy[distance > 1] = 0
+    spot = vignetted.copy()
+    cv2.circle(spot, (int(side * 0.65), side // 2), side // 14, (120, 200, 250), -1)
+    spot = cv2.GaussianBlur(spot, (0, 0), 6)
+    return {
+        name: np.clip(a, 0, 255).astype(np.uint8)
+        for name, a in (("flat disc", flat), ("vignetted disc", vignetted), ("noisy disc", noisy), ("spot disc", spot))
+    }
+
+
+def vessel_fraction(image: np.ndarray, size: int = 256) -> float:
+    x0, y0, x1, y1 = find_fov(image)
+    square = cv2.resize(image[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_AREA)
+    retina = square.max(axis=2) > BORDER_LEVEL
+    yy, xx = np.mgrid[:size, :size]
+    inside = cv2.erode(retina.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    inside &= (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.45 * size) ** 2
+    green = cv2.GaussianBlur(square[..., 1].astype(np.float32), (0, 0), 1.0)
+    closed = cv2.morphologyEx(green, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
+    relative = (closed - green) / (cv2.GaussianBlur(green, (0, 0), 8) + 10)
+    return float((relative[inside] > 0.03).mean()) if inside.any() else 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("labels", type=Path)
+    p.add_argument("--image-root", type=Path, required=True)
+    args = p.parse_args()
+    rows = list(csv.DictReader(open(args.labels, newline="")))
+    images = painted_discs()
+    photos = [cv2.imread(str(args.image_root / "images" / r["filename"])) for r in rows[:4]]
+    images["montage 2 x 2, retinas touching"] = np.vstack([np.hstack(photos[:2]), np.hstack(photos[2:])])
+    gaps = np.zeros((2 * 256 + 24, 2 * 256 + 24, 3), np.uint8)
+    for k, photo in enumerate(photos):
+        y, x = 8 + (k // 2) * 264, 8 + (k % 2) * 264
+        gaps[y : y + 256, x : x + 256] = cv2.resize(photo, (256, 256), interpolation=cv2.INTER_AREA)
+    images["montage 2 x 2, black between"] = gaps
+    images["montage 1 x 2"] = np.hstack(photos[:2])
+    mass = FundusLikeness().mass([crop_to_fov(a, INPUT_SIZE) for a in images.values()])
+    print(f"| image | verdict | screened | fundus mass (ImageNet check, min {MIN_FUNDUS_MASS}) |\n|---|---|---|---|")
+    for (name, image), m in zip(images.items(), mass):
+        verdict = grade(image)
+        print(f"| {name} | {verdict.text} | {'yes' if verdict.usable else 'no'} | {m:.2f} |")
+    values: dict[str, list] = {c: [] for c in LABELS}
+    several = 0
+    for r in rows:
+        image = cv2.imread(str(args.image_root / "images" / r["filename"]))
+        try:
+            s = statistics(image)
+        except Exception:  # no retina found: the gate's first check, not a structure one
+            continue
+        several += s["retinas"] > 1 and grade(image).reason == "several photos in one"
+        labels = eye_labels(r["eye_keywords"])
+        for j, c in enumerate(LABELS):
+            if labels is not None and labels[j]:
+                values[c].append((s["detail"], vessel_fraction(image)))
+    print(f"\n{len(rows)} photos: {several} refused as several photos in one\n")
+    print(f"| class | photos | detail: lowest | under {MIN_DETAIL} | vessel fraction: median | 1st percentile |")
+    print("|---|---|---|---|---|---|")
+    for c in LABELS:
+        v = np.array(values[c])
+        print(
+            f"| {c} | {len(v)} | {v[:, 0].min():.2f} | {(v[:, 0] < MIN_DETAIL).sum()} | {np.median(v[:, 1]):.4f} | "
+            f"{np.percentile(v[:, 1], 1):.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
