@@ -554,3 +554,18 @@ def test_a_forced_saved_model_export_is_swapped_in_whole_and_checked_on_val(run_
         p.split == "val" for p in load_manifest(run_and_prep / "prep" / "color" / "manifest.csv").patients
     )
     assert check["max_abs_diff"] < 1e-4 and check["cells"] == 0
+
+
+def test_the_screens_write_only_into_folders_of_their_own(tmp_path):
+    from fundus_ensemble.evaluation.feature_screen import ScreenConfig, prepare
+    from fundus_ensemble.training.config import TrainConfig
+    from fundus_ensemble.training.levers import run_levers
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.docx").write_bytes(b"a user's own file")
+    with pytest.raises(FundusError, match="holds files fundus-ensemble did not write"):
+        prepare(tmp_path / "labels.csv", tmp_path, mine, ScreenConfig())
+    with pytest.raises(FundusError, match="holds files fundus-ensemble did not write"):
+        run_levers(tmp_path / "prep", mine, TrainConfig(), ["library"])
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.docx"]

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FundusError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, claim_folder
 from ..labels import LABELS, VIEWS
 from ..metrics import bootstrap_margin, odir_score, per_class_scores
 from ..training.heads import DEFAULT_POWER
@@ -70,7 +70,7 @@ def prepare(
     from ..data.preprocess import preprocess_manifest
     from ..training.features import FeatureSpec, FeatureStore, extract_features
 
-    out = Path(out)
+    out = claim_folder(out, "a feature screen", adopt_if=("extraction.json", "screen.json", "manifest.csv"))
     manifest_path = out / "manifest.csv"
     if not manifest_path.is_file():
         patients, _ = import_label_table(table, "image-table", image_root, image_dir)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..data.manifest import load_manifest
 from ..errors import FundusError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, claim_folder
 from ..labels import LABELS
 from ..metrics import bootstrap_margin, odir_score, per_class_scores
 from .config import TrainConfig
@@ -160,7 +160,7 @@ def run_levers(
     prep, out = Path(prep_dir), Path(out_dir)
     for name in rows:
         lever_config(base, name)  # refuse a bad row list before hours of training
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "a lever screen", adopt_if=("levers.json",))
     y_val = load_manifest(prep / view / "manifest.csv").select("val").label_matrix()
     results = []
     for name in rows:
