@@ -245,3 +245,16 @@ def test_images_through_the_backbone_count_the_feature_pass_not_the_head_epochs(
     assert not head_on_features({"weights": None, "frozen_features": True, "eye_head_weight": 0.0})
     assert not head_on_features({"weights": "imagenet", "frozen_features": False})
     assert not head_on_features({"weights": "imagenet", "frozen_features": True, "eye_head_weight": 0.5})
+
+
+def test_features_into_a_log_say_their_progress_a_line_per_chunk(view_manifest, tmp_path, monkeypatch, capsys):
+    # train_pair under nohup printed nothing for 30 minutes while it computed 6,000 photos' features
+    encoder = build_backbone("efficientnet_lite0", 48, "imagenet")
+    monkeypatch.setattr(feats, "CHUNK", 4)
+    photos = _photos(view_manifest)[:10]
+    store, spec = feats.FeatureStore(tmp_path / "store"), feats.FeatureSpec("efficientnet_lite0", "imagenet", 48)
+    store.photo_features(spec, "color", photos, encoder, 8)  # stderr is captured here: no terminal, no bar
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[features] color 48px")]
+    assert [line.split(": ")[1].split(" photos")[0] for line in lines] == ["4/10", "8/10", "10/10"], lines
+    store.photo_features(spec, "gray_eq", photos[:2], encoder, 8, progress=False)
+    assert "[features]" not in capsys.readouterr().err, "progress=False stays quiet"

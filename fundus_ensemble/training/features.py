@@ -226,6 +226,13 @@ class FeatureStore:
                 if distributed.is_chief():
                     self._save(folder, provenance, keys, features, self._seconds)
                 bar.update(len(chunk))
+                if progress and bar.disable:  # a log, not a terminal: a line per chunk instead of a bar
+                    print(
+                        f"[features] {view} {spec.size}px{' flip' if spec.flip else ''}: "
+                        f"{min(start + CHUNK, len(missing))}/{len(missing)} photos, {self._seconds:.0f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             bar.close()
         return features[[row[k] for k in wanted]]
 
