@@ -1,4 +1,4 @@
-"""Issue 46.3: does the gate ask for a retina's structure? On images that share a retina's colours
+"""Does the gate ask for a retina's structure? On images that share a retina's colours
 (a painted orange disc on black: flat, vignetted, with pixel noise, with a painted bright spot;
 montages of real photos: 2 x 2 in a square with their retinas touching or with black between
 them, and 1 x 2 side by side) the gate's verdict

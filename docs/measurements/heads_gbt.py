@@ -1,4 +1,4 @@
-"""Issue 43.2: gradient-boosted trees as the heads on the recipe's frozen features, cross-fitted like
+"""Gradient-boosted trees as the heads on the recipe's frozen features, cross-fitted like
 the logistic heads, against them, on both benchmark splits (paired 95 % bootstrap intervals).
 
 Per split seed and view, on the feature screen folder of the recipe (``runs/ff``: Lite2 at 380 px,

@@ -1,4 +1,4 @@
-"""Issue 43.1: train Lite2's last stage on cached activations, against features first, on both
+"""Train Lite2's last stage on cached activations, against features first, on both
 benchmark splits (paired 95 % bootstrap intervals on each split's test patients).
 
 On the feature screen folder of the recipe (``runs/ff``: prep-380 and a store with every
