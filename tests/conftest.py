@@ -120,3 +120,24 @@ def headless_chromium(tmp_path: Path):
     ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    """``scripts/<name>`` with ``args``, run in this process as the command line runs it (its
+    ``main`` through ``cli.run``: an error is one ``error:`` line and status 2), its output captured:
+    a new interpreter per call would import TensorFlow again each time (seconds each)."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from fundus_ensemble.cli import run
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / name
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = run(module.main, argv)
+    return subprocess.CompletedProcess([name, *argv], status, out.getvalue(), err.getvalue())

@@ -106,6 +106,8 @@ def jax_run(tmp_path_factory):
             "--calibrate-on",
             "out-of-fold",
             "--report",
+            "--gallery",
+            "1",  # Grad-CAM under JAX once per class and group is enough here (3 each: a minute more)
         ],
         [
             "predict.py",

@@ -6,11 +6,11 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_script
 
 from fundus_ensemble.errors import FundusError
 from fundus_ensemble.labels import LABELS
@@ -188,9 +188,7 @@ def test_every_fusion_folds_exactly_into_a_head_on_max_and_mean():
 
 
 def _script(name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True, timeout=900
-    )
+    return run_script(name, *args)
 
 
 @pytest.mark.backend
