@@ -107,6 +107,21 @@ def _auc_interval(y: np.ndarray, p: np.ndarray, rng: np.random.Generator, resamp
 MIN_FOR_AUC = 5  # positives and negatives each, below which no AUC is given
 
 
+def percent_text(value: float | None, interval: list[float] | None = None) -> str:
+    """A rate as the evaluation table shows it: ``81.2% [70.1%, 89.0%]``, or ``n/a``."""
+    if value is None:
+        return "n/a"
+    return f"{value:.1%}" + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
+
+
+def auc_text(scores: dict) -> str:
+    """A class's AUC with its interval, or why there is none (:func:`score_partial`'s entry)."""
+    text = scores.get("auc_note") or "n/a" if scores["auc"] is None else f"{scores['auc']:.3f}"
+    if scores["auc_95"]:
+        text += f" [{scores['auc_95'][0]:.3f}, {scores['auc_95'][1]:.3f}]"
+    return text
+
+
 def operating_rates(truth: np.ndarray, p: np.ndarray, thresholds: np.ndarray | float) -> tuple[float, float]:
     """(sensitivity, specificity) of deciding positive above ``thresholds`` (one, or one per patient);
     NaN for a rate with nobody to measure it on."""

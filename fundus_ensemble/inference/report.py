@@ -480,18 +480,12 @@ def write_evaluation_page(
     (``y`` NaN where unknown, ``probs`` the raw probabilities) with ``points`` marked (name: raw
     thresholds per patient and class; the first is the one in use) and their rates in a table
     (``result["operating_points"]``, :func:`..evaluation.partial.rates_at_points`)."""
-    from ..evaluation.partial import MIN_FOR_AUC
-
-    def pct(value, interval=None):
-        if value is None:
-            return "n/a"
-        return f"{value:.1%}" + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
+    from ..evaluation.partial import MIN_FOR_AUC, auc_text
+    from ..evaluation.partial import percent_text as pct
 
     rows = []
     for c, s in result["classes"].items():
-        auc = html.escape(s.get("auc_note") or "n/a") if s["auc"] is None else f"{s['auc']:.3f}"
-        if s["auc_95"]:
-            auc += f" [{s['auc_95'][0]:.3f}, {s['auc_95'][1]:.3f}]"
+        auc = html.escape(auc_text(s))
         rows.append(
             f"<tr><td>{c} {html.escape(LABEL_NAMES[c])}</td><td>{s['labelled']}</td><td>{s['positives']}</td>"
             f"<td>{auc}</td><td>{s['threshold']:.3f}</td><td>{pct(s['sensitivity'], s['sensitivity_95'])}</td>"

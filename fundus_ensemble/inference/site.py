@@ -20,7 +20,9 @@ from ..evaluation.ensemble import card_fingerprints, run_views
 from ..evaluation.partial import (
     FINAL_UNDEFINED,
     PartialLabels,
+    auc_text,
     fit_site_calibration,
+    percent_text,
     rates_at_points,
     read_partial_labels,
     score_partial,
@@ -181,11 +183,6 @@ def _stored_points(run_dir, one_eye: np.ndarray) -> dict[str, np.ndarray]:
 def format_partial(result: dict) -> str:
     """The per-class table of :func:`evaluate_table`, in Markdown."""
 
-    def pct(value, interval):
-        if value is None:
-            return "n/a"
-        return f"{value:.1%}" + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
-
     lines = [
         f"{result['patients']} patients scored ({result['rejected']} rejected by predict; "
         f"{result.get('one_eye', 0)} answered from one eye, at the one-eye thresholds); thresholds: "
@@ -195,12 +192,10 @@ def format_partial(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for c, s in result["classes"].items():
-        auc = s.get("auc_note") or "n/a" if s["auc"] is None else f"{s['auc']:.3f}"
-        if s["auc_95"]:
-            auc += f" [{s['auc_95'][0]:.3f}, {s['auc_95'][1]:.3f}]"
         lines.append(
-            f"| {c} ({LABEL_NAMES[c]}) | {s['labelled']} | {s['positives']} | {auc} | {s['threshold']:.3f} | "
-            f"{pct(s['sensitivity'], s['sensitivity_95'])} | {pct(s['specificity'], s['specificity_95'])} |"
+            f"| {c} ({LABEL_NAMES[c]}) | {s['labelled']} | {s['positives']} | {auc_text(s)} | {s['threshold']:.3f} | "
+            f"{percent_text(s['sensitivity'], s['sensitivity_95'])} | "
+            f"{percent_text(s['specificity'], s['specificity_95'])} |"
         )
     return "\n".join([*lines, "", f"Note: {FINAL_UNDEFINED}.", ""])
 
