@@ -2,7 +2,6 @@
 builds the run predict uses, a changed byte is refused, and the package's own bundle is intact."""
 
 import csv
-import html
 import importlib.util
 import json
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from markupsafe import escape
 
 from fundus_ensemble.data.manifest import load_manifest
 from fundus_ensemble.evaluation.calibration import load_calibration_file, load_eye_calibration, raw_thresholds
@@ -267,7 +267,7 @@ def test_evaluate_and_calibrate_site_run_predict_and_predict_takes_the_site_cali
     for name in ("sensitivity=0.90", "specificity=0.90"):
         pair = raw_thresholds(load_operating_point(run / "calibration.json", name))
         eye = raw_thresholds(load_operating_point(run / "calibration.json", name, "eye_operating_points"))
-        assert html.escape(f"the run's {name}") in page
+        assert str(escape(f"the run's {name}")) in page  # as the page escapes it
         for c in result["classes"]:
             j = LABELS.index(c)
             cells = [

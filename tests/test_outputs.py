@@ -418,7 +418,7 @@ def test_the_prediction_page_names_its_model_and_shows_what_each_decision_compar
     text = (tmp_path / "out" / "report.html").read_text()
     page = _Page(text)
     assert f"{pid} left eye" in page.alts and f"{pid} right D heatmap" in page.alts, page.alts  # escaped once
-    assert pid not in text and "a&lt;b&amp;&quot;c" in text, "the patient id must be escaped where the page shows it"
+    assert pid not in text and "a&lt;b&amp;&#34;c" in text, "the patient id must be escaped where the page shows it"
     for part in (
         "mobilenet",
         "32 px",

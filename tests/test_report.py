@@ -188,7 +188,11 @@ def test_report_script_needs_a_score_first(scored, tmp_path):
 
 def test_a_record_embeds_the_model_cards_summary_and_links_no_local_file():
     from fundus_ensemble.inference.bundle import PACKAGED, card_summary
-    from fundus_ensemble.inference.report import prediction_parts
+    from fundus_ensemble.inference.report import prediction_context, render
+
+    def model_part(provenance):
+        page = render("prediction.html", "t", p=prediction_context([], "", summary, provenance))
+        return page[page.index("<h2>Model</h2>") :]
 
     text = (PACKAGED / "MODEL_CARD.md").read_text()
     provenance = {
@@ -199,9 +203,9 @@ def test_a_record_embeds_the_model_cards_summary_and_links_no_local_file():
         "model_card_summary": card_summary(text),
     }
     summary = {"patients": 0, "predicted": 0, "rejected": 0}
-    model = prediction_parts([], "the run's calibration", summary, provenance)["model"]
+    model = model_part(provenance)
     assert "<h4>Intended use</h4>" in model and "<h4>Known failure modes</h4>" in model
     assert "Training data" not in model  # the summary, not the whole card
     assert "href" not in model and "file://" not in model, "a mailed page must not point into this machine"
     provenance["model_card_url"] = "/model-card"  # the station's route: a link that works where the page is seen
-    assert 'class="model-card" href="/model-card"' in prediction_parts([], "", summary, provenance)["model"]
+    assert 'class="model-card" href="/model-card"' in model_part(provenance)

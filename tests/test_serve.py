@@ -302,6 +302,12 @@ def test_the_page_in_a_real_browser_shows_predicts_decisions(server, photos, pre
         from test_report import pdf_pages
 
         assert pdf_pages(base64.b64decode(driver.print_page())) == 1
+        # or as a PDF the station made: the job's page and the patient's, carried in the page itself
+        link = driver.find_element(By.ID, "pdf")
+        head, _, payload = link.get_attribute("href").partition(",")
+        made = base64.b64decode(payload)
+        assert head == "data:application/pdf;base64" and made.startswith(b"%PDF") and pdf_pages(made) == 2
+        assert link.get_attribute("download") == "record-p1.pdf"
         driver.get(url + "/")
         driver.find_element(By.NAME, "patient_id").send_keys("p2")
         driver.find_element(By.NAME, "left").send_keys(str(photos["left"]))
@@ -443,6 +449,18 @@ def test_malformed_or_mistyped_requests_are_one_line_4xx(photos):
     }, answer.text
     ok = client.post("/predict", data={"patient_id": "p7"}, files={"left": ("a.jpg", left)})
     assert ok.status_code == 200 and ok.json()["patient_id"] == "p7"
+
+
+def test_the_station_page_shows_what_it_was_given_as_text():
+    from fastapi.testclient import TestClient
+
+    from fundus_ensemble.serve.app import create_app
+
+    client = TestClient(create_app(_released()))
+    pid = '<img src=x onerror=alert(1)>&"'
+    answer = client.post("/", data={"patient_id": pid}, files={"left": ("a.jpg", b"not a photo")})
+    assert pid not in answer.text and "&lt;img src=x onerror=alert(1)&gt;&amp;&#34;" in answer.text
+    assert "<img src=x" not in answer.text and 'download="record-_img_src_x_onerror_alert_1____.pdf"' in answer.text
 
 
 def test_the_page_signs_in_with_the_token_and_shows_no_server_path(photos, run_dir, server):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from markupsafe import Markup
 
 from ..data.batches import ImageStore
 from ..data.manifest import load_manifest
@@ -30,19 +32,27 @@ from .referral import counts_text
 
 THRESHOLD = 0.5
 THUMB = 160  # px a side for the eyes in galleries and cards
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 12px}
-h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.trivial td{color:#777;font-style:italic}
-img{max-width:100%%}.note{color:#555;font-size:0.9em;max-width:900px}
-.gallery{display:flex;flex-wrap:wrap;gap:10px}.case{border:1px solid #ddd;padding:6px;font-size:0.8em;width:fit-content;max-width:100%%;box-sizing:border-box;overflow-wrap:anywhere}
-.case img{width:%dpx;height:auto;max-width:none;margin-right:2px}.pos{color:#b00;font-weight:bold}
-.card{width:auto;margin-bottom:10px}.photos{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;text-align:center}
-@media print{body{margin:0;max-width:none;padding:0;font-size:10pt}.record{break-before:page;break-inside:avoid;border:none}
-h2{break-after:avoid}a{color:inherit;text-decoration:none}.noprint,form{display:none}
-.record .photos img{width:1.1in!important;height:auto}.record figcaption{font-size:7pt}}
-""" % (THUMB,)  # noqa: UP031 (a CSS sheet full of braces: %-formatting keeps them unescaped)
+TEMPLATES = "templates"  # beside this module: one Jinja2 template per page, pieces shared in macros.html
+
+
+@functools.cache
+def _environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    # autoescape on every template: a patient id, a file name or a card's text is shown, never run
+    return Environment(
+        loader=PackageLoader("fundus_ensemble.inference", TEMPLATES),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def render(template: str, title: str, **context) -> str:
+    """A whole self-contained page from one of the templates (``page.html`` and the pages extending it)."""
+    return _environment().get_template(template).render(title=title, thumb=THUMB, **context)
 
 
 def _plt():
@@ -72,19 +82,6 @@ def _image_uri(bgr: np.ndarray) -> str:
     return _png_uri(data.tobytes(), "image/jpeg")
 
 
-def _img(uri: str, alt: str, extra: str = "") -> str:
-    return f'<img src="{uri}" alt="{html.escape(alt)}" {extra}>'
-
-
-def page(title: str, sections: list[str], head: str = "") -> str:
-    """A whole self-contained page: the project's style, ``head`` (more ``<head>`` markup), the sections."""
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style>{head}</head><body>\n"
-        f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
-    )
-
-
 # --- a model card, as HTML --------------------------------------------------------------------
 
 
@@ -95,9 +92,10 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
 
 
-def markdown_html(text: str) -> str:
+def markdown_html(text: str) -> Markup:
     """The Markdown of a model card as HTML: headings, paragraphs, ``-`` lists and pipe tables, every
-    character escaped first (a crafted card's HTML is shown as text, never run)."""
+    character escaped first (a crafted card's HTML is shown as text, never run); marked safe for the
+    templates, which would escape it again."""
     blocks: list[str] = []
     lines = text.splitlines()
     i = 0
@@ -130,35 +128,32 @@ def markdown_html(text: str) -> str:
                 paragraph.append(lines[i].strip())
                 i += 1
             blocks.append(f"<p>{_inline(' '.join(paragraph))}</p>")
-    return "\n".join(blocks)
+    return Markup("\n".join(blocks))
 
 
 # --- a scored split ---------------------------------------------------------------------------
 
 
-def _score_table(report: dict) -> str:
-    head = (
-        "<tr><th>model</th><th>kappa</th><th>F1</th><th>AUC</th><th>final</th>"
-        + "".join(f"<th>AUC {c}</th>" for c in LABELS)
-        + "</tr>"
-    )
-    rows = []
+def _score_rows(report: dict) -> list[dict]:
+    """The scores table of a scored split: each view model, the ensemble (bold), then the image-blind rows."""
     entries = [(name, s, "") for name, s in report["models"].items()] + [("ensemble", report["ensemble"], "")]
     entries += [(name, s, "trivial") for name, s in report.get("trivial", {}).items()]
+    rows = []
     for name, s, kind in entries:
         per_class = s.get("per_class", {})
-        aucs = "".join(
-            f"<td>{'n/a' if per_class.get(c, {}).get('auc') is None else format(per_class[c]['auc'], '.3f')}</td>"
-            for c in LABELS
-        )
-        bold = ("<b>", "</b>") if name == "ensemble" else ("", "")
         rows.append(
-            f'<tr class="{kind}"><td>{bold[0]}{html.escape(name)}{bold[1]}</td>'
-            + "".join(f"<td>{s[k]:.4f}</td>" for k in ("kappa", "f1", "auc", "final"))
-            + aucs
-            + "</tr>"
+            {
+                "name": name,
+                "kind": kind,
+                "bold": name == "ensemble",
+                "scores": [f"{s[k]:.4f}" for k in ("kappa", "f1", "auc", "final")],
+                "aucs": [
+                    "n/a" if per_class.get(c, {}).get("auc") is None else format(per_class[c]["auc"], ".3f")
+                    for c in LABELS
+                ],
+            }
         )
-    return f"<table>{head}{''.join(rows)}</table>"
+    return rows
 
 
 def roc_figure(y_true: np.ndarray, y_prob: np.ndarray, points: dict[str, np.ndarray] | None = None) -> str:
@@ -262,22 +257,21 @@ def _reliability(y_true: np.ndarray, y_prob: np.ndarray, bins: int = 10) -> str:
     return _figure_uri(fig)
 
 
-def _confusion(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> str:
+def _confusion_rows(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> list[dict]:
     decided = y_prob > threshold
     rows = []
     for j, c in enumerate(LABELS):
         t, d = y_true[:, j].astype(bool), decided[:, j]
         tp, fp, fn, tn = int((t & d).sum()), int((~t & d).sum()), int((t & ~d).sum()), int((~t & ~d).sum())
-        sens = f"{tp / (tp + fn):.2f}" if tp + fn else "n/a"
-        spec = f"{tn / (tn + fp):.2f}" if tn + fp else "n/a"
         rows.append(
-            f"<tr><td>{c} {LABEL_NAMES[c]}</td><td>{tp}</td><td>{fp}</td><td>{fn}</td><td>{tn}</td>"
-            f"<td>{sens}</td><td>{spec}</td></tr>"
+            {
+                "name": f"{c} {LABEL_NAMES[c]}",
+                **{"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+                "sensitivity": f"{tp / (tp + fn):.2f}" if tp + fn else "n/a",
+                "specificity": f"{tn / (tn + fp):.2f}" if tn + fp else "n/a",
+            }
         )
-    return (
-        "<table><tr><th>class</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th><th>sensitivity</th>"
-        f"<th>specificity</th></tr>{''.join(rows)}</table>"
-    )
+    return rows
 
 
 def _history(run_dir: Path, views: tuple[str, ...]) -> str:
@@ -340,7 +334,7 @@ def _gallery(
     y_prob: np.ndarray,
     per_group: int,
     threshold: float,
-) -> str:
+) -> list[dict]:
     """Per class: the most confident true positives, false positives and false negatives, with heatmaps."""
     views = run_views(run_dir)
     manifest = load_manifest(prep_dir / views[0] / "manifest.csv", check_files=False).select(split)
@@ -390,28 +384,32 @@ def _gallery(
                 )
                 for e in eyes[k]
             ]
-    parts = []
+    gallery = []
     for j, c in enumerate(LABELS):
-        parts.append(f"<h3>{c} {LABEL_NAMES[c]}</h3>")
+        groups_shown = []
         for title, chosen in groups[c].items():
-            if not chosen:
-                parts.append(f"<p class=note>{title}: none</p>")
-                continue
             cases = []
             for i in chosen:
                 images = []
                 for e, eye in enumerate(("left", "right")):
-                    images.append(_img(_image_uri(thumbs[i][e]), f"{ids[i]} {eye} eye"))
+                    images.append({"uri": _image_uri(thumbs[i][e]), "alt": f"{ids[i]} {eye} eye"})
                     images.append(
-                        _img(_image_uri(overlay(thumbs[i][e], heat[i][j, e])), f"{ids[i]} {eye} eye, {c} heatmap")
+                        {
+                            "uri": _image_uri(overlay(thumbs[i][e], heat[i][j, e])),
+                            "alt": f"{ids[i]} {eye} eye, {c} heatmap",
+                        }
                     )
                 cases.append(
-                    f'<div class="case">{"".join(images)}<br>{html.escape(ids[i])}: p({c}) = '
-                    f"{probability_text(y_prob[i, j], threshold)} against {threshold}, label {int(y_true[i, j])} "
-                    "&middot; left eye, its heatmap, right eye, its heatmap</div>"
+                    {
+                        "id": ids[i],
+                        "images": images,
+                        "probability": probability_text(y_prob[i, j], threshold),
+                        "label": int(y_true[i, j]),
+                    }
                 )
-            parts.append(f"<p>{title}</p><div class=gallery>{''.join(cases)}</div>")
-    return "\n".join(parts)
+            groups_shown.append({"title": title, "cases": cases})
+        gallery.append({"code": c, "title": f"{c} {LABEL_NAMES[c]}", "groups": groups_shown})
+    return gallery
 
 
 def write_score_report(
@@ -435,34 +433,28 @@ def write_score_report(
     y_true = np.array([[int(r[f"label_{c}"]) for c in LABELS] for r in rows]).reshape(-1, len(LABELS))
     views = tuple(report["models"])
     roc, pr = _curves(y_true, y_prob)
-    calibrated = f", calibrated on {report['calibrated_on']}" if report.get("calibrated_on") else ""
-    sections = [
-        f"<p class=note>Split <b>{html.escape(report['split'])}</b>: {report['patients']} patients; run "
-        f"<code>{html.escape(str(run))}</code>; ensemble of {', '.join(views)}{calibrated}"
-        f"{', flip TTA' if report.get('flip_tta') else ''}. Probabilities are the ensemble's unless a row says otherwise.</p>",
-        "<h2>Scores</h2><p class=note>ODIR final = (kappa + F1 + AUC) / 3, F1 and AUC pooled over all patient-classes. "
-        "The grey rows never look at a photo: all-zero predicts no finding, the class prior predicts each class's "
-        "training rate. Pooled F1 and AUC are high even for them, so read a model by its margin over these rows.</p>",
-        _score_table(report),
-        f"<h2>Per-class ROC curves</h2><p class=note>Marked: where the decisions in use sit (probability above "
-        f"{THRESHOLD}{', after the calibration' if report.get('calibrated_on') else ''}).</p>"
-        f"{_img(roc, 'per-class ROC curves')}",
-        f"<h2>Per-class precision-recall curves</h2><p class=note>Dashed: the class's prevalence (a blind predictor).</p>"
-        f"{_img(pr, 'per-class precision-recall curves')}",
-        f"<h2>Reliability</h2><p class=note>Do the probabilities mean what they say? Points on the diagonal: among "
-        f"patient-classes predicted p, a fraction p is positive.</p>{_img(_reliability(y_true, y_prob), 'reliability diagram')}",
-        f"<h2>Decisions at threshold {THRESHOLD}</h2>{_confusion(y_true, y_prob, THRESHOLD)}",
-        _training_section(run, views),
-    ]
-    if gallery > 0:
-        sections.append(
-            "<h2>Gallery</h2><p class=note>Per class, the most confident true positives, false positives "
-            "and false negatives, each eye beside its Grad-CAM heatmap for that class (averaged over the "
-            "view models, red = most evidence).</p>"
-        )
-        sections.append(_gallery(run, prep, report["split"], ids, y_true, y_prob, gallery, THRESHOLD))
+    history = any((run / v / "history.csv").is_file() for v in views)
+    shown = {
+        "split": report["split"],
+        "patients": report["patients"],
+        "run": str(run),
+        "views": views,
+        "calibrated_on": report.get("calibrated_on"),
+        "flip_tta": bool(report.get("flip_tta")),
+        "labels": LABELS,
+        "rows": _score_rows(report),
+        "roc": roc,
+        "pr": pr,
+        "reliability": _reliability(y_true, y_prob),
+        "threshold": THRESHOLD,
+        "confusion": _confusion_rows(y_true, y_prob, THRESHOLD),
+        # epoch-trained view models have training curves; a cross-fitted run has its out-of-fold scores instead
+        "history": _history(run, views) if history else None,
+        "heads": [] if history else _heads_rows(run, views),
+        "gallery": _gallery(run, prep, report["split"], ids, y_true, y_prob, gallery, THRESHOLD) if gallery > 0 else [],
+    }
     out = Path(out_path) if out_path is not None else score / "report.html"
-    atomic_write_text(out, page(f"fundus-ensemble report: {report['split']} split", sections))
+    atomic_write_text(out, render("score_report.html", f"fundus-ensemble report: {report['split']} split", s=shown))
     return out
 
 
@@ -483,41 +475,42 @@ def write_evaluation_page(
     from ..evaluation.partial import MIN_FOR_AUC, auc_text
     from ..evaluation.partial import percent_text as pct
 
-    rows = []
-    for c, s in result["classes"].items():
-        auc = html.escape(auc_text(s))
-        rows.append(
-            f"<tr><td>{c} {html.escape(LABEL_NAMES[c])}</td><td>{s['labelled']}</td><td>{s['positives']}</td>"
-            f"<td>{auc}</td><td>{s['threshold']:.3f}</td><td>{pct(s['sensitivity'], s['sensitivity_95'])}</td>"
-            f"<td>{pct(s['specificity'], s['specificity_95'])}</td></tr>"
-        )
-    table = (
-        "<table><tr><th>class</th><th>labelled</th><th>positives</th><th>AUC [95 %]</th><th>threshold</th>"
-        f"<th>sensitivity [95 %]</th><th>specificity [95 %]</th></tr>{''.join(rows)}</table>"
-    )
     names = list(points)
-    head = "".join(f"<th>{html.escape(name)}: sensitivity</th><th>specificity</th>" for name in names)
-    point_rows = []
-    for c in result["classes"]:
-        cells = "".join(
-            f"<td>{pct(rates.get('sensitivity'))}</td><td>{pct(rates.get('specificity'))}</td>"
-            for rates in (result["operating_points"][name].get(c, {}) for name in names)
-        )
-        point_rows.append(f"<tr><td>{c} {html.escape(LABEL_NAMES[c])}</td>{cells}</tr>")
-    sections = [
-        f"<p class=note>Table <code>{html.escape(result['table'])}</code>: {result['patients']} patients scored "
-        f"({result['rejected']} rejected by predict; {result.get('one_eye', 0)} answered from one eye, at the "
-        f"one-eye thresholds); thresholds in use: {html.escape(result['thresholds_from'])}. Only labelled cells "
-        "count: an empty cell is unknown. The ODIR final score needs every class labelled and is not given.</p>",
-        "<h2>Per class</h2>",
-        table,
-        f"<h2>ROC curves and operating points</h2><p class=note>Each labelled class with at least {MIN_FOR_AUC} "
-        "positives and negatives; marked, where each set of thresholds sits on this table's patients.</p>",
-        _img(roc_figure(y, probs, points), "per-class ROC curves with operating points"),
-        f"<table><tr><th>class</th>{head}</tr>{''.join(point_rows)}</table>",
-    ]
+    shown = {
+        "table": result["table"],
+        "patients": result["patients"],
+        "rejected": result["rejected"],
+        "one_eye": result.get("one_eye", 0),
+        "thresholds_from": result["thresholds_from"],
+        "classes": [
+            {
+                "name": f"{c} {LABEL_NAMES[c]}",
+                "labelled": s["labelled"],
+                "positives": s["positives"],
+                "auc": auc_text(s),
+                "threshold": f"{s['threshold']:.3f}",
+                "sensitivity": pct(s["sensitivity"], s["sensitivity_95"]),
+                "specificity": pct(s["specificity"], s["specificity_95"]),
+            }
+            for c, s in result["classes"].items()
+        ],
+        "min_for_auc": MIN_FOR_AUC,
+        "roc": roc_figure(y, probs, points),
+        "point_names": names,
+        "points": [
+            {
+                "name": f"{c} {LABEL_NAMES[c]}",
+                "cells": [
+                    text
+                    for rates in (result["operating_points"][name].get(c, {}) for name in names)
+                    for text in (pct(rates.get("sensitivity")), pct(rates.get("specificity")))
+                ],
+            }
+            for c in result["classes"]
+        ],
+    }
     out = Path(out_path)
-    atomic_write_text(out, page("fundus-ensemble evaluation", sections))
+    atomic_write_text(out, render("evaluation.html", "fundus-ensemble evaluation", e=shown))
     return out
 
 
@@ -533,56 +526,8 @@ def probability_text(p: float, other: float) -> str:
     return f"{p:.{digits}f}"
 
 
-def _provenance(provenance: dict) -> str:
-    """Which model made the page's numbers: the run, and per view model its backbone, input size,
-    initial weights, training data and best validation score."""
-    rows = []
-    for view, card in provenance["models"].items():
-        best = card.get("best_val") or {}
-        score = best.get("val_final_score")
-        out_of_fold = bool(best.get("out_of_fold"))  # a cross-fitted run learned on train and val, scored out of fold
-        when = "out of fold" if out_of_fold else f"epoch {best.get('epoch', '?')}"
-        shown = "n/a" if score is None else f"{score:.3f} ({when})"
-        patients = f"{card.get('train_patients', '?')} patients"
-        if out_of_fold and isinstance(card.get("train_patients"), int) and isinstance(card.get("val_patients"), int):
-            patients = f"{card['train_patients'] + card['val_patients']} patients, cross-fitted"
-        rows.append(
-            f"<tr><td>{html.escape(view)}</td><td>{html.escape(str(card.get('backbone', '?')))}</td>"
-            f"<td>{html.escape(str(card.get('input_size', '?')))} px</td>"
-            f"<td>{html.escape(str(card.get('weights_init') or 'none (from scratch)'))}</td>"
-            f"<td>{html.escape(patients)}"
-            + (f" of <code>{html.escape(str(card['data_manifest']))}</code>" if card.get("data_manifest") else "")
-            + f"</td><td>{shown}</td></tr>"
-        )
-    run = f"Run <code>{html.escape(provenance['run'])}</code>; the" if provenance.get("run") else "The"
-    where, url = provenance.get("model_card"), provenance.get("model_card_url")
-    card = ""
-    if url:  # the station's own route: a link that works wherever its page is seen
-        card = (
-            f' <a class="model-card" href="{html.escape(url)}">Its model card</a>: intended use, '
-            "the data it learned from, how well it did on patients it never saw, its known failure modes."
-        )
-    elif where:  # a file on this machine: a link would break once the page is mailed, so name it
-        card = (
-            f" Its model card, <code>{html.escape(Path(where).name)}</code> in the model's folder (printed by "
-            "<code>predict.py --model-card</code>), says how well it did on patients it never saw; its use and "
-            "failure modes are below."
-        )
-    summary = provenance.get("model_card_summary")
-    embedded = f'<div class="card-summary">{markdown_html(summary)}</div>' if summary else ""
-    return (
-        f"<h2>Model</h2><p class=note>{run} ensemble averages "
-        f"its view models{' and applies its calibration' if provenance.get('calibrated') else ''}.{card}</p>"
-        "<table><tr><th>view</th><th>backbone</th><th>input</th><th>initial weights</th><th>trained on</th>"
-        f"<th>validation final</th></tr>{''.join(rows)}</table>{embedded}"
-    )
-
-
-def _training_section(run: Path, views) -> str:
-    """Training curves of epoch-trained view models; a cross-fitted run has no epochs: its out-of-fold
-    scores instead."""
-    if any((run / v / "history.csv").is_file() for v in views):
-        return f"<h2>Training curves</h2>{_img(_history(run, views), 'training curves')}"
+def _heads_rows(run: Path, views) -> list[dict]:
+    """A cross-fitted run's out-of-fold scores per view (it has no epochs to plot)."""
     rows = []
     for view in views:
         card = json.loads((run / view / "card.json").read_text())
@@ -590,59 +535,172 @@ def _training_section(run: Path, views) -> str:
         scores = head.get("out_of_fold") or {}
         if scores:
             rows.append(
-                f"<tr><td>{html.escape(view)}</td><td>{head.get('folds', '?')}</td><td>{head.get('C', '?')}</td>"
-                + "".join(f"<td>{scores[k]:.3f}</td>" for k in ("kappa", "f1", "auc", "final"))
-                + "</tr>"
+                {
+                    "view": view,
+                    "folds": head.get("folds", "?"),
+                    "C": head.get("C", "?"),
+                    "scores": [f"{scores[k]:.3f}" for k in ("kappa", "f1", "auc", "final")],
+                }
             )
-    if not rows:
-        return ""
-    return (
-        "<h2>Cross-fitted heads</h2><p class=note>No epochs: each view's logistic heads were fitted on folds of every "
-        "train and val patient; each patient's score below comes from the heads that did not see it.</p>"
-        "<table><tr><th>view</th><th>folds</th><th>C</th><th>kappa</th><th>F1</th><th>AUC</th><th>final</th></tr>"
-        f"{''.join(rows)}</table>"
-    )
+    return rows
 
 
-def _counts_line(counts: dict | None) -> str:
-    """The worklist's counts, as predict.py prints them (empty without counts)."""
-    if not counts:
-        return ""
-    return f" <span class=counts>Referral: {counts_text(counts)}.</span>"
-
-
-def write_prediction_report(
-    cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict, provenance: dict | None = None
-) -> Path:
-    """One card per patient: both eyes, the heatmaps of the explained classes, and the decisions.
-
-    ``cards`` items hold ``patient_id``, ``status``, ``note``, ``eyes`` ({eye: BGR photo}),
-    ``heatmaps`` ({(eye, class): [0, 1] array}), ``probability``, ``threshold`` and ``decision``
-    (per class lists, absent for a rejected patient).
-    """
-    out = Path(out_path)
-    atomic_write_text(
-        out, page("fundus-ensemble: predictions", prediction_sections(cards, source, summary, provenance))
-    )
-    return out
+def _model_context(provenance: dict) -> dict:
+    """Which model made the page's numbers: the run, and per view model its backbone, input size,
+    initial weights, training data and best validation score; the model card's summary embedded."""
+    views = []
+    for view, card in provenance["models"].items():
+        best = card.get("best_val") or {}
+        score = best.get("val_final_score")
+        out_of_fold = bool(best.get("out_of_fold"))  # a cross-fitted run learned on train and val, scored out of fold
+        when = "out of fold" if out_of_fold else f"epoch {best.get('epoch', '?')}"
+        patients = f"{'?' if card.get('train_patients') is None else card['train_patients']} patients"
+        if out_of_fold and isinstance(card.get("train_patients"), int) and isinstance(card.get("val_patients"), int):
+            patients = f"{card['train_patients'] + card['val_patients']} patients, cross-fitted"
+        views.append(
+            {
+                "view": view,
+                "backbone": str(card.get("backbone") or "?"),
+                "input": str(card.get("input_size") or "?"),
+                "weights": str(card.get("weights_init") or "none (from scratch)"),
+                "patients": patients,
+                "manifest": str(card["data_manifest"]) if card.get("data_manifest") else None,
+                "score": "n/a" if score is None else f"{score:.3f} ({when})",
+            }
+        )
+    where = provenance.get("model_card")
+    summary = provenance.get("model_card_summary")
+    return {
+        "run": provenance.get("run"),
+        "calibrated": bool(provenance.get("calibrated")),
+        # the station's own route is a link that works wherever its page is seen; a file on this machine
+        # would be a link that breaks once the page is mailed, so it is named instead
+        "card_url": provenance.get("model_card_url"),
+        "card_file": Path(where).name if where else None,
+        "views": views,
+        "summary": markdown_html(summary) if summary else None,
+    }
 
 
 REFERRAL_COLOURS = {"refer": "#b00", "not_gradable": "#a60", "inconclusive": "#a60"}  # others: "#070"
 A4 = (8.27, 11.69)  # inches, portrait
 
 
+def record_images(card: dict, size: int | None = None) -> list[tuple[str, str, np.ndarray]]:
+    """A record's pictures, in the order every record shows them: per eye the photo, then its heatmaps,
+    as (caption, alt text, BGR image); resized to ``size`` px a side first when given."""
+    images = []
+    for eye, photo in card["eyes"].items():
+        small = photo if size is None else cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA)
+        images.append((eye, f"{card['patient_id']} {eye} eye", small))
+        images += [
+            (f"{eye}, {c}", f"{card['patient_id']} {eye} {c} heatmap", overlay(small, heat))
+            for (heat_eye, c), heat in card["heatmaps"].items()
+            if heat_eye == eye
+        ]
+    return images
+
+
+def decision_rows(card: dict) -> list[dict]:
+    """Each class's decision in a record: its probability against its threshold, both written so that
+    they differ (:func:`probability_text`), and the exact probability for programs reading the page."""
+    return [
+        {
+            "code": c,
+            "name": LABEL_NAMES[c],
+            "probability": probability_text(p, t),
+            "threshold": probability_text(t, p),
+            "exact": repr(p),
+            "decided": bool(d),
+        }
+        for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"])
+    ]
+
+
+def record_context(card: dict, thumb: int = THUMB) -> dict:
+    """One patient's record as the templates draw it (``macros.html``, ``record``)."""
+    referral = card.get("referral")
+    record = {
+        "id": card["patient_id"],
+        "status": card["status"],
+        "note": card.get("note") or "",
+        "side_check": card.get("side_check"),
+        "referral": None
+        if referral is None
+        else {"kind": referral.kind, "text": referral.text, "colour": REFERRAL_COLOURS.get(referral.kind, "#070")},
+        "image_style": f"width:{thumb}px" if thumb != THUMB else None,
+        "figures": [],
+        "decisions": [],
+    }
+    if card["status"] == "ok":
+        record["figures"] = [
+            {"caption": caption, "alt": alt, "uri": _image_uri(bgr)} for caption, alt, bgr in record_images(card, thumb)
+        ]
+        record["decisions"] = decision_rows(card)
+    return record
+
+
+def prediction_context(
+    cards: list[dict], source: str, summary: dict, provenance: dict | None = None, thumb: int = THUMB
+) -> dict:
+    """What a prediction page shows (``prediction.html``, ``station.html``): a warning when the run
+    should not screen, how decisions are made, the model, and a record per patient.
+
+    Each decision cell carries ``data-class``, ``data-probability`` and ``data-decision``, so a
+    program reads the page's decisions as a person does.
+    """
+    size = next(iter(provenance["models"].values())).get("input_size") if provenance else None
+    return {
+        "warning": (provenance or {}).get("warning"),
+        "made": summary.get("made"),
+        "input": summary.get("input"),
+        "patients": summary["patients"],
+        "predicted": summary["predicted"],
+        "rejected": summary["rejected"],
+        "counts": counts_text(summary["counts"]) if summary.get("counts") else None,
+        "source": source,
+        "calibrated": bool(provenance and provenance.get("calibrated")),
+        "input_size": size,
+        "heatmap_cells": max(1, size // 32) if size else None,
+        "model": _model_context(provenance) if provenance is not None else None,
+        "records": [record_context(card, thumb) for card in cards],
+    }
+
+
+def write_prediction_report(
+    cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict, provenance: dict | None = None
+) -> Path:
+    """One record per patient: both eyes, the heatmaps of the explained classes, and the decisions.
+
+    ``cards`` items hold ``patient_id``, ``status``, ``note``, ``eyes`` ({eye: BGR photo}),
+    ``heatmaps`` ({(eye, class): [0, 1] array}), ``probability``, ``threshold`` and ``decision``
+    (per class lists, absent for a rejected patient).
+    """
+    out = Path(out_path)
+    shown = prediction_context(cards, source, summary, provenance)
+    atomic_write_text(out, render("prediction.html", "fundus-ensemble: predictions", p=shown))
+    return out
+
+
 def write_prediction_pdf(
     cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict, provenance: dict | None = None
 ) -> Path:
-    """The same records as :func:`write_prediction_report` as a PDF to print or file, drawn with
-    matplotlib (no browser needed): a first page with the job, the counts and the model card's
-    summary, then one A4 page per patient (its referral line, its eyes and heatmaps, each class's
-    probability against its threshold)."""
-    from matplotlib.backends.backend_pdf import PdfPages
-
-    plt = _plt()
+    """The same records as :func:`write_prediction_report` as a PDF to print or file (:func:`prediction_pdf`)."""
     out = Path(out_path)
     tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(prediction_pdf(cards, source, summary, provenance))
+    os.replace(tmp, out)
+    return out
+
+
+def prediction_pdf(cards: list[dict], source: str, summary: dict, provenance: dict | None = None) -> bytes:
+    """The records of :func:`write_prediction_report` as a PDF, drawn with matplotlib (no browser
+    needed): a first page with the job, the counts and the model card's summary, then one A4 page
+    per patient (its referral line, its eyes and heatmaps, each class's probability against its
+    threshold), from the same pieces as the HTML record (:func:`record_images`, :func:`decision_rows`)."""
+    from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.figure import Figure  # not pyplot: no global state, so the station may draw in any thread
+
     model = provenance.get("run") if provenance else None
     made = " ".join(
         x
@@ -653,8 +711,9 @@ def write_prediction_pdf(
         )
         if x
     )
-    with PdfPages(tmp, metadata={"Title": "fundus-ensemble screening record", "Creator": "fundus-ensemble"}) as pdf:
-        fig = plt.figure(figsize=A4)
+    buffer = io.BytesIO()
+    with PdfPages(buffer, metadata={"Title": "fundus-ensemble screening record", "Creator": "fundus-ensemble"}) as pdf:
+        fig = Figure(figsize=A4)
         fig.text(0.07, 0.96, "fundus-ensemble screening record", fontsize=15, weight="bold", va="top")
         lines = [
             made,
@@ -668,9 +727,8 @@ def write_prediction_pdf(
         ]
         fig.text(0.07, 0.925, "\n".join(lines), va="top", fontsize=8.5)
         pdf.savefig(fig)
-        plt.close(fig)
         for card in cards:
-            fig = plt.figure(figsize=A4)
+            fig = Figure(figsize=A4)
             fig.text(0.07, 0.96, f"Patient {card['patient_id']}", fontsize=15, weight="bold", va="top")
             fig.text(0.07, 0.935, made, fontsize=7, color="0.35", va="top")
             referral = card.get("referral")
@@ -692,15 +750,9 @@ def write_prediction_pdf(
                     fig.text(0.07, y, line, fontsize=8, va="top", color="#a60" if note.startswith("Which") else "0.3")
                     y -= 0.016
             if card["status"] == "ok":
-                images = []
-                for eye, photo in card["eyes"].items():
-                    images.append((eye, photo))
-                    images += [
-                        (f"{eye}, {c}", overlay(photo, heat)) for (e, c), heat in card["heatmaps"].items() if e == eye
-                    ]
-                images = images[:6]
+                images = record_images(card)[:6]
                 width = 0.86 / max(3, len(images))
-                for k, (caption, bgr) in enumerate(images):
+                for k, (caption, _, bgr) in enumerate(images):
                     ax = fig.add_axes(
                         [0.07 + k * width, y - 0.03 - width * A4[0] / A4[1], width * 0.95, width * A4[0] / A4[1]]
                     )
@@ -709,8 +761,8 @@ def write_prediction_pdf(
                     ax.axis("off")
                 y -= 0.06 + width * A4[0] / A4[1]
                 rows = [
-                    [f"{c} {LABEL_NAMES[c]}", probability_text(p, t), probability_text(t, p), "positive" if d else "-"]
-                    for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"])
+                    [f"{d['code']} {d['name']}", d["probability"], d["threshold"], "positive" if d["decided"] else "-"]
+                    for d in decision_rows(card)
                 ]
                 ax = fig.add_axes([0.07, y - 0.3, 0.86, 0.3])
                 ax.axis("off")
@@ -724,126 +776,10 @@ def write_prediction_pdf(
                         cell.set_text_props(color="#b00", weight="bold")
             fig.text(0.07, 0.03, "A screening aid, not a diagnosis.", fontsize=8, weight="bold")
             pdf.savefig(fig)
-            plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return buffer.getvalue()
 
 
 def _wrapped(text: str, width: int) -> list[str]:
     import textwrap
 
     return [line for paragraph in text.splitlines() for line in (textwrap.wrap(paragraph, width) or [""])]
-
-
-def _referral_line(referral) -> str:
-    """The patient's referral, first in its card: what to do, in words (:mod:`.referral`)."""
-    if referral is None:
-        return ""
-    colour = REFERRAL_COLOURS.get(referral.kind, "#070")
-    return (
-        f'<p class="referral" data-referral="{referral.kind}" style="font-size:1.15em;color:{colour};margin:4px 0">'
-        f"<b>{html.escape(referral.text)}</b></p>"
-    )
-
-
-def prediction_parts(
-    cards: list[dict], source: str, summary: dict, provenance: dict | None = None, thumb: int = THUMB
-) -> list[str]:
-    """The pieces of a prediction page: ``warning`` (None, or why the run should not screen),
-    ``note`` (how decisions are made), ``model`` (its provenance table, or "") and ``cards`` (one per
-    patient, its referral line first); :func:`prediction_sections` lays them out for the report,
-    the station in its own order.
-
-    Each decision cell carries ``data-class``, ``data-probability`` and ``data-decision``, so a
-    program reads the page's decisions as a person does.
-    """
-    size = next(iter(provenance["models"].values())).get("input_size") if provenance else None
-    coarse = (
-        f" Each heatmap has about {max(1, size // 32)} x {max(1, size // 32)} cells (the backbone's last feature "
-        f"map at {size} px): it shows a region, not a lesion's outline; it is drawn inside the retina only."
-        if size
-        else ""
-    )
-    calibrated = (
-        "; with a calibration, that probability is the raw ensemble's and the threshold is where the calibrated "
-        "one (in predictions.csv) reaches 0.5"
-        if provenance and provenance.get("calibrated")
-        else ""
-    )
-    warning = (provenance or {}).get("warning")
-    made = ""
-    if summary.get("made") or summary.get("input"):
-        made = (
-            '<p class="note made">'
-            + (f"Made {html.escape(summary['made'])}" if summary.get("made") else "")
-            + (f" from <code>{html.escape(summary['input'])}</code>" if summary.get("input") else "")
-            + ".</p>"
-        )
-    how = made + (
-        f"<p class=note>{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} "
-        f"rejected.{_counts_line(summary.get('counts'))} Each class is decided by the ensemble's probability against the class threshold "
-        f"({html.escape(source)}); the page shows both{calibrated}. Heatmaps: Grad-CAM of the classes decided positive (or "
-        f"those asked for), averaged over the view models, red = most evidence.{coarse} "
-        "<b>A screening aid, not a diagnosis.</b></p>"
-    )
-    parts: list[str] = []
-    for card in cards:
-        raw_id = card["patient_id"]
-        pid = html.escape(raw_id)
-        line = _referral_line(card.get("referral"))
-        if card["status"] != "ok":
-            parts.append(
-                f'<div class="case record" data-patient="{pid}"><b>{pid}</b>{line}<span class=note>rejected: no photo could be '
-                f"used &middot; {html.escape(card['note'])}</span></div>"
-            )
-            continue
-        images = []
-        img_size = f'style="width:{thumb}px"' if thumb != THUMB else ""
-        for eye, photo in card["eyes"].items():
-            small = cv2.resize(photo, (thumb, thumb), interpolation=cv2.INTER_AREA)
-            images.append(
-                f"<figure>{_img(_image_uri(small), f'{raw_id} {eye} eye', img_size)}<figcaption>{eye}</figcaption></figure>"
-            )
-            for (heat_eye, c), heat in card["heatmaps"].items():
-                if heat_eye == eye:
-                    images.append(
-                        f"<figure>{_img(_image_uri(overlay(small, heat)), f'{raw_id} {eye} {c} heatmap', img_size)}"
-                        f"<figcaption>{eye}, {c}</figcaption></figure>"
-                    )
-        decisions = "".join(
-            f'<td class="{"pos" if d else ""}" data-class="{c}" data-probability="{p!r}" data-decision="{int(d)}">'
-            f"{LABEL_NAMES[c]} {probability_text(p, t)} {'&gt;' if d else '&le;'} {probability_text(t, p)}"
-            f"{' &#10003;' if d else ''}</td>"
-            for c, p, t, d in zip(LABELS, card["probability"], card["threshold"], card["decision"])
-        )
-        note = f"<br><span class=note>{html.escape(card['note'])}</span>" if card["note"] else ""
-        if card.get("side_check"):
-            note = (
-                f'<p class="side-check" style="color:#a60;font-weight:bold">Which eye? '
-                f"{html.escape(card['side_check'])}.</p>{note}"
-            )
-        parts.append(
-            f'<div class="case card record" data-patient="{pid}"><b>{pid}</b>{line}{note}<div class=photos>{"".join(images)}</div>'
-            f"<table><tr><th colspan=8>probability &gt; threshold: decided positive (&#10003;)</th></tr>"
-            f"<tr>{decisions}</tr></table></div>"
-        )
-    return {
-        "warning": (
-            f'<p class="warning" id="warning" style="color:#b00;font-weight:bold">Warning: {html.escape(warning)}.</p>'
-            if warning
-            else None
-        ),
-        "note": how,
-        "model": _provenance(provenance) if provenance is not None else "",
-        "cards": parts,
-    }
-
-
-def prediction_sections(
-    cards: list[dict], source: str, summary: dict, provenance: dict | None = None, thumb: int = THUMB
-) -> list[str]:
-    """The report page's body (:func:`write_prediction_report`): a warning first when the run should
-    not screen, how decisions are made, the model, then one card per patient."""
-    p = prediction_parts(cards, source, summary, provenance, thumb)
-    heading = ["<h2>Patients</h2>"] if provenance is not None else []
-    return [x for x in (p["warning"], p["note"], p["model"]) if x] + heading + p["cards"]

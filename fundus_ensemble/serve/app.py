@@ -12,10 +12,10 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import html
 import json
 import logging
 import queue
+import re
 import resource
 import secrets
 import shutil
@@ -33,7 +33,7 @@ from ..inference.bundle import model_card_path
 from ..inference.explain import overlay
 from ..inference.predict import PatientPhotos, card_of, retake_of, worklist_row
 from ..inference.referral import refer
-from ..inference.report import markdown_html, page, prediction_parts
+from ..inference.report import markdown_html, prediction_context, prediction_pdf, render
 from ..labels import LABEL_NAMES, LABELS
 
 log = logging.getLogger("fundus_ensemble.serve")
@@ -240,6 +240,7 @@ def create_app(
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -390,8 +391,9 @@ def create_app(
         text = card_text()
         if text is None:
             return PlainTextResponse("this model has no model card (only a bundled model carries one)", 404)
-        body = f'<p class=note><a href="{MODEL_CARD_ROUTE}.md">The same as Markdown</a>.</p>{markdown_html(text)}'
-        return HTMLResponse(page("Model card", [body]))
+        return HTMLResponse(
+            render("model_card.html", "Model card", markdown_url=f"{MODEL_CARD_ROUTE}.md", card=markdown_html(text))
+        )
 
     @app.get(f"{MODEL_CARD_ROUTE}.md", response_class=PlainTextResponse)
     def model_card_markdown():
@@ -433,8 +435,19 @@ def create_app(
             log.error("prediction failed: %s", type(exc).__name__)
             return HTMLResponse(_page(predictor, needs, error="internal error while predicting"), status_code=500)
         summary = {"patients": 1, "predicted": 1, "rejected": 0}
+        # the record as a PDF made here (the same drawing as predict.py's report.pdf), carried in the page
+        # itself: nothing is kept on the station once the answer has gone
+        pdf = await run_in_threadpool(prediction_pdf, [card], predictor.source, summary, shown)
         return HTMLResponse(
-            _page(predictor, needs, result=prediction_parts([card], predictor.source, summary, shown, thumb=224))
+            _page(
+                predictor,
+                needs,
+                result=prediction_context([card], predictor.source, summary, shown, thumb=224),
+                pdf={
+                    "name": f"record-{re.sub(r'[^A-Za-z0-9_.-]', '_', card['patient_id'])[:64]}.pdf",
+                    "uri": "data:application/pdf;base64," + base64.b64encode(pdf).decode("ascii"),
+                },
+            )
         )
 
     return app
@@ -451,43 +464,26 @@ def _one_line(exc: Exception) -> str:
 
 
 def _page(
-    predictor, needs_token: bool, result: dict | None = None, error: str | None = None, logged_in: bool = True
+    predictor,
+    needs_token: bool,
+    result: dict | None = None,
+    error: str | None = None,
+    logged_in: bool = True,
+    pdf: dict | None = None,
 ) -> str:
-    """The station's page: a warning when the run should not screen, the answer first (the referral
-    line, then the eyes and decisions), the form for the next patient, and what decided it below.
-    ``result``: :func:`..inference.report.prediction_parts` of the answered patient."""
-    shown = prediction_parts(
+    """The station's page (``station.html``): a warning when the run should not screen, the answer
+    first (the referral line, then the eyes and decisions), the form for the next patient, and what
+    decided it below. ``result``: :func:`..inference.report.prediction_context` of the answered
+    patient; ``pdf``: its record as a PDF (``name``, ``uri``)."""
+    shown = result or prediction_context(
         [], predictor.source, {"patients": 0, "predicted": 0, "rejected": 0}, public_provenance(predictor.provenance)
     )
-    parts = [shown["warning"] or "", f"<p><b>{AID}</b></p>"]
-    if error:
-        parts.append(
-            f'<p class="error" id="error" style="color:#b00"><b>Could not screen:</b> {html.escape(error)}</p>'
-        )
-    if result is not None:
-        # the browser's print (to paper or PDF) lays the record out on its own page, without the form
-        parts += [
-            *result["cards"],
-            '<p class="noprint"><button type="button" id="print" onclick="window.print()">Print this record</button> '
-            "(or save it as a PDF from the print dialog)</p>",
-            result["note"],
-        ]
-    if needs_token and not logged_in:  # the token goes in a small form of its own, never beside the photos
-        parts.append(
-            '<form method="post" action="/login" id="login"><label>Token <input type="password" name="token" '
-            'autocomplete="off"></label> <button type="submit">Sign in</button></form>'
-        )
-    parts.append(
-        '<h2 class="noprint">Screen a patient</h2><p class="noprint">'
-        "Upload the patient's left and right fundus photos (JPEG, PNG or the camera's "
-        "DICOM; either may be missing).</p>"
-        '<form method="post" enctype="multipart/form-data" id="upload">'
-        '<label>Patient <input name="patient_id" required autocomplete="off" placeholder="patient id"></label> '
-        '<label>Left eye <input type="file" name="left" accept="image/*,.dcm,application/dicom"></label> '
-        '<label>Right eye <input type="file" name="right" accept="image/*,.dcm,application/dicom"></label> '
-        '<button type="submit" id="submit">Screen</button></form>'
+    return render(
+        "station.html",
+        "fundus-ensemble screening station",
+        p=shown,
+        aid=AID,
+        error=error,
+        login=needs_token and not logged_in,
+        pdf=pdf,
     )
-    parts.append(shown["model"])
-    # one patient: printed on one page with the answer first, not after a page break as in a batch's report
-    single = "<style>@media print{.record{break-before:auto}}</style>"
-    return page("fundus-ensemble screening station", [p for p in parts if p], head=single)
