@@ -10,7 +10,8 @@ from test_benchmark import write_image_table
 from fundus_ensemble.data.synthetic import write_synthetic_dataset
 from fundus_ensemble.evaluation import feature_screen as fs
 
-pytestmark = pytest.mark.backend
+# Not rerun under JAX: the screen's only Keras step is the feature extraction, which runs under JAX in
+# test_backends (the recipe's train_pair) and test_lite (the same features as under TensorFlow).
 
 CONFIG = fs.ScreenConfig(
     backbones=("efficientnet_lite0",),
@@ -104,3 +105,27 @@ def test_the_default_is_the_best_development_score_within_the_time_budget():
     assert chosen["seconds"] == 210.0
     assert fs.choose_default(results, {**seconds, "c/380": 100.0})["backbone"] == "c"
     assert fs.choose_default(results, {"a/224": 100.0})["backbone"] == "a", "an untimed extraction is not chosen"
+
+
+def test_referral_rates_are_read_on_test_at_the_development_threshold():
+    # development: 10 Normal (p(N) 0.9) and 10 referable (p(N) from 0.05 to 0.5): 90 % sensitivity keeps
+    # the threshold below the highest referable p(N) but one
+    y_dev = np.zeros((20, 8), int)
+    y_dev[:10, 0] = 1
+    y_dev[10:, 1] = 1
+    dev = np.full((20, 8), 0.1)
+    dev[:10, 0] = 0.9
+    dev[10:, 0] = np.linspace(0.05, 0.5, 10)
+    # test: two Normal patients (one scored like a sick one) and two referable, one scored healthy
+    y_test = np.zeros((4, 8), int)
+    y_test[:2, 0] = 1
+    y_test[2:, 1] = 1
+    test = np.full((4, 8), 0.1)
+    test[:, 0] = [0.95, 0.1, 0.1, 0.95]
+    rates = fs.referral_rates(fs._Fit(dev, test), y_dev, y_test)
+    threshold = rates["oof"]["threshold"]
+    assert 0.5 < threshold < 0.9 and rates["oof"]["sensitivity"] >= 0.9
+    assert rates["test_sensitivity"] == 0.5 and rates["test_specificity"] == 0.5
+    y_test[1] = [0, 0, 1, 0, 0, 0, 0, 0]  # the second patient has glaucoma: referable, and scored as such
+    rates = fs.referral_rates(fs._Fit(dev, test), y_dev, y_test)
+    assert rates["test_sensitivity"] == 2 / 3 and rates["test_specificity"] == 1.0

@@ -55,8 +55,15 @@ def main() -> None:
     import keras
 
     from fundus_ensemble.errors import FundusError
-    from fundus_ensemble.evaluation.calibration import fit_referral, referral_scores
-    from fundus_ensemble.evaluation.feature_screen import ScreenConfig, _Data, _Fit, _mean, _row, _Screen
+    from fundus_ensemble.evaluation.feature_screen import (
+        ScreenConfig,
+        _Data,
+        _Fit,
+        _mean,
+        _row,
+        _Screen,
+        referral_rates,
+    )
     from fundus_ensemble.models.backbone import build_backbone, split_encoder
     from fundus_ensemble.training.features import FeatureSpec, FeatureStore, preprocessing_settings
     from fundus_ensemble.training.heads import C_GRID, cross_fit, patient_folds
@@ -78,15 +85,7 @@ def main() -> None:
         return fresh
 
     def referral(fit: _Fit, screen: _Screen) -> dict:
-        fit.calibrated()
-        fitted = fit_referral(screen.y_dev, fit.dev)
-        referable = screen.y_test[:, 0] == 0
-        score = referral_scores(fit.test)
-        return {
-            "oof": fitted,
-            "test_sensitivity": float((score[referable] > fitted["threshold"]).mean()),
-            "test_specificity": float((score[~referable] <= fitted["threshold"]).mean()),
-        }
+        return referral_rates(fit, screen.y_dev, screen.y_test)
 
     results = {"cut": cut, "seconds": {}, "seeds": {}}
     for view in VIEWS:

@@ -171,6 +171,22 @@ class _Fit:
     _y_dev: np.ndarray = dataclasses.field(default=None, repr=False)
 
 
+def referral_rates(fit: _Fit, y_dev: np.ndarray, y_test: np.ndarray) -> dict:
+    """The referral score (1 - p(N)) of ``fit`` at the threshold its out-of-fold development
+    predictions give for the referral sensitivity (``fit_referral``): that fit, and the sensitivity
+    and specificity it gives on test (referable: any label but Normal)."""
+    from .calibration import fit_referral, referral_scores
+
+    fitted = fit_referral(y_dev, fit.dev)
+    referable = y_test[:, 0] == 0
+    score = referral_scores(fit.test)
+    return {
+        "oof": fitted,
+        "test_sensitivity": float((score[referable] > fitted["threshold"]).mean()),
+        "test_specificity": float((score[~referable] <= fitted["threshold"]).mean()),
+    }
+
+
 def _mean(fits: list[_Fit], y_dev: np.ndarray) -> _Fit:
     out = _Fit(np.mean([f.dev for f in fits], axis=0), np.mean([f.test for f in fits], axis=0))
     out._y_dev = y_dev
