@@ -6,7 +6,9 @@ them, and 1 x 2 side by side) the gate's verdict
 table, per class of its own keywords, the statistics the structure checks read (``detail``:
 sigma 1 - 4 detail in gray levels; ``retinas``: separate lit regions) and the vessel fraction a
 vessel check would read (thin structures darker than around them, relative to the local
-brightness), to show why vessels are not asked for.
+brightness), to show why vessels are not asked for, and the solidity a shape check would read
+(the largest lit region's area over its convex hull's: a disc fills it, touching retinas do not),
+to show why that is not asked for either.
 
     PYTHONPATH=. python docs/measurements/gate_structure.py $DATA/labels.csv --image-root $DATA
 """
@@ -20,7 +22,7 @@ import numpy as np
 
 from fundus_ensemble.data.imaging import BORDER_LEVEL, crop_to_fov, find_fov
 from fundus_ensemble.data.keywords import eye_labels
-from fundus_ensemble.data.quality import MIN_DETAIL, grade, statistics
+from fundus_ensemble.data.quality import MIN_DETAIL, WORK_SIZE, grade, statistics
 from fundus_ensemble.labels import LABELS
 from fundus_ensemble.models.gate import INPUT_SIZE, MIN_FUNDUS_MASS, FundusLikeness
 
@@ -56,6 +58,17 @@ def vessel_fraction(image: np.ndarray, size: int = 256) -> float:
     return float((relative[inside] > 0.03).mean()) if inside.any() else 0.0
 
 
+def solidity(image: np.ndarray) -> float:
+    scale = WORK_SIZE / max(image.shape[:2])
+    small = cv2.resize(image, None, fx=min(1.0, scale), fy=min(1.0, scale), interpolation=cv2.INTER_AREA)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((small.max(axis=2) > BORDER_LEVEL).astype(np.uint8))
+    if count < 2:
+        return float("nan")
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    contours, _ = cv2.findContours((labels == k).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return float(stats[k, cv2.CC_STAT_AREA] / max(1.0, cv2.contourArea(cv2.convexHull(np.vstack(contours)))))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("labels", type=Path)
@@ -72,10 +85,13 @@ def main() -> None:
     images["montage 2 x 2, black between"] = gaps
     images["montage 1 x 2"] = np.hstack(photos[:2])
     mass = FundusLikeness().mass([crop_to_fov(a, INPUT_SIZE) for a in images.values()])
-    print(f"| image | verdict | screened | fundus mass (ImageNet check, min {MIN_FUNDUS_MASS}) |\n|---|---|---|---|")
+    print(
+        f"| image | verdict | screened | fundus mass (ImageNet check, min {MIN_FUNDUS_MASS}) | solidity |\n"
+        "|---|---|---|---|---|"
+    )
     for (name, image), m in zip(images.items(), mass):
         verdict = grade(image)
-        print(f"| {name} | {verdict.text} | {'yes' if verdict.usable else 'no'} | {m:.2f} |")
+        print(f"| {name} | {verdict.text} | {'yes' if verdict.usable else 'no'} | {m:.2f} | {solidity(image):.2f} |")
     values: dict[str, list] = {c: [] for c in LABELS}
     several = 0
     for r in rows:
@@ -88,15 +104,18 @@ def main() -> None:
         labels = eye_labels(r["eye_keywords"])
         for j, c in enumerate(LABELS):
             if labels is not None and labels[j]:
-                values[c].append((s["detail"], vessel_fraction(image)))
+                values[c].append((s["detail"], vessel_fraction(image), solidity(image)))
     print(f"\n{len(rows)} photos: {several} refused as several photos in one\n")
-    print(f"| class | photos | detail: lowest | under {MIN_DETAIL} | vessel fraction: median | 1st percentile |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"| class | photos | detail: lowest | under {MIN_DETAIL} | vessel fraction: median | 1st percentile "
+        "| solidity: lowest | 1st percentile |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for c in LABELS:
         v = np.array(values[c])
         print(
             f"| {c} | {len(v)} | {v[:, 0].min():.2f} | {(v[:, 0] < MIN_DETAIL).sum()} | {np.median(v[:, 1]):.4f} | "
-            f"{np.percentile(v[:, 1], 1):.4f} |"
+            f"{np.percentile(v[:, 1], 1):.4f} | {np.nanmin(v[:, 2]):.2f} | {np.nanpercentile(v[:, 2], 1):.2f} |"
         )
 
 
