@@ -4,6 +4,14 @@ import subprocess
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Under pytest -n N (CI: two workers on two cores) one thread per worker for TensorFlow, XLA and BLAS:
+# two workers of two threads each on two cores lost an eighth of their time to each other (test_explain
+# and test_bundle with -n 2: 155 s, 135 s with one thread each; scripts the tests start inherit this).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= 2:
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 # The gradability gate judges real fundus photos; about a fifth of the synthetic ones look like none to
 # its ImageNet check. Tests of everything else predict with it off (scripts they start inherit this);
 # tests/test_quality.py turns it on and checks it.
@@ -141,3 +149,10 @@ def run_script(name: str, *args) -> subprocess.CompletedProcess:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = run(module.main, argv)
     return subprocess.CompletedProcess([name, *argv], status, out.getvalue(), err.getvalue())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first: under ``--dist loadfile`` xdist hands whole modules to whichever
+    worker is free, and a long module handed out last leaves the other worker idle at the end."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: each module's order is kept

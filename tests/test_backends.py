@@ -121,16 +121,32 @@ def jax_run(tmp_path_factory):
             "A",
         ],
     ]
-    for step in steps:
-        result = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / step[0]), *step[1:]],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert result.returncode == 0, f"{step[0]} failed under JAX:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    # one process runs the four command lines as the shell would (each script's main through cli.run):
+    # a new interpreter per step would import Keras and JAX again each time
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS, json.dumps(steps), str(REPO / "scripts")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, f"failed under JAX:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return root
+
+
+ONE_PROCESS = """
+import importlib.util, json, sys
+from pathlib import Path
+from fundus_ensemble.cli import run
+for name, *argv in json.loads(sys.argv[1]):
+    path = Path(sys.argv[2]) / name
+    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    status = run(module.main, argv)
+    if status:
+        sys.exit(f"{name} exited with status {status}")
+"""
 
 
 @needs_jax

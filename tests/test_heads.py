@@ -191,7 +191,8 @@ def _script(name: str, *args) -> subprocess.CompletedProcess:
     return run_script(name, *args)
 
 
-@pytest.mark.backend
+# not rerun under JAX (a minute there): what it checks is NumPy's; the same command lines run under JAX in
+# test_backends, and the bag in the patient model just above is checked under both backends
 def test_a_cross_fitted_run_is_calibrated_on_every_train_and_val_patient_and_predict_uses_it(small_dataset, tmp_path):
     from fundus_ensemble.data.manifest import load_manifest
     from fundus_ensemble.evaluation.calibration import Calibration, fit_calibration
