@@ -54,9 +54,6 @@ def main() -> None:
 
     data = _Data(args.screen)
 
-    def referral(fit: _Fit, screen: _Screen) -> dict:
-        return referral_rates(fit, screen.y_dev, screen.y_test)
-
     results = {}
     for seed in args.seeds:
         screen = _Screen(data, ScreenConfig(seeds=(seed,), folds=5), seed)
@@ -92,7 +89,7 @@ def main() -> None:
                 ensembles[name],
                 ensembles[reference_name] if name != reference_name else None,
             )
-            row["referral"] = referral(ensembles[name], screen)
+            row["referral"] = referral_rates(ensembles[name], screen.y_dev, screen.y_test)
             rows.append(row)
         results[str(seed)] = {
             "rows": rows,

@@ -84,9 +84,6 @@ def main() -> None:
         fresh.set_weights(top_weights)
         return fresh
 
-    def referral(fit: _Fit, screen: _Screen) -> dict:
-        return referral_rates(fit, screen.y_dev, screen.y_test)
-
     results = {"cut": cut, "seconds": {}, "seeds": {}}
     for view in VIEWS:
         results["seconds"][f"activations {view}"] = store.seconds(spec, view)
@@ -140,7 +137,7 @@ def main() -> None:
         for name, fit in candidates.items():
             reference = None if name.startswith("features first") else baseline
             row = _row(name, "", screen, fit, reference)
-            row["referral"] = referral(fit, screen)
+            row["referral"] = referral_rates(fit, screen.y_dev, screen.y_test)
             rows.append(row)
         results["seeds"][str(seed)] = {"rows": rows, "seconds": seconds, "test_patients": int(screen.test.sum())}
         if args.out:
