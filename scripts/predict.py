@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--report",
         action="store_true",
-        help="also write OUT/report.html (prints a patient per page) and OUT/report.pdf: one record per patient "
+        help="also write OUT/report.html (prints a patient per page), OUT/report.pdf and OUT/records/record-ID.pdf "
+        "(one PDF per patient): one record per patient "
         "with both eyes, heatmaps and decisions (implies --explain; the first 200 patients)",
     )
     p.add_argument("--force", action="store_true", help="replace earlier predictions in --out")
@@ -244,7 +245,9 @@ def main(argv=None):
             f"{summary['out_dir']}/decisions.csv)"
         )
     if args.report:
-        print(f"wrote {summary['out_dir']}/report.html and report.pdf (a page per patient, to print or file)")
+        print(
+            f"wrote {summary['out_dir']}/report.html, report.pdf (a page per patient, to print) and records/ (a PDF per patient)"
+        )
     if args.explain is not None or args.report:
         print(f"wrote {summary['heatmaps']} heatmaps to {summary['out_dir']}/heatmaps (listed in heatmaps.csv)")
 

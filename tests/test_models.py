@@ -117,3 +117,27 @@ def test_save_and_load_in_safe_mode(tmp_path):
     again = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     x = eyes(2, size=32)
     np.testing.assert_allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
+
+
+def test_forward_in_slices_gives_every_row_once_at_one_shape(monkeypatch):
+    from fundus_ensemble.models import forward as forward_module
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    images = np.random.default_rng(0).uniform(0, 255, (7, 8, 8, 3)).astype("float32")
+    whole = np.asarray(model.predict_on_batch(images))
+    shapes = []
+    call = model.predict_on_batch
+    monkeypatch.setattr(model, "predict_on_batch", lambda x: (shapes.append(x.shape), call(x))[1])
+    for size in (1, 3, 4, 7, 16):
+        shapes.clear()
+        out = forward_module.forward(model, images, size)
+        assert out.shape == whole.shape, size
+        np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-5)  # each row its own image's, in order
+        assert set(shapes) == {(size, 8, 8, 3)}, (size, shapes)  # the last slice padded: one trace
+    # the default follows the hardware: small slices on a CPU, large ones on an accelerator
+    monkeypatch.setattr(forward_module, "accelerator_count", lambda: 0)
+    assert forward_module.slice_size() == forward_module.CPU_SLICE <= 4
+    monkeypatch.setattr(forward_module, "accelerator_count", lambda: 1)
+    assert forward_module.slice_size() == forward_module.ACCELERATOR_SLICE >= 32

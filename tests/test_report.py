@@ -128,6 +128,14 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
     assert f"from <code>{(tmp_path / 'in').resolve()}</code>" in page and "Made 20" in page
     # the PDF to file: a first page with the job, then a page per patient
     assert pdf_pages((tmp_path / "out" / "report.pdf").read_bytes()) == 1 + len(patients)
+    # and a record per patient to file in its chart: the job's page and that patient's page
+    records = tmp_path / "out" / "records"
+    assert sorted(p.name for p in records.glob("*.pdf")) == ["record-a.pdf", "record-bad.pdf"]
+    assert all(pdf_pages(p.read_bytes()) == 2 for p in records.glob("*.pdf"))
+    assert (records / "record-a.pdf").read_bytes() != (records / "record-bad.pdf").read_bytes()
+    # a later run without the report leaves no record of this one behind
+    predict_photos(scored / "run", patients[:1], tmp_path / "out", progress=False, force=True)
+    assert not records.exists() and not (tmp_path / "out" / "report.pdf").exists()
     with open(tmp_path / "out" / "heatmaps" / "heatmaps.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {(r["eye"], r["class"]) for r in rows} == {("left", "D"), ("left", "G"), ("right", "D"), ("right", "G")}

@@ -34,7 +34,7 @@ for which in before after; do
   src=$ROOT; [ "$which" = before ] && src=$WORK/before
   # the bundle is built into the cache first, so its one-off cost is not timed
   (cd "$src" && PYTHONPATH=$src "$ROOT/.venv/bin/python" scripts/predict.py --model-card > /dev/null)
-  echo "== $which ($(git -C "$src" rev-parse --short HEAD))"
+  echo "== $which ($(git -C "$src" describe --always --dirty))"
   (cd "$src" && PYTHONPATH=$src "$ROOT/.venv/bin/python" scripts/predict.py "$WORK/photos" --out "$WORK/out-$which" 2>&1 \
     | grep -E "patients predicted|images/s")
 done

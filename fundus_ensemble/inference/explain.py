@@ -23,6 +23,7 @@ from keras import ops
 from ..data.imaging import BORDER_LEVEL
 from ..errors import FundusError
 from ..labels import INPUT_NAMES
+from ..models.forward import forward
 
 
 class GradCam:
@@ -31,7 +32,7 @@ class GradCam:
     def __init__(self, model: keras.Model):
         try:
             encoder = model.get_layer("eye_encoder")
-            self.preprocess = encoder.get_layer("preprocess")
+            preprocess = encoder.get_layer("preprocess")
             self.fusion = model.get_layer("fuse_eyes")
             self.dense = model.get_layer("labels")
         except ValueError as exc:
@@ -43,13 +44,13 @@ class GradCam:
         pool = net.layers[-1]
         # the input of the pooling is the last convolutional block's output, at stride 32
         self.layer_name = net.layers[-2].name
-        self.maps_model = keras.Model(net.inputs, pool.input, name="last_conv_maps")
+        maps = keras.Model(net.inputs, pool.input, name="last_conv_maps")
+        self.image_maps = keras.Model(encoder.input, maps(preprocess(encoder.input)), name="image_maps")
         self.model = model
 
     def feature_maps(self, images: np.ndarray) -> np.ndarray:
         """(batch, h, w, channels) maps of RGB [0, 255] images at the model's input size."""
-        x = self.preprocess(ops.convert_to_tensor(np.asarray(images, np.float32)))
-        return np.asarray(ops.convert_to_numpy(self.maps_model(x, training=False)), np.float32)
+        return forward(self.image_maps, images)
 
     @staticmethod
     def pooled(maps: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 Each shard's ``predict.json`` says which run, cards, thresholds and shard made it; the merge
 refuses shards of different jobs, a shard missing or given twice, and a patient in two shards,
 so the merged ``predictions.csv``, ``decisions.csv`` and ``worklist.csv`` are exactly what one run would write
-(rows grouped by shard). Heatmaps stay in the shard folders, listed by their ``heatmaps.csv``.
+(rows grouped by shard). Heatmaps and per-patient records stay in the shard folders, the heatmaps listed by their ``heatmaps.csv``.
 """
 
 from __future__ import annotations

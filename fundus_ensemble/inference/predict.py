@@ -77,9 +77,10 @@ from ..fileio import (
     sha256_file,
 )
 from ..labels import LABELS
+from ..models.forward import accelerator_count, forward
 from ..models.gate import INPUT_SIZE as GATE_SIZE
 from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
-from ..training.hardware import accelerator_count, cpu_backend_advice
+from ..training.hardware import cpu_backend_advice
 from ..training.heads import LinearHead, SideHead, fuse
 from ..training.train import SIDE_HEAD, load_eye_heads, load_references
 from .bundle import card_summary, model_card_path
@@ -90,6 +91,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", *DICOM_SUFFI
 DEFAULT_PATTERN = r"(?P<id>.+)_(?P<eye>left|right)"
 THRESHOLD = 0.5
 HEATMAP_DIR = "heatmaps"
+RECORDS_DIR = "records"  # with --report: record-<patient>.pdf, one file per patient to file in its chart
+OWNED_FOLDERS = {HEATMAP_DIR: "heatmaps", RECORDS_DIR: "records"}  # folder -> the purpose it is claimed for
 RECORD_FILE = "predict.json"  # the job (run, cards, patients, shard) and its counts: what merging checks
 # moved in in this order
 OUTPUT_FILES = ("report.html", "report.pdf", RECORD_FILE, "worklist.csv", "decisions.csv", "predictions.csv")
@@ -568,7 +571,7 @@ class Predictor:
         if view in self.cams:
             maps = self.cams[view].feature_maps(images)
             return GradCam.pooled(maps), maps
-        return np.asarray(self.encoders[view].predict_on_batch(images.astype(np.float32)), np.float32), None
+        return forward(self.encoders[view], images), None
 
     def read_chunk(self, chunk: list[PatientPhotos]) -> ChunkInputs:
         """Each photo of ``chunk`` decoded, judged by the gate and made into every view's model input
@@ -866,8 +869,15 @@ def _predict_into(
             for patient, result, note in results
             if result is None or patient.patient_id in cards
         ]
-        write_prediction_report(shown[:REPORT_MAX_PATIENTS], out / "report.html", source, summary, predictor.provenance)
-        write_prediction_pdf(shown[:REPORT_MAX_PATIENTS], out / "report.pdf", source, summary, predictor.provenance)
+        shown = shown[:REPORT_MAX_PATIENTS]
+        write_prediction_report(shown, out / "report.html", source, summary, predictor.provenance)
+        write_prediction_pdf(shown, out / "report.pdf", source, summary, predictor.provenance)
+        claim_folder(out / RECORDS_DIR, OWNED_FOLDERS[RECORDS_DIR])
+        for card in tqdm(shown, desc="records", unit="patient", disable=None if progress else True):
+            alone = {**summary, "patients": 1, "predicted": int(card["status"] == "ok"), "counts": None}
+            alone["rejected"] = 1 - alone["predicted"]
+            name = f"record-{_file_stem(card['patient_id'], stems)}.pdf"
+            write_prediction_pdf([card], out / RECORDS_DIR / name, source, alone, predictor.provenance)
     return {
         "patients": len(patients),
         "predicted": len(ok),
@@ -1040,18 +1050,18 @@ def _move_in(staging: Path, out: Path) -> None:
     """Move a finished run's outputs from ``staging`` into ``out``: each file replaced atomically,
     the heatmap folder swapped whole, predictions.csv last; an earlier run's output this run did
     not make (a report, heatmaps) is removed, so the folder holds one run's outputs only."""
-    for name in (HEATMAP_DIR, *OUTPUT_FILES):
+    for name in (*OWNED_FOLDERS, *OUTPUT_FILES):
         if not (staging / name).exists():
             if (out / name).is_dir():
-                remove_owned(out / name, "heatmaps")
+                remove_owned(out / name, OWNED_FOLDERS.get(name, name))
             else:
                 (out / name).unlink(missing_ok=True)
-    if (staging / HEATMAP_DIR).is_dir():
-        old = staging / f"old-{HEATMAP_DIR}"
-        if (out / HEATMAP_DIR).exists():
-            claim_folder(out / HEATMAP_DIR, "heatmaps")  # never swap out a folder the project did not make
-            os.replace(out / HEATMAP_DIR, old)
-        os.replace(staging / HEATMAP_DIR, out / HEATMAP_DIR)
+    for folder, purpose in OWNED_FOLDERS.items():
+        if (staging / folder).is_dir():
+            if (out / folder).exists():
+                claim_folder(out / folder, purpose)  # never swap out a folder the project did not make
+                os.replace(out / folder, staging / f"old-{folder}")
+            os.replace(staging / folder, out / folder)
     for name in OUTPUT_FILES:
         if (staging / name).exists():
             os.replace(staging / name, out / name)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .forward import forward
+
 FUNDUS_CLASSES: tuple[int, ...] = (577, 417, 619, 117, 722, 607, 961, 807, 551, 107, 78)
 MIN_FUNDUS_MASS = 0.12
 INPUT_SIZE = 224
@@ -54,5 +56,5 @@ class FundusLikeness:
                 for s in squares
             ]
         ).astype(np.float32)
-        probabilities = self._model().predict(x, batch_size=32, verbose=0)
+        probabilities = forward(self._model(), x)
         return np.asarray(probabilities, np.float64)[:, FUNDUS_CLASSES].sum(axis=1)

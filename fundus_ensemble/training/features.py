@@ -39,6 +39,7 @@ from ..data.manifest import Manifest
 from ..errors import FundusError
 from ..fileio import atomic_write_json, sha256_file
 from ..labels import INPUT_NAMES
+from ..models.forward import slice_size
 from ..models.patient_classifier import SplitEyes
 from . import distributed
 
@@ -213,10 +214,13 @@ class FeatureStore:
                 unit="img",
                 disable=None if progress else True,
             )
+            # one process: the batch the hardware computes fastest (small on a CPU: models.forward);
+            # several: the given batch, which the processes share
+            batch = batch_size if distributed.process_count() > 1 else min(batch_size, slice_size())
             for start in range(0, len(missing), CHUNK):
                 chunk = missing[start : start + CHUNK]
                 began = time.perf_counter()
-                batches = PhotoBatches([path_of[k] for k in chunk], spec.size, batch_size, FLIP if spec.flip else None)
+                batches = PhotoBatches([path_of[k] for k in chunk], spec.size, batch, FLIP if spec.flip else None)
                 new = distributed.predict(model, batches).astype(np.float32)
                 self._seconds += time.perf_counter() - began
                 features = new if features is None else np.concatenate([features, new])

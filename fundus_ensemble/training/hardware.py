@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import keras
 
 from ..errors import FundusError
+from ..models.forward import accelerator_count
 from .distributed import process_count
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -41,20 +42,6 @@ def precision(name: str) -> Iterator[None]:
         yield
     finally:
         keras.config.set_dtype_policy(previous)
-
-
-def accelerator_count() -> int:
-    """GPUs (or TPUs) the backend sees; 0 on a CPU-only machine."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return sum(1 for d in jax.devices() if d.platform != "cpu")
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return len(tf.config.list_logical_devices("GPU"))
-    return 0
 
 
 def cpu_backend_advice(backend: str, accelerators: int, backbone: str) -> str | None:
