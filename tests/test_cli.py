@@ -161,18 +161,6 @@ def test_preprocess_help_names_the_real_exit_status():
     assert "exit with status 2" in text and "status 1" not in text
 
 
-def test_one_phase_is_not_numbered(view_manifest, tmp_path, capsys):
-    from fundus_ensemble.training.train import train_pair
-
-    prep = Path(view_manifest.source).parent.parent
-    config = TrainConfig(
-        backbone="mobilenet", size=None, batch_size=4, epochs=1, fine_tune_epochs=0, bn_recalibration_patients=0
-    )
-    train_pair(prep, tmp_path / "run", config, ("color",))
-    out = capsys.readouterr().out
-    assert "phase" not in out and "[color] epoch 1/1:" in out
-
-
 def test_train_pair_options_reach_the_config():
     spec = importlib.util.spec_from_file_location(
         "train_pair_script", Path(__file__).resolve().parents[1] / "scripts" / "train_pair.py"

@@ -81,19 +81,6 @@ def test_unknown_backbone_and_small_input():
         build_backbone("inception_v3", 64)
 
 
-def test_imagenet_without_network_fails_clearly(monkeypatch, tmp_path):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached weights
-
-    def no_network(*args, **kwargs):
-        raise Exception(
-            "URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3] Temporary failure in name resolution"
-        )
-
-    monkeypatch.setattr("keras.src.utils.file_utils.get_file", no_network)
-    with pytest.raises(WeightsError, match=r"ImageNet weights for EfficientNetB0.*--weights none.*--weights PATH"):
-        build_backbone("efficientnet_b0", 64, "imagenet")
-
-
 def test_local_weights_file(tmp_path):
     with pytest.raises(WeightsError, match="weights file not found"):
         build_backbone("mobilenet", 64, tmp_path / "missing.h5")

@@ -569,3 +569,33 @@ def test_the_screens_write_only_into_folders_of_their_own(tmp_path):
     with pytest.raises(FundusError, match="holds files fundus-ensemble did not write"):
         run_levers(tmp_path / "prep", mine, TrainConfig(), ["library"])
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.docx"]
+
+
+# messages a person reads, the same under any backend: run once, under TensorFlow
+def test_one_phase_is_not_numbered(view_manifest, tmp_path, capsys):
+    from fundus_ensemble.training.config import TrainConfig
+    from fundus_ensemble.training.train import train_pair
+
+    prep = Path(view_manifest.source).parent.parent
+    config = TrainConfig(
+        backbone="mobilenet", size=None, batch_size=4, epochs=1, fine_tune_epochs=0, bn_recalibration_patients=0
+    )
+    train_pair(prep, tmp_path / "run", config, ("color",))
+    out = capsys.readouterr().out
+    assert "phase" not in out and "[color] epoch 1/1:" in out
+
+
+def test_imagenet_without_network_fails_clearly(monkeypatch, tmp_path):
+    from fundus_ensemble.errors import WeightsError
+    from fundus_ensemble.models import build_backbone
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached weights
+
+    def no_network(*args, **kwargs):
+        raise Exception(
+            "URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3] Temporary failure in name resolution"
+        )
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", no_network)
+    with pytest.raises(WeightsError, match=r"ImageNet weights for EfficientNetB0.*--weights none.*--weights PATH"):
+        build_backbone("efficientnet_b0", 64, "imagenet")

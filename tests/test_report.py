@@ -133,9 +133,6 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
     assert sorted(p.name for p in records.glob("*.pdf")) == ["record-a.pdf", "record-bad.pdf"]
     assert all(pdf_pages(p.read_bytes()) == 2 for p in records.glob("*.pdf"))
     assert (records / "record-a.pdf").read_bytes() != (records / "record-bad.pdf").read_bytes()
-    # a later run without the report leaves no record of this one behind
-    predict_photos(scored / "run", patients[:1], tmp_path / "out", progress=False, force=True)
-    assert not records.exists() and not (tmp_path / "out" / "report.pdf").exists()
     with open(tmp_path / "out" / "heatmaps" / "heatmaps.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {(r["eye"], r["class"]) for r in rows} == {("left", "D"), ("left", "G"), ("right", "D"), ("right", "G")}
@@ -143,6 +140,9 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
         heat = np.load(tmp_path / "out" / "heatmaps" / row["array"])
         assert heat.shape == (32, 32) and 0 <= heat.min() and heat.max() <= 1
         assert cv2.imread(str(tmp_path / "out" / "heatmaps" / row["overlay"])).shape == (256, 256, 3)
+    # a later run without the report leaves no record of this one behind
+    predict_photos(scored / "run", patients[:1], tmp_path / "out", progress=False, force=True)
+    assert not records.exists() and not (tmp_path / "out" / "report.pdf").exists()
 
 
 def pdf_pages(data: bytes) -> int:

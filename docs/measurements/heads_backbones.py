@@ -20,6 +20,13 @@ sensitivity with its sensitivity and specificity on test. The features are compu
         > runs/heads_backbones.md
     PYTHONPATH=. python docs/measurements/heads_backbones.py runs/ff --seeds 0 1 --fusion max_mean_diff \
         --out runs/heads_backbones_diff.json > runs/heads_backbones_diff.md
+
+``--concat-grid`` gives the concatenation's head its own C grid (every row chose the recipe's
+smallest C, 0.0003, with the recipe's grid); ``--only-concat`` fits Lite2 and the concatenation only:
+
+    PYTHONPATH=. python docs/measurements/heads_backbones.py runs/ff --seeds 0 1 --fusion max_mean_diff \
+        --only-concat --concat-grid 0.00001 0.00003 0.0001 0.0003 0.001 --out runs/heads_backbones_lowc.json \
+        > runs/heads_backbones_lowc.md
 """
 
 import argparse
@@ -38,6 +45,10 @@ def main() -> None:
     p.add_argument("screen", type=Path)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--fusion", default="max_mean", help="how the eyes are fused (the README's recipe: max_mean_diff)")
+    p.add_argument(
+        "--concat-grid", type=float, nargs="+", help="C grid of the concatenation's head (default the recipe's)"
+    )
+    p.add_argument("--only-concat", action="store_true", help="fit Lite2 (the reference) and the concatenation only")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     from fundus_ensemble.evaluation.feature_screen import (
@@ -60,9 +71,9 @@ def main() -> None:
         fits: dict[str, dict[str, _Fit]] = {}
         seconds, chosen = {}, {}
 
-        def fit(name: str, view: str, features: np.ndarray) -> None:
+        def fit(name: str, view: str, features: np.ndarray, grid: tuple[float, ...] = C_GRID) -> None:
             began = time.perf_counter()
-            heads = cross_fit(features[screen.dev], screen.y_dev, 5, C_GRID, args.fusion, seed)
+            heads = cross_fit(features[screen.dev], screen.y_dev, 5, grid, args.fusion, seed)
             seconds[f"{name} {view}"] = time.perf_counter() - began
             chosen[f"{name} {view}"] = heads.c
             fits.setdefault(name, {})[view] = screen._fit(_Fit(heads.out_of_fold, heads.predict(features[screen.test])))
@@ -70,11 +81,14 @@ def main() -> None:
         for view in VIEWS:
             arrays = {f"{b.split('_')[-1]} {s}": data.features(b, s, view) for b, s in (REFERENCE, *OTHERS)}
             for name, features in arrays.items():
-                fit(name, view, features)
-            fit("lite0+1+2 concatenated", view, np.concatenate(list(arrays.values()), axis=-1))
-            fits.setdefault("lite0, 1, 2 averaged", {})[view] = _mean(
-                [fits[name][view] for name in arrays], screen.y_dev
-            )
+                if not args.only_concat or name.startswith("lite2"):
+                    fit(name, view, features)
+            grid = tuple(args.concat_grid) if args.concat_grid else C_GRID
+            fit("lite0+1+2 concatenated", view, np.concatenate(list(arrays.values()), axis=-1), grid)
+            if not args.only_concat:
+                fits.setdefault("lite0, 1, 2 averaged", {})[view] = _mean(
+                    [fits[name][view] for name in arrays], screen.y_dev
+                )
         reference_name = f"{REFERENCE[0].split('_')[-1]} {REFERENCE[1]}"
         ensembles = {name: _mean(list(per_view.values()), screen.y_dev) for name, per_view in fits.items()}
         rows = []
