@@ -8,7 +8,9 @@ sigma 1 - 4 detail in gray levels; ``retinas``: separate lit regions) and the ve
 vessel check would read (thin structures darker than around them, relative to the local
 brightness), to show why vessels are not asked for, and the solidity a shape check would read
 (the largest lit region's area over its convex hull's: a disc fills it, touching retinas do not),
-to show why that is not asked for either.
+to show why that is not asked for either; and an optic disc check's reading (:func:`disc_peaks`:
+how far the brightest disc-sized blob stands above its surroundings, and how many such blobs
+there are): a painted disc has none, four touching retinas have four.
 
     PYTHONPATH=. python docs/measurements/gate_structure.py $DATA/labels.csv --image-root $DATA
 """
@@ -58,6 +60,29 @@ def vessel_fraction(image: np.ndarray, size: int = 256) -> float:
     return float((relative[inside] > 0.03).mean()) if inside.any() else 0.0
 
 
+def disc_peaks(image: np.ndarray, size: int = 256) -> tuple[float, int]:
+    """The optic disc as a bright blob of its size: a difference of Gaussians (sigma 3 % and 9 % of
+    the retina's width) of the red-free (green) light over the local brightness, inside the retina.
+    Returns the highest value and the number of local maxima reaching half of it (and 0.05)."""
+    x0, y0, x1, y1 = find_fov(image)
+    side = max(x1 - x0, y1 - y0)
+    square = np.zeros((side, side, 3), np.uint8)
+    square[: y1 - y0, : x1 - x0] = image[y0:y1, x0:x1]
+    square = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    lit = (square.max(axis=2) > BORDER_LEVEL).astype(np.float32)
+    green = square[..., 1].astype(np.float32) * lit
+
+    def blur(sigma: float) -> np.ndarray:  # the retina's own mean around each pixel: the black outside left out
+        return cv2.GaussianBlur(green, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(lit, (0, 0), sigma), 1e-3)
+
+    near, far = blur(0.03 * size), blur(0.09 * size)
+    retina = cv2.erode(lit.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    blob = np.where(retina, (near - far) / (far + 10), -1.0)
+    top = float(blob.max())
+    peaks = (blob == cv2.dilate(blob, np.ones((15, 15), np.uint8))) & (blob >= max(0.5 * top, 0.05))
+    return top, int(peaks.sum())
+
+
 def solidity(image: np.ndarray) -> float:
     scale = WORK_SIZE / max(image.shape[:2])
     small = cv2.resize(image, None, fx=min(1.0, scale), fy=min(1.0, scale), interpolation=cv2.INTER_AREA)
@@ -86,12 +111,16 @@ def main() -> None:
     images["montage 1 x 2"] = np.hstack(photos[:2])
     mass = FundusLikeness().mass([crop_to_fov(a, INPUT_SIZE) for a in images.values()])
     print(
-        f"| image | verdict | screened | fundus mass (ImageNet check, min {MIN_FUNDUS_MASS}) | solidity |\n"
-        "|---|---|---|---|---|"
+        f"| image | verdict | screened | fundus mass (ImageNet check, min {MIN_FUNDUS_MASS}) | solidity "
+        "| disc blob | disc blobs |\n|---|---|---|---|---|---|---|"
     )
     for (name, image), m in zip(images.items(), mass):
         verdict = grade(image)
-        print(f"| {name} | {verdict.text} | {'yes' if verdict.usable else 'no'} | {m:.2f} | {solidity(image):.2f} |")
+        top, count = disc_peaks(image)
+        print(
+            f"| {name} | {verdict.text} | {'yes' if verdict.usable else 'no'} | {m:.2f} | {solidity(image):.2f} "
+            f"| {top:.3f} | {count} |"
+        )
     values: dict[str, list] = {c: [] for c in LABELS}
     several = 0
     for r in rows:
@@ -104,18 +133,21 @@ def main() -> None:
         labels = eye_labels(r["eye_keywords"])
         for j, c in enumerate(LABELS):
             if labels is not None and labels[j]:
-                values[c].append((s["detail"], vessel_fraction(image), solidity(image)))
+                values[c].append((s["detail"], vessel_fraction(image), solidity(image), *disc_peaks(image)))
     print(f"\n{len(rows)} photos: {several} refused as several photos in one\n")
     print(
         f"| class | photos | detail: lowest | under {MIN_DETAIL} | vessel fraction: median | 1st percentile "
-        "| solidity: lowest | 1st percentile |"
+        "| solidity: lowest | 1st percentile | disc blob: lowest | 1st percentile | median "
+        "| more than one disc blob | more than three |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in LABELS:
         v = np.array(values[c])
         print(
             f"| {c} | {len(v)} | {v[:, 0].min():.2f} | {(v[:, 0] < MIN_DETAIL).sum()} | {np.median(v[:, 1]):.4f} | "
-            f"{np.percentile(v[:, 1], 1):.4f} | {np.nanmin(v[:, 2]):.2f} | {np.nanpercentile(v[:, 2], 1):.2f} |"
+            f"{np.percentile(v[:, 1], 1):.4f} | {np.nanmin(v[:, 2]):.2f} | {np.nanpercentile(v[:, 2], 1):.2f} | "
+            f"{v[:, 3].min():.3f} | {np.percentile(v[:, 3], 1):.3f} | {np.median(v[:, 3]):.3f} | "
+            f"{(v[:, 4] > 1).mean():.1%} | {(v[:, 4] > 3).mean():.1%} |"
         )
 
 
