@@ -4,6 +4,8 @@ it in headless Chromium: scripts/screenshot.py."""
 
 import base64
 import csv
+import html
+import io
 import json
 import re
 from html.parser import HTMLParser
@@ -126,8 +128,18 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
     assert bad.index('data-referral="not_gradable"') < bad.index("rejected")
     assert "Not gradable: retake the left eye (left: not a readable image" in bad
     assert f"from <code>{(tmp_path / 'in').resolve()}</code>" in page and "Made 20" in page
-    # the PDF to file: a first page with the job, then a page per patient
-    assert pdf_pages((tmp_path / "out" / "report.pdf").read_bytes()) == 1 + len(patients)
+    # the PDF to file: a first page with the job, then a page per patient, rendered from the same
+    # template: each record's words and decisions as the page shows them, in a font with its glyphs
+    printed = (tmp_path / "out" / "report.pdf").read_bytes()
+    assert pdf_pages(printed) == 1 + len(patients)
+    assert b"DejaVuSans" in printed
+    first, a_page, bad_page = pdf_text(printed)
+    assert "predicted, 1 rejected" in first and "A screening aid, not a diagnosis." in first
+    cells = re.findall(r'<td class="(?:pos)?" data-class="\w"[^>]*>([^<]+)</td>', page)
+    assert len(cells) == len(LABELS)
+    for cell in cells:
+        assert " ".join(html.unescape(cell).split()) in a_page, cell
+    assert "Not gradable: retake the left eye (left: not a readable image" in bad_page
     # and a record per patient to file in its chart: the job's page and that patient's page
     records = tmp_path / "out" / "records"
     assert sorted(p.name for p in records.glob("*.pdf")) == ["record-a.pdf", "record-bad.pdf"]
@@ -143,6 +155,13 @@ def test_prediction_report_has_a_card_per_patient(scored, tmp_path):
     # a later run without the report leaves no record of this one behind
     predict_photos(scored / "run", patients[:1], tmp_path / "out", progress=False, force=True)
     assert not records.exists() and not (tmp_path / "out" / "report.pdf").exists()
+
+
+def pdf_text(data: bytes) -> list[str]:
+    """Each page's words, one space apart (pypdf comes with xhtml2pdf)."""
+    from pypdf import PdfReader
+
+    return [" ".join(page.extract_text().split()) for page in PdfReader(io.BytesIO(data)).pages]
 
 
 def pdf_pages(data: bytes) -> int:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import cv2
@@ -50,9 +51,10 @@ def _environment():
     )
 
 
-def render(template: str, title: str, **context) -> str:
-    """A whole self-contained page from one of the templates (``page.html`` and the pages extending it)."""
-    return _environment().get_template(template).render(title=title, thumb=THUMB, **context)
+def render(template: str, title: str, pdf_fonts: dict | None = None, **context) -> str:
+    """A whole self-contained page from one of the templates (``page.html`` and the pages extending it);
+    ``pdf_fonts`` (the fonts to embed) lays it out for :func:`prediction_pdf` instead of a browser."""
+    return _environment().get_template(template).render(title=title, thumb=THUMB, pdf_fonts=pdf_fonts, **context)
 
 
 def _plt():
@@ -583,7 +585,6 @@ def _model_context(provenance: dict) -> dict:
 
 
 REFERRAL_COLOURS = {"refer": "#b00", "not_gradable": "#a60", "inconclusive": "#a60"}  # others: "#070"
-A4 = (8.27, 11.69)  # inches, portrait
 
 
 def record_images(card: dict, size: int | None = None) -> list[tuple[str, str, np.ndarray]]:
@@ -694,92 +695,35 @@ def write_prediction_pdf(
 
 
 def prediction_pdf(cards: list[dict], source: str, summary: dict, provenance: dict | None = None) -> bytes:
-    """The records of :func:`write_prediction_report` as a PDF, drawn with matplotlib (no browser
-    needed): a first page with the job, the counts and the model card's summary, then one A4 page
-    per patient (its referral line, its eyes and heatmaps, each class's probability against its
-    threshold), from the same pieces as the HTML record (:func:`record_images`, :func:`decision_rows`)."""
-    from matplotlib.backends.backend_pdf import PdfPages
-    from matplotlib.figure import Figure  # not pyplot: no global state, so the station may draw in any thread
+    """The records of :func:`write_prediction_report` as a PDF, rendered without a browser from the
+    report's own template (``prediction.html``, its ``pdf.css`` added) by xhtml2pdf: the first page
+    the job, the counts, the model and the model card's summary, then a page per patient."""
+    import logging
 
-    model = provenance.get("run") if provenance else None
-    made = " ".join(
-        x
-        for x in (
-            f"Made {summary['made']}" if summary.get("made") else "",
-            f"from {summary['input']}" if summary.get("input") else "",
-            f"by the model {model}" if model else "",
-        )
-        if x
+    from xhtml2pdf import pisa
+
+    html = render(
+        "prediction.html",
+        "fundus-ensemble: screening record",
+        p=prediction_context(cards, source, summary, provenance),
+        pdf_fonts=_pdf_fonts(),
     )
+    logging.getLogger("xhtml2pdf").setLevel(logging.ERROR)  # it warns of every CSS property it skips
     buffer = io.BytesIO()
-    with PdfPages(buffer, metadata={"Title": "fundus-ensemble screening record", "Creator": "fundus-ensemble"}) as pdf:
-        fig = Figure(figsize=A4)
-        fig.text(0.07, 0.96, "fundus-ensemble screening record", fontsize=15, weight="bold", va="top")
-        lines = [
-            made,
-            f"{summary['predicted']} of {summary['patients']} patients predicted, {summary['rejected']} rejected.",
-            f"Referral: {counts_text(summary['counts'])}." if summary.get("counts") else "",
-            f"Thresholds: {source}.",
-            "",
-            "A screening aid, not a diagnosis.",
-            "",
-            *_wrapped(re.sub(r"[*`#]", "", (provenance or {}).get("model_card_summary") or ""), 95),
-        ]
-        fig.text(0.07, 0.925, "\n".join(lines), va="top", fontsize=8.5)
-        pdf.savefig(fig)
-        for card in cards:
-            fig = Figure(figsize=A4)
-            fig.text(0.07, 0.96, f"Patient {card['patient_id']}", fontsize=15, weight="bold", va="top")
-            fig.text(0.07, 0.935, made, fontsize=7, color="0.35", va="top")
-            referral = card.get("referral")
-            y = 0.91
-            if referral is not None:
-                for line in _wrapped(referral.text, 80):
-                    fig.text(
-                        0.07,
-                        y,
-                        line,
-                        fontsize=11,
-                        weight="bold",
-                        va="top",
-                        color=REFERRAL_COLOURS.get(referral.kind, "#070"),
-                    )
-                    y -= 0.02
-            for note in (f"Which eye? {card['side_check']}." if card.get("side_check") else "", card.get("note") or ""):
-                for line in _wrapped(note, 110):
-                    fig.text(0.07, y, line, fontsize=8, va="top", color="#a60" if note.startswith("Which") else "0.3")
-                    y -= 0.016
-            if card["status"] == "ok":
-                images = record_images(card)[:6]
-                width = 0.86 / max(3, len(images))
-                for k, (caption, _, bgr) in enumerate(images):
-                    ax = fig.add_axes(
-                        [0.07 + k * width, y - 0.03 - width * A4[0] / A4[1], width * 0.95, width * A4[0] / A4[1]]
-                    )
-                    ax.imshow(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-                    ax.set_title(caption, fontsize=7)
-                    ax.axis("off")
-                y -= 0.06 + width * A4[0] / A4[1]
-                rows = [
-                    [f"{d['code']} {d['name']}", d["probability"], d["threshold"], "positive" if d["decided"] else "-"]
-                    for d in decision_rows(card)
-                ]
-                ax = fig.add_axes([0.07, y - 0.3, 0.86, 0.3])
-                ax.axis("off")
-                table = ax.table(
-                    rows, colLabels=["class", "probability", "threshold", "decided"], loc="upper left", cellLoc="left"
-                )
-                table.auto_set_font_size(False)
-                table.set_fontsize(8.5)
-                for (r, _), cell in table.get_celld().items():
-                    if r > 0 and rows[r - 1][3] == "positive":
-                        cell.set_text_props(color="#b00", weight="bold")
-            fig.text(0.07, 0.03, "A screening aid, not a diagnosis.", fontsize=8, weight="bold")
-            pdf.savefig(fig)
+    with _PDF_LOCK:  # one document at a time: ReportLab keeps its fonts in module state
+        made = pisa.CreatePDF(html, dest=buffer, encoding="utf-8")
+    if made.err:
+        raise FundusError(f"the PDF record could not be made ({made.err} errors in its page)")
     return buffer.getvalue()
 
 
-def _wrapped(text: str, width: int) -> list[str]:
-    import textwrap
+_PDF_LOCK = threading.Lock()
 
-    return [line for paragraph in text.splitlines() for line in (textwrap.wrap(paragraph, width) or [""])]
+
+def _pdf_fonts() -> dict[str, str]:
+    """DejaVu Sans, which matplotlib ships, for the PDF: ReportLab's built-in fonts have no glyph
+    for the page's ≤ and ✓."""
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    return {"regular": (folder / "DejaVuSans.ttf").as_posix(), "bold": (folder / "DejaVuSans-Bold.ttf").as_posix()}

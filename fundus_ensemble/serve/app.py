@@ -435,7 +435,7 @@ def create_app(
             log.error("prediction failed: %s", type(exc).__name__)
             return HTMLResponse(_page(predictor, needs, error="internal error while predicting"), status_code=500)
         summary = {"patients": 1, "predicted": 1, "rejected": 0}
-        # the record as a PDF made here (the same drawing as predict.py's report.pdf), carried in the page
+        # the record as a PDF made here (as predict.py makes report.pdf), carried in the page
         # itself: nothing is kept on the station once the answer has gone
         pdf = await run_in_threadpool(prediction_pdf, [card], predictor.source, summary, shown)
         return HTMLResponse(
