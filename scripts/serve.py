@@ -92,6 +92,7 @@ def main(argv=None):
         gate=False if args.no_quality_gate else None,
         site=args.site,
     )
+    predictor.warm_up()  # the first patient should not wait for the networks' tracing
     app = create_app(predictor, token, args.max_upload_mb, args.queue, args.batch_size, args.log_patients)
     print(
         f"serving {'the bundled model' if named == 'bundled' else named} ({', '.join(predictor.views)}, {predictor.size} px; thresholds: {predictor.source}) "

@@ -292,3 +292,15 @@ def test_a_folders_patients_come_in_the_order_people_read_ids(tmp_path):
     for pid in ("1258", "23", "992", "a10", "a9"):
         (tmp_path / f"{pid}_left.jpg").write_bytes(b"x")
     assert [p.patient_id for p in patients_in_folder(tmp_path)] == ["23", "992", "1258", "a9", "a10"]
+
+
+def test_warm_up_traces_every_network_a_patient_needs(tiny_run):
+    from fundus_ensemble.inference.predict import Predictor
+
+    for explain in (False, True):
+        predictor = Predictor(tiny_run, explain=explain, gate=True)
+        networks = [predictor.cams[v].image_maps if explain else predictor.encoders[v] for v in predictor.views]
+        assert all(net.predict_function is None for net in networks)
+        predictor.warm_up()
+        networks.append(predictor._likeness._model())
+        assert all(net.predict_function is not None for net in networks), explain

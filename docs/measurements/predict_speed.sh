@@ -46,7 +46,9 @@ from fundus_ensemble.inference.bundle import resolve_run
 from fundus_ensemble.inference.predict import Predictor
 from fundus_ensemble.serve.app import create_app
 
-client = TestClient(create_app(Predictor(resolve_run("bundled"), explain=True)))
+predictor = Predictor(resolve_run("bundled"), explain=True)
+predictor.warm_up()  # as scripts/serve.py does before serving
+client = TestClient(create_app(predictor))
 lefts = sorted(glob.glob(f"{sys.argv[1]}/*_left.jpg"))[:20]
 times = []
 for left in lefts:

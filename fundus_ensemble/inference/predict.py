@@ -595,6 +595,17 @@ class Predictor:
             read.photos.append(rows)
         return read
 
+    def warm_up(self) -> None:
+        """Trace every network once on black images (each view's backbone, or its Grad-CAM maps, and
+        the gate's classifier): a station's first patient then waits no longer than the next."""
+        black = np.zeros((1, self.size, self.size, 3), np.float32)
+        for view in self.views:
+            self._photo_features(view, black)
+        if self.gate:
+            if self._likeness is None:
+                self._likeness = FundusLikeness()
+            self._likeness.mass([np.zeros((GATE_SIZE, GATE_SIZE, 3), np.uint8)])
+
     def photo_features(self, chunk: list[PatientPhotos]) -> tuple[dict[str, np.ndarray], ChunkInputs]:
         """Every usable photo's pooled features per view ``(photos, F)``, as the heads read them, and
         what :meth:`read_chunk` found (site alignment is fitted on these: the site's own features)."""
