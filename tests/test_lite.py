@@ -225,6 +225,9 @@ def test_a_zip_checkpoint_is_read_only_as_torch_writes_it(tmp_path, fake_torch):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.skipif(
+    os.environ.get("KERAS_BACKEND") == "jax", reason="the same reader refuses the file on any backend: checked once"
+)
 def test_train_pair_names_a_damaged_weights_file_in_one_line(tmp_path, fake_torch):
     import subprocess
 
