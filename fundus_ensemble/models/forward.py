@@ -4,9 +4,9 @@ On a CPU a convolutional network runs faster per image in small batches: Efficie
 380 px, TensorFlow on this project's 2-core machine, 0.055-0.066 s per image in calls of 2-4
 images and 0.098 s in calls of 32; the gate's Lite0 at 224 px 0.016 s at 4 and 0.018 at 32
 (``docs/measurements/forward_slices.py``): a small batch's activations stay in the processor's
-cache. A GPU wants the opposite. :func:`forward` cuts a
-batch into slices of :func:`slice_size` images and pads the last one, so that every call has
-the same shape and the backend traces (or compiles) the model once.
+cache. A GPU wants the opposite. :func:`forward` cuts a batch into slices of :func:`slice_size`
+images and pads the last one, so that every call has the same shape and the backend traces (or
+compiles) the model once.
 """
 
 from __future__ import annotations
