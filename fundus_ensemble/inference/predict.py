@@ -1059,8 +1059,8 @@ def _load_batch(path: Path) -> tuple[list, list[list[str]]]:
 
 def _move_in(staging: Path, out: Path) -> None:
     """Move a finished run's outputs from ``staging`` into ``out``: each file replaced atomically,
-    the heatmap folder swapped whole, predictions.csv last; an earlier run's output this run did
-    not make (a report, heatmaps) is removed, so the folder holds one run's outputs only."""
+    the heatmap and record folders swapped whole, predictions.csv last; an earlier run's output this
+    run did not make (a report, heatmaps, records) is removed, so the folder holds one run's outputs only."""
     for name in (*OWNED_FOLDERS, *OUTPUT_FILES):
         if not (staging / name).exists():
             if (out / name).is_dir():
