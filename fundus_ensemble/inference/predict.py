@@ -873,22 +873,16 @@ def _predict_into(
         "input": _input_folder(patients),
     }
     if report:
-        from .report import write_prediction_pdf, write_prediction_report  # matplotlib only when asked for
+        from .report import write_prediction_report  # matplotlib only when asked for
 
         shown = [
             card_of(patient, result, note, thresholds, cards.get(patient.patient_id))
             for patient, result, note in results
             if result is None or patient.patient_id in cards
-        ]
-        shown = shown[:REPORT_MAX_PATIENTS]
-        write_prediction_report(shown, out / "report.html", source, summary, predictor.provenance)
-        write_prediction_pdf(shown, out / "report.pdf", source, summary, predictor.provenance)
+        ][:REPORT_MAX_PATIENTS]
         claim_folder(out / RECORDS_DIR, OWNED_FOLDERS[RECORDS_DIR])
-        for card in tqdm(shown, desc="records", unit="patient", disable=None if progress else True):
-            alone = {**summary, "patients": 1, "predicted": int(card["status"] == "ok"), "counts": None}
-            alone["rejected"] = 1 - alone["predicted"]
-            name = f"record-{_file_stem(card['patient_id'], stems)}.pdf"
-            write_prediction_pdf([card], out / RECORDS_DIR / name, source, alone, predictor.provenance)
+        names = [f"record-{_file_stem(card['patient_id'], stems)}.pdf" for card in shown]
+        write_prediction_report(shown, out, source, summary, predictor.provenance, (out / RECORDS_DIR, names))
     return {
         "patients": len(patients),
         "predicted": len(ok),

@@ -26,7 +26,7 @@ from ..data.batches import ImageStore
 from ..data.manifest import load_manifest
 from ..errors import FundusError
 from ..evaluation.ensemble import load_view_model, run_views
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_bytes, atomic_write_text
 from ..labels import LABEL_NAMES, LABELS
 from .explain import GradCam, ensemble_heatmaps, overlay
 from .referral import counts_text
@@ -669,45 +669,47 @@ def prediction_context(
 
 
 def write_prediction_report(
-    cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict, provenance: dict | None = None
-) -> Path:
-    """One record per patient: both eyes, the heatmaps of the explained classes, and the decisions.
+    cards: list[dict],
+    out_dir: str | os.PathLike,
+    source: str,
+    summary: dict,
+    provenance: dict | None = None,
+    records: tuple[Path, list[str]] | None = None,
+) -> None:
+    """One record per patient: both eyes, the heatmaps of the explained classes, and the decisions,
+    as ``report.html`` and ``report.pdf`` in ``out_dir``, and with ``records`` (a folder, a file name
+    per card) as one PDF per patient; all from one page context, so each picture is encoded once.
 
     ``cards`` items hold ``patient_id``, ``status``, ``note``, ``eyes`` ({eye: BGR photo}),
     ``heatmaps`` ({(eye, class): [0, 1] array}), ``probability``, ``threshold`` and ``decision``
     (per class lists, absent for a rejected patient).
     """
-    out = Path(out_path)
+    out = Path(out_dir)
     shown = prediction_context(cards, source, summary, provenance)
-    atomic_write_text(out, render("prediction.html", "fundus-ensemble: predictions", p=shown))
-    return out
-
-
-def write_prediction_pdf(
-    cards: list[dict], out_path: str | os.PathLike, source: str, summary: dict, provenance: dict | None = None
-) -> Path:
-    """The same records as :func:`write_prediction_report` as a PDF to print or file (:func:`prediction_pdf`)."""
-    out = Path(out_path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(prediction_pdf(cards, source, summary, provenance))
-    os.replace(tmp, out)
-    return out
+    atomic_write_text(out / "report.html", render("prediction.html", "fundus-ensemble: predictions", p=shown))
+    atomic_write_bytes(out / "report.pdf", _context_pdf(shown))
+    if records is not None:
+        folder, names = records
+        for record, name in zip(shown["records"], names):
+            predicted = int(record["status"] == "ok")
+            alone = {**shown, "patients": 1, "predicted": predicted, "rejected": 1 - predicted, "counts": None}
+            atomic_write_bytes(Path(folder) / name, _context_pdf({**alone, "records": [record]}))
 
 
 def prediction_pdf(cards: list[dict], source: str, summary: dict, provenance: dict | None = None) -> bytes:
     """The records of :func:`write_prediction_report` as a PDF, rendered without a browser from the
     report's own template (``prediction.html``, its ``pdf.css`` added) by xhtml2pdf: the first page
     the job, the counts, the model and the model card's summary, then a page per patient."""
+    return _context_pdf(prediction_context(cards, source, summary, provenance))
+
+
+def _context_pdf(context: dict) -> bytes:
+    """:func:`prediction_pdf` of a page context already made (:func:`prediction_context`)."""
     import logging
 
     from xhtml2pdf import pisa
 
-    html = render(
-        "prediction.html",
-        "fundus-ensemble: screening record",
-        p=prediction_context(cards, source, summary, provenance),
-        pdf_fonts=_pdf_fonts(),
-    )
+    html = render("prediction.html", "fundus-ensemble: screening record", p=context, pdf_fonts=_pdf_fonts())
     logging.getLogger("xhtml2pdf").setLevel(logging.ERROR)  # it warns of every CSS property it skips
     buffer = io.BytesIO()
     with _PDF_LOCK:  # one document at a time: ReportLab keeps its fonts in module state
