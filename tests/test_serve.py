@@ -463,6 +463,29 @@ def test_the_station_page_shows_what_it_was_given_as_text():
     assert "<img src=x" not in answer.text and 'download="record-_img_src_x_onerror_alert_1____.pdf"' in answer.text
 
 
+def test_the_page_and_its_pdf_share_one_encoding_of_each_picture(photos, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import fundus_ensemble.inference.report as report
+    from fundus_ensemble.serve.app import create_app
+
+    class Shown(SlowPredictor):
+        def predict_chunk(self, chunk, collect=None, **_):
+            eye = cv2.imread(str(photos["left"]))
+            for p in chunk:
+                collect[p.patient_id] = {"eyes": {"left": eye}, "heatmaps": {("left", "D"): np.ones((4, 4))}}
+            return super().predict_chunk(chunk)
+
+    encoded, encode = [], report._image_uri
+    monkeypatch.setattr(report, "_image_uri", lambda bgr: encoded.append(bgr.shape) or encode(bgr))
+    slow = Shown()
+    slow.release.set()
+    answer = TestClient(create_app(slow)).post("/", files={"left": ("a.jpg", photos["left"].read_bytes())})
+    assert answer.status_code == 200 and 'id="pdf"' in answer.text, answer.text[-2000:]
+    # the photo and its heatmap, drawn at the page's 224 px, and no second copy for the PDF
+    assert encoded == [(224, 224, 3)] * 2, encoded
+
+
 def test_the_page_signs_in_with_the_token_and_shows_no_server_path(photos, run_dir, server):
     from fastapi.testclient import TestClient
 

@@ -687,24 +687,20 @@ def write_prediction_report(
     out = Path(out_dir)
     shown = prediction_context(cards, source, summary, provenance)
     atomic_write_text(out / "report.html", render("prediction.html", "fundus-ensemble: predictions", p=shown))
-    atomic_write_bytes(out / "report.pdf", _context_pdf(shown))
+    atomic_write_bytes(out / "report.pdf", prediction_pdf(shown))
     if records is not None:
         folder, names = records
         for record, name in zip(shown["records"], names):
             predicted = int(record["status"] == "ok")
             alone = {**shown, "patients": 1, "predicted": predicted, "rejected": 1 - predicted, "counts": None}
-            atomic_write_bytes(Path(folder) / name, _context_pdf({**alone, "records": [record]}))
+            atomic_write_bytes(Path(folder) / name, prediction_pdf({**alone, "records": [record]}))
 
 
-def prediction_pdf(cards: list[dict], source: str, summary: dict, provenance: dict | None = None) -> bytes:
-    """The records of :func:`write_prediction_report` as a PDF, rendered without a browser from the
-    report's own template (``prediction.html``, its ``pdf.css`` added) by xhtml2pdf: the first page
-    the job, the counts, the model and the model card's summary, then a page per patient."""
-    return _context_pdf(prediction_context(cards, source, summary, provenance))
-
-
-def _context_pdf(context: dict) -> bytes:
-    """:func:`prediction_pdf` of a page context already made (:func:`prediction_context`)."""
+def prediction_pdf(context: dict) -> bytes:
+    """A prediction page's context (:func:`prediction_context`) as a PDF, rendered without a browser
+    from the report's own template (``prediction.html``, its ``pdf.css`` added) by xhtml2pdf: the first
+    page the job, the counts, the model and the model card's summary, then a page per patient. The
+    pictures are drawn 2.6 cm a side whatever the context's ``thumb``."""
     import logging
 
     from xhtml2pdf import pisa

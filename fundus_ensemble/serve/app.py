@@ -436,13 +436,15 @@ def create_app(
             return HTMLResponse(_page(predictor, needs, error="internal error while predicting"), status_code=500)
         summary = {"patients": 1, "predicted": 1, "rejected": 0}
         # the record as a PDF made here (as predict.py makes report.pdf), carried in the page
-        # itself: nothing is kept on the station once the answer has gone
-        pdf = await run_in_threadpool(prediction_pdf, [card], predictor.source, summary, shown)
+        # itself: nothing is kept on the station once the answer has gone; the page and its PDF
+        # share one context, so that each picture is resized and encoded once
+        result = prediction_context([card], predictor.source, summary, shown, thumb=224)
+        pdf = await run_in_threadpool(prediction_pdf, result)
         return HTMLResponse(
             _page(
                 predictor,
                 needs,
-                result=prediction_context([card], predictor.source, summary, shown, thumb=224),
+                result=result,
                 pdf={
                     "name": f"record-{re.sub(r'[^A-Za-z0-9_.-]', '_', card['patient_id'])[:64]}.pdf",
                     "uri": "data:application/pdf;base64," + base64.b64encode(pdf).decode("ascii"),
