@@ -107,6 +107,25 @@ def test_a_montage_of_fundus_photos_is_refused(retina):
     assert quality.grade(retina).statistics["retinas"] == 1
 
 
+def test_four_touching_retinas_are_several_photos_and_one_retina_with_dark_spots_is_not(retina):
+    tile = crop_to_fov(retina, 256)  # tightly cropped, as ODIR's photos are: the retinas touch
+    touching = np.vstack([np.hstack([tile, tile]), np.hstack([tile, tile])])  # one lit region
+    verdict = quality.grade(touching)
+    assert verdict.statistics["retinas"] == 1 and verdict.reason == "several photos in one", verdict.text
+    assert not verdict.usable and "2 x 2" in verdict.text
+    # as for retinas apart, not asked of a retina too dark to read: its centre may be black (real: 3 photos)
+    dark = quality.grade((touching * 0.15).astype(np.uint8))
+    assert dark.statistics["grid_points_dark"] == 5 and dark.reason == "too dark", dark.text
+    # one retina dark where four would meet: at its centre (a dark macula) or at the middles of its sides
+    centre, sides = retina.copy(), retina.copy()
+    cv2.circle(centre, (256, 256), 40, (0, 0, 0), -1)
+    for y, x in ((20, 256), (492, 256), (256, 20), (256, 492)):
+        cv2.circle(sides, (x, y), 30, (0, 0, 0), -1)
+    for one in (centre, sides):
+        verdict = quality.grade(one)
+        assert 1 <= verdict.statistics["grid_points_dark"] <= 4 and verdict.reason != "several photos in one"
+
+
 def test_a_camera_with_a_white_surround_is_a_fundus_camera(retina):
     white = retina.copy()
     white[retina.max(axis=2) <= 20] = 255

@@ -10,7 +10,9 @@ brightness), to show why vessels are not asked for, and the solidity a shape che
 (the largest lit region's area over its convex hull's: a disc fills it, touching retinas do not),
 to show why that is not asked for either; and an optic disc check's reading (:func:`disc_peaks`:
 how far the brightest disc-sized blob stands above its surroundings, and how many such blobs
-there are): a painted disc has none, four touching retinas have four.
+there are): a painted disc has none, four touching retinas have four; and the montage check's
+reading (``grid_points_dark``: how many of the five points where a 2 x 2 grid's discs meet are
+dark), on every photo and on ``--montages`` touching 2 x 2 montages of four random photos.
 
     PYTHONPATH=. python docs/measurements/gate_structure.py $DATA/labels.csv --image-root $DATA
 """
@@ -24,7 +26,7 @@ import numpy as np
 
 from fundus_ensemble.data.imaging import BORDER_LEVEL, crop_to_fov, find_fov
 from fundus_ensemble.data.keywords import eye_labels
-from fundus_ensemble.data.quality import MIN_DETAIL, WORK_SIZE, grade, statistics
+from fundus_ensemble.data.quality import MIN_BRIGHTNESS, MIN_DETAIL, WORK_SIZE, grade, statistics
 from fundus_ensemble.labels import LABELS
 from fundus_ensemble.models.gate import INPUT_SIZE, MIN_FUNDUS_MASS, FundusLikeness
 
@@ -98,7 +100,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("labels", type=Path)
     p.add_argument("--image-root", type=Path, required=True)
+    p.add_argument("--montages", type=int, default=300, help="touching 2 x 2 montages of random photos to grade")
+    p.add_argument(
+        "--without-grid-check", action="store_true", help="grade as before the montage check (no grid point is dark)"
+    )
     args = p.parse_args()
+    if args.without_grid_check:
+        import fundus_ensemble.data.quality as quality
+
+        quality._grid_points = lambda bright: 0
     rows = list(csv.DictReader(open(args.labels, newline="")))
     images = painted_discs()
     photos = [cv2.imread(str(args.image_root / "images" / r["filename"])) for r in rows[:4]]
@@ -112,29 +122,43 @@ def main() -> None:
     mass = FundusLikeness().mass([crop_to_fov(a, INPUT_SIZE) for a in images.values()])
     print(
         f"| image | verdict | screened | fundus mass (ImageNet check, min {MIN_FUNDUS_MASS}) | solidity "
-        "| disc blob | disc blobs |\n|---|---|---|---|---|---|---|"
+        "| disc blob | disc blobs | grid points dark |\n|---|---|---|---|---|---|---|---|"
     )
     for (name, image), m in zip(images.items(), mass):
         verdict = grade(image)
         top, count = disc_peaks(image)
         print(
             f"| {name} | {verdict.text} | {'yes' if verdict.usable else 'no'} | {m:.2f} | {solidity(image):.2f} "
-            f"| {top:.3f} | {count} |"
+            f"| {top:.3f} | {count} | {verdict.statistics.get('grid_points_dark', '')} |"
         )
+    rng = np.random.default_rng(0)
+    reasons: dict[str, int] = {}
+    for _ in range(args.montages):
+        four = [cv2.imread(str(args.image_root / "images" / rows[i]["filename"])) for i in rng.choice(len(rows), 4)]
+        verdict = grade(np.vstack([np.hstack(four[:2]), np.hstack(four[2:])]))
+        kind = "gradable" if verdict.gradable else f"{verdict.reason} ({'screened' if verdict.usable else 'refused'})"
+        reasons[kind] = reasons.get(kind, 0) + 1
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items(), key=lambda item: -item[1]))
+    print(f"\n{args.montages} touching 2 x 2 montages of four random photos: {counts}")
     values: dict[str, list] = {c: [] for c in LABELS}
-    several = 0
+    several = grid = 0
     for r in rows:
         image = cv2.imread(str(args.image_root / "images" / r["filename"]))
         try:
             s = statistics(image)
         except Exception:  # no retina found: the gate's first check, not a structure one
             continue
-        several += s["retinas"] > 1 and grade(image).reason == "several photos in one"
+        verdict = grade(image)
+        several += verdict.reason == "several photos in one"
+        grid += s["grid_points_dark"] == 5 and s["brightness"] >= MIN_BRIGHTNESS
         labels = eye_labels(r["eye_keywords"])
         for j, c in enumerate(LABELS):
             if labels is not None and labels[j]:
                 values[c].append((s["detail"], vessel_fraction(image), solidity(image), *disc_peaks(image)))
-    print(f"\n{len(rows)} photos: {several} refused as several photos in one\n")
+    print(
+        f"\n{len(rows)} photos: {several} refused as several photos in one; {grid} with all five grid points dark "
+        f"and at least {MIN_BRIGHTNESS:.0f} bright\n"
+    )
     print(
         f"| class | photos | detail: lowest | under {MIN_DETAIL} | vessel fraction: median | 1st percentile "
         "| solidity: lowest | 1st percentile | disc blob: lowest | 1st percentile | median "
