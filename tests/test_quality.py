@@ -93,6 +93,18 @@ def test_a_painted_disc_with_no_retinal_detail_is_never_gradable(vignette):
     assert verdict.usable, "screened as poor, never cleared, like a hazy lens: not refused"
 
 
+def test_pixel_noise_on_a_painted_disc_is_grainy_and_a_real_retina_is_not(retina):
+    disc = painted_disc(vignette=True).astype(np.float32)
+    noise = np.random.default_rng(0).normal(0, 4, disc.shape) * (disc.max(axis=2, keepdims=True) > 0)
+    verdict = quality.grade(np.clip(disc + noise, 0, 255).astype(np.uint8))
+    assert verdict.statistics["detail"] >= quality.MIN_DETAIL, "its noise is detail: the blur check passes it"
+    assert verdict.reason == "grainy" and verdict.usable, verdict.text  # screened, never cleared
+    # real photos reach 1.99 (hazy cataracts); a real retina, with the same noise too, is not grainy
+    for photo in (retina, np.clip(retina + np.random.default_rng(1).normal(0, 4, retina.shape), 0, 255)):
+        real = quality.grade(photo.astype(np.uint8))
+        assert real.gradable and real.statistics["sharpness"] < quality.MAX_SHARPNESS, real.text
+
+
 def test_a_montage_of_fundus_photos_is_refused(retina):
     small = cv2.resize(retina, (240, 240), interpolation=cv2.INTER_AREA)
     two = np.zeros((512, 512, 3), np.uint8)

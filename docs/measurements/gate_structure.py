@@ -12,7 +12,8 @@ to show why that is not asked for either; and an optic disc check's reading (:fu
 how far the brightest disc-sized blob stands above its surroundings, and how many such blobs
 there are): a painted disc has none, four touching retinas have four; and the montage check's
 reading (``grid_points_dark``: how many of the five points where a 2 x 2 grid's discs meet are
-dark), on every photo and on ``--montages`` touching 2 x 2 montages of four random photos.
+dark), on every photo and on ``--montages`` touching 2 x 2 montages of four random photos; and
+the highest sharpness (finest detail over the coarser) per class, which the grainy check bounds.
 
     PYTHONPATH=. python docs/measurements/gate_structure.py $DATA/labels.csv --image-root $DATA
 """
@@ -154,7 +155,9 @@ def main() -> None:
         labels = eye_labels(r["eye_keywords"])
         for j, c in enumerate(LABELS):
             if labels is not None and labels[j]:
-                values[c].append((s["detail"], vessel_fraction(image), solidity(image), *disc_peaks(image)))
+                values[c].append(
+                    (s["detail"], vessel_fraction(image), solidity(image), *disc_peaks(image), s["sharpness"])
+                )
     print(
         f"\n{len(rows)} photos: {several} refused as several photos in one; {grid} with all five grid points dark "
         f"and at least {MIN_BRIGHTNESS:.0f} bright\n"
@@ -162,16 +165,16 @@ def main() -> None:
     print(
         f"| class | photos | detail: lowest | under {MIN_DETAIL} | vessel fraction: median | 1st percentile "
         "| solidity: lowest | 1st percentile | disc blob: lowest | 1st percentile | median "
-        "| more than one disc blob | more than three |"
+        "| more than one disc blob | more than three | sharpness: highest |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in LABELS:
         v = np.array(values[c])
         print(
             f"| {c} | {len(v)} | {v[:, 0].min():.2f} | {(v[:, 0] < MIN_DETAIL).sum()} | {np.median(v[:, 1]):.4f} | "
             f"{np.percentile(v[:, 1], 1):.4f} | {np.nanmin(v[:, 2]):.2f} | {np.nanpercentile(v[:, 2], 1):.2f} | "
             f"{v[:, 3].min():.3f} | {np.percentile(v[:, 3], 1):.3f} | {np.median(v[:, 3]):.3f} | "
-            f"{(v[:, 4] > 1).mean():.1%} | {(v[:, 4] > 3).mean():.1%} |"
+            f"{(v[:, 4] > 1).mean():.1%} | {(v[:, 4] > 3).mean():.1%} | {v[:, 5].max():.2f} |"
         )
 
 

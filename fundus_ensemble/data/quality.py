@@ -42,7 +42,10 @@ first that fails giving the reason:
    below :data:`MIN_RED_SHARE` where the retina is not clipped (a fundus is an orange-red disc);
 9. **blurred or hazy** (poor): the finest detail (the image less its blur at sigma 1) below
    :data:`MIN_SHARPNESS` times the coarser detail (sigma 1 less sigma 4), or that coarser detail
-   below :data:`MIN_DETAIL` gray levels (a smooth painted disc: no retina has so little).
+   below :data:`MIN_DETAIL` gray levels (a smooth painted disc: no retina has so little);
+10. **grainy** (poor): the finest detail over :data:`MAX_SHARPNESS` times the coarser: pixel
+   noise with no retina's structure under it (a smooth disc with noise added; the haziest
+   cataracts reach 1.99).
 
 A retina's vessels are not asked for: half of the cataract photos of odir5k-256-dev show
 hardly any (the haze hides them), so a vessel check would turn away exactly the eyes a
@@ -78,6 +81,9 @@ MIN_DARK_CORNERS = 0.30  # real: 0.5th percentile 0.50; a retina cut in half kee
 MAX_WHITE_DISC = 0.5  # a white surround counts as a camera's only around a disc mostly not white
 CAMERA_WHITE = 235  # a corner pixel this bright in every channel is a camera's white surround, not retina
 MIN_SHARPNESS = 0.32  # real: 1st percentile 0.36; Gaussian blur sigma 1.5: 95th percentile 0.29
+# fine detail this many times the coarser is pixel noise, not a retina's structure: real photos reach 1.99 (a hazy
+# cataract, whose coarse detail the haze hides), pixel noise on a smooth painted disc 2.55
+MAX_SHARPNESS = 2.3
 # gray levels of detail between sigma 1 and 4 at WORK_SIZE: every real photo has some (lowest of 4,885: 0.44, a
 # dense cataract); a smooth painted disc has almost none (0.19 flat, 0.23 vignetted), which a ratio alone misses
 MIN_DETAIL = 0.3
@@ -104,9 +110,10 @@ REASONS = (
     "pale or discoloured",
     "partly dark",
     "several photos in one",
+    "grainy",
 )
 # the retina is found but hard to read: a cloudy lens does this too, so the photo is screened and never clears
-POOR = ("over-exposed", "too dark", "partly dark", "pale or discoloured", "blurred")
+POOR = ("over-exposed", "too dark", "partly dark", "pale or discoloured", "blurred", "grainy")
 POOR_ADVICE = (
     "retake it; if a retake is no clearer, refer: a cloudy lens (cataract) or another opacity of the eye "
     "can cause this, and is itself a reason to refer"
@@ -276,6 +283,11 @@ def grade(image: np.ndarray) -> Verdict:
             "blurred",
             s["sharpness"] < MIN_SHARPNESS or s["detail"] < MIN_DETAIL,
             f"sharpness {s['sharpness']:.2f}, detail {s['detail']:.2f}",
+        ),
+        (
+            "grainy",
+            s["sharpness"] > MAX_SHARPNESS,
+            f"its finest detail {s['sharpness']:.2f} times the coarser: pixel noise, not a retina's structure",
         ),
     )
     for reason, failed, detail in checks:
