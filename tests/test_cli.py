@@ -71,6 +71,26 @@ def test_help_imports_no_tensorflow(name):
     assert result.stdout.strip().splitlines()[-1] == "CLEAN", f"{name} --help imported TensorFlow/Keras"
 
 
+def test_the_model_card_is_printed_without_starting_keras():
+    # the bundle's record is checked (its backbone among those this package builds) from the registry alone
+    probe = (
+        "import runpy, sys; sys.argv = ['predict.py', '--model-card']\n"
+        f"try:\n    runpy.run_path({str(REPO / 'scripts' / 'predict.py')!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print('LOADED' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'CLEAN')"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("# Model card") and lines[-1] == "CLEAN", (result.stdout[-500:], result.stderr[-2000:])
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `predict.py --model-card | head -1`: the pipe closes while the card is still being written
+    code = "import sys\nfrom fundus_ensemble.cli import run\ndef main(argv):\n    raise BrokenPipeError(32, 'Broken pipe')\nsys.exit(run(main))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+
+
 def test_a_missing_keras_backend_is_one_error_line(tmp_path):
     (tmp_path / "run").mkdir()  # folders that exist: score gets as far as loading Keras
     (tmp_path / "prep").mkdir()
