@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fundus_ensemble.data import acquisition
 from fundus_ensemble.data.synthetic import EyeSpec, render_eye
@@ -124,3 +125,34 @@ def test_heads_learn_from_the_acquisition_copies_of_train_and_val_photos_only(sm
     expected = heads.cross_fit(plain, dev.label_matrix(), folds=3, seed=0, augmented=(copied,))
     with np.load(run / "color" / "out_of_fold.npz") as oof:
         np.testing.assert_allclose(oof["probabilities"], expected.out_of_fold, atol=1e-6)
+
+
+def test_shifted_copies_are_written_once_and_a_missing_eye_stays_missing(tmp_path):
+    import cv2
+
+    from fundus_ensemble.data.manifest import Patient
+    from fundus_ensemble.errors import ImageError
+
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a_l.png"), render_eye(EyeSpec(frozenset(), "left", 1), 64))
+    patients = [Patient("a", "in/a_l.png", None, (1, 0, 0, 0, 0, 0, 0, 0), "test")]
+    calls = []
+
+    def darker(photo, name):
+        calls.append(name)
+        return photo // 2
+
+    [copy] = acquisition.shifted_copies(patients, tmp_path, tmp_path / "out", darker)
+    assert (copy.left_image, copy.right_image, copy.split, copy.labels) == (
+        "photos/a_left.png",
+        None,
+        "train",
+        patients[0].labels,
+    )
+    written = cv2.imread(str(tmp_path / "out" / copy.left_image))
+    assert np.array_equal(written, cv2.imread(str(tmp_path / "in" / "a_l.png")) // 2) and calls == ["in/a_l.png"]
+    acquisition.shifted_copies(patients, tmp_path, tmp_path / "out", darker)  # a measurement that goes on
+    assert calls == ["in/a_l.png"], "a copy already written is kept, not made again"
+    (tmp_path / "in" / "a_l.png").write_bytes(b"not a photo")
+    with pytest.raises(ImageError, match="a_l.png: cannot be read"):
+        acquisition.shifted_copies(patients, tmp_path, tmp_path / "elsewhere", darker)

@@ -20,13 +20,11 @@ Test patients take no part in any fit.
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
@@ -49,6 +47,7 @@ def main() -> None:
     )
     args = p.parse_args()
     import_keras()
+    from fundus_ensemble.data.acquisition import shifted_copies
     from fundus_ensemble.data.manifest import load_manifest, write_manifest
     from fundus_ensemble.data.preprocess import preprocess_manifest
     from fundus_ensemble.evaluation.calibration import fit_calibration, raw_thresholds
@@ -81,22 +80,7 @@ def main() -> None:
         """view -> patient id -> (2, F): the patients' photos through ``transform(photo, name)``,
         cropped and made into views as every run does; patients preprocessing refused are absent."""
         began = time.perf_counter()
-        rows = []
-        for q in patients:
-            eyes = {}
-            for eye in ("left", "right"):
-                relative = getattr(q, f"{eye}_image")
-                if not relative:
-                    eyes[eye] = None
-                    continue
-                target = folder / "photos" / f"{q.patient_id}_{eye}.png"
-                if not target.is_file():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    photo = cv2.imread(str(args.image_root / relative))
-                    cv2.imwrite(str(target), transform(photo, relative))
-                eyes[eye] = f"photos/{target.name}"
-            rows.append(dataclasses.replace(q, left_image=eyes["left"], right_image=eyes["right"], split="train"))
-        write_manifest(rows, folder / "manifest.csv")
+        write_manifest(shifted_copies(patients, args.image_root, folder, transform), folder / "manifest.csv")
         shifted = load_manifest(folder / "manifest.csv", image_root=folder)
         preprocess_manifest(shifted, folder / "prep", size, progress=False)
         out = {}

@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
@@ -44,6 +43,7 @@ MIXES = ("as the test split", "mostly normal", "enriched in cataract and myopia"
 
 def shifted_features(args, data, patients, index: int, shift) -> dict[str, np.ndarray]:
     """view -> (patients, 2, F) of ``patients`` under shift ``index`` (photos written once, features stored)."""
+    from fundus_ensemble.data.acquisition import shifted_copies
     from fundus_ensemble.data.manifest import load_manifest, write_manifest
     from fundus_ensemble.data.preprocess import preprocess_manifest
     from fundus_ensemble.labels import VIEWS
@@ -51,20 +51,7 @@ def shifted_features(args, data, patients, index: int, shift) -> dict[str, np.nd
     from fundus_ensemble.training.features import FeatureSpec, FeatureStore, preprocessing_settings
 
     folder = args.out / f"shift-{index:02d}"
-    rows = []
-    for q in patients:
-        eyes = {}
-        for eye in ("left", "right"):
-            relative = getattr(q, f"{eye}_image")
-            if not relative:
-                eyes[eye] = None
-                continue
-            target = folder / "photos" / f"{q.patient_id}_{eye}.png"
-            if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(target), shift(cv2.imread(str(args.image_root / relative))))
-            eyes[eye] = f"photos/{target.name}"
-        rows.append(dataclasses.replace(q, left_image=eyes["left"], right_image=eyes["right"], split="train"))
+    rows = shifted_copies(patients, args.image_root, folder, lambda photo, name: shift(photo))
     if not (folder / "prep" / "color" / "manifest.csv").is_file():
         write_manifest(rows, folder / "manifest.csv")
         preprocess_manifest(

@@ -11,11 +11,17 @@ photo, so heads can learn from photos as other cameras take them.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ..errors import ImageError
+from .manifest import Patient
 
 
 def gamma(photo: np.ndarray, g: float) -> np.ndarray:
@@ -125,3 +131,30 @@ def random_acquisition(photo: np.ndarray, rng: np.random.Generator, p: float = 0
     if rng.random() < p:
         out = jpeg(out, round(draw("jpeg_quality")))
     return out
+
+
+def shifted_copies(
+    patients: list[Patient], image_root: str | os.PathLike, folder: str | os.PathLike, shift: Callable
+) -> list[Patient]:
+    """The patients with each photo replaced by ``shift(photo, relative_name)``, written once to
+    ``folder/photos`` as PNG (a copy already there is kept: a measurement that stopped goes on), and
+    their split set to train; a patient's missing eye stays missing."""
+    folder = Path(folder)
+    copies = []
+    for patient in patients:
+        eyes = {}
+        for eye in ("left", "right"):
+            relative = getattr(patient, f"{eye}_image")
+            if not relative:
+                eyes[eye] = None
+                continue
+            target = folder / "photos" / f"{patient.patient_id}_{eye}.png"
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                photo = cv2.imread(str(Path(image_root) / relative))
+                if photo is None:
+                    raise ImageError(f"{Path(image_root) / relative}: cannot be read as an image")
+                cv2.imwrite(str(target), shift(photo, relative))
+            eyes[eye] = f"photos/{target.name}"
+        copies.append(dataclasses.replace(patient, left_image=eyes["left"], right_image=eyes["right"], split="train"))
+    return copies
