@@ -421,6 +421,7 @@ def npy_bytes(a):
         ("bundle.json", lambda p: p.write_text('{"a": ' * 100_000 + "1" + "}" * 100_000), "nested too deeply"),
         ("bundle.json", lambda p: p.write_bytes(b" " * 3_000_000), "refused unread"),
         ("bundle.json", lambda p: p.write_text(p.read_text().replace('"gray_eq"', '"/tmp/outside"')), "views"),
+        ("bundle.json", lambda p: p.write_text(p.read_text().replace('"efficientnet_lite0"', '"lite9"')), "not one of"),
         ("extra.npz", lambda p: np.save(p.with_suffix(".npy"), np.zeros(3)), "not in bundle.json"),
     ],
 )

@@ -123,9 +123,8 @@ def read_bundle(folder: str | os.PathLike) -> dict:
 
 def _check_record(record: dict, record_path: Path) -> None:
     """Every entry materialize reads from ``bundle.json`` is one it can trust: known views (a view
-    name becomes a path), a known backbone and a sensible input size."""
-    from ..models.backbone import BACKBONES
-
+    name becomes a path) and a sensible input size; the backbone is checked where it is built
+    (:func:`_check_backbone`: its names come with Keras, which printing the card does not need)."""
     views = record.get("views")
     if (
         not isinstance(views, list)
@@ -134,11 +133,17 @@ def _check_record(record: dict, record_path: Path) -> None:
         or not set(views) <= set(VIEWS)
     ):
         raise BundleError(f"{record_path}: views {views!r}; expected some of {', '.join(VIEWS)}")
-    if record.get("backbone") not in BACKBONES:
-        raise BundleError(f"{record_path}: backbone {record.get('backbone')!r} is not one of {', '.join(BACKBONES)}")
     size = record.get("input_size")
     if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
         raise BundleError(f"{record_path}: input_size {size!r}; expected a whole number of pixels from 32 to 1024")
+
+
+def _check_backbone(record: dict, record_path: Path) -> None:
+    """The record's backbone is one this package builds."""
+    from ..models.backbone import BACKBONES
+
+    if record.get("backbone") not in BACKBONES:
+        raise BundleError(f"{record_path}: backbone {record.get('backbone')!r} is not one of {', '.join(BACKBONES)}")
 
 
 def write_bundle(
@@ -206,6 +211,7 @@ def materialize(folder: str | os.PathLike = PACKAGED) -> Path:
     """The run folder of a bundle (checked; built once into :func:`cache_root`); see the module doc."""
     folder = Path(folder)
     record = read_bundle(folder)
+    _check_backbone(record, folder / "bundle.json")
     # the layout's version is in the key: a cache built by an older release of this code is not reused
     key = hashlib.sha256(f"{RUN_LAYOUT}\n".encode() + (folder / "bundle.json").read_bytes()).hexdigest()[:16]
     run = cache_root() / f"bundle-{key}"
