@@ -125,7 +125,7 @@ def test_four_touching_retinas_are_several_photos_and_one_retina_with_dark_spots
     verdict = quality.grade(touching)
     assert verdict.statistics["retinas"] == 1 and verdict.reason == "several photos in one", verdict.text
     assert not verdict.usable and "2 x 2" in verdict.text
-    # as for retinas apart, not asked of a retina too dark to read: its centre may be black (real: 3 photos)
+    # as for retinas apart, not asked of a retina too dark to read: its centre may be black (real: 1 photo)
     dark = quality.grade((touching * 0.15).astype(np.uint8))
     assert dark.statistics["grid_points_dark"] == 5 and dark.reason == "too dark", dark.text
     # one retina dark where four would meet: at its centre (a dark macula) or at the middles of its sides

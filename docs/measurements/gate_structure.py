@@ -142,7 +142,7 @@ def main() -> None:
     counts = ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items(), key=lambda item: -item[1]))
     print(f"\n{args.montages} touching 2 x 2 montages of four random photos: {counts}")
     values: dict[str, list] = {c: [] for c in LABELS}
-    several = grid = 0
+    several = grid = grid_bright = 0
     for r in rows:
         image = cv2.imread(str(args.image_root / "images" / r["filename"]))
         try:
@@ -151,7 +151,8 @@ def main() -> None:
             continue
         verdict = grade(image)
         several += verdict.reason == "several photos in one"
-        grid += s["grid_points_dark"] == 5 and s["brightness"] >= MIN_BRIGHTNESS
+        grid += s["grid_points_dark"] == 5
+        grid_bright += s["grid_points_dark"] == 5 and s["brightness"] >= MIN_BRIGHTNESS
         labels = eye_labels(r["eye_keywords"])
         for j, c in enumerate(LABELS):
             if labels is not None and labels[j]:
@@ -159,8 +160,8 @@ def main() -> None:
                     (s["detail"], vessel_fraction(image), solidity(image), *disc_peaks(image), s["sharpness"])
                 )
     print(
-        f"\n{len(rows)} photos: {several} refused as several photos in one; {grid} with all five grid points dark "
-        f"and at least {MIN_BRIGHTNESS:.0f} bright\n"
+        f"\n{len(rows)} photos: {several} refused as several photos in one; {grid} with all five grid points dark, "
+        f"{grid_bright} of them at least {MIN_BRIGHTNESS:.0f} bright\n"
     )
     print(
         f"| class | photos | detail: lowest | under {MIN_DETAIL} | vessel fraction: median | 1st percentile "
