@@ -94,6 +94,7 @@ MIN_BLOCK_STEP = 1.5  # gray levels: real 256 px photos reach 1.3; quality 10 at
 # the retina's box at WORK_SIZE: its centre and the middles of its sides, this far in, are where a 2 x 2 montage's
 # four discs meet (their dark corners) and one retina is lit; a point is dark at the frame's level
 GRID_INSET = 10
+FRAME_DARK = BORDER_LEVEL + 10  # at or below: dark as a camera's surround (the corners of _frame, the grid points)
 GRID_PATCH = 4  # px either side of each point
 DIM_LEVEL = 80  # with no retina found: when the brightest pixels are below this, the photo is too dark
 UNREADABLE_BRIGHTNESS = 20.0  # a retina darker than this is refused, not screened (real: darkest 25)
@@ -202,7 +203,7 @@ def _grid_points(bright: np.ndarray) -> int:
     134 were gradable without this check and none is with it."""
     side, h, c, e = bright.shape[0], bright.shape[0] // 2, GRID_PATCH, GRID_INSET
     points = ((h, h), (e, h), (side - e, h), (h, e), (h, side - e))
-    return int(sum(bright[y - c : y + c, x - c : x + c].mean() <= BORDER_LEVEL + 10 for y, x in points))
+    return int(sum(bright[y - c : y + c, x - c : x + c].mean() <= FRAME_DARK for y, x in points))
 
 
 def _lit_regions(image: np.ndarray) -> int:
@@ -222,7 +223,7 @@ def _frame(square: np.ndarray) -> np.ndarray:
     """Pixels of the camera's surround: black, or flat white around a disc that is neither white itself
     nor other than orange-red (some cameras frame the retina in white; a page, a logo or a colour wheel
     on white is no such camera)."""
-    dark = square.max(axis=2) <= BORDER_LEVEL + 10
+    dark = square.max(axis=2) <= FRAME_DARK
     white = square.min(axis=2) >= CAMERA_WHITE
     side = square.shape[0]
     yy, xx = np.mgrid[:side, : square.shape[1]]
