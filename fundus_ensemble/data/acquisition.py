@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from ..errors import ImageError
+from .imaging import decode_image
 from .manifest import Patient
 
 
@@ -151,9 +152,11 @@ def shifted_copies(
             target = folder / "photos" / f"{patient.patient_id}_{eye}.png"
             if not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                photo = cv2.imread(str(Path(image_root) / relative))
-                if photo is None:
-                    raise ImageError(f"{Path(image_root) / relative}: cannot be read as an image")
+                source = Path(image_root) / relative
+                try:  # as preprocessing reads it: upright, 8-bit BGR, a truncated JPEG refused
+                    photo = decode_image(source)
+                except ImageError as exc:
+                    raise ImageError(f"{source}: cannot be read as an image ({exc})") from None
                 cv2.imwrite(str(target), shift(photo, relative))
             eyes[eye] = f"photos/{target.name}"
         copies.append(dataclasses.replace(patient, left_image=eyes["left"], right_image=eyes["right"], split="train"))
