@@ -533,9 +533,7 @@ class Predictor:
                 except ImageError as exc:
                     reasons[k].append(f"{eye}: {exc}")
         if likeness:
-            if self._likeness is None:
-                self._likeness = FundusLikeness()
-            for (k, eye), mass in zip(likeness, self._likeness.mass(list(likeness.values()))):
+            for (k, eye), mass in zip(likeness, self._gate_classifier().mass(list(likeness.values()))):
                 if mass < MIN_FUNDUS_MASS:
                     del squares[k, eye]
                     reasons[k].append(
@@ -602,9 +600,13 @@ class Predictor:
         for view in self.views:
             self._photo_features(view, black)
         if self.gate:
-            if self._likeness is None:
-                self._likeness = FundusLikeness()
-            self._likeness.mass([np.zeros((GATE_SIZE, GATE_SIZE, 3), np.uint8)])
+            self._gate_classifier().mass([np.zeros((GATE_SIZE, GATE_SIZE, 3), np.uint8)])
+
+    def _gate_classifier(self) -> FundusLikeness:
+        """The gate's ImageNet classifier, built on first use (a run with the gate off never builds it)."""
+        if self._likeness is None:
+            self._likeness = FundusLikeness()
+        return self._likeness
 
     def photo_features(self, chunk: list[PatientPhotos]) -> tuple[dict[str, np.ndarray], ChunkInputs]:
         """Every usable photo's pooled features per view ``(photos, F)``, as the heads read them, and
