@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import HEADER
+from crashing_task import dies_on_b
 from PIL import Image
 
 from fundus_ensemble.data.imaging import decode_image
@@ -259,16 +260,10 @@ def test_photos_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
 # ---- processes -----------------------------------------------------------------------------
 
 
-def _dies_on_b(task):
-    if task == "b":
-        os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
-    return task.upper()
-
-
 def test_a_killed_worker_costs_its_task_only():
     results, crashed = {}, []
     map_in_processes(
-        _dies_on_b, list("abcdef"), 2, on_result=results.__setitem__, on_crash=crashed.append, initializer=None
+        dies_on_b, list("abcdef"), 2, on_result=results.__setitem__, on_crash=crashed.append, initializer=None
     )
     assert crashed == ["b"]
     assert results == {t: t.upper() for t in "acdef"}
