@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+from conftest import run_script
 
 from fundus_ensemble.data.synthetic import write_synthetic_dataset
 
@@ -72,7 +73,7 @@ def test_killed_preprocess_resumes_without_redoing_or_truncating(tmp_path):
 @pytest.mark.slow
 def test_killed_training_resumes_from_the_last_epoch(tmp_path):
     manifest = write_synthetic_dataset(tmp_path / "data", 40, seed=5, diameter=64)
-    assert run("preprocess.py", manifest, "--out", tmp_path / "prep", "--size", 32).returncode == 0
+    assert run_script("preprocess.py", manifest, "--out", tmp_path / "prep", "--size", 32).returncode == 0
     args = [
         tmp_path / "prep",
         "--out",
@@ -100,10 +101,12 @@ def test_killed_training_resumes_from_the_last_epoch(tmp_path):
     kill_when(start("train_pair.py", *args), lambda: epochs_logged() >= 2, timeout=300)
     assert not (tmp_path / "run" / "color" / "model.keras").exists()
 
-    refused = run("train_pair.py", *args)
+    # the killed run is a process of its own; what comes after it reads only its files, so it runs in this
+    # process (a new interpreter would import TensorFlow again: seconds each)
+    refused = run_script("train_pair.py", *args)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
-    resumed = run("train_pair.py", *args, "--resume")
+    resumed = run_script("train_pair.py", *args, "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming phase 'train' at epoch" in resumed.stdout
     with open(history) as handle:
