@@ -182,6 +182,43 @@ def test_a_photo_cut_into_a_disc_is_caught_by_the_imagenet_check(retina):
     assert real >= MIN_FUNDUS_MASS > max(cat_mass, cup), (real, cat_mass, cup)
 
 
+def painted(family: str, seed: int) -> np.ndarray:
+    """A lookalike of ``family`` (data.lookalikes) in a retina's mean colour (BGR, an ODIR median)."""
+    from fundus_ensemble.data import lookalikes
+
+    return lookalikes.FAMILIES[family](np.random.default_rng(seed), (45.0, 80.0, 160.0))
+
+
+def test_painted_retinas_that_pass_every_other_check_are_refused_by_the_retina_head(retina):
+    from fundus_ensemble.models.gate import INPUT_SIZE, MIN_FUNDUS_MASS, FundusLikeness
+
+    fakes = [painted(f, seed) for f in ("blurred noise", "optic disc spot", "painted vessels") for seed in range(6)]
+    gate = FundusLikeness()
+    passing = [a for a, m in zip(fakes, gate.mass([crop_to_fov(a, INPUT_SIZE) for a in fakes])) if m >= MIN_FUNDUS_MASS]
+    passing = [a for a in passing if quality.grade(a).gradable]
+    assert len(passing) >= 3, "the image checks and the ImageNet check no longer let these through: pick harder ones"
+    why = gate.judge([crop_to_fov(a, INPUT_SIZE) for a in [retina, *passing]])
+    assert why[0] is None, why[0]  # a real retina, from another camera than the head was fitted on
+    assert all(w is not None and w.startswith("no retina's structure") for w in why[1:]), why
+
+
+def test_the_retina_head_file_is_checked_before_use(tmp_path):
+    from fundus_ensemble.errors import FundusError
+    from fundus_ensemble.models.gate import HEAD_FILE, RetinaHead
+
+    head = RetinaHead.load()
+    arrays = dict(np.load(HEAD_FILE))
+    for name, value, said in [
+        ("coef", np.full(3, 1.0), "shape"),
+        ("threshold", np.array([np.nan]), "NaN or infinite"),
+        ("scale", np.zeros_like(head.scale), "not positive"),
+    ]:
+        np.savez(tmp_path / "head.npz", **{**arrays, name: value})
+        with pytest.raises(FundusError, match=said) as caught:
+            RetinaHead.load(tmp_path / "head.npz")
+        assert str(tmp_path / "head.npz") in str(caught.value)
+
+
 @pytest.mark.backend
 def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
     from fundus_ensemble.inference.predict import PatientPhotos, predict_photos
@@ -195,14 +232,16 @@ def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
     cv2.imwrite(str(tmp_path / "dark.png"), (retina * 0.07).astype(np.uint8))
     cv2.imwrite(str(tmp_path / "cat.png"), cat_in_a_disc())  # only the ImageNet check refuses it
     cv2.imwrite(str(tmp_path / "hazy.png"), cv2.GaussianBlur(retina, (0, 0), 3))
+    cv2.imwrite(str(tmp_path / "painted.png"), painted("blurred noise", 1))  # only the retina head refuses it
     patients = [
         PatientPhotos("one-bad", tmp_path / "cat.png", tmp_path / "eye.png"),
         PatientPhotos("all-bad", tmp_path / "dark.png", tmp_path / "cat.png"),
         PatientPhotos("good", tmp_path / "eye.png", None),
         PatientPhotos("hazy", tmp_path / "hazy.png", tmp_path / "eye.png"),
+        PatientPhotos("painted", tmp_path / "painted.png", tmp_path / "eye.png"),
     ]
     summary = predict_photos(run, patients, tmp_path / "out", progress=False, gate=True)
-    assert (summary["predicted"], summary["rejected"]) == (3, 1)
+    assert (summary["predicted"], summary["rejected"]) == (4, 1)
     rows = {}
     for r in csv.DictReader(open(tmp_path / "out" / "decisions.csv")):
         rows.setdefault(r["patient_id"], r)
@@ -212,13 +251,16 @@ def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
         "Not gradable: retake the left eye and the right eye (left: too dark ("
     )
     assert not rows["good"]["referral"].startswith("Not gradable")
+    assert rows["painted"]["referral"].startswith(
+        "Not gradable: retake the left eye (left: not a fundus photo (no retina's structure: a head fitted on"
+    ), rows["painted"]["referral"]
     # a blurred photo is screened (a cloudy lens blurs too): decided on, never cleared, told what to do
     hazy = rows["hazy"]
     assert hazy["status"] == "ok" and hazy["photo_quality"].startswith("left: blurred (sharpness"), hazy
     assert "the left photo is blurred" in hazy["referral"] and not hazy["referral"].startswith("No referable")
     # the worklist: one row per patient, the same referral, each eye's photo in its own column
     worklist = {r["patient_id"]: r for r in csv.DictReader(open(tmp_path / "out" / "worklist.csv"))}
-    assert list(worklist) == ["one-bad", "all-bad", "good", "hazy"]
+    assert list(worklist) == ["one-bad", "all-bad", "good", "hazy", "painted"]
     assert all(worklist[p]["referral"] == rows[p]["referral"] for p in worklist)
     photos = {p: (w["eyes_screened"], w["left_photo"][:22], w["right_photo"][:22]) for p, w in worklist.items()}
     assert photos == {
@@ -226,6 +268,7 @@ def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
         "all-bad": ("", "refused: too dark (its", "refused: not a fundus "),
         "good": ("left", "screened", "not given"),
         "hazy": ("left right", "screened, hard to read", "screened"),
+        "painted": ("right", "refused: not a fundus ", "screened"),
     }, photos
     assert worklist["all-bad"]["referral_kind"] == "not_gradable" and worklist["all-bad"]["classes_decided"] == ""
     decided = {
@@ -244,4 +287,4 @@ def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
     assert summary["counts"]["not_gradable"] >= 2
     # off, the same photos are all decided on
     summary = predict_photos(run, patients, tmp_path / "off", progress=False, gate=False)
-    assert (summary["predicted"], summary["rejected"]) == (4, 0)
+    assert (summary["predicted"], summary["rejected"]) == (5, 0)

@@ -1,6 +1,6 @@
 """The gate per class: does it turn away the sick? On every photo of a label table (odir5k-256-dev:
 all graded by the challenge), the whole gate as predict runs it (data.quality.grade, then the
-ImageNet check of models.gate on the photos the statistics let through): per class, the share of
+network checks of models.gate (ImageNet classes, the retina head) on the photos the statistics let through): per class, the share of
 photos refused (no decision: "retake") and the share screened with a poor-quality caution (the
 retina found but blurred, washed out, dark or pale: screened, never cleared), by the patients'
 labels (Normal: patients with no other label) and by each eye's own keywords (data.keywords).
@@ -28,7 +28,7 @@ from fundus_ensemble.data.imaging import crop_to_fov
 from fundus_ensemble.data.keywords import eye_labels
 from fundus_ensemble.data.quality import grade
 from fundus_ensemble.labels import LABEL_NAMES, LABELS
-from fundus_ensemble.models.gate import INPUT_SIZE, MIN_FUNDUS_MASS, FundusLikeness
+from fundus_ensemble.models.gate import INPUT_SIZE, FundusLikeness
 
 LIKENESS = FundusLikeness()
 
@@ -38,13 +38,14 @@ def gate(images: list[np.ndarray]) -> list[tuple[str, str | None]]:
     check on the gradable photos: a poor one is screened and never clears)."""
     verdicts = [grade(a) for a in images]
     usable = [i for i, v in enumerate(verdicts) if v.gradable]
-    mass = dict(zip(usable, LIKENESS.mass([crop_to_fov(images[i], INPUT_SIZE) for i in usable])))
+    why = dict(zip(usable, LIKENESS.judge([crop_to_fov(images[i], INPUT_SIZE) for i in usable])))
     out = []
     for i, v in enumerate(verdicts):
         if not v.usable:
             out.append(("refused", v.reason))
-        elif i in mass and mass[i] < MIN_FUNDUS_MASS:
-            out.append(("refused", "not a fundus photo (ImageNet check)"))
+        elif why.get(i) is not None:
+            check = "retina head" if why[i].startswith("no retina's structure") else "ImageNet check"
+            out.append(("refused", f"not a fundus photo ({check})"))
         elif not v.gradable:
             out.append(("poor", v.reason))
         else:
@@ -117,7 +118,7 @@ def main(argv=None):
     normal = table["N"]["eye keywords"]
     normal_rate = normal["refused"] / normal["photos"]
     print(
-        f"Gate per class on {len(rows)} photos of `{args.table.name}` (grade, then the ImageNet check, as predict "
+        f"Gate per class on {len(rows)} photos of `{args.table.name}` (grade, then the network checks, as predict "
         "runs them). Refused: no decision, 'retake'. Poor: screened with a caution, never cleared.\n"
     )
     print(

@@ -79,7 +79,7 @@ from ..fileio import (
 from ..labels import LABELS
 from ..models.forward import accelerator_count, forward
 from ..models.gate import INPUT_SIZE as GATE_SIZE
-from ..models.gate import MIN_FUNDUS_MASS, FundusLikeness
+from ..models.gate import FundusLikeness
 from ..training.hardware import cpu_backend_advice
 from ..training.heads import LinearHead, SideHead, fuse
 from ..training.train import SIDE_HEAD, load_eye_heads, load_references
@@ -533,13 +533,10 @@ class Predictor:
                 except ImageError as exc:
                     reasons[k].append(f"{eye}: {exc}")
         if likeness:
-            for (k, eye), mass in zip(likeness, self._gate_classifier().mass(list(likeness.values()))):
-                if mass < MIN_FUNDUS_MASS:
+            for (k, eye), why in zip(likeness, self._gate_classifier().judge(list(likeness.values()))):
+                if why is not None:
                     del squares[k, eye]
-                    reasons[k].append(
-                        f"{eye}: not a fundus photo (an ImageNet classifier gives the classes of fundus photos "
-                        f"{mass:.2f}; real ones {MIN_FUNDUS_MASS} or more)"
-                    )
+                    reasons[k].append(f"{eye}: not a fundus photo ({why})")
         return squares, reasons, poor
 
     def _side_checks(self, features: np.ndarray, usable: list) -> list[str | None]:

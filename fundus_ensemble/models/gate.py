@@ -11,26 +11,76 @@ score high, everyday objects near zero.
 :data:`FUNDUS_CLASSES` are the classes that were the top-1 of at least 0.5 % of every fourth
 photo of odir5k-256-dev (1,222 real ODIR-5K photos); :data:`MIN_FUNDUS_MASS` lies below the
 0.5th percentile of their mass (0.177). ``docs/measurements/gradability.py`` measures it.
+
+ImageNet's classes do not see a retina's structure: an orange disc painted on black, with pixel
+noise blurred into blobs or a bright spot for an optic disc, scores as high as a retina. The
+:class:`RetinaHead` does: a logistic head on the same network's pooled features (the same forward
+pass), fitted on every photo of odir5k-256-dev against such lookalikes
+(:mod:`..data.lookalikes`, everyday photos cut into discs, real photos with their phase
+scrambled); its threshold refuses 0.2 % of the real photos out of fold
+(``docs/measurements/gate_learned.py``, which writes :data:`HEAD_FILE`).
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import cv2
 import numpy as np
 
+from ..errors import FundusError
+from ..fileio import read_npz
 from .forward import forward
 
 FUNDUS_CLASSES: tuple[int, ...] = (577, 417, 619, 117, 722, 607, 961, 807, 551, 107, 78)
 MIN_FUNDUS_MASS = 0.12
 INPUT_SIZE = 224
 BACKBONE = "efficientnet_lite0"
+FEATURES = 1280  # its pooled features
+HEAD_FILE = Path(__file__).with_name("gate_head.npz")
+
+
+@dataclass(frozen=True)
+class RetinaHead:
+    """Real fundus photo (score at or above ``threshold``) or an image painted to share its colours,
+    from the gate network's pooled features: ``(features - mean) / scale @ coef + intercept``."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    threshold: float
+
+    @classmethod
+    def load(cls, path: str | os.PathLike = HEAD_FILE) -> RetinaHead:
+        a = read_npz(
+            path,
+            "the gate's retina head",
+            {"mean": (FEATURES,), "scale": (FEATURES,), "coef": (FEATURES,), "intercept": (1,), "threshold": (1,)},
+        )
+        if not (a["scale"] > 0).all():
+            raise FundusError(f"{path}: the gate's retina head has a scale that is not positive")
+        return cls(a["mean"], a["scale"], a["coef"], float(a["intercept"][0]), float(a["threshold"][0]))
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        return (np.asarray(features, np.float64) - self.mean) / self.scale @ self.coef + self.intercept
 
 
 class FundusLikeness:
     """EfficientNet-Lite0 with its ImageNet classifier, built on first use (a few seconds), then kept."""
 
-    def __init__(self):
+    def __init__(self, head: RetinaHead | None = None):
         self._net = None
+        self._head = head
+
+    @property
+    def head(self) -> RetinaHead:
+        """The retina head (default: the package's :data:`HEAD_FILE`, read on first use)."""
+        if self._head is None:
+            self._head = RetinaHead.load()
+        return self._head
 
     def _model(self):
         if self._net is None:
@@ -42,19 +92,44 @@ class FundusLikeness:
             net = build_efficientnet_lite(BACKBONE, INPUT_SIZE, include_top=True)
             assign_weights(net, lite_imagenet_weights(BACKBONE), f"the ImageNet weights of {BACKBONE}")
             image = keras.Input((INPUT_SIZE, INPUT_SIZE, 3))
-            self._net = keras.Model(image, net(BackbonePreprocess("lite")(image)))
+            both = keras.Model(net.input, [net.get_layer("avg_pool").output, net.output])
+            pooled, probabilities = both(BackbonePreprocess("lite")(image))
+            # one output, so that forward's slices run it: the pooled features, then the 1000 classes
+            self._net = keras.Model(image, keras.layers.Concatenate()([pooled, probabilities]))
         return self._net
 
-    def mass(self, squares: list[np.ndarray]) -> np.ndarray:
-        """Each photo's probability on :data:`FUNDUS_CLASSES`; ``squares`` are BGR crops of the retina
-        (any size; :func:`..data.imaging.crop_to_fov` makes them)."""
+    def read(self, squares: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Each photo's probability on :data:`FUNDUS_CLASSES`, and its pooled features (1280);
+        ``squares`` are BGR crops of the retina (any size; :func:`..data.imaging.crop_to_fov` makes them)."""
         if not squares:
-            return np.zeros(0)
+            return np.zeros(0), np.zeros((0, FEATURES))
         x = np.stack(
             [
                 cv2.cvtColor(cv2.resize(s, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
                 for s in squares
             ]
         ).astype(np.float32)
-        probabilities = forward(self._model(), x)
-        return np.asarray(probabilities, np.float64)[:, FUNDUS_CLASSES].sum(axis=1)
+        out = np.asarray(forward(self._model(), x), np.float64)
+        return out[:, FEATURES:][:, FUNDUS_CLASSES].sum(axis=1), out[:, :FEATURES]
+
+    def mass(self, squares: list[np.ndarray]) -> np.ndarray:
+        """Each photo's probability on :data:`FUNDUS_CLASSES` (see :meth:`read`)."""
+        return self.read(squares)[0]
+
+    def judge(self, squares: list[np.ndarray]) -> list[str | None]:
+        """For each photo, why it is not a fundus photo (the words after "not a fundus photo"), or None."""
+        mass, features = self.read(squares)
+        why: list[str | None] = []
+        for m, score in zip(mass, self.head.score(features)):
+            if m < MIN_FUNDUS_MASS:
+                why.append(
+                    f"an ImageNet classifier gives the classes of fundus photos {m:.2f}; real ones {MIN_FUNDUS_MASS} or more"
+                )
+            elif score < self.head.threshold:
+                why.append(
+                    f"no retina's structure: a head fitted on real photos against painted lookalikes scores it {score:.1f}; "
+                    f"real ones {self.head.threshold:.1f} or more"
+                )
+            else:
+                why.append(None)
+        return why
