@@ -63,3 +63,26 @@ def test_no_two_modules_of_a_stage_import_each_other():
         f"{a} <-> {b}" for a, targets in edges.items() for b in targets if a < b and a in edges.get(b, set())
     )
     assert not circles, circles
+
+
+def test_every_data_file_of_the_package_is_installed_with_it():
+    """A file the package reads (the bundled model, the gate's retina head, the page templates) must
+    match pyproject's package-data, or a wheel install lacks it and the gate fails at its first photo."""
+    import fnmatch
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["fundus_ensemble"]
+    files = [
+        p.relative_to(PACKAGE).as_posix()
+        for p in PACKAGE.rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    ]
+    assert files, "no data files found: the test looks in the wrong place"
+    # fnmatch's * crosses "/", setuptools' does not: compare folder by folder
+    left_out = [
+        f
+        for f in files
+        if not any(f.count("/") == pattern.count("/") and fnmatch.fnmatch(f, pattern) for pattern in patterns)
+    ]
+    assert not left_out, f"not in pyproject's package-data: {left_out}"
