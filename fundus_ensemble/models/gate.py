@@ -19,7 +19,8 @@ pass), fitted on every photo of odir5k-256-dev against such lookalikes
 (:mod:`..data.lookalikes`, everyday photos cut into discs, real photos with their phase
 scrambled); its threshold lies 0.5 under the lowest out-of-fold score of a real photo
 (``docs/measurements/gate_learned.py``, which writes :data:`HEAD_FILE`, measures it: no held-out
-real photo refused, a kind of lookalike left out of the fitting caught about half the time).
+real photo refused; left out of the fitting, painted vessels, everyday photos and scrambled
+photos are caught about half the time, the plainer painted discs always).
 """
 
 from __future__ import annotations
