@@ -69,7 +69,10 @@ def test_every_data_file_of_the_package_is_installed_with_it():
     """A file the package reads (the bundled model, the gate's retina head, the page templates) must
     match pyproject's package-data, or a wheel install lacks it and the gate fails at its first photo."""
     import fnmatch
-    import tomllib
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later (the package allows 3.10)
 
     pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["fundus_ensemble"]
