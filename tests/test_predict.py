@@ -308,3 +308,4 @@ def test_warm_up_traces_every_network_a_patient_needs(tiny_run):
         predictor.warm_up()
         networks.append(predictor._likeness._model())
         assert all(net.predict_function is not None for net in networks), explain
+        assert predictor._likeness._head is not None, "the retina head is read at warm-up, not at the first patient"

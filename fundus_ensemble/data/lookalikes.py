@@ -16,6 +16,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from .imaging import find_fov
+
 SIDE = 512
 
 
@@ -125,8 +127,6 @@ FAMILIES: dict[str, Callable[[np.random.Generator, tuple[float, float, float]], 
 def scrambled(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A real photo's retina with its phase randomised (the same random phase in every channel): its
     colours, brightness and spectrum kept, its vessels and optic disc gone."""
-    from .imaging import find_fov
-
     x, y, w, h = find_fov(photo)
     crop = photo[y : y + h, x : x + w]
     side = max(crop.shape[:2])

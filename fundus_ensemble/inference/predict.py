@@ -592,15 +592,17 @@ class Predictor:
 
     def warm_up(self) -> None:
         """Trace every network once on black images (each view's backbone, or its Grad-CAM maps, and
-        the gate's classifier): a station's first patient then waits no longer than the next."""
+        the gate's classifier, its retina head read): a station's first patient then waits no longer
+        than the next, and a broken head file stops the station before it serves anyone."""
         black = np.zeros((1, self.size, self.size, 3), np.float32)
         for view in self.views:
             self._photo_features(view, black)
         if self.gate:
-            self._gate_classifier().mass([np.zeros((GATE_SIZE, GATE_SIZE, 3), np.uint8)])
+            self._gate_classifier().judge([np.zeros((GATE_SIZE, GATE_SIZE, 3), np.uint8)])
 
     def _gate_classifier(self) -> FundusLikeness:
-        """The gate's ImageNet classifier, built on first use (a run with the gate off never builds it)."""
+        """The gate's network (ImageNet classes and the retina head), built on first use (a run with the gate
+        off never builds it)."""
         if self._likeness is None:
             self._likeness = FundusLikeness()
         return self._likeness

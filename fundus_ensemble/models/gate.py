@@ -71,7 +71,8 @@ class RetinaHead:
 
 
 class FundusLikeness:
-    """EfficientNet-Lite0 with its ImageNet classifier, built on first use (a few seconds), then kept."""
+    """EfficientNet-Lite0 with its ImageNet classifier and the retina head on its pooled features, built
+    on first use (a few seconds), then kept."""
 
     def __init__(self, head: RetinaHead | None = None):
         self._net = None
