@@ -189,9 +189,12 @@ def main() -> None:
             head = fit(x, y, args.c)
             real_score[real_fold == fold] = head.decision_function(real[real_fold == fold])
             for k in range(len(fakes)):
-                part = fake_folds[k] == fold if k != left_out else slice(None)
-                if k == left_out and fold > 0:
-                    continue  # scored once, by the first fold's head (never fitted on it)
+                if k != left_out:
+                    part = fake_folds[k] == fold
+                elif fold == 0:  # the left-out family scored once, by the first fold's head (never fitted on it)
+                    part = slice(None)
+                else:
+                    continue
                 fake_score[k][part] = head.decision_function(fakes[k][part])
         return real_score, fake_score
 
