@@ -269,6 +269,19 @@ def test_a_killed_worker_costs_its_task_only():
     assert results == {t: t.upper() for t in "acdef"}
 
 
+def test_a_worker_that_starts_after_its_job_died_ends_at_once():
+    # a worker still importing when the job is killed: its parent is already another process (init, a
+    # subreaper) when it starts watching, so it must watch for the job's pid, not the one it reads then
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    code = (
+        "import time\nfrom fundus_ensemble.data.preprocess import _die_with_parent\n"
+        f"_die_with_parent({int(gone.stdout)})\ntime.sleep(60)"
+    )
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120)
+    assert result.returncode == 1 and time.monotonic() - started < 30
+
+
 def test_killing_the_preprocess_job_kills_its_workers(tmp_path):
     manifest = write_synthetic_dataset(tmp_path / "data", 60, seed=4, diameter=400)
     out = tmp_path / "prep"

@@ -129,14 +129,15 @@ def _process_one(task: tuple) -> tuple[str, str | None]:
     return relative, None
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     cv2.setNumThreads(1)  # one image per process already uses every core
-    _die_with_parent()
+    _die_with_parent(parent)
 
 
-def _die_with_parent() -> None:
-    """End this worker when its parent is gone: a ``kill -9`` of the job must not leave workers writing views."""
-    parent = os.getppid()
+def _die_with_parent(parent: int) -> None:
+    """End this worker when its parent (the pid the job passed, not the one read here: a worker still
+    starting when the job was killed would read its new parent's and outlive the job) is gone: a
+    ``kill -9`` of the job must not leave workers writing views."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -152,20 +153,22 @@ def map_in_processes(
     workers: int,
     on_result: Callable[[Any, Any], None],
     on_crash: Callable[[Any], None],
-    initializer: Callable[[], None] | None = _worker_init,
+    initializer: Callable[[int], None] | None = _worker_init,
 ) -> None:
     """Call ``on_result(task, func(task))`` for every task, computed in ``workers`` spawned processes.
 
     A worker that dies (SIGKILL, the out-of-memory killer) breaks the whole pool; the tasks in
     flight then are run again one at a time, each in a fresh process, and the one that kills
-    its process too is handed to ``on_crash``; the others carry on in a new pool.
+    its process too is handed to ``on_crash``; the others carry on in a new pool. ``initializer`` runs in
+    each worker with this process's pid.
     """
     # spawn, not fork: the caller may hold TensorFlow's threads, which fork can deadlock
     context = multiprocessing.get_context("spawn")
+    initargs = (os.getpid(),) if initializer is not None else ()  # the parent, as the job knows it
     pending = list(tasks)[::-1]
     while pending:
         suspects = []
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
             in_flight: dict = {}
             try:
                 while pending or in_flight:
@@ -179,7 +182,7 @@ def map_in_processes(
             except BrokenProcessPool:
                 suspects = list(in_flight.values())
         for task in suspects:  # alone, so a crash names its task
-            with ProcessPoolExecutor(1, mp_context=context, initializer=initializer) as alone:
+            with ProcessPoolExecutor(1, mp_context=context, initializer=initializer, initargs=initargs) as alone:
                 try:
                     on_result(task, alone.submit(func, task).result())
                 except BrokenProcessPool:
