@@ -60,6 +60,18 @@ def env(**extra) -> dict:
     return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
+@pytest.fixture
+def compile_cache(tmp_path) -> dict:
+    """JAX's persistent compilation cache, shared by the test's processes: the resumed pair loads
+    the programs the killed pair compiled (each process compiles for about 10 s on 2 cores), the
+    same executables, so the weights still match to the bit."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 def train(prep: Path, out: Path, *extra, **env_extra) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "train_pair.py"), str(prep), "--out", str(out), *TRAIN, *extra],
@@ -70,7 +82,7 @@ def train(prep: Path, out: Path, *extra, **env_extra) -> subprocess.Popen:
     )
 
 
-def two_processes(prep: Path, out: Path, *extra) -> list[subprocess.Popen]:
+def two_processes(prep: Path, out: Path, *extra, **env_extra) -> list[subprocess.Popen]:
     port = free_port()
     return [
         train(
@@ -85,6 +97,7 @@ def two_processes(prep: Path, out: Path, *extra) -> list[subprocess.Popen]:
             "--heartbeat-timeout",
             "10",
             *extra,
+            **env_extra,
         )
         for i in (0, 1)
     ]
@@ -122,14 +135,18 @@ def prep(small_dataset, tmp_path_factory) -> Path:
 
 @needs_jax
 @pytest.mark.slow
-def test_two_processes_train_as_one_process_on_two_devices_and_resume_after_a_killed_worker(prep, tmp_path):
+def test_two_processes_train_as_one_process_on_two_devices_and_resume_after_a_killed_worker(
+    prep, tmp_path, compile_cache
+):
     # the reference: one process, two (simulated) devices, the same global batches of 4 patients
-    reference = train(prep, tmp_path / "one", "--devices", "2", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    reference = train(
+        prep, tmp_path / "one", "--devices", "2", XLA_FLAGS="--xla_force_host_platform_device_count=2", **compile_cache
+    )
     finish(reference)
 
     # two processes; process 1 is killed once the first epoch is logged: process 0 must not hang
     run = tmp_path / "two"
-    workers = two_processes(prep, run)
+    workers = two_processes(prep, run, **compile_cache)
     deadline = time.monotonic() + 400
     while not ((run / "color" / "history.csv").is_file() and len(history(run)) >= 1):
         assert all(w.poll() is None for w in workers), "\n".join((w.stdout.read() or "")[-3000:] for w in workers)
@@ -146,7 +163,7 @@ def test_two_processes_train_as_one_process_on_two_devices_and_resume_after_a_ki
     assert not (run / "color" / "model.keras").exists()
 
     # both started again with --resume: they continue from process 0's backup and agree
-    outputs = [finish(w) for w in two_processes(prep, run, "--resume")]
+    outputs = [finish(w) for w in two_processes(prep, run, "--resume", **compile_cache)]
     assert "resuming phase 'train' at epoch 2" in outputs[0], outputs[0][-3000:]
     digests = [DIGEST.findall(out) for out in outputs]
     assert [d[0][0] for d in digests] == ["0", "1"] and digests[0][0][1] == digests[1][0][1], outputs
