@@ -219,6 +219,30 @@ def test_the_retina_head_file_is_checked_before_use(tmp_path):
         assert str(tmp_path / "head.npz") in str(caught.value)
 
 
+def test_the_whole_gate_sends_only_gradable_photos_to_the_network_in_one_pass(retina):
+    from fundus_ensemble.models.gate import HEAD_CHECK, INPUT_SIZE, gate_images
+
+    class Network:  # refuses every second photo it is shown, and records what it is shown
+        calls: list = []
+
+        def refusals(self, squares):
+            self.calls.append([s.shape for s in squares])
+            return [(HEAD_CHECK, "painted") if i % 2 else None for i in range(len(squares))]
+
+    dark = (retina * 0.07).astype(np.uint8)  # refused by the image checks
+    hazy = cv2.GaussianBlur(retina, (0, 0), 3)  # poor: screened, never shown to the network
+    flipped = np.ascontiguousarray(retina[:, ::-1])
+    network = Network()
+    photos = gate_images([retina, dark, hazy, flipped], network)
+    assert network.calls == [[(INPUT_SIZE, INPUT_SIZE, 3)] * 2]  # the two gradable photos, one pass
+    assert [p.status for p in photos] == ["gradable", "refused", "poor", "refused"]
+    assert [p.check for p in photos] == [None, "image", None, HEAD_CHECK]
+    assert photos[1].text.startswith("too dark (") and photos[2].text.startswith("blurred (")
+    assert photos[3].text == "not a fundus photo (painted)" and photos[0].text is None
+    assert all(p.square is None for p in photos)  # the crops are let go
+    assert gate_images([dark, hazy], network) and len(network.calls) == 1  # nothing gradable: no pass
+
+
 @pytest.mark.backend
 def test_predict_refuses_an_ungradable_eye_and_says_retake(retina, tmp_path):
     from fundus_ensemble.inference.predict import PatientPhotos, predict_photos

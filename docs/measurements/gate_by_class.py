@@ -24,32 +24,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fundus_ensemble.data.imaging import crop_to_fov
 from fundus_ensemble.data.keywords import eye_labels
 from fundus_ensemble.data.quality import grade
 from fundus_ensemble.labels import LABEL_NAMES, LABELS
-from fundus_ensemble.models.gate import INPUT_SIZE, FundusLikeness
+from fundus_ensemble.models.gate import FundusLikeness, gate_images
 
 LIKENESS = FundusLikeness()
 
 
 def gate(images: list[np.ndarray]) -> list[tuple[str, str | None]]:
-    """Per photo ("refused" | "poor" | "gradable", reason), as predict's gate decides (the ImageNet
-    check on the gradable photos: a poor one is screened and never clears)."""
-    verdicts = [grade(a) for a in images]
-    usable = [i for i, v in enumerate(verdicts) if v.gradable]
-    why = dict(zip(usable, LIKENESS.judge([crop_to_fov(images[i], INPUT_SIZE) for i in usable])))
+    """Per photo ("refused" | "poor" | "gradable", reason), as predict's gate decides
+    (models.gate.gate_images)."""
     out = []
-    for i, v in enumerate(verdicts):
-        if not v.usable:
-            out.append(("refused", v.reason))
-        elif why.get(i) is not None:
-            check = "retina head" if why[i].startswith("no retina's structure") else "ImageNet check"
-            out.append(("refused", f"not a fundus photo ({check})"))
-        elif not v.gradable:
-            out.append(("poor", v.reason))
+    for p in gate_images(images, LIKENESS):
+        if p.not_fundus is not None:
+            out.append(("refused", f"not a fundus photo ({p.check})"))
         else:
-            out.append(("gradable", None))
+            out.append((p.status, p.verdict.reason))
     return out
 
 

@@ -18,28 +18,18 @@ from collections import Counter
 import cv2
 import numpy as np
 
-from fundus_ensemble.data.imaging import crop_to_fov
-from fundus_ensemble.data.quality import grade
-from fundus_ensemble.models.gate import INPUT_SIZE, FundusLikeness
+from fundus_ensemble.models.gate import FundusLikeness, gate_images
 
 LIKENESS = FundusLikeness()
 
 
 def gate(images: list[np.ndarray]) -> list[str | None]:
-    """The whole gate, as predict runs it: the image checks, then the network's checks (ImageNet classes, retina head) on the photos they
-    call gradable (a poor one, data.quality.POOR, is screened and never clears). Each photo's reason,
-    None when gradable; ``gate.refused`` counts the photos refused (not screened at all)."""
-    verdicts = [grade(a) for a in images]
-    reasons = [v.reason for v in verdicts]
-    usable = [i for i, v in enumerate(verdicts) if v.gradable]  # a poor photo skips the ImageNet check, as in predict
-    why = LIKENESS.judge([crop_to_fov(images[i], INPUT_SIZE) for i in usable])
-    refused = {i for i, v in enumerate(verdicts) if not v.usable}
-    for i, w in zip(usable, why):
-        if w is not None:
-            reasons[i] = "not a fundus photo"
-            refused.add(i)
-    gate.refused = len(refused)
-    return reasons
+    """The whole gate, as predict runs it (models.gate.gate_images): each photo's reason, None when
+    gradable (a poor one, data.quality.POOR, is screened and never clears); ``gate.refused`` counts
+    the photos refused (not screened at all)."""
+    photos = gate_images(images, LIKENESS)
+    gate.refused = sum(p.status == "refused" for p in photos)
+    return ["not a fundus photo" if p.not_fundus is not None else p.verdict.reason for p in photos]
 
 
 def clip_share(image: np.ndarray, share: float) -> np.ndarray:

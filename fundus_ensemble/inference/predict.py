@@ -44,7 +44,6 @@ from ..data.manifest import (
     read_csv_rows,
     read_text_file,
 )
-from ..data.quality import grade
 from ..errors import FundusError, ImageError, warn_once
 from ..evaluation.calibration import (
     Calibration,
@@ -79,7 +78,7 @@ from ..fileio import (
 from ..labels import LABELS
 from ..models.forward import accelerator_count, forward
 from ..models.gate import INPUT_SIZE as GATE_SIZE
-from ..models.gate import FundusLikeness
+from ..models.gate import FundusLikeness, image_checks, network_checks
 from ..training.hardware import cpu_backend_advice
 from ..training.heads import LinearHead, SideHead, fuse
 from ..training.train import SIDE_HEAD, load_eye_heads, load_references
@@ -513,7 +512,7 @@ class Predictor:
         unless the gate is off) and cropped to its retina at the models' size: ``{(patient index,
         eye): square}``, per patient the reasons its other photos were not used, and ``{(patient
         index, eye): caution}`` for the photos screened though poor (:data:`..data.quality.POOR`)."""
-        squares, reasons, likeness, poor = {}, {k: [] for k in range(len(chunk))}, {}, {}
+        squares, reasons, gated = {}, {k: [] for k in range(len(chunk))}, {}
         for k, patient in enumerate(chunk):
             for eye in ("left", "right"):
                 photo = getattr(patient, eye)
@@ -522,21 +521,20 @@ class Predictor:
                 try:
                     image = decode_image(photo, self.max_pixels)
                     if self.gate:
-                        verdict = grade(image)
-                        if not verdict.usable:
-                            raise ImageError(verdict.text)
-                        if not verdict.gradable:
-                            poor[k, eye] = verdict.text
-                        else:  # a hazy retina looks less like ImageNet's fundus classes; a poor photo never clears
-                            likeness[k, eye] = crop_to_fov(image, GATE_SIZE)
+                        gated[k, eye] = image_checks(image)
+                        if gated[k, eye].status == "refused":
+                            raise ImageError(gated[k, eye].text)
                     squares[k, eye] = crop_to_fov(image, self.size)
                 except ImageError as exc:
                     reasons[k].append(f"{eye}: {exc}")
-        if likeness:
-            for (k, eye), why in zip(likeness, self._gate_classifier().judge(list(likeness.values()))):
-                if why is not None:
-                    del squares[k, eye]
-                    reasons[k].append(f"{eye}: not a fundus photo ({why})")
+        poor = {}
+        kept = [key for key in gated if key in squares]
+        for (k, eye), photo in zip(kept, network_checks([gated[key] for key in kept], self._gate_classifier())):
+            if photo.status == "refused":
+                del squares[k, eye]
+                reasons[k].append(f"{eye}: {photo.text}")
+            elif photo.status == "poor":
+                poor[k, eye] = photo.text
         return squares, reasons, poor
 
     def _side_checks(self, features: np.ndarray, usable: list) -> list[str | None]:

@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..data.imaging import crop_to_fov
+from ..data.quality import Verdict, grade
 from ..errors import FundusError
 from ..fileio import read_npz
 from .forward import forward
@@ -42,6 +44,8 @@ INPUT_SIZE = 224
 BACKBONE = "efficientnet_lite0"
 FEATURES = 1280  # its pooled features
 HEAD_FILE = Path(__file__).with_name("gate_head.npz")
+IMAGENET_CHECK, HEAD_CHECK = "ImageNet check", "retina head"
+NETWORK_CHECKS = (IMAGENET_CHECK, HEAD_CHECK)
 
 
 @dataclass(frozen=True)
@@ -121,18 +125,87 @@ class FundusLikeness:
 
     def judge(self, squares: list[np.ndarray]) -> list[str | None]:
         """For each photo, why it is not a fundus photo (the words after "not a fundus photo"), or None."""
+        return [None if refusal is None else refusal[1] for refusal in self.refusals(squares)]
+
+    def refusals(self, squares: list[np.ndarray]) -> list[tuple[str, str] | None]:
+        """For each photo, ``(check, why)`` when it is not a fundus photo (``check`` one of
+        :data:`NETWORK_CHECKS`), or None."""
         mass, features = self.read(squares)
-        why: list[str | None] = []
+        out: list[tuple[str, str] | None] = []
         for m, score in zip(mass, self.head.score(features)):
             if m < MIN_FUNDUS_MASS:
-                why.append(
-                    f"an ImageNet classifier gives the classes of fundus photos {m:.2f}; real ones {MIN_FUNDUS_MASS} or more"
+                out.append(
+                    (
+                        IMAGENET_CHECK,
+                        f"an ImageNet classifier gives the classes of fundus photos {m:.2f}; "
+                        f"real ones {MIN_FUNDUS_MASS} or more",
+                    )
                 )
             elif score < self.head.threshold:
-                why.append(
-                    f"no retina's structure: a head fitted on real photos against painted lookalikes scores it {score:.1f}; "
-                    f"real ones {self.head.threshold:.1f} or more"
+                out.append(
+                    (
+                        HEAD_CHECK,
+                        f"no retina's structure: a head fitted on real photos against painted lookalikes scores it "
+                        f"{score:.1f}; real ones {self.head.threshold:.1f} or more",
+                    )
                 )
             else:
-                why.append(None)
-        return why
+                out.append(None)
+        return out
+
+
+@dataclass
+class PhotoGate:
+    """One decoded photo through the whole gate, as predict runs it: the image checks
+    (:func:`..data.quality.grade`) first; a photo they call gradable then goes to the network's
+    checks (:meth:`FundusLikeness.refusals`), which a poor photo (:data:`..data.quality.POOR`,
+    screened, never cleared) skips: a hazy retina looks less like ImageNet's fundus classes.
+
+    :func:`image_checks` makes one (the image checks, and the network's crop of a gradable photo, so
+    that a batch of them holds crops, not whole photos); :func:`network_checks` runs the network on a
+    batch of them at once."""
+
+    verdict: Verdict
+    square: np.ndarray | None = None  # the network's crop, until :func:`network_checks`
+    check: str | None = None  # which check refused it: "image" or one of NETWORK_CHECKS
+    not_fundus: str | None = None  # the network's words, when it refused
+
+    @property
+    def status(self) -> str:
+        """``refused`` (not screened: "retake"), ``poor`` (screened with a caution) or ``gradable``."""
+        if self.check is not None:
+            return "refused"
+        return "gradable" if self.verdict.gradable else "poor"
+
+    @property
+    def text(self) -> str | None:
+        """Why it is refused or poor, in predict's words; None when gradable."""
+        if self.not_fundus is not None:
+            return f"not a fundus photo ({self.not_fundus})"
+        return None if self.verdict.gradable else self.verdict.text
+
+
+def image_checks(image: np.ndarray) -> PhotoGate:
+    """The image checks of one decoded BGR photo (see :class:`PhotoGate`)."""
+    verdict = grade(image)
+    if not verdict.usable:
+        return PhotoGate(verdict, check="image")
+    return PhotoGate(verdict, crop_to_fov(image, INPUT_SIZE) if verdict.gradable else None)
+
+
+def network_checks(photos: list[PhotoGate], likeness: FundusLikeness) -> list[PhotoGate]:
+    """The network's checks on the photos the image checks called gradable, in one pass; the
+    crops are let go. Returns ``photos``."""
+    waiting = [p for p in photos if p.square is not None]
+    if not waiting:  # no network built, no head read
+        return photos
+    for photo, refusal in zip(waiting, likeness.refusals([p.square for p in waiting])):
+        photo.square = None
+        if refusal is not None:
+            photo.check, photo.not_fundus = refusal
+    return photos
+
+
+def gate_images(images: list[np.ndarray], likeness: FundusLikeness) -> list[PhotoGate]:
+    """Every decoded photo of ``images`` through the whole gate."""
+    return network_checks([image_checks(a) for a in images], likeness)
