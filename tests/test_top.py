@@ -100,6 +100,28 @@ def test_a_held_out_patient_never_teaches_its_own_fold(cut_network):
     assert np.abs(first.out_of_fold - start.out_of_fold).max() > 1e-3  # and training did move the predictions
 
 
+def test_the_mirrored_photos_of_the_training_patients_only_teach_each_fold(cut_network):
+    n = cut_network
+    config = TopConfig(epochs=2, folds=2, learning_rate=1e-2, dropout=0.0)
+    noise = np.random.default_rng(5).normal(size=n["activations"].shape).astype(np.float32)
+
+    def fit(mirrored):
+        return cross_fit_top(
+            n["make_top"], n["activations"], n["pooled"], n["y"], n["folds"], config, progress=False, mirrored=mirrored
+        ).out_of_fold
+
+    first = fit(n["activations"][..., ::-1].copy())
+    held = n["folds"] == 0
+    changed = n["activations"][..., ::-1].copy()
+    changed[held] = noise[held]  # the held-out patients' mirrors: never seen by their own fold
+    np.testing.assert_allclose(fit(changed)[held], first[held], atol=1e-5)
+    changed = n["activations"][..., ::-1].copy()
+    changed[~held] = noise[~held]  # the training patients' mirrors: they are trained on
+    assert np.abs(fit(changed)[held] - first[held]).max() > 1e-3
+    with pytest.raises(FundusError, match="mirrored"):
+        fit(n["activations"][:-1])
+
+
 def test_training_keeps_imagenet_batchnorm_statistics(cut_network):
     n = cut_network
     top = n["make_top"]()

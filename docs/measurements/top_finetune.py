@@ -10,7 +10,9 @@ photo's pooled Lite2 features), ``--prepare`` adds the activations that enter th
 - top: :func:`fundus_ensemble.training.top.cross_fit_top`, the last stage + head convolution +
   patient head trained per fold (3 folds) from the features-first head of that fold's patients,
   out of fold on development and the fold models' mean on test;
-- the two averaged (a model of each kind per view).
+- the two averaged (a model of each kind per view);
+- with ``--mirrored``, the top trained on every photo and its mirror (the store's maps of the
+  mirrored photos, ``--prepare --mirrored`` puts them there) instead of maps mirrored at random.
 
 Every row is calibrated on its own out-of-fold predictions (as train_pair does), scored raw and
 calibrated on test, with the referral score (1 - p(N)) at 90 % sensitivity out of fold.
@@ -18,6 +20,9 @@ Pretrained: ImageNet Lite2 from the PyPI wheel; nothing from scratch.
 
     PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --prepare
     PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --seeds 0 1 --out runs/top.json > runs/top.md
+    PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --prepare --mirrored
+    PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --seeds 0 1 --epochs 1 --mirrored \
+        --out runs/top_mirrored.json > runs/top_mirrored.md
 """
 
 import argparse
@@ -36,6 +41,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--mirrored", action="store_true", help="also the top trained on the mirrored photos' maps")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     from fundus_ensemble.labels import VIEWS
@@ -47,7 +53,14 @@ def main() -> None:
 
         began = time.perf_counter()
         extract_features(
-            args.screen / f"prep-{SIZE}", args.screen / "store", BACKBONE, "imagenet", SIZE, VIEWS, cut=cut
+            args.screen / f"prep-{SIZE}",
+            args.screen / "store",
+            BACKBONE,
+            "imagenet",
+            SIZE,
+            VIEWS,
+            flips=(False, True) if args.mirrored else (False,),
+            cut=cut,
         )
         print(f"activations of {cut} in {args.screen / 'store'}: {time.perf_counter() - began:.0f} s")
         return
@@ -72,6 +85,7 @@ def main() -> None:
     data = _Data(args.screen)
     store = FeatureStore(args.screen / "store")
     spec = FeatureSpec(BACKBONE, "imagenet", SIZE, False, cut)
+    mirrored_spec = FeatureSpec(BACKBONE, "imagenet", SIZE, True, cut)
 
     def missing():
         raise FundusError(f"the activations of {cut} are not in {store.root}; run with --prepare first")
@@ -87,10 +101,14 @@ def main() -> None:
     results = {"cut": cut, "seconds": {}, "seeds": {}}
     for view in VIEWS:
         results["seconds"][f"activations {view}"] = store.seconds(spec, view)
+        if args.mirrored:
+            results["seconds"][f"mirrored activations {view}"] = store.seconds(mirrored_spec, view)
         results["seconds"][f"features {view}"] = store.seconds(FeatureSpec(BACKBONE, "imagenet", SIZE), view)
     for seed in args.seeds:
         screen = _Screen(data, ScreenConfig(seeds=(seed,), folds=5), seed)
         fits: dict[str, dict[str, _Fit]] = {"features first": {}, "top": {}}
+        if args.mirrored:
+            fits["top, mirrored photos"] = {}
         seconds = {}
         for view in VIEWS:
             pooled = data.features(BACKBONE, SIZE, view)
@@ -98,14 +116,18 @@ def main() -> None:
             heads = cross_fit(pooled[screen.dev], screen.y_dev, 5, C_GRID, "max_mean", seed)
             seconds[f"features first {view}"] = time.perf_counter() - began
             fits["features first"][view] = screen._fit(_Fit(heads.out_of_fold, heads.predict(pooled[screen.test])))
-            activations = store.patient_features(
-                spec,
-                view,
-                data.manifests[SIZE][view],
-                missing,
-                preprocessing=preprocessing_settings(args.screen / f"prep-{SIZE}" / view),
-                progress=False,
-            )
+
+            def cached(which: FeatureSpec):
+                return store.patient_features(
+                    which,
+                    view,
+                    data.manifests[SIZE][view],
+                    missing,
+                    preprocessing=preprocessing_settings(args.screen / f"prep-{SIZE}" / view),
+                    progress=False,
+                )
+
+            activations = cached(spec)
             config = TopConfig(epochs=args.epochs, learning_rate=args.learning_rate, folds=args.folds, c=heads.c)
             folds = patient_folds(int(screen.dev.sum()), config.folds, seed, screen.y_dev)
             fit = cross_fit_top(
@@ -118,10 +140,27 @@ def main() -> None:
                 seed,
                 activations[screen.test],
             )
-            del activations
             seconds[f"top {view}"] = fit.seconds
             fits["top"][view] = screen._fit(_Fit(fit.out_of_fold, fit.test))
             print(f"[seed {seed}] {view}: C {heads.c}, top {fit.seconds:.0f} s", flush=True)
+            if args.mirrored:
+                mirrored = cached(mirrored_spec)
+                fit = cross_fit_top(
+                    make_top,
+                    activations[screen.dev],
+                    pooled[screen.dev],
+                    screen.y_dev,
+                    folds,
+                    config,
+                    seed,
+                    activations[screen.test],
+                    mirrored=mirrored[screen.dev],
+                )
+                del mirrored
+                seconds[f"top, mirrored photos {view}"] = fit.seconds
+                fits["top, mirrored photos"][view] = screen._fit(_Fit(fit.out_of_fold, fit.test))
+                print(f"[seed {seed}] {view}: top on the mirrored photos too {fit.seconds:.0f} s", flush=True)
+            del activations
         rows = []
         baseline = _mean(list(fits["features first"].values()), screen.y_dev)
         candidates = {
@@ -130,10 +169,14 @@ def main() -> None:
             "features first ensemble": baseline,
             "top ensemble": _mean(list(fits["top"].values()), screen.y_dev),
             "top + features first": _mean(
-                [fits[k][v] for k in fits for v in VIEWS],
+                [fits[k][v] for k in ("features first", "top") for v in VIEWS],
                 screen.y_dev,
             ),
         }
+        if args.mirrored:
+            candidates["top, mirrored photos, ensemble"] = _mean(
+                list(fits["top, mirrored photos"].values()), screen.y_dev
+            )
         for name, fit in candidates.items():
             reference = None if name.startswith("features first") else baseline
             row = _row(name, "", screen, fit, reference)

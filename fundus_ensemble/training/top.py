@@ -14,7 +14,8 @@ features (:func:`.heads.fit_linear_head`, fused ``max_mean`` as the patient mode
 zero epochs reproduce that head exactly (a test holds it to that). BatchNorm keeps ImageNet's
 statistics (its layers frozen, a few thousand photos would only move them by noise). The
 cached maps are mirrored at random (a mirrored photo's map is the mirrored map up to the
-convolutions' padding at the border).
+convolutions' padding at the border), or, given the store's maps of the mirrored photos
+(``FeatureSpec.flip``), each fold trains on every photo and its mirror.
 
 :func:`cross_fit_top` trains one model per fold on the other folds' patients: their
 out-of-fold probabilities (for the out-of-fold calibration) and the mean of the fold models'
@@ -61,10 +62,11 @@ class TopConfig:
             raise FundusError(f"dropout must be in [0, 1) and C positive; got {self.dropout}, {self.c}")
 
 
-def build_top_classifier(top: keras.Model, dropout: float = 0.3) -> keras.Model:
+def build_top_classifier(top: keras.Model, dropout: float = 0.3, mirror: bool = True) -> keras.Model:
     """``{left_activations, right_activations}`` (flattened, as the store keeps them) to the eight
-    probabilities: both eyes through ``top`` in one call, fused ``concat(max, mean)``, a sigmoid
-    ``labels`` layer. ``top``'s BatchNorm layers are frozen here."""
+    probabilities: both eyes through ``top`` in one call (their maps mirrored at random in training
+    when ``mirror``), fused ``concat(max, mean)``, a sigmoid ``labels`` layer. ``top``'s BatchNorm
+    layers are frozen here."""
     shape = tuple(top.input.shape[1:])
     if None in shape:
         raise FundusError(f"the top's input shape {shape} must be known to cache activations")
@@ -75,7 +77,8 @@ def build_top_classifier(top: keras.Model, dropout: float = 0.3) -> keras.Model:
     eyes = {name: keras.Input((width,), name=name) for name in EYE_INPUTS}
     stacked = keras.layers.Concatenate(axis=0, name="stack_eyes")([eyes[name] for name in EYE_INPUTS])
     maps = keras.layers.Reshape(shape, name="maps")(stacked)
-    maps = keras.layers.RandomFlip("horizontal", name="mirror")(maps)
+    if mirror:
+        maps = keras.layers.RandomFlip("horizontal", name="mirror")(maps)
     fused = EyeFusion(name="fuse_eyes")(top(maps))
     x = keras.layers.Dropout(dropout, name="dropout")(fused)
     probabilities = keras.layers.Dense(len(LABELS), activation="sigmoid", name="labels", dtype="float32")(x)
@@ -96,9 +99,15 @@ class TopFit:
     folds: np.ndarray
 
 
-def _check(activations: np.ndarray, pooled: np.ndarray, y: np.ndarray, folds: np.ndarray) -> None:
+def _check(
+    activations: np.ndarray, pooled: np.ndarray, y: np.ndarray, folds: np.ndarray, mirrored: np.ndarray | None
+) -> None:
     if activations.ndim != 3 or activations.shape[1] != 2:
         raise FundusError(f"activations must be (patients, 2, D), got shape {activations.shape}")
+    if mirrored is not None and mirrored.shape != activations.shape:
+        raise FundusError(
+            f"the mirrored photos' activations {mirrored.shape} must match the photos' {activations.shape}"
+        )
     if pooled.shape[:2] != activations.shape[:2] or len(y) != len(activations) or len(folds) != len(activations):
         raise FundusError(
             f"{len(activations)} patients' activations, {len(pooled)} pooled, {len(y)} label rows, "
@@ -116,14 +125,18 @@ def cross_fit_top(
     seed: int = 0,
     test_activations: np.ndarray | None = None,
     progress: bool = True,
+    mirrored: np.ndarray | None = None,
 ) -> TopFit:
     """One top per fold of ``folds`` (each patient's fold), trained on the other folds' patients.
 
     ``activations`` ``(patients, 2, D)`` the cached maps of each patient's eyes; ``pooled``
     ``(patients, 2, F)`` the same eyes' pooled ImageNet features (the starting head is fitted on
-    them); ``make_top`` builds a fresh top with the pretrained weights each time it is called."""
+    them); ``make_top`` builds a fresh top with the pretrained weights each time it is called.
+    ``mirrored`` ``(patients, 2, D)``: the maps of the same photos mirrored; given, each fold trains
+    on its patients' photos and their mirrors (an epoch sees both) instead of mirroring at random;
+    predictions are on the photos as taken."""
     y = np.asarray(y)
-    _check(activations, pooled, y, folds)
+    _check(activations, pooled, y, folds, mirrored)
     began = time.perf_counter()
     oof = np.zeros(y.shape, np.float64)
     tests = []
@@ -133,16 +146,19 @@ def cross_fit_top(
         held = folds == fold
         keras.utils.set_random_seed(seed * 1000 + fold)
         head = fit_linear_head(fused[~held], y[~held], config.c, seed, config.pos_weight_power)
-        model = build_top_classifier(make_top(), config.dropout)
+        model = build_top_classifier(make_top(), config.dropout, mirror=mirrored is None)
         model.get_layer("labels").set_weights([head.weights.astype(np.float32), head.bias.astype(np.float32)])
         model.compile(
             keras.optimizers.Adam(config.learning_rate),
             WeightedBinaryCrossentropy(positive_weights(y[~held], config.pos_weight_power)),
         )
         if config.epochs:
+            x, x_y = activations[~held], y[~held]
+            if mirrored is not None:
+                x, x_y = np.concatenate([x, mirrored[~held]]), np.concatenate([x_y, x_y])
             model.fit(
-                _inputs(activations[~held]),
-                y[~held].astype(np.float32),
+                _inputs(x),
+                x_y.astype(np.float32),
                 batch_size=config.batch_size,
                 epochs=config.epochs,
                 shuffle=True,
