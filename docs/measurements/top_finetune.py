@@ -130,21 +130,8 @@ def main() -> None:
             activations = cached(spec)
             config = TopConfig(epochs=args.epochs, learning_rate=args.learning_rate, folds=args.folds, c=heads.c)
             folds = patient_folds(int(screen.dev.sum()), config.folds, seed, screen.y_dev)
-            fit = cross_fit_top(
-                make_top,
-                activations[screen.dev],
-                pooled[screen.dev],
-                screen.y_dev,
-                folds,
-                config,
-                seed,
-                activations[screen.test],
-            )
-            seconds[f"top {view}"] = fit.seconds
-            fits["top"][view] = screen._fit(_Fit(fit.out_of_fold, fit.test))
-            print(f"[seed {seed}] {view}: C {heads.c}, top {fit.seconds:.0f} s", flush=True)
-            if args.mirrored:
-                mirrored = cached(mirrored_spec)
+            kinds = {"top": None, **({"top, mirrored photos": mirrored_spec} if args.mirrored else {})}
+            for kind, mirror in kinds.items():
                 fit = cross_fit_top(
                     make_top,
                     activations[screen.dev],
@@ -154,12 +141,11 @@ def main() -> None:
                     config,
                     seed,
                     activations[screen.test],
-                    mirrored=mirrored[screen.dev],
+                    mirrored=None if mirror is None else cached(mirror)[screen.dev],
                 )
-                del mirrored
-                seconds[f"top, mirrored photos {view}"] = fit.seconds
-                fits["top, mirrored photos"][view] = screen._fit(_Fit(fit.out_of_fold, fit.test))
-                print(f"[seed {seed}] {view}: top on the mirrored photos too {fit.seconds:.0f} s", flush=True)
+                seconds[f"{kind} {view}"] = fit.seconds
+                fits[kind][view] = screen._fit(_Fit(fit.out_of_fold, fit.test))
+                print(f"[seed {seed}] {view}: C {heads.c}, {kind} {fit.seconds:.0f} s", flush=True)
             del activations
         rows = []
         baseline = _mean(list(fits["features first"].values()), screen.y_dev)
