@@ -21,6 +21,9 @@ Pretrained: ImageNet Lite2 from the PyPI wheel; nothing from scratch.
     PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --prepare
     PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --seeds 0 1 --out runs/top.json > runs/top.md
     PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --prepare --mirrored
+    PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --prepare --stages 2
+    PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --seeds 0 1 --epochs 1 --stages 2 \
+        --out runs/top_two.json > runs/top_two.md
     PYTHONPATH=. python docs/measurements/top_finetune.py runs/ff --seeds 0 1 --epochs 1 --mirrored \
         --out runs/top_mirrored.json > runs/top_mirrored.md
 """
@@ -41,13 +44,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--folds", type=int, default=3)
+    p.add_argument(
+        "--stages", type=int, default=1, help="the last stages to train (1: from blocks_19_add; 2: blocks_14_add)"
+    )
     p.add_argument("--mirrored", action="store_true", help="also the top trained on the mirrored photos' maps")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     from fundus_ensemble.labels import VIEWS
     from fundus_ensemble.models.efficientnet_lite import last_stage_input
 
-    cut = last_stage_input(BACKBONE)
+    cut = last_stage_input(BACKBONE, args.stages)
     if args.prepare:
         from fundus_ensemble.training.features import extract_features
 
