@@ -44,8 +44,7 @@ INPUT_SIZE = 224
 BACKBONE = "efficientnet_lite0"
 FEATURES = 1280  # its pooled features
 HEAD_FILE = Path(__file__).with_name("gate_head.npz")
-IMAGENET_CHECK, HEAD_CHECK = "ImageNet check", "retina head"
-NETWORK_CHECKS = (IMAGENET_CHECK, HEAD_CHECK)
+IMAGENET_CHECK, HEAD_CHECK = "ImageNet check", "retina head"  # the network's two checks
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ class FundusLikeness:
 
     def refusals(self, squares: list[np.ndarray]) -> list[tuple[str, str] | None]:
         """For each photo, ``(check, why)`` when it is not a fundus photo (``check`` one of
-        :data:`NETWORK_CHECKS`), or None."""
+        :data:`IMAGENET_CHECK` or :data:`HEAD_CHECK`), or None."""
         mass, features = self.read(squares)
         out: list[tuple[str, str] | None] = []
         for m, score in zip(mass, self.head.score(features)):
@@ -167,7 +166,7 @@ class PhotoGate:
 
     verdict: Verdict
     square: np.ndarray | None = None  # the network's crop, until :func:`network_checks`
-    check: str | None = None  # which check refused it: "image" or one of NETWORK_CHECKS
+    check: str | None = None  # which check refused it: "image", IMAGENET_CHECK or HEAD_CHECK
     not_fundus: str | None = None  # the network's words, when it refused
 
     @property
