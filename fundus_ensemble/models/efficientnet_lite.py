@@ -159,6 +159,51 @@ def build_efficientnet_lite(
     return keras.Model(inputs, x, name=name)
 
 
+# Lite0, Lite1 and Lite2 as one backbone. Their pooled features together beat Lite2's alone out of
+# fold on both benchmark splits (docs/results.md); Lite0 and Lite1 see the photo at 260/380 of its
+# size (260 px at the recipe's 380): alone they score there as at 380 px, in about half the time.
+COMBINED: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite012": ("efficientnet_lite2", "efficientnet_lite0", "efficientnet_lite1"),
+}
+SMALL_SCALE = 260 / 380
+
+
+def combined_sizes(name: str, input_size: int) -> tuple[int, ...]:
+    """The size each network of a combined backbone sees: the first the input's, the others
+    :data:`SMALL_SCALE` of it."""
+    first, *rest = COMBINED[name]
+    return (input_size, *(max(32, round(input_size * SMALL_SCALE)) for _ in rest))
+
+
+def build_combined_lite(
+    name: str, input_size: int, weights: dict[str, dict[str, list[np.ndarray]]] | None
+) -> keras.Model:
+    """The networks of ``COMBINED[name]`` as one, on normalized inputs: each network's last
+    feature maps, brought to the first network's grid (bilinear), concatenated along channels
+    and average-pooled (``3 x 1280`` features). One map before one pooling, as a single network
+    has, so Grad-CAM and every consumer of a backbone's maps take it as they take Lite2.
+    ``weights``: each network's layers by name (:func:`lite_imagenet_weights`), or None."""
+    inputs = keras.Input((input_size, input_size, 3), name="normalized_image")
+    maps = []
+    for part, size in zip(COMBINED[name], combined_sizes(name, input_size)):
+        net = build_efficientnet_lite(part, size)
+        if weights is not None:
+            assign_weights(net, weights[part], f"the ImageNet weights of {part}")
+        body = keras.Model(net.input, net.get_layer("avg_pool").input, name=f"{part}_maps")
+        x = inputs
+        if size != input_size:
+            # antialias=False: TFLite converts plain bilinear resizing to a built-in op
+            x = keras.layers.Resizing(size, size, interpolation="bilinear", name=f"{part}_input")(x)
+        x = body(x)
+        if maps and tuple(x.shape[1:3]) != tuple(maps[0].shape[1:3]):
+            grid = maps[0].shape[1:3]
+            x = keras.layers.Resizing(grid[0], grid[1], interpolation="bilinear", name=f"{part}_grid")(x)
+        maps.append(x)
+    x = keras.layers.Concatenate(name="maps")(maps)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(inputs, x, name=name)
+
+
 def keras_weights_from_state_dict(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
     """lukemelas-named torch tensors to Keras layer weights by layer name (kernels transposed to HWIO)."""
     layers: dict[str, list[np.ndarray]] = {}

