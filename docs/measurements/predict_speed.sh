@@ -5,9 +5,10 @@
 #
 #   bash docs/measurements/predict_speed.sh $DATA 100 > runs/predict_speed.txt
 #
-# BEFORE is the last commit before the change (4bfd582), checked out into a worktree; both use the
-# package's bundled model of their own checkout (the same files until the model is re-released)
-# and the same venv. The first patients of labels.csv with both eyes are used (2 x N photos).
+# BEFORE is the last commit before the change (4bfd582), checked out into a worktree; several
+# commits may be named (BEFORE="4bfd582 00d1d4d": also the last with the Lite2 bundle, before the
+# model was re-released with efficientnet_lite012). Each uses the package's bundled model of its
+# own checkout and the same venv. The first patients of labels.csv with both eyes are used (2 x N photos).
 set -euo pipefail
 DATA=${1:?usage: predict_speed.sh DATA [PATIENTS]}
 PATIENTS=${2:-100}
@@ -27,14 +28,16 @@ for i in both:
         os.symlink(os.path.join(data, "images", name), os.path.join(out, f"{i}_{eye}.jpg"))
 print(f"{2 * len(both)} photos of {len(both)} patients", file=sys.stderr)
 EOF
-git -C "$ROOT" worktree remove --force "$WORK/before" 2>/dev/null || true
-git -C "$ROOT" worktree add --detach "$WORK/before" "$BEFORE" >/dev/null
 export FUNDUS_ENSEMBLE_CACHE=$WORK/cache
-for which in before after; do
-  src=$ROOT; [ "$which" = before ] && src=$WORK/before
+for ref in $BEFORE; do
+  git -C "$ROOT" worktree remove --force "$WORK/before-$ref" 2>/dev/null || true
+  git -C "$ROOT" worktree add --detach "$WORK/before-$ref" "$ref" >/dev/null
+done
+for which in $BEFORE after; do
+  src=$ROOT; [ "$which" != after ] && src=$WORK/before-$which
   # the bundle is built into the cache first, so its one-off cost is not timed
   (cd "$src" && PYTHONPATH=$src "$ROOT/.venv/bin/python" scripts/predict.py --model-card > /dev/null)
-  echo "== $which ($(git -C "$src" describe --always --dirty))"
+  echo "== $which ($(git -C "$src" describe --always --dirty), $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['backbone'])" "$src/fundus_ensemble/bundled/bundle.json"))"
   (cd "$src" && PYTHONPATH=$src "$ROOT/.venv/bin/python" scripts/predict.py "$WORK/photos" --out "$WORK/out-$which" 2>&1 \
     | grep -E "patients predicted|images/s")
 done
@@ -61,4 +64,4 @@ for left in lefts:
 print(f"{len(times)} patients, one per request, with heatmaps: first {times[0]:.1f} s, then median "
       f"{sorted(times[1:])[len(times[1:]) // 2]:.2f} s per patient")
 EOF
-git -C "$ROOT" worktree remove --force "$WORK/before"
+for ref in $BEFORE; do git -C "$ROOT" worktree remove --force "$WORK/before-$ref"; done
