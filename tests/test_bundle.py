@@ -139,8 +139,11 @@ def test_predict_answers_with_a_bundle_named_as_the_model(released, tmp_path):
 def test_the_packaged_bundle_is_intact():
     if not (bundle.PACKAGED / "bundle.json").is_file():
         pytest.skip("no bundled model in this checkout")
+    from fundus_ensemble.evaluation.benchmark import BUDGETS, DEFAULT_BUDGET
+
     record = bundle.read_bundle(bundle.PACKAGED)  # every file's SHA-256 as recorded
-    assert record["backbone"] == "efficientnet_lite2" and record["patients"] > 2000
+    recipe = BUDGETS[DEFAULT_BUDGET]  # the bundle is the recommended recipe, released
+    assert (record["backbone"], record["input_size"]) == (recipe.backbone, recipe.size) and record["patients"] > 2000
     card = (bundle.PACKAGED / "MODEL_CARD.md").read_text()
     assert "it never saw" in card and "## The gradability gate" in card
 

@@ -327,7 +327,7 @@ def release(
     work: str | os.PathLike,
     benchmarks: tuple[str | os.PathLike, ...] = (),
     gradability: str | os.PathLike | None = None,
-    backbone: str = "efficientnet_lite2",
+    backbone: str = "efficientnet_lite012",
     size: int = 380,
     folds: int = 5,
     seed: int = 0,
@@ -421,7 +421,7 @@ def model_card(
         "",
         "## What it is",
         "",
-        f"- Two view models (the paper's colour and histogram-equalised gray views), each {first['backbone']} with "
+        f"- Two view models (the paper's colour and histogram-equalised gray views), each {_backbone_words(first)} with "
         f"its ImageNet weights ({first.get('weights_source') or first['weights_init']}), frozen, at {first['input_size']} px, "
         f"and a logistic head per class on {FUSION_WORDS[first['config'].get('head_fusion', 'max_mean')]} of the two "
         f"eyes' pooled features; the head is the average of {first['config']['folds']} heads cross-fitted over the "
@@ -491,6 +491,12 @@ def model_card(
             "above; or one fitted on its own labelled patients with `scripts/calibrate_site.py --operating-point`) "
             "and accept more referrals."
         )
+    adaptation = (
+        "(the section above)"
+        if "adaptation" in measured
+        else "(measured on the camera-shift protocol for an earlier model of the same recipe on Lite2 alone, "
+        "docs/inference.md; not for this one)"
+    )
     lines += [
         "- Classes it reads poorly: 'other' (a mixed bag of findings) and hypertensive retinopathy have the lowest "
         "AUC; age-related macular degeneration and glaucoma are decided with wide uncertainty (few patients).",
@@ -498,7 +504,7 @@ def model_card(
         "cameras, downscaled to 256 px. Another camera changes brightness, colour, sharpness and resolution; the "
         "probability scale does not travel well even where the ranking does. `scripts/adapt_site.py` halves the "
         "damage of the shifts that hurt most (blur, heavy JPEG) without a label, but meets the target (every "
-        "class's sensitivity within 5 points) under few shifts (the section above); check the decisions on a "
+        f"class's sensitivity within 5 points) under few shifts {adaptation}; check the decisions on a "
         "labelled sample of your own photos (`scripts/evaluate.py`) before screening with it.",
         "- Photos the gate passes can still be poor; photos it refuses can be gradable to a person (the gate's "
         "section above gives its rates).",
@@ -514,6 +520,21 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _backbone_words(card: dict) -> str:
+    """The backbone as the card names it: a combined one with its networks and the sizes they see."""
+    from ..models.efficientnet_lite import COMBINED, combined_sizes
+
+    name = card["backbone"]
+    if name not in COMBINED:
+        return name
+    first, *rest = zip(COMBINED[name], combined_sizes(name, card["input_size"]))
+    others = " and ".join(part.rsplit("_", 1)[-1].capitalize() for part, _ in rest)
+    return (
+        f"{name} ({first[0].rsplit('_', 1)[-1].capitalize()} on the photo, {others} on it at {rest[0][1]} px, "
+        "their pooled features concatenated)"
+    )
 
 
 def _benchmark_sections(benchmarks) -> tuple[list[str], list[str]]:
