@@ -62,10 +62,14 @@ def test_registry_covers_the_papers_table():
             "mobilenet",
         }
         | {f"efficientnet_lite{i}" for i in range(3)}
+        | {"efficientnet_lite012"}  # the three Lite networks as one backbone (the recipe's)
     )
     assert set(BACKBONES) == expected
     for name, spec in BACKBONES.items():
-        assert spec.constructor == "lite" if "lite" in name else callable(getattr(keras.applications, spec.constructor))
+        if "lite" in name:
+            assert spec.constructor == ("combined" if name == "efficientnet_lite012" else "lite")
+        else:
+            assert callable(getattr(keras.applications, spec.constructor))
 
 
 def test_preprocess_modes():
