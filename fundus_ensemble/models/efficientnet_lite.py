@@ -193,10 +193,14 @@ def build_combined_lite(
         x = inputs
         if size != input_size:
             # antialias=False: TFLite converts plain bilinear resizing to a built-in op
-            x = keras.layers.Resizing(size, size, interpolation="bilinear", name=f"{part}_input")(x)
+            # training=False: Resizing's call defaults to training=True, which a call of this model with
+            # no `training` would pass on to the BatchNormalization layers after it (batch statistics,
+            # moving averages overwritten); the model is inference-only, as every frozen backbone here
+            x = keras.layers.Resizing(size, size, interpolation="bilinear", name=f"{part}_input")(x, training=False)
         x = body(x)
         if maps and tuple(x.shape[1:3]) != tuple(maps[0].shape[1:3]):
             grid = maps[0].shape[1:3]
+            # runs after every network (a graph runs by depth; measured): only concatenation and pooling follow
             x = keras.layers.Resizing(grid[0], grid[1], interpolation="bilinear", name=f"{part}_grid")(x)
         maps.append(x)
     x = keras.layers.Concatenate(name="maps")(maps)
