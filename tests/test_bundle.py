@@ -42,6 +42,7 @@ def test_a_release_writes_a_checked_bundle_and_its_card(released, monkeypatch, t
         "out of fold",
     ):
         assert part in card, part
+    assert "float16 phone export" not in card, "measured for the combined Lite backbone only, not Lite0"
     for name in ("cards/color.json", "cards/gray_eq.json", "bundle.json", "MODEL_CARD.md"):
         assert str(root) not in (out / name).read_text(), f"{name}: no path of the machine that made it"
     # loaded, it predicts exactly as the run it came from
@@ -146,6 +147,10 @@ def test_the_packaged_bundle_is_intact():
     assert (record["backbone"], record["input_size"]) == (recipe.backbone, recipe.size) and record["patients"] > 2000
     card = (bundle.PACKAGED / "MODEL_CARD.md").read_text()
     assert "it never saw" in card and "## The gradability gate" in card
+    from fundus_ensemble.models.efficientnet_lite import COMBINED
+
+    # its float16 export changed decisions (docs/export.md): the card says so where it applies
+    assert ("float16 phone export of this recipe changes its decisions" in card) == (record["backbone"] in COMBINED)
 
 
 def test_the_model_card_is_printed_by_predict_and_linked_and_served_by_the_station(released, tmp_path, monkeypatch):

@@ -508,6 +508,7 @@ def model_card(
         "labelled sample of your own photos (`scripts/evaluate.py`) before screening with it.",
         "- Photos the gate passes can still be poor; photos it refuses can be gradable to a person (the gate's "
         "section above gives its rates).",
+        *_export_words(first),
         "",
         "## Rebuild",
         "",
@@ -520,6 +521,20 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _export_words(card: dict) -> list[str]:
+    """The failure mode of a quantized phone export, where it was measured (docs/export.md)."""
+    from ..models.efficientnet_lite import COMBINED
+
+    if card["backbone"] not in COMBINED:
+        return []
+    return [
+        "- A float16 phone export of this recipe changes its decisions (the first release's: 290 of 3,024 "
+        "decisions of 378 validation patients; its heads put large weights on a few nearly constant features, "
+        "docs/export.md). Export it in float32 (`scripts/export.py bundled`, the default; 50 MB) and check an "
+        "export with `--check-on`."
+    ]
 
 
 def _backbone_words(card: dict) -> str:
