@@ -147,6 +147,8 @@ def test_the_packaged_bundle_is_intact():
     assert (record["backbone"], record["input_size"]) == (recipe.backbone, recipe.size) and record["patients"] > 2000
     card = (bundle.PACKAGED / "MODEL_CARD.md").read_text()
     assert "it never saw" in card and "## The gradability gate" in card
+    # measured for this model on the camera-shift protocol, and its failure modes count from that table
+    assert "## Another camera" in card and "the section above); check the decisions" in card
     from fundus_ensemble.models.efficientnet_lite import COMBINED
 
     # its float16 export changed decisions (docs/export.md): the card says so where it applies

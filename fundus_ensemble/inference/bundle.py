@@ -491,12 +491,16 @@ def model_card(
             "above; or one fitted on its own labelled patients with `scripts/calibrate_site.py --operating-point`) "
             "and accept more referrals."
         )
-    adaptation = (
-        "(the section above)"
-        if "adaptation" in measured
-        else "(measured on the camera-shift protocol for an earlier model of the same recipe on Lite2 alone, "
-        "docs/inference.md; not for this one)"
-    )
+    if "adaptation" in measured:
+        met = [r["met"] for r in json.loads(Path(measured["adaptation"]).read_text()).values()]
+        adaptation = (
+            "(" + " and ".join(f"{m['as the test split']} of {m['shifts']}" for m in met) + ", the section above)"
+        )
+    else:
+        adaptation = (
+            "(measured on the camera-shift protocol for an earlier model of the same recipe on Lite2 alone, "
+            "docs/inference.md; not for this one)"
+        )
     lines += [
         "- Classes it reads poorly: 'other' (a mixed bag of findings) and hypertensive retinopathy have the lowest "
         "AUC; age-related macular degeneration and glaucoma are decided with wide uncertainty (few patients).",
@@ -504,7 +508,8 @@ def model_card(
         "cameras, downscaled to 256 px. Another camera changes brightness, colour, sharpness and resolution; the "
         "probability scale does not travel well even where the ranking does. `scripts/adapt_site.py` halves the "
         "damage of the shifts that hurt most (blur, heavy JPEG) without a label, but meets the target (every "
-        f"class's sensitivity within 5 points) under few shifts {adaptation}; check the decisions on a "
+        f"class's sensitivity within 5 points, pooled AUC within 0.02) under few shifts or none {adaptation}; "
+        "check the decisions on a "
         "labelled sample of your own photos (`scripts/evaluate.py`) before screening with it.",
         "- Photos the gate passes can still be poor; photos it refuses can be gradable to a person (the gate's "
         "section above gives its rates).",
